@@ -1,0 +1,53 @@
+"""`histoseg <command> ...`: one entry point over the package's command-line modules."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+from histoseg.cli import run_main
+
+# command -> (module with a main(argv) -> int, one-line summary)
+COMMANDS = {
+    "train": ("histoseg.train", "train DeepLabV3+ on slides (one process or many)"),
+    "model": ("histoseg.models", "summarise a model: parameters, multiply-adds, output shape"),
+    "steptime": ("histoseg.train.steptime", "time N train steps on random data"),
+    "synth": ("histoseg.wsi.synth", "write synthetic pyramidal slides with ASAP annotations"),
+    "patches": ("histoseg.wsi.patches", "list the patches a slide yields (CSV, preview)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: histoseg <command> [options]", "", "commands:"]
+    lines += [f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `histoseg <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``argv[0]`` to its command module's ``main``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(
+            f"error: unknown command {name!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr
+        )
+        return 2
+    module_name = COMMANDS[name][0]
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "main"):  # a package whose CLI lives in its __main__ module
+        module = importlib.import_module(f"{module_name}.__main__")
+    return run_main(module.main, rest)
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":
+    entry()
