@@ -1,0 +1,292 @@
+"""Start N local workers: tf.distribute workers with TF_CONFIG, or Horovod through horovodrun.
+
+``python -m histoseg.train.launch --engine tf -n 2 -- python -m histoseg.train --engine tf``
+starts two workers on free localhost ports, each with its own ``TF_CONFIG`` and its share of
+the cores; ``--engine horovod`` runs the same command under ``horovodrun --gloo``. On a
+cluster the scheduler starts the workers instead (see docs/cluster.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError, EngineUnavailableError
+
+# Environment variables that fix a worker's thread pools before TensorFlow starts.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS")
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports free on ``host`` right now (the OS picks them).
+
+    The sockets are held open until all ports are chosen so the OS never hands out one
+    twice; a port can still be taken by someone else before the worker binds it (rare).
+    """
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def tf_config(workers: Sequence[str], index: int) -> str:
+    """The ``TF_CONFIG`` JSON of worker ``index`` in a cluster of ``workers`` (host:port)."""
+    if not 0 <= index < len(workers):
+        raise ConfigError(f"worker index {index} is outside 0..{len(workers) - 1}")
+    return json.dumps(
+        {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+    )
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment that gives a worker ``threads`` compute threads (empty for None).
+
+    TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` and oneDNN reads ``OMP_NUM_THREADS`` at
+    start-up; inter-op parallelism stays at 1 so workers never oversubscribe the cores.
+    """
+    if threads is None:
+        return {}
+    if threads < 1:
+        raise ConfigError(f"threads per worker must be >= 1, got {threads}")
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "TF_NUM_INTRAOP_THREADS": str(threads),
+        "TF_NUM_INTEROP_THREADS": "1",
+        "HISTOSEG_THREADS": str(threads),
+    }
+
+
+def default_threads_per_worker(workers: int) -> int:
+    """Cores of this machine split evenly among ``workers`` (at least 1 each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def launch_tf_workers(
+    num_workers: int,
+    command: Sequence[str],
+    *,
+    threads_per_worker: int | None = None,
+    env: Mapping[str, str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+    timeout_s: float | None = None,
+) -> list[int]:
+    """Run ``command`` as ``num_workers`` tf.distribute workers on localhost; wait for all.
+
+    Worker 0's output goes to this process's stdout/stderr; the others' to
+    ``log_dir/worker-<i>.log`` (a temporary folder when not given, kept on failure).
+    When one worker fails the others are stopped, since a collective would wait on it
+    forever.
+
+    Args:
+        num_workers: how many processes.
+        command: the program each worker runs, e.g. ``[sys.executable, "-m", "histoseg.train",
+            "--engine", "tf"]``.
+        threads_per_worker: compute threads of each worker (None: leave the environment).
+        env: extra environment for every worker.
+        log_dir: where workers 1..N-1 write their output.
+        timeout_s: stop all workers after this many seconds (None: no limit).
+
+    Returns:
+        The exit code of each worker, in rank order.
+    """
+    if num_workers < 1:
+        raise ConfigError(f"number of workers must be >= 1, got {num_workers}")
+    if not command:
+        raise ConfigError("no command to launch")
+    ports = free_ports(num_workers)
+    workers = [f"127.0.0.1:{p}" for p in ports]
+    log_path = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="histoseg-workers-"))
+    log_path.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    with contextlib.ExitStack() as stack:
+        try:
+            for index in range(num_workers):
+                worker_env = dict(os.environ)
+                worker_env.update(thread_env(threads_per_worker))
+                worker_env.update(env or {})
+                worker_env["TF_CONFIG"] = tf_config(workers, index)
+                out = None
+                if index > 0:
+                    log_file = log_path / f"worker-{index}.log"
+                    out = stack.enter_context(log_file.open("w", encoding="utf-8"))
+                procs.append(
+                    subprocess.Popen(
+                        list(command),
+                        env=worker_env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT if out else None,
+                    )
+                )
+            return _wait_all(procs, timeout_s, log_path)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float | None, log_path: Path) -> list[int]:
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return [int(c) for c in codes]
+        failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+        timed_out = deadline is not None and time.monotonic() > deadline
+        if failed or timed_out:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            why = "timed out" if timed_out else f"worker {failed[0]} exited {codes[failed[0]]}"
+            print(
+                f"launch: {why}; stopped the others; logs of workers 1.. in {log_path}",
+                file=sys.stderr,
+            )
+            return [int(p.returncode) for p in procs]
+        time.sleep(0.2)
+
+
+def horovodrun_path() -> str:
+    """The ``horovodrun`` beside this Python, else on PATH; EngineUnavailableError if none."""
+    beside = Path(sys.executable).parent / "horovodrun"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("horovodrun")
+    if found:
+        return found
+    raise EngineUnavailableError(
+        "horovodrun not found beside this Python or on PATH; run scripts/build_horovod.sh"
+    )
+
+
+def horovodrun_command(
+    num_workers: int,
+    command: Sequence[str],
+    *,
+    hosts: str | None = None,
+    gloo: bool = True,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``horovodrun`` command line that runs ``command`` as ``num_workers`` ranks.
+
+    Args:
+        num_workers: total ranks (``-np``).
+        command: the program each rank runs.
+        hosts: Horovod host list, e.g. "node1:2,node2:2" (two ranks per node);
+            default ``localhost:<num_workers>``.
+        gloo: use Gloo (built in; no MPI needed). False leaves the choice to horovodrun.
+        extra_args: further horovodrun options, e.g. ``["--network-interface", "ib0"]``.
+    """
+    if num_workers < 1:
+        raise ConfigError(f"number of workers must be >= 1, got {num_workers}")
+    cmd = [horovodrun_path(), "-np", str(num_workers), "-H", hosts or f"localhost:{num_workers}"]
+    if gloo:
+        cmd.append("--gloo")
+    cmd += list(extra_args)
+    return cmd + list(command)
+
+
+def run_horovod(
+    num_workers: int,
+    command: Sequence[str],
+    *,
+    threads_per_worker: int | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout_s: float | None = None,
+    capture: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run ``command`` under ``horovodrun --gloo`` on localhost (horovodrun passes the
+    environment, thread settings included, on to every rank)."""
+    run_env = dict(os.environ)
+    run_env.update(thread_env(threads_per_worker))
+    run_env.update(env or {})
+    return subprocess.run(
+        horovodrun_command(num_workers, command),
+        env=run_env,
+        timeout=timeout_s,
+        capture_output=capture,
+        text=True,
+        check=False,
+    )
+
+
+def pin_to_cores(local_rank: int, threads: int) -> list[int] | None:
+    """Pin this process to cores ``local_rank*threads .. +threads`` (Linux; else no-op).
+
+    The study pinned each of a node's 2 processes to one socket; on one machine the same idea
+    is a disjoint block of cores per worker. Returns the cores, or None where not supported
+    or when there are not enough cores.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    available = sorted(os.sched_getaffinity(0))
+    start = local_rank * threads
+    if start + threads > len(available):
+        return None
+    cores = available[start : start + threads]
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m histoseg.train.launch",
+        description="Run a command as N local workers of the tf or horovod engine.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Examples:\n"
+            "  python -m histoseg.train.launch --engine tf -n 2 -- \\\n"
+            "      python -m histoseg.train --engine tf --steps 20\n"
+            "  python -m histoseg.train.launch --engine horovod -n 2 -- \\\n"
+            "      python -m histoseg.train --engine horovod --fp16-allreduce\n"
+        ),
+    )
+    parser.add_argument("--engine", choices=("tf", "horovod"), required=True)
+    parser.add_argument("-n", "--workers", type=int, default=2, help="number of workers")
+    parser.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        help="compute threads per worker (default: cores // workers)",
+    )
+    parser.add_argument("--log-dir", default=None, help="where workers 1.. write logs (tf)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker command")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise ConfigError("give the worker command after --, e.g. -- python -m histoseg.train")
+    threads = args.threads_per_worker or default_threads_per_worker(args.workers)
+    if args.engine == "tf":
+        codes = launch_tf_workers(
+            args.workers, command, threads_per_worker=threads, log_dir=args.log_dir
+        )
+        return max(codes, key=abs)
+    return run_horovod(args.workers, command, threads_per_worker=threads).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
