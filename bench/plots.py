@@ -1,0 +1,873 @@
+"""Draw the harness's three pictures from results rows: memory vs accuracy, memory vs patch size, weak scaling.
+
+Every figure is drawn from ``histoseg.result/1`` rows only (never from numbers typed in),
+saved as PNG and SVG, titled, with units on the axes and a caption under the plot that names
+the config, the machine(s) and whatever is missing (a failed or skipped row, a point that
+could not be placed). A figure with no data at all is not written.
+
+Exit status of ``python -m bench.plots``: 0 when at least one figure was drawn, 1 when there
+were rows but none a figure could use, 2 (one line on stderr) when the results cannot be read
+(no results file, or a file of another schema).
+
+Examples:
+    python -m bench.plots                       # read results/*.json, write results/*.png|svg
+    python -m bench.plots --results results/ --out /tmp/plots
+    python -m bench.plots --results results/accuracy.json results/memory.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+# No display anywhere: plots are files. Set before anything can pull in an interactive backend.
+matplotlib.use("Agg")
+
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+from bench import reference
+from histoseg.cli import run_main
+from histoseg.errors import ResultsError
+
+PLOT_NAMES = ("memory_vs_accuracy", "memory_vs_patch_size", "weak_scaling")
+GB = 1e9  # decimal gigabytes, as device memories and the study's "25 GB" are quoted
+
+#: Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
+REFERENCE_STYLE = {
+    "CAMELYON16": {"color": "#555555", "marker": "s"},
+    "CAMELYON17": {"color": "#999999", "marker": "D"},
+}
+DEVICE_MEMORIES_GB = (
+    (16, "16 GB device (e.g. V100 16 GB)"),
+    (24, "24 GB device (study's Titan RTX)"),
+    (80, "80 GB device (A100 / H100)"),
+)
+STYLE = {
+    "font.size": 10,
+    "axes.titlesize": 11,
+    "axes.labelsize": 10,
+    "legend.fontsize": 9,
+    "xtick.labelsize": 9,
+    "ytick.labelsize": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "grid.linewidth": 0.6,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "svg.hashsalt": "histoseg",  # stable SVG ids, so re-drawing unchanged rows changes no file
+    "svg.fonttype": "none",
+}
+METRICS = (("accuracy", "pixel accuracy"), ("miou", "mIoU"), ("auc", "ROC AUC"))
+CAPTION_WIDTH_CHARS = 150
+
+
+@dataclass
+class PlotOutcome:
+    """What happened to one figure: the files written (none when not drawn) and what is missing."""
+
+    name: str
+    paths: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def drawn(self) -> bool:
+        return bool(self.paths)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def find_results_files(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Expand folders to their top-level ``*.json`` files (``baseline/`` is CI's, not a sweep's)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.glob("*.json") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ResultsError(
+                f"results path {str(path)!r} does not exist (give a folder or a .json file)"
+            )
+    return files
+
+
+def load_results(paths: Iterable[str | os.PathLike[str]]) -> dict[str, list[dict]]:
+    """Load every results file under ``paths`` with the one schema's loader.
+
+    Returns:
+        ``{file path: rows}`` in file order.
+
+    Raises:
+        ResultsError: no results file found, or a file holds rows of another schema.
+    """
+    from histoseg.results import load_rows
+
+    paths = list(paths)
+    files = find_results_files(paths)
+    if not files:
+        shown = ", ".join(str(p) for p in paths)
+        raise ResultsError(
+            f"no results files (*.json) in {shown}; run a sweep first, e.g. python -m bench.memory"
+        )
+    return {str(f): load_rows(f) for f in files}
+
+
+def _all_rows(rows_by_file: Mapping[str, Sequence[dict]]) -> list[dict]:
+    """All rows, one per kind + config (the newest ``created`` wins when files overlap)."""
+    from histoseg.results import config_key
+
+    newest: dict[tuple[str, str], dict] = {}
+    for rows in rows_by_file.values():
+        for row in rows:
+            key = (row.get("kind", ""), config_key(row.get("config", {})))
+            old = newest.get(key)
+            if old is None or str(row.get("created", "")) >= str(old.get("created", "")):
+                newest[key] = row
+    return list(newest.values())
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def machine_label(machine: Mapping[str, Any] | None) -> str:
+    """One short line naming a row's machine: CPU, cores, RAM, GPU, TF version, commit."""
+    if not machine:
+        return "unknown machine"
+    parts = [str(machine.get("cpu") or "unknown CPU")]
+    if machine.get("cores"):
+        parts.append(f"{machine['cores']} cores")
+    if machine.get("ram_bytes"):
+        parts.append(f"{machine['ram_bytes'] / GB:.0f} GB RAM")
+    gpus = machine.get("gpu") or []
+    for gpu in gpus if isinstance(gpus, list) else [gpus]:
+        parts.append(f"GPU {gpu.get('name', '?') if isinstance(gpu, Mapping) else gpu}")
+    versions = machine.get("versions") or {}
+    if versions.get("tensorflow"):
+        parts.append(f"TF {versions['tensorflow']}")
+    if machine.get("commit"):
+        parts.append(f"commit {str(machine['commit'])[:10]}")
+    return ", ".join(parts)
+
+
+def machines_line(rows: Sequence[dict]) -> str:
+    labels = sorted({machine_label(r.get("machine")) for r in rows})
+    if len(labels) == 1:
+        return f"machine: {labels[0]}"
+    # Never mix machines silently: say so in the caption itself.
+    return f"rows from {len(labels)} machines (not directly comparable): " + "; ".join(labels)
+
+
+def config_line(rows: Sequence[dict], *, varied: Sequence[str] = ()) -> str:
+    """The config keys all rows share, then the keys that vary across the plotted rows."""
+    configs = [r.get("config", {}) for r in rows]
+    keys = sorted({k for c in configs for k in c})
+    shared, varies = [], []
+    for key in keys:
+        values = {repr(c.get(key)) for c in configs}
+        if len(values) == 1 and key not in varied:
+            value = configs[0].get(key)
+            if value is not None:
+                shared.append(f"{key}={value}")
+        else:
+            varies.append(key)
+    line = "config: " + (", ".join(shared) or "-")
+    if varies:
+        line += "; varies: " + ", ".join(varies)
+    return line
+
+
+def _caption(lines: Sequence[str]) -> str:
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped.extend(textwrap.wrap(line, CAPTION_WIDTH_CHARS, subsequent_indent="    ") or [""])
+    return "\n".join(wrapped)
+
+
+def _status_note(row: dict, what: str) -> str:
+    reason = row.get("reason") or "no reason recorded"
+    return f"{what}: {row.get('status', '?')} — {reason}"
+
+
+# ----------------------------------------------------------------------------- figure helpers
+
+
+def _new_figure(width_in: float, height_in: float) -> Figure:
+    return Figure(figsize=(width_in, height_in), layout="constrained", dpi=100)
+
+
+def _save(fig: Figure, out_dir: Path, name: str, caption: str) -> list[Path]:
+    """Put the caption under the plot and write PNG + SVG atomically (a reader never sees half a file)."""
+    fig.text(0.0, 0.0, caption, ha="left", va="top", fontsize=8, color="#333333", wrap=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for ext, kwargs in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
+        target = out_dir / f"{name}.{ext}"
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{ext}", dir=out_dir)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.15, **kwargs)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        written.append(target)
+    return written
+
+
+def _log2_patch_axis(ax, sizes: Iterable[int]) -> None:
+    sizes = sorted(set(sizes))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(s) for s in sizes])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks([], minor=True)
+
+
+def _gb_formatter():
+    return FuncFormatter(lambda v, _pos: f"{v:g}")
+
+
+def _num(value: Any) -> float | None:
+    """A finite float, or None for missing / non-numeric / NaN values."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _section(row: dict, name: str) -> dict:
+    value = row.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+# ----------------------------------------------------------------------------- memory lookups
+
+# The keys that decide a step's memory at a given patch size; engine / workers / device do not
+# change the per-process peak enough to matter for placing a point, so they are left out.
+MEMORY_KEYS = ("backbone", "output_stride", "precision", "remat", "batch_size")
+
+
+def _memory_index(rows: Sequence[dict]) -> dict[tuple, dict]:
+    index: dict[tuple, dict] = {}
+    for row in rows:
+        if row.get("kind") != "memory":
+            continue
+        config = row.get("config", {})
+        key = (*(config.get(k) for k in MEMORY_KEYS), config.get("patch_size"))
+        index[key] = row
+    return index
+
+
+def _peak_from(row: dict | None, section: str) -> float | None:
+    if row is None:
+        return None
+    if section == "measured" and row.get("status", "ok") != "ok":
+        return None
+    return _num(_section(row, section).get("peak_bytes"))
+
+
+def accuracy_memory(
+    row: dict, memory_index: Mapping[tuple, dict]
+) -> tuple[float | None, str | None]:
+    """Where an accuracy row sits on the memory axis: (peak bytes, "measured" | "predicted").
+
+    Order: the training run's own measured peak, a memory row measured at the same config,
+    the row's own prediction, a memory row's prediction.
+    """
+    config = row.get("config", {})
+    twin = memory_index.get((*(config.get(k) for k in MEMORY_KEYS), config.get("patch_size")))
+    for source, section in (
+        (row, "measured"),
+        (twin, "measured"),
+        (row, "predicted"),
+        (twin, "predicted"),
+    ):
+        value = _peak_from(source, section)
+        if value is not None:
+            return value, section
+    return None, None
+
+
+def study_memory(
+    patch_size_px: int, memory_index: Mapping[tuple, dict]
+) -> tuple[float | None, str | None]:
+    """histoseg's memory for the study's config at one patch size: the estimate, else a measurement."""
+    twin = memory_index.get((*(reference.STUDY_CONFIG[k] for k in MEMORY_KEYS), patch_size_px))
+    for section in ("predicted", "measured"):
+        value = _peak_from(twin, section)
+        if value is not None:
+            return value, section
+    return None, None
+
+
+# ----------------------------------------------------------------------------- memory vs accuracy
+
+
+def _series_label(config: Mapping[str, Any], keys: Sequence[str]) -> str:
+    return ", ".join(str(config.get(k)) for k in keys if config.get(k) is not None) or "histoseg"
+
+
+def _varying_keys(configs: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> list[str]:
+    return [k for k in candidates if len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
+    """Peak training memory per patch size against accuracy, mIoU and AUC, with the study's points."""
+    outcome = PlotOutcome("memory_vs_accuracy")
+    accuracy_rows = [r for r in rows if r.get("kind") == "accuracy"]
+    memory_index = _memory_index(rows)
+
+    points: list[dict] = []  # one per placed accuracy row
+    for row in accuracy_rows:
+        config = row.get("config", {})
+        what = f"{config.get('patch_size', '?')} px"
+        metrics = _section(row, "metrics")
+        if row.get("status", "ok") != "ok" or not metrics:
+            outcome.notes.append(_status_note(row, what))
+            continue
+        peak, source = accuracy_memory(row, memory_index)
+        if peak is None:
+            outcome.notes.append(
+                f"{what}: no measured or predicted memory in the rows — not placed"
+            )
+            continue
+        points.append({"row": row, "peak": peak, "source": source})
+
+    series_keys = ("backbone", "data", "precision", "remat", "batch_size")
+    varying = _varying_keys([p["row"]["config"] for p in points], series_keys)
+    series: dict[str, list[dict]] = {}
+    for point in points:
+        label = "histoseg: " + _series_label(point["row"]["config"], varying or ("backbone",))
+        series.setdefault(label, []).append(point)
+
+    reference_points: dict[str, list[tuple[float, str, int, dict]]] = {}
+    missing_study_sizes = []
+    for size in reference.STUDY_PATCH_SIZES_PX:
+        peak, source = study_memory(size, memory_index)
+        if peak is None:
+            missing_study_sizes.append(size)
+            continue
+        for dataset, table in reference.PUBLISHED.items():
+            reference_points.setdefault(dataset, []).append((peak, source, size, table[size]))
+    if missing_study_sizes:
+        sizes = ", ".join(str(s) for s in missing_study_sizes)
+        outcome.notes.append(
+            f"study's points at {sizes} px omitted: no histoseg memory row for their config "
+            "(xception65, float32, batch 1, remat none) to place them on the memory axis; "
+            "make one with: python -m bench.memory --predict-only --backbone xception65 "
+            "--sizes 256 704 1024 2048"
+        )
+
+    if not points:
+        # The study's points alone are not this figure: it shows *our* trade beside theirs.
+        outcome.notes.insert(
+            0, "no accuracy row (kind 'accuracy', status ok) to place; run python -m bench.accuracy"
+        )
+        return outcome
+
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(11.0, 8.2)
+        grid = fig.subplots(2, 2, sharex=True)
+        axes, legend_ax = [grid[0][0], grid[0][1], grid[1][0]], grid[1][1]
+        for ax, (metric, metric_label) in zip(axes, METRICS, strict=True):
+            for i, (_label, pts) in enumerate(sorted(series.items())):
+                color = PALETTE[i % len(PALETTE)]
+                pts = sorted(pts, key=lambda p: p["row"]["config"].get("patch_size", 0))
+                xy = [(p["peak"] / GB, _num(p["row"]["metrics"].get(metric)), p) for p in pts]
+                xy = [(x, y, p) for x, y, p in xy if y is not None]
+                if not xy:
+                    continue
+                ax.plot(
+                    [x for x, _, _ in xy],
+                    [y for _, y, _ in xy],
+                    color=color,
+                    lw=1.2,
+                    alpha=0.6,
+                    zorder=2,
+                )
+                for x, y, p in xy:
+                    hollow = p["source"] == "predicted"
+                    ax.plot(
+                        x,
+                        y,
+                        marker="o",
+                        ms=7,
+                        color=color,
+                        zorder=3,
+                        markerfacecolor="white" if hollow else color,
+                        markeredgewidth=1.6,
+                    )
+                    size = p["row"]["config"].get("patch_size")
+                    ax.annotate(
+                        f"{size} px" + (" (pred. mem.)" if hollow else ""),
+                        (x, y),
+                        textcoords="offset points",
+                        xytext=(6, -11),
+                        fontsize=8,
+                        color=color,
+                    )
+            for dataset, pts in reference_points.items():
+                style = REFERENCE_STYLE[dataset]
+                xs = [peak / GB for peak, *_ in pts]
+                ys = [table[metric] for *_, table in pts]
+                ax.plot(xs, ys, ls=":", lw=1.0, color=style["color"], zorder=1)
+                ax.plot(
+                    xs,
+                    ys,
+                    ls="none",
+                    marker=style["marker"],
+                    ms=6,
+                    color=style["color"],
+                    markerfacecolor="white",
+                    markeredgewidth=1.4,
+                    zorder=2,
+                )
+                if metric == METRICS[0][0] and dataset == "CAMELYON16":
+                    for peak, _src, size, table in pts:
+                        ax.annotate(
+                            f"{size}",
+                            (peak / GB, table[metric]),
+                            textcoords="offset points",
+                            xytext=(-4, 7),
+                            fontsize=7,
+                            color=style["color"],
+                            ha="right",
+                        )
+            ax.axvline(
+                reference.STUDY_PEAK_BYTES_AT_2048_PX / GB,
+                color="#888888",
+                lw=0.8,
+                ls="--",
+                zorder=0,
+            )
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(_gb_formatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("peak training memory per step (GB, log scale)")
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_ylabel(f"{metric_label} (validation, 0-1)")
+            ax.set_title(metric_label)
+
+        handles = []
+        for i, label in enumerate(sorted(series)):
+            color = PALETTE[i % len(PALETTE)]
+            handles.append(Line2D([], [], color=color, marker="o", ms=7, label=label))
+        if any(p["source"] == "predicted" for p in points):
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="#333333",
+                    marker="o",
+                    ms=7,
+                    ls="none",
+                    markerfacecolor="white",
+                    label="hollow: memory predicted (not measured)",
+                )
+            )
+        for dataset in reference_points:
+            style = REFERENCE_STYLE[dataset]
+            sources = {src for _, src, *_ in reference_points[dataset]}
+            how = (
+                "histoseg estimate"
+                if sources == {"predicted"}
+                else "histoseg estimate / measurement"
+            )
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color=style["color"],
+                    marker=style["marker"],
+                    ls=":",
+                    markerfacecolor="white",
+                    label=f"{dataset} (study, published; memory: {how})",
+                )
+            )
+        handles.append(
+            Line2D([], [], color="#888888", ls="--", lw=0.8, label="study: ~25 GB at 2048 px")
+        )
+        legend_ax.axis("off")
+        legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=9)
+        fig.suptitle("Memory vs accuracy: what a larger patch costs and buys", fontsize=12)
+
+        plotted_rows = [p["row"] for p in points]
+        caption = [
+            "x: peak training memory of one step at the row's batch size (solid: measured allocator peak; "
+            "hollow: predicted by histoseg's memory model). y: validation metrics over held-out slides "
+            "(n = validation patches: "
+            + ", ".join(
+                f"{p['row']['config'].get('patch_size')} px: {p['row']['metrics'].get('val_patches', '?')}"
+                for p in sorted(points, key=lambda p: p["row"]["config"].get("patch_size", 0))
+            )
+            + ").",
+        ]
+        if plotted_rows:
+            caption += [
+                config_line(plotted_rows, varied=("patch_size",)),
+                machines_line(plotted_rows),
+            ]
+        caption.append(
+            f"study points: {reference.SOURCE}; their memory is histoseg's number for their config."
+        )
+        caption += [f"missing: {n}" for n in outcome.notes]
+        outcome.paths = _save(fig, out_dir, outcome.name, _caption(caption))
+    return outcome
+
+
+# ----------------------------------------------------------------------------- memory vs patch size
+
+
+def draw_memory_vs_patch_size(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
+    """Measured and predicted step peak against patch size, one colour per precision / remat mode."""
+    outcome = PlotOutcome("memory_vs_patch_size")
+    memory_rows = [r for r in rows if r.get("kind") == "memory"]
+    if not memory_rows:
+        outcome.notes.append("no memory rows (kind 'memory'); run python -m bench.memory")
+        return outcome
+
+    series_keys = ("backbone", "batch_size", "output_stride", "device", "precision", "remat")
+    varying = _varying_keys([r.get("config", {}) for r in memory_rows], series_keys)
+    label_keys = [k for k in series_keys if k in varying or k in ("precision", "remat")]
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for row in memory_rows:
+        config = row.get("config", {})
+        size = config.get("patch_size")
+        label = _series_label(config, label_keys)
+        entry = series.setdefault(label, {"measured": [], "predicted": []})
+        measured = _peak_from(row, "measured")
+        predicted = _peak_from(row, "predicted")
+        if measured is not None:
+            entry["measured"].append((size, measured))
+        if predicted is not None:
+            entry["predicted"].append((size, predicted))
+        if row.get("status", "ok") != "ok":
+            outcome.notes.append(_status_note(row, f"{size} px, {label}"))
+        elif measured is None and predicted is None:
+            outcome.notes.append(f"{size} px, {label}: no peak_bytes measured or predicted")
+
+    if not any(s["measured"] or s["predicted"] for s in series.values()):
+        outcome.notes.insert(0, "memory rows hold no peak_bytes to draw")
+        return outcome
+
+    sizes = [size for s in series.values() for pts in s.values() for size, _ in pts]
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(9.5, 5.6)
+        ax = fig.subplots()
+        handles = []
+        for i, (label, entry) in enumerate(sorted(series.items())):
+            color = PALETTE[i % len(PALETTE)]
+            # Predicted first as a larger ring, measured on top as a dot: agreement reads as a bullseye.
+            for kind, ls, face, ms in (
+                ("predicted", "--", "white", 9),
+                ("measured", "-", color, 5),
+            ):
+                pts = sorted(entry[kind])
+                if pts:
+                    ax.plot(
+                        [s for s, _ in pts],
+                        [b / GB for _, b in pts],
+                        ls=ls,
+                        marker="o",
+                        ms=ms,
+                        color=color,
+                        markerfacecolor=face,
+                        markeredgewidth=1.4,
+                        lw=1.5,
+                    )
+            handles.append(Line2D([], [], color=color, lw=6, label=label))
+        peaks_gb = [b / GB for s in series.values() for pts in s.values() for _, b in pts]
+        ax.set_yscale("log")
+        for gb, text in DEVICE_MEMORIES_GB:
+            ax.axhline(gb, color="#666666", lw=0.9, ls=(0, (6, 3)), zorder=0)
+            ax.annotate(
+                text,
+                (0.01, gb),
+                xycoords=("axes fraction", "data"),
+                textcoords="offset points",
+                xytext=(0, 3),
+                fontsize=8,
+                color="#444444",
+            )
+        ax.set_ylim(min(peaks_gb) / 1.6, max(*peaks_gb, DEVICE_MEMORIES_GB[-1][0]) * 1.6)
+        _log2_patch_axis(ax, sizes)
+        ax.yaxis.set_major_formatter(_gb_formatter())
+        ax.set_xlabel("patch size (px per side, log scale)")
+        ax.set_ylabel("step peak memory (GB, log scale)")
+        ax.set_title("Training-step peak memory vs patch size")
+        handles += [
+            Line2D(
+                [], [], color="#333333", ls="-", marker="o", ms=5, label="measured (allocator peak)"
+            ),
+            Line2D(
+                [],
+                [],
+                color="#333333",
+                ls="--",
+                marker="o",
+                ms=9,
+                markerfacecolor="white",
+                label="predicted (analytic model)",
+            ),
+        ]
+        fig.legend(
+            handles=handles, loc="outside right upper", frameon=False, title="precision, remat"
+        )
+        caption = [
+            "step peak = allocator peak over one whole training step after a warm-up step "
+            "(measured) or histoseg's analytic estimate (predicted); 1 GB = 10^9 bytes.",
+            config_line(memory_rows, varied=("patch_size", *label_keys)),
+            machines_line(memory_rows),
+        ]
+        caption += [f"missing: {n}" for n in outcome.notes]
+        outcome.paths = _save(fig, out_dir, outcome.name, _caption(caption))
+    return outcome
+
+
+# ----------------------------------------------------------------------------- weak scaling
+
+
+def compression_of(row: dict) -> str:
+    """The allreduce compression of a scaling row, wherever the sweep recorded it."""
+    config, extra = row.get("config", {}), _section(row, "extra")
+    for source in (config, extra):
+        if source.get("compression"):
+            return str(source["compression"])
+        if "fp16_allreduce" in source:
+            return "fp16" if source["fp16_allreduce"] else "none"
+    return "none"
+
+
+def _projection_from_module(row: dict) -> list[dict] | None:
+    """Ask histoseg.scaling for a projection curve, if that module and a usable function exist."""
+    try:
+        from histoseg import scaling  # another engineer's module; optional here
+    except ImportError:
+        return None
+    project = getattr(scaling, "projection_for_row", None)
+    if project is None:
+        return None
+    try:
+        curve = project(row)
+    except Exception:  # an optional extra must never stop the figure
+        return None
+    return list(curve) if curve else None
+
+
+def projection_of(row: dict) -> list[tuple[int, float]]:
+    """(workers, efficiency) pairs of a row's projection, from ``extra.projection`` or histoseg.scaling."""
+    raw = _section(row, "extra").get("projection") or _projection_from_module(row) or []
+    points = []
+    for item in raw:
+        workers, efficiency = _num(item.get("workers")), _num(item.get("efficiency"))
+        if workers is not None and efficiency is not None:
+            points.append((int(workers), efficiency))
+    return sorted(points)
+
+
+def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
+    """Weak-scaling efficiency and total throughput against workers, per engine and compression."""
+    outcome = PlotOutcome("weak_scaling")
+    scaling_rows = [r for r in rows if r.get("kind") == "scaling"]
+    if not scaling_rows:
+        outcome.notes.append("no scaling rows (kind 'scaling'); run python -m bench.scaling")
+        return outcome
+
+    series: dict[tuple, dict[str, Any]] = {}
+    for row in scaling_rows:
+        config = row.get("config", {})
+        key = (str(config.get("engine", "?")), compression_of(row), config.get("patch_size"))
+        entry = series.setdefault(key, {"points": [], "projection": []})
+        workers = _num(config.get("workers"))
+        what = f"{key[0]}, {key[1]}, {key[2]} px, {config.get('workers', '?')} workers"
+        if row.get("status", "ok") != "ok":
+            outcome.notes.append(_status_note(row, what))
+        scaling = _section(row, "scaling")
+        efficiency = _num(scaling.get("efficiency"))
+        per_worker = _num(scaling.get("throughput_per_worker"))
+        if row.get("status", "ok") == "ok" and workers is not None and (efficiency or per_worker):
+            entry["points"].append((int(workers), efficiency, per_worker))
+        projection = projection_of(row)
+        if len(projection) > len(entry["projection"]):
+            entry["projection"] = projection
+
+    if not any(e["points"] or e["projection"] for e in series.values()):
+        outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
+        return outcome
+
+    workers_seen = [w for e in series.values() for w, *_ in e["points"]]
+    workers_seen += [w for e in series.values() for w, _ in e["projection"]]
+    with matplotlib.rc_context(STYLE):
+        fig = _new_figure(12.0, 4.8)
+        ax_eff, ax_tp = fig.subplots(1, 2)
+        handles = []
+        for i, (key, entry) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
+            color = PALETTE[i % len(PALETTE)]
+            engine, compression, size = key
+            pts = sorted(entry["points"])
+            eff = [(w, e) for w, e, _ in pts if e is not None]
+            if eff:
+                ax_eff.plot(
+                    [w for w, _ in eff],
+                    [e * 100 for _, e in eff],
+                    marker="o",
+                    ms=7,
+                    ls="none",
+                    color=color,
+                )
+            if entry["projection"]:
+                proj = entry["projection"]
+                ax_eff.plot(
+                    [w for w, _ in proj], [e * 100 for _, e in proj], ls="--", lw=1.4, color=color
+                )
+            tput = [(w, t * w) for w, _, t in pts if t is not None]
+            if tput:
+                ax_tp.plot(
+                    [w for w, _ in tput],
+                    [t for _, t in tput],
+                    marker="o",
+                    ms=7,
+                    lw=1.5,
+                    color=color,
+                )
+                base = dict(tput).get(1)
+                if base:
+                    ideal = sorted({w for w, _ in tput})
+                    ax_tp.plot(ideal, [base * w for w in ideal], ls=":", lw=1.0, color=color)
+            how = "uncompressed" if compression == "none" else f"{compression}-compressed"
+            handles.append(
+                Line2D([], [], color=color, lw=6, label=f"{engine}, {how} allreduce, {size} px")
+            )
+        ax_eff.axhline(100, color="#666666", lw=0.8)
+        ax_eff.axhline(90, color="#666666", lw=0.8, ls=":")
+        ax_eff.annotate(
+            "90% target",
+            (0.01, 90),
+            xycoords=("axes fraction", "data"),
+            textcoords="offset points",
+            xytext=(0, -11),
+            fontsize=8,
+            color="#444444",
+        )
+        measured_workers = [w for e in series.values() for w, *_ in e["points"]]
+        _log2_patch_axis(ax_eff, [*workers_seen, 1])
+        _log2_patch_axis(ax_tp, [*measured_workers, 1])
+        for ax in (ax_eff, ax_tp):
+            ax.set_xlabel("workers (processes, log scale)")
+        ax_eff.set_ylabel("weak-scaling efficiency (%)")
+        ax_eff.set_ylim(0, 110)
+        ax_eff.set_title("Efficiency = throughput(N) / (N x throughput(1))")
+        ax_tp.set_ylabel("throughput, all workers (patches/s)")
+        ax_tp.set_title("Throughput (dotted: ideal linear)")
+        handles += [
+            Line2D([], [], color="#333333", marker="o", ls="none", label="measured"),
+            Line2D([], [], color="#333333", ls="--", label="projection (ring-allreduce model)"),
+        ]
+        fig.legend(handles=handles, loc="outside right upper", frameon=False)
+        fig.suptitle("Weak scaling: fixed patches per worker", fontsize=12)
+        caption = [
+            "weak scaling: every worker trains the same patches per step; throughput per worker from "
+            "scaling.throughput_per_worker x workers; projection from extra.projection (or histoseg.scaling).",
+            config_line(scaling_rows, varied=("workers", "engine", "patch_size", "threads")),
+            machines_line(scaling_rows),
+        ]
+        caption += [f"missing: {n}" for n in outcome.notes]
+        outcome.paths = _save(fig, out_dir, outcome.name, _caption(caption))
+    return outcome
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def draw_all(
+    rows_by_file: Mapping[str, Sequence[dict]], out_dir: str | os.PathLike[str]
+) -> list[PlotOutcome]:
+    """Draw every figure the rows allow into ``out_dir``; figures without data are not written.
+
+    Args:
+        rows_by_file: ``{results file: rows}``, as :func:`load_results` returns.
+        out_dir: folder for ``<name>.png`` and ``<name>.svg``.
+
+    Returns:
+        One :class:`PlotOutcome` per figure, in :data:`PLOT_NAMES` order.
+
+    Example:
+        >>> outcomes = draw_all(load_results(["results"]), "results")  # doctest: +SKIP
+    """
+    rows = _all_rows(rows_by_file)
+    out = Path(out_dir)
+    return [
+        draw_memory_vs_accuracy(rows, out),
+        draw_memory_vs_patch_size(rows, out),
+        draw_weak_scaling(rows, out),
+    ]
+
+
+def report_lines(outcomes: Sequence[PlotOutcome]) -> list[str]:
+    """One line per figure (written or not, and why), then one line per missing item."""
+    lines = []
+    for outcome in outcomes:
+        if outcome.drawn:
+            lines.append(f"{outcome.name}: wrote " + ", ".join(str(p) for p in outcome.paths))
+            lines += [f"  missing: {note}" for note in outcome.notes]
+        else:
+            lines.append(f"{outcome.name}: not drawn — " + ("; ".join(outcome.notes) or "no data"))
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.plots",
+        description="Draw memory_vs_accuracy, memory_vs_patch_size and weak_scaling (PNG + SVG) "
+        "from histoseg.result/1 rows, and refresh the results README.",
+        epilog="Examples:\n  python -m bench.plots\n  python -m bench.plots --results results/ --out /tmp/plots\n"
+        "Exit status: 0 if at least one figure was drawn, 1 if none could be, 2 on unreadable results.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--results",
+        nargs="+",
+        default=["results"],
+        metavar="PATH",
+        help="results folders (top-level *.json) or files (default: results/)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output folder (default: the first --results folder)"
+    )
+    parser.add_argument(
+        "--no-readme", action="store_true", help="do not regenerate <out>/README.md"
+    )
+    args = parser.parse_args(argv)
+
+    rows_by_file = load_results(args.results)
+    first = Path(args.results[0])
+    out_dir = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
+    outcomes = draw_all(rows_by_file, out_dir)
+    for line in report_lines(outcomes):
+        print(line)
+    if not args.no_readme:
+        from bench.results_readme import write_readme
+
+        print(f"README: wrote {write_readme(out_dir, rows_by_file)}")
+    return 0 if any(o.drawn for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
