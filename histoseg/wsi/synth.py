@@ -1,0 +1,633 @@
+"""Synthetic whole-slide images: the embedded default data of histoseg.
+
+A slide is an analytic description (tissue islands, tumour polygons, stain fields) that is
+evaluated tile by tile with vectorised numpy, so a gigapixel level 0 is never in memory.
+The pyramid is built while level 0 streams out: each finished tile is halved into its
+parent tile, and finished parents are JPEG-encoded at once and kept as bytes. The TIFF is a
+"generic tiled TIFF" OpenSlide reads (level 0 first, then reduced-resolution directories),
+and the tumour polygons are written as ASAP XML with CAMELYON16 group names.
+
+Example:
+    python -m histoseg.wsi.synth --out data/synthetic --slides 6 --size 20000x16000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import tifffile
+from scipy import ndimage
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError
+from histoseg.wsi.annotations import write_asap_xml
+from histoseg.wsi.raster import fill_polygons
+
+# Stain palette (RGB). Normal tissue: pink eosin stroma, small violet nuclei. Tumour: a
+# bluer, darker stroma with large, crowded, darker nuclei, so a model has signal to learn.
+BACKGROUND_RGB = np.array([243.0, 242.0, 244.0], dtype=np.float32)
+NORMAL_STROMA_LIGHT = np.array([240.0, 196.0, 222.0], dtype=np.float32)
+NORMAL_STROMA_DARK = np.array([218.0, 138.0, 182.0], dtype=np.float32)
+NORMAL_NUCLEUS = np.array([96.0, 56.0, 146.0], dtype=np.float32)
+TUMOR_STROMA_LIGHT = np.array([206.0, 160.0, 214.0], dtype=np.float32)
+TUMOR_STROMA_DARK = np.array([168.0, 112.0, 180.0], dtype=np.float32)
+TUMOR_NUCLEUS = np.array([62.0, 30.0, 112.0], dtype=np.float32)
+
+COARSE_CELL_PX = 64  # level-0 px between nodes of the smooth tissue/stain fields
+MIN_TOP_LEVEL_PX = 1000  # keep halving until the top level is smaller than this
+JPEG_QUALITY = 85
+NOISE_BANK_SIZE = 4
+
+
+@dataclass(frozen=True)
+class NucleusLayer:
+    """Nuclei on a jittered grid: one candidate nucleus per ``cell_px`` square."""
+
+    cell_px: int
+    radius_min_px: float
+    radius_max_px: float
+    presence: float
+    salt: int
+
+
+NORMAL_NUCLEI = NucleusLayer(cell_px=32, radius_min_px=3.0, radius_max_px=5.5, presence=0.8, salt=1)
+TUMOR_NUCLEI = NucleusLayer(cell_px=16, radius_min_px=4.5, radius_max_px=7.0, presence=0.9, salt=2)
+
+
+@dataclass
+class SlideDesign:
+    """Everything that defines one synthetic slide; rendering is a pure function of it."""
+
+    width_px: int
+    height_px: int
+    seed: int
+    tissue_field: np.ndarray  # coarse grid; tissue where > 0
+    density_field: np.ndarray  # coarse grid in [0, 1]; stain intensity
+    groups: dict[str, list[np.ndarray]] = field(default_factory=dict)  # ASAP group -> polygons
+
+    @property
+    def tumor_polygons(self) -> list[np.ndarray]:
+        return self.groups.get("_0", []) + self.groups.get("_1", [])
+
+    @property
+    def exclusion_polygons(self) -> list[np.ndarray]:
+        return self.groups.get("_2", [])
+
+
+# --- the analytic description --------------------------------------------------------
+def make_design(width_px: int, height_px: int, seed: int, *, tumor: bool = True) -> SlideDesign:
+    """Draw tissue islands, stain fields and tumour polygons for one slide."""
+    rng = np.random.default_rng(seed)
+    grid_w = math.ceil(width_px / COARSE_CELL_PX) + 2
+    grid_h = math.ceil(height_px / COARSE_CELL_PX) + 2
+    gy, gx = np.mgrid[0:grid_h, 0:grid_w].astype(np.float32) * COARSE_CELL_PX
+    short_side = min(width_px, height_px)
+
+    islands = np.full((grid_h, grid_w), -1.0, dtype=np.float32)
+    for _ in range(int(rng.integers(2, 5))):
+        cx = rng.uniform(0.2, 0.8) * width_px
+        cy = rng.uniform(0.2, 0.8) * height_px
+        ax = rng.uniform(0.14, 0.30) * short_side
+        ay = rng.uniform(0.10, 0.24) * short_side
+        angle = rng.uniform(0, math.pi)
+        u = (gx - cx) * math.cos(angle) + (gy - cy) * math.sin(angle)
+        v = -(gx - cx) * math.sin(angle) + (gy - cy) * math.cos(angle)
+        islands = np.maximum(islands, 1.0 - np.sqrt((u / ax) ** 2 + (v / ay) ** 2))
+    sigma_cells = max(1.0, 0.04 * short_side / COARSE_CELL_PX)
+    wobble = _smooth_noise(rng, (grid_h, grid_w), sigma_cells)
+    holes = _smooth_noise(rng, (grid_h, grid_w), sigma_cells / 3)
+    tissue = islands + 0.35 * wobble - 0.25 * np.clip(holes - 1.2, 0, None)
+    # Keep a white margin along the border, as on a glass slide.
+    margin = np.minimum.reduce([gx, gy, width_px - gx, height_px - gy]) / (0.08 * short_side)
+    tissue = np.minimum(tissue, np.clip(margin, -1, 1) - 0.35).astype(np.float32)
+    density = _smooth_noise(rng, (grid_h, grid_w), sigma_cells / 2)
+    density = np.clip(0.5 + 0.25 * density, 0, 1).astype(np.float32)
+
+    design = SlideDesign(width_px, height_px, seed, tissue, density)
+    if tumor:
+        design.groups = _draw_tumors(rng, tissue, width_px, height_px)
+    return design
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return noise / max(float(noise.std()), 1e-6)
+
+
+def _draw_tumors(
+    rng: np.random.Generator, tissue: np.ndarray, width_px: int, height_px: int
+) -> dict[str, list[np.ndarray]]:
+    """One large tumour with an exclusion inside (`_0`, `_2`) and a few small ones (`_1`)."""
+    short_side = min(width_px, height_px)
+    deep = np.argwhere(tissue > 0.25 * float(tissue.max()))
+    if len(deep) == 0:
+        deep = np.argwhere(tissue > 0)
+    if len(deep) == 0:
+        return {}
+
+    def centre() -> tuple[float, float]:
+        gy, gx = deep[rng.integers(len(deep))]
+        return float(gx * COARSE_CELL_PX), float(gy * COARSE_CELL_PX)
+
+    large_r = rng.uniform(0.07, 0.10) * short_side
+    lx, ly = centre()
+    large = _star_polygon(rng, lx, ly, large_r)
+    angle = rng.uniform(0, 2 * math.pi)
+    ex, ey = lx + 0.3 * large_r * math.cos(angle), ly + 0.3 * large_r * math.sin(angle)
+    exclusion = _star_polygon(rng, ex, ey, 0.22 * large_r, roughness=0.05)
+    small = []
+    for _ in range(int(rng.integers(2, 4))):
+        sx, sy = centre()
+        small.append(_star_polygon(rng, sx, sy, rng.uniform(0.010, 0.022) * short_side))
+    groups = {"_0": [large], "_1": small, "_2": [exclusion]}
+    return {
+        name: [_clip_to_slide(p, width_px, height_px) for p in polys]
+        for name, polys in groups.items()
+    }
+
+
+def _star_polygon(
+    rng: np.random.Generator, cx: float, cy: float, radius: float, roughness: float = 0.12
+) -> np.ndarray:
+    n_vertices = int(np.clip(radius / 4, 24, 160))
+    theta = np.linspace(0, 2 * math.pi, n_vertices, endpoint=False)
+    r = np.ones_like(theta)
+    for harmonic in range(2, 7):
+        r += rng.uniform(0, roughness / harmonic**0.5) * np.cos(
+            harmonic * theta + rng.uniform(0, 2 * math.pi)
+        )
+    r = radius * np.clip(r, 0.4, None)
+    return np.round(np.stack([cx + r * np.cos(theta), cy + r * np.sin(theta)], axis=1), 2)
+
+
+def _clip_to_slide(polygon: np.ndarray, width_px: int, height_px: int) -> np.ndarray:
+    polygon = polygon.copy()
+    polygon[:, 0] = np.clip(polygon[:, 0], 0, width_px - 1)
+    polygon[:, 1] = np.clip(polygon[:, 1], 0, height_px - 1)
+    return polygon
+
+
+# --- tile rendering --------------------------------------------------------------------
+def _hash_uniform(*keys: np.ndarray | int, count: int) -> list[np.ndarray]:
+    """``count`` independent uniforms in [0, 1) per element, a pure function of the keys."""
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x9E3779B97F4A7C15)
+        for key in keys:
+            h = _splitmix64(h ^ np.asarray(key).astype(np.uint64))
+        out = []
+        for _ in range(count):
+            h = _splitmix64(h)
+            out.append((h >> np.uint64(40)).astype(np.float32) / np.float32(1 << 24))
+    return out
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _interp_matrix(origin_px: int, n_px: int) -> tuple[np.ndarray, int, int]:
+    """Bilinear weights from coarse-grid nodes to pixel centres along one axis."""
+    u = (origin_px + np.arange(n_px) + 0.5) / COARSE_CELL_PX
+    g0 = np.floor(u).astype(np.int64)
+    frac = (u - g0).astype(np.float32)
+    first, last = int(g0[0]), int(g0[-1]) + 1
+    weights = np.zeros((n_px, last - first + 1), dtype=np.float32)
+    rows = np.arange(n_px)
+    weights[rows, g0 - first] = 1 - frac
+    weights[rows, g0 - first + 1] = frac
+    return weights, first, last + 1
+
+
+class TileRenderer:
+    """Renders RGB level-0 tiles of a :class:`SlideDesign`; thread-safe."""
+
+    def __init__(self, design: SlideDesign, tile_px: int):
+        for layer in (NORMAL_NUCLEI, TUMOR_NUCLEI):
+            if tile_px % layer.cell_px:
+                raise ConfigError(f"tile_px must be a multiple of {layer.cell_px}, got {tile_px}")
+        self.design = design
+        self.tile_px = tile_px
+        rng = np.random.default_rng([design.seed, 7])
+        self._noise = rng.standard_normal((NOISE_BANK_SIZE, tile_px, tile_px)).astype(np.float32)
+        self._tumor_boxes = [_bbox(p) for p in design.tumor_polygons]
+        self._exclusion_boxes = [_bbox(p) for p in design.exclusion_polygons]
+
+    def tumor_mask(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Level-0 tumour mask of a region: positive polygons minus exclusions."""
+        return self._masks(x0, y0, w, h)[0]
+
+    def _masks(self, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(tumour, excluded-or-None): excluded areas are normal tissue inside a tumour."""
+        region = (x0, y0, w, h)
+        positives = _polygons_hitting(self.design.tumor_polygons, self._tumor_boxes, region)
+        if not positives:
+            return np.zeros((h, w), dtype=bool), None
+        mask = fill_polygons(positives, region)
+        excluded = _polygons_hitting(self.design.exclusion_polygons, self._exclusion_boxes, region)
+        if not excluded:
+            return mask, None
+        excluded_mask = fill_polygons(excluded, region)
+        return mask & ~excluded_mask, excluded_mask
+
+    def render(self, tx: int, ty: int) -> np.ndarray | None:
+        """The tile at tile column ``tx``, row ``ty``; None when it is all background."""
+        t = self.tile_px
+        x0, y0 = tx * t, ty * t
+        design = self.design
+        ay, gy0, gy1 = _interp_matrix(y0, t)
+        ax, gx0, gx1 = _interp_matrix(x0, t)
+        tissue_nodes = design.tissue_field[gy0:gy1, gx0:gx1]
+        tumor, excluded = self._masks(x0, y0, t, t)
+        any_tumor = bool(tumor.any())
+        if float(tissue_nodes.max()) <= 0 and not any_tumor:
+            return None
+        # Tumours (and the normal islands inside them) are tissue even where the smooth
+        # tissue field says glass, so every annotated pixel carries a stain.
+        tissue = (ay @ tissue_nodes @ ax.T > 0) | tumor
+        if excluded is not None:
+            tissue |= excluded
+        # Pixels beyond the slide stay background so the pyramid halves cleanly.
+        if x0 + t > design.width_px:
+            tissue[:, design.width_px - x0 :] = False
+        if y0 + t > design.height_px:
+            tissue[design.height_px - y0 :, :] = False
+        density = ay @ design.density_field[gy0:gy1, gx0:gx1] @ ax.T
+        key = _hash_uniform(tx, ty, design.seed, count=2)
+        noise = self._noise[int(key[0] * NOISE_BANK_SIZE)]
+        if key[1] < 0.5:
+            noise = noise.T
+
+        rgb = np.empty((t, t, 3), dtype=np.float32)
+        rgb[:] = BACKGROUND_RGB
+        normal = tissue & ~tumor
+        for region, layer, light, dark, nucleus in (
+            (normal, NORMAL_NUCLEI, NORMAL_STROMA_LIGHT, NORMAL_STROMA_DARK, NORMAL_NUCLEUS),
+            (tumor, TUMOR_NUCLEI, TUMOR_STROMA_LIGHT, TUMOR_STROMA_DARK, TUMOR_NUCLEUS),
+        ):
+            if not region.any():
+                continue
+            nuclei = _nuclei_alpha(layer, x0, y0, t, design.seed)
+            # Chromatin texture: nuclei are not flat discs.
+            nuclei *= np.clip(0.85 + 0.12 * noise, 0, 1)
+            stroma = light + density[..., None] * (dark - light)
+            colour = stroma + nuclei[..., None] * (nucleus - stroma)
+            rgb[region] = colour[region]
+        rgb += (3.0 * noise)[..., None]
+        return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
+def _nuclei_alpha(layer: NucleusLayer, x0: int, y0: int, tile_px: int, seed: int) -> np.ndarray:
+    """Nucleus opacity over a tile, computed on the (cells, px-in-cell) view of the tile."""
+    c = layer.cell_px
+    n = tile_px // c
+    cy = (y0 // c + np.arange(n, dtype=np.int64))[:, None]
+    cx = (x0 // c + np.arange(n, dtype=np.int64))[None, :]
+    u_x, u_y, u_r, u_e, u_a, u_p = _hash_uniform(cy, cx, seed, layer.salt, count=6)
+    radius = layer.radius_min_px + u_r * (layer.radius_max_px - layer.radius_min_px)
+    jitter = np.maximum(c / 2 - 0.8 * radius, 0.0)
+    centre_x = c / 2 + (2 * u_x - 1) * jitter
+    centre_y = c / 2 + (2 * u_y - 1) * jitter
+    minor = radius * (0.6 + 0.4 * u_e)
+    cos_a, sin_a = np.cos(u_a * np.pi), np.sin(u_a * np.pi)
+    present = (u_p < layer.presence).astype(np.float32)
+
+    local = np.arange(c, dtype=np.float32) + 0.5
+    # Shapes broadcast to (cell row, y in cell, cell column, x in cell).
+    dx = local[None, None, None, :] - centre_x[:, None, :, None]
+    dy = local[None, :, None, None] - centre_y[:, None, :, None]
+    along = (dx * cos_a[:, None, :, None] + dy * sin_a[:, None, :, None]) / radius[:, None, :, None]
+    across = (dy * cos_a[:, None, :, None] - dx * sin_a[:, None, :, None]) / minor[:, None, :, None]
+    alpha = np.clip((1.0 - (along * along + across * across)) * 3.0, 0.0, 1.0)
+    alpha *= present[:, None, :, None]
+    return alpha.reshape(tile_px, tile_px)
+
+
+def _bbox(polygon: np.ndarray) -> tuple[float, float, float, float]:
+    return (
+        float(polygon[:, 0].min()),
+        float(polygon[:, 1].min()),
+        float(polygon[:, 0].max()),
+        float(polygon[:, 1].max()),
+    )
+
+
+def _polygons_hitting(
+    polygons: list[np.ndarray], boxes: list[tuple[float, float, float, float]], region
+) -> list[np.ndarray]:
+    x0, y0, w, h = region
+    return [
+        p
+        for p, (bx0, by0, bx1, by1) in zip(polygons, boxes, strict=True)
+        if bx1 >= x0 - 1 and by1 >= y0 - 1 and bx0 <= x0 + w + 1 and by0 <= y0 + h + 1
+    ]
+
+
+# --- the pyramid writer ----------------------------------------------------------------
+def pyramid_dimensions(width_px: int, height_px: int) -> list[tuple[int, int]]:
+    """Level sizes: halving (rounding up) until the larger side is below 1000 px."""
+    dims = [(width_px, height_px)]
+    while max(dims[-1]) >= MIN_TOP_LEVEL_PX:
+        w, h = dims[-1]
+        dims.append(((w + 1) // 2, (h + 1) // 2))
+    return dims
+
+
+def _encode(tile: np.ndarray) -> bytes:
+    return imagecodecs.jpeg_encode(
+        tile, level=JPEG_QUALITY, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+    )
+
+
+def _halve(tile: np.ndarray) -> np.ndarray:
+    a = tile.astype(np.uint16)
+    s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
+    return ((s + 2) >> 2).astype(np.uint8)
+
+
+class _PyramidBuilder:
+    """Collects halved level-k tiles into level-(k+1) tiles and encodes finished ones."""
+
+    def __init__(self, dims: list[tuple[int, int]], tile_px: int):
+        self.dims = dims
+        self.tile_px = tile_px
+        self.grid = [(math.ceil(w / tile_px), math.ceil(h / tile_px)) for w, h in dims]
+        self.pending: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in dims]
+        self.encoded: list[dict[tuple[int, int], bytes]] = [{} for _ in dims]
+        self._white = np.full((tile_px, tile_px, 3), BACKGROUND_RGB.astype(np.uint8))
+        self._white_half = _halve(self._white)
+        self._white_bytes = _encode(self._white)
+
+    def white_bytes(self) -> bytes:
+        return self._white_bytes
+
+    def add(self, level: int, tx: int, ty: int, half: np.ndarray | None) -> None:
+        """Paste the halved tile (tx, ty) of ``level`` into its parent on ``level + 1``."""
+        parent_level = level + 1
+        if parent_level >= len(self.dims):
+            return
+        t = self.tile_px
+        px, py = tx // 2, ty // 2
+        key = (px, py)
+        parent = self.pending[parent_level].get(key)
+        if parent is None:
+            parent = self._white.copy()
+            self.pending[parent_level][key] = parent
+        h = t // 2
+        ox, oy = (tx % 2) * h, (ty % 2) * h
+        parent[oy : oy + h, ox : ox + h] = self._white_half if half is None else half
+        n_tx, n_ty = self.grid[level]
+        last_child = (min(2 * px + 1, n_tx - 1), min(2 * py + 1, n_ty - 1))
+        if (tx, ty) == last_child:
+            del self.pending[parent_level][key]
+            self.encoded[parent_level][key] = _encode(parent)
+            self.add(parent_level, px, py, _halve(parent))
+
+    def level_tiles(self, level: int) -> Iterator[bytes]:
+        n_tx, n_ty = self.grid[level]
+        tiles = self.encoded[level]
+        for ty in range(n_ty):
+            for tx in range(n_tx):
+                yield tiles[(tx, ty)]
+
+
+def write_synthetic_slide(
+    path_tif: str | Path,
+    size_px: tuple[int, int] = (8000, 6000),
+    seed: int = 0,
+    tile_px: int = 512,
+    mpp: float = 0.25,
+    *,
+    tumor: bool = True,
+    progress: bool = True,
+    threads: int | None = None,
+) -> tuple[Path, Path | None]:
+    """Write one synthetic pyramidal JPEG-tiled TIFF and its ASAP XML.
+
+    Args:
+        path_tif: output TIFF; the XML goes beside it with the suffix ``.xml``.
+        size_px: level-0 (width, height) in pixels.
+        seed: the same seed gives byte-identical files.
+        tile_px: TIFF tile size (a multiple of 32, e.g. 256 or 512).
+        mpp: micrometres per level-0 pixel written to the resolution tags.
+        tumor: False makes a "normal" slide: no tumour and no XML.
+        progress: show a progress bar on stderr.
+        threads: render threads (default: CPU count, at most 4).
+
+    Returns:
+        (tif_path, xml_path), xml_path None for a normal slide.
+    """
+    from tqdm import tqdm
+
+    width_px, height_px = (int(v) for v in size_px)
+    if width_px < 64 or height_px < 64:
+        raise ConfigError(f"slide size must be at least 64x64 px, got {width_px}x{height_px}")
+    if tile_px <= 0 or tile_px % 32:
+        raise ConfigError(f"tile_px must be a positive multiple of 32, got {tile_px}")
+    if not mpp > 0:
+        raise ConfigError(f"mpp must be > 0, got {mpp}")
+    path_tif = Path(path_tif)
+    path_tif.parent.mkdir(parents=True, exist_ok=True)
+    design = make_design(width_px, height_px, seed, tumor=tumor)
+    renderer = TileRenderer(design, tile_px)
+    dims = pyramid_dimensions(width_px, height_px)
+    builder = _PyramidBuilder(dims, tile_px)
+    n_tx, n_ty = builder.grid[0]
+    threads = threads or min(4, os.cpu_count() or 1)
+
+    def work(index: int) -> tuple[bytes, np.ndarray | None]:
+        tile = renderer.render(index % n_tx, index // n_tx)
+        if tile is None:
+            return builder.white_bytes(), None
+        return _encode(tile), _halve(tile)
+
+    def level0_tiles() -> Iterator[bytes]:
+        with (
+            ThreadPoolExecutor(threads) as pool,
+            tqdm(
+                total=n_tx * n_ty,
+                desc=path_tif.name,
+                unit="tile",
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
+            window = 4 * threads  # bounded read-ahead keeps memory flat
+            indices = iter(range(n_tx * n_ty))
+            futures = [pool.submit(work, i) for _, i in zip(range(window), indices, strict=False)]
+            index = 0
+            while futures:
+                data, half = futures.pop(0).result()
+                nxt = next(indices, None)
+                if nxt is not None:
+                    futures.append(pool.submit(work, nxt))
+                builder.add(0, index % n_tx, index // n_tx, half)
+                index += 1
+                bar.update()
+                yield data
+
+    tmp = path_tif.with_name(path_tif.name + ".part")
+    resolution_per_cm = 1e4 / mpp
+    common = {
+        "dtype": np.uint8,
+        "tile": (tile_px, tile_px),
+        "compression": "jpeg",
+        "photometric": "rgb",
+        "subsampling": (2, 2),
+        "resolutionunit": "CENTIMETER",
+        "metadata": None,
+    }
+    bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
+    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+        tif.write(
+            level0_tiles(),
+            shape=(height_px, width_px, 3),
+            resolution=(resolution_per_cm, resolution_per_cm),
+            subfiletype=0,
+            software="histoseg.wsi.synth",
+            **common,
+        )
+        for level in range(1, len(dims)):
+            w, h = dims[level]
+            scale = width_px / w
+            tif.write(
+                builder.level_tiles(level),
+                shape=(h, w, 3),
+                resolution=(resolution_per_cm / scale, resolution_per_cm / scale),
+                subfiletype=1,
+                **common,
+            )
+    os.replace(tmp, path_tif)
+
+    xml_path = path_tif.with_suffix(".xml")
+    if design.groups:
+        write_asap_xml(xml_path, design.groups)
+        return path_tif, xml_path
+    if xml_path.exists():
+        xml_path.unlink()
+    return path_tif, None
+
+
+def synthetic_slide_names(n_slides: int) -> list[tuple[str, bool]]:
+    """(file name, has tumour) for a synthetic dataset: every third slide is normal."""
+    return [(f"slide_{i:03d}.tif", i % 3 != 2) for i in range(n_slides)]
+
+
+def ensure_synthetic_dataset(
+    folder: str | Path,
+    n_slides: int = 6,
+    size_px: tuple[int, int] = (8000, 6000),
+    seed: int = 0,
+    *,
+    tile_px: int = 512,
+    mpp: float = 0.25,
+    progress: bool = True,
+) -> list[tuple[Path, Path | None]]:
+    """Make (or reuse) a folder of synthetic slides; returns [(tif, xml or None)].
+
+    Idempotent: slides already written with the same size, seed and tile size are kept
+    (a small manifest records how they were made), so the training CLI may call it on every
+    start. Slide ``i`` uses seed ``seed * 1000 + i``; every third slide is a normal one.
+    """
+    import json
+
+    if n_slides < 1:
+        raise ConfigError(f"n_slides must be >= 1, got {n_slides}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / "synthetic.json"
+    recipe = {
+        "size_px": [int(size_px[0]), int(size_px[1])],
+        "seed": int(seed),
+        "tile_px": int(tile_px),
+        "mpp": float(mpp),
+        "generator": "histoseg.wsi.synth/1",
+    }
+    done: dict[str, dict] = {}
+    if manifest_path.exists():
+        try:
+            done = json.loads(manifest_path.read_text()).get("slides", {})
+        except (ValueError, AttributeError):
+            done = {}
+    out: list[tuple[Path, Path | None]] = []
+    for i, (name, has_tumor) in enumerate(synthetic_slide_names(n_slides)):
+        tif = folder / name
+        xml = tif.with_suffix(".xml")
+        if done.get(name) == recipe and tif.exists() and (xml.exists() or not has_tumor):
+            out.append((tif, xml if has_tumor else None))
+            continue
+        out.append(
+            write_synthetic_slide(
+                tif, size_px, seed * 1000 + i, tile_px, mpp, tumor=has_tumor, progress=progress
+            )
+        )
+        done[name] = recipe
+        tmp = manifest_path.with_suffix(".json.part")
+        tmp.write_text(json.dumps({"slides": done}, indent=1, sort_keys=True))
+        os.replace(tmp, manifest_path)
+    return out
+
+
+# --- CLI -------------------------------------------------------------------------------
+def parse_size(text: str) -> tuple[int, int]:
+    """'20000x16000' -> (20000, 16000)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(
+            f"size must look like WIDTHxHEIGHT (e.g. 20000x16000), got {text!r}"
+        ) from None
+    if w < 64 or h < 64:
+        raise ConfigError(f"size must be at least 64x64 px, got {text!r}")
+    return w, h
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from histoseg.wsi._cli import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="python -m histoseg.wsi.synth",
+        description="Write synthetic pyramidal whole-slide TIFFs with ASAP XML tumour annotations.",
+        epilog="Examples:\n"
+        "  python -m histoseg.wsi.synth --out data/synthetic --slides 6 --size 20000x16000\n"
+        "  python -m histoseg.wsi.synth --out /tmp/s --slides 1 --size 8000x6000 --seed 3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--slides", type=int, default=6, help="number of slides (default 6)")
+    parser.add_argument("--size", default="8000x6000", help="level-0 WIDTHxHEIGHT px")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tile", type=int, default=512, help="TIFF tile size in px")
+    parser.add_argument("--mpp", type=float, default=0.25, help="micrometres per pixel")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    size = parse_size(args.size)
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out must be a folder, got the file {args.out}")
+    pairs = ensure_synthetic_dataset(
+        args.out,
+        args.slides,
+        size,
+        args.seed,
+        tile_px=args.tile,
+        mpp=args.mpp,
+        progress=not args.no_progress,
+    )
+    for tif, xml in pairs:
+        size_mb = tif.stat().st_size / 1e6
+        print(f"{tif}  {size_mb:7.1f} MB  {xml if xml else '(normal slide, no XML)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
