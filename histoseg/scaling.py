@@ -1,0 +1,432 @@
+"""What adding workers buys: a ring-allreduce cost model projecting weak-scaling efficiency.
+
+A model, not a measurement. In data-parallel training every step is compute (each worker
+on its own patches) followed by an allreduce of the gradients. A ring allreduce over N
+workers moves 2(N-1)/N of the gradient bytes through every worker's link and takes
+2(N-1) latency-bound hops, so
+
+    allreduce_s(N) = overhead_s + 2 (N-1) latency_s + 2 (N-1)/N * gradient_bytes / bandwidth
+    efficiency(N)  = compute_s / (compute_s + (1 - overlap) * allreduce_s(N))
+
+fp16 compression halves gradient_bytes. ``overhead_s`` is the framework's fixed cost per
+allreduce (Horovod's negotiation and fusion, TF's collective launch), which does not depend on
+the network: it is calibrated by a least-squares fit of the model to allreduce times measured
+on this machine (which also yields this machine's effective bandwidth, reported for checking
+the fit but not carried to the cluster). Assumptions, printed with every projection:
+ranks of a node sit next to each other in the ring (as ``horovodrun -H node:2`` places them),
+so each node's link carries one rank's ring traffic; intra-node hops cost nothing; no overlap
+of communication with computation unless ``overlap`` says so; compute per worker does not
+change with N (weak scaling: fixed patches per worker).
+
+``python -m histoseg.scaling --compute-s 20 --gradient-bytes 164e6`` prints a projection;
+``--results results/scaling.json`` takes compute time, gradient bytes and calibration points
+from measured scaling rows instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError
+
+#: The study's network: 100 Gb/s Intel OmniPath, 2 processes per dual-socket node.
+DEFAULT_BANDWIDTH_GBPS = 100.0
+#: One-hop latency of an OmniPath message through MPI (about a microsecond).
+DEFAULT_LATENCY_S = 1.0e-6
+DEFAULT_WORKERS_PER_NODE = 2
+DEFAULT_WORKERS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The cluster's interconnect as the model sees it.
+
+    Attributes:
+        bandwidth_gbps: link bandwidth per node, gigabits per second.
+        latency_s: one ring hop's latency, seconds.
+        workers_per_node: training processes per node (they share the node's link).
+        nic_share: how many of a node's ranks send over its link at once in each ring
+            step (1 when a node's ranks are adjacent in the ring).
+    """
+
+    bandwidth_gbps: float = DEFAULT_BANDWIDTH_GBPS
+    latency_s: float = DEFAULT_LATENCY_S
+    workers_per_node: int = DEFAULT_WORKERS_PER_NODE
+    nic_share: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth_gbps > 0:
+            raise ConfigError(f"bandwidth must be > 0 Gb/s, got {self.bandwidth_gbps}")
+        if self.latency_s < 0:
+            raise ConfigError(f"latency must be >= 0 s, got {self.latency_s}")
+        if self.workers_per_node < 1 or self.nic_share < 1:
+            raise ConfigError("workers_per_node and nic_share must be >= 1")
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Bandwidth one rank gets on the wire, bytes per second."""
+        return self.bandwidth_gbps * 1e9 / 8.0 / self.nic_share
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The ring model fitted to allreduce times measured on one machine.
+
+    Attributes:
+        overhead_s: fixed framework cost per allreduce (carried to the cluster projection).
+        local_bytes_per_s: this machine's effective bandwidth (a check of the fit only).
+        points: the (gradient_bytes, workers, seconds) measurements fitted.
+        max_relative_error: worst |model - measured| / measured over the points.
+    """
+
+    overhead_s: float
+    local_bytes_per_s: float
+    points: tuple[tuple[float, int, float], ...]
+    max_relative_error: float
+
+    def predict_local_s(self, gradient_bytes: float, workers: int) -> float:
+        """The fitted model's allreduce time on the calibration machine."""
+        if workers <= 1:
+            return 0.0
+        return self.overhead_s + ring_bytes(gradient_bytes, workers) / self.local_bytes_per_s
+
+
+def ring_bytes(gradient_bytes: float, workers: int) -> float:
+    """Bytes each rank sends in a ring allreduce: 2(N-1)/N of the buffer."""
+    return 2.0 * (workers - 1) / workers * gradient_bytes if workers > 1 else 0.0
+
+
+def ring_allreduce_s(
+    gradient_bytes: float, workers: int, network: Network, overhead_s: float = 0.0
+) -> float:
+    """Seconds for one ring allreduce of ``gradient_bytes`` over ``workers`` ranks (0 for 1)."""
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        return 0.0
+    return (
+        overhead_s
+        + 2.0 * (workers - 1) * network.latency_s
+        + ring_bytes(gradient_bytes, workers) / network.bytes_per_s
+    )
+
+
+def calibrate(points: Iterable[tuple[float, int, float]]) -> Calibration:
+    """Fit ``seconds = overhead_s + ring_bytes / bandwidth`` to measured allreduces.
+
+    Args:
+        points: (gradient_bytes, workers, seconds) of allreduces measured with workers >= 2.
+            Two or more distinct byte counts fit both terms; a single one fits the
+            bandwidth with zero overhead (the pessimistic reading for the cluster).
+
+    Raises:
+        ConfigError: no usable point.
+    """
+    pts = tuple((float(b), int(n), float(s)) for b, n, s in points if n >= 2 and s > 0 and b > 0)
+    if not pts:
+        raise ConfigError("calibration needs allreduce times measured with 2 or more workers")
+    xs = [ring_bytes(b, n) for b, n, _ in pts]
+    ys = [s for _, _, s in pts]
+    if len({round(x) for x in xs}) >= 2:
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        sxx = sum((x - mean_x) ** 2 for x in xs)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+        intercept = mean_y - slope * mean_x
+        if slope <= 0 or intercept < 0:
+            # noise made a line through the points unphysical: fall back to a pure
+            # bandwidth fit through the origin
+            slope, intercept = sum(ys) / sum(xs), 0.0
+    else:
+        slope, intercept = sum(ys) / sum(xs), 0.0
+    cal = Calibration(intercept, 1.0 / slope, pts, 0.0)
+    worst = max(abs(cal.predict_local_s(b, n) - s) / s for b, n, s in pts)
+    return dataclasses.replace(cal, max_relative_error=worst)
+
+
+def project(
+    compute_s: float,
+    gradient_bytes: float,
+    workers: Sequence[int] = DEFAULT_WORKERS,
+    *,
+    network: Network | None = None,
+    overhead_s: float = 0.0,
+    fp16: bool = False,
+    overlap: float = 0.0,
+) -> list[dict[str, float]]:
+    """Predicted step time and weak-scaling efficiency for each worker count.
+
+    Args:
+        compute_s: forward + backward + update time of one worker's step, seconds.
+        gradient_bytes: fp32 gradient bytes of the model (4 x trainable parameters).
+        workers: worker counts to predict.
+        network: the cluster's network (default: the study's 100 Gb/s OmniPath).
+        overhead_s: framework cost per allreduce (from :func:`calibrate`).
+        fp16: fp16 compression (halves the bytes on the wire).
+        overlap: fraction of the allreduce hidden behind the backward pass (0 = none).
+
+    Returns:
+        One dict per worker count: workers, nodes, wire_bytes, allreduce_s, step_s,
+        efficiency, throughput_ratio (patches/s relative to one worker).
+    """
+    network = network or Network()
+    if not compute_s > 0:
+        raise ConfigError(f"compute time per step must be > 0 s, got {compute_s}")
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    wire_bytes = gradient_bytes / 2.0 if fp16 else gradient_bytes
+    rows = []
+    for n in workers:
+        allreduce_s = ring_allreduce_s(wire_bytes, n, network, overhead_s)
+        step_s = compute_s + (1.0 - overlap) * allreduce_s
+        efficiency = compute_s / step_s
+        rows.append(
+            {
+                "workers": n,
+                "nodes": math.ceil(n / network.workers_per_node),
+                "wire_bytes": wire_bytes,
+                "allreduce_s": allreduce_s,
+                "step_s": step_s,
+                "efficiency": efficiency,
+                "throughput_ratio": n * efficiency,
+            }
+        )
+    return rows
+
+
+def compute_s_for_efficiency(
+    efficiency: float,
+    gradient_bytes: float,
+    workers: int,
+    *,
+    network: Network | None = None,
+    overhead_s: float = 0.0,
+    fp16: bool = False,
+) -> float:
+    """The shortest compute time per step at which ``workers`` still reach ``efficiency``."""
+    network = network or Network()
+    if not 0 < efficiency < 1:
+        raise ConfigError(f"efficiency must be in (0, 1), got {efficiency}")
+    wire = gradient_bytes / 2.0 if fp16 else gradient_bytes
+    t = ring_allreduce_s(wire, workers, network, overhead_s)
+    return efficiency * t / (1.0 - efficiency)
+
+
+def compute_s_from_rows(rows: Iterable[Mapping[str, Any]], patch_size: int) -> dict[str, Any]:
+    """Compute time per step at ``patch_size`` from measured scaling rows.
+
+    Uses single-worker rows (no communication), compute = step_s - allreduce_s; at sizes not
+    measured it scales with pixels (a convolutional network's work is linear in pixels)
+    from a least-squares fit ``compute_s = a * pixels`` over the measured sizes.
+
+    Returns:
+        compute_s, gradient_bytes, backbone, how ("measured" or "scaled from ..."), and
+        the per-size measurements used.
+    """
+    singles = [
+        r
+        for r in rows
+        if r.get("kind") == "scaling"
+        and r.get("status") == "ok"
+        and r.get("config", {}).get("workers") == 1
+        and "measured" in r
+    ]
+    if not singles:
+        raise ConfigError("no measured single-worker scaling rows to take compute time from")
+    by_size: dict[int, list[float]] = {}
+    gradient_bytes = None
+    backbone = None
+    for r in singles:
+        m = r["measured"]
+        compute = float(m.get("compute_s", m["step_s"] - m.get("allreduce_s", 0.0)))
+        by_size.setdefault(int(r["config"]["patch_size"]), []).append(compute)
+        gradient_bytes = m.get("gradient_bytes", gradient_bytes)
+        backbone = r["config"].get("backbone", backbone)
+    sizes = {s: min(v) for s, v in sorted(by_size.items())}
+    if patch_size in sizes:
+        compute_s, how = sizes[patch_size], "measured"
+    else:
+        px = [s * s for s in sizes]
+        per_pixel = sum(p * t for p, t in zip(px, sizes.values(), strict=True)) / sum(
+            p * p for p in px
+        )
+        compute_s = per_pixel * patch_size * patch_size
+        how = f"scaled by pixels from {', '.join(str(s) for s in sizes)} px"
+    return {
+        "compute_s": compute_s,
+        "gradient_bytes": gradient_bytes,
+        "backbone": backbone,
+        "how": how,
+        "measured_compute_s": sizes,
+    }
+
+
+def calibration_points_from_rows(
+    rows: Iterable[Mapping[str, Any]],
+) -> list[tuple[float, int, float]]:
+    """(wire bytes, workers, allreduce seconds) of every measured multi-worker row."""
+    points = []
+    for r in rows:
+        cfg, m = r.get("config", {}), r.get("measured", {})
+        if r.get("kind") != "scaling" or r.get("status") != "ok" or cfg.get("workers", 1) < 2:
+            continue
+        if "allreduce_s" in m and "gradient_bytes" in m:
+            wire = m["gradient_bytes"] / (2 if cfg.get("compression") == "fp16" else 1)
+            points.append((float(wire), int(cfg["workers"]), float(m["allreduce_s"])))
+        for b, s in (m.get("allreduce_probe") or {}).items():
+            points.append((float(b), int(cfg["workers"]), float(s)))
+    return points
+
+
+def format_projection(
+    inputs: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping[str, float]]]
+) -> str:
+    """The model's inputs, then one efficiency table per variant (e.g. fp32 and fp16)."""
+    lines = ["ring-allreduce projection (a model; inputs below)", "inputs:"]
+    width = max(len(k) for k in inputs)
+    lines += [f"  {k:<{width}}  {_fmt(v)}" for k, v in inputs.items()]
+    names = list(tables)
+    header = f"{'workers':>8} {'nodes':>6}" + "".join(
+        f" {name + ' allreduce_s':>18} {name + ' eff':>10}" for name in names
+    )
+    lines += ["", header]
+    for i, row in enumerate(tables[names[0]]):
+        line = f"{row['workers']:>8} {row['nodes']:>6}"
+        for name in names:
+            r = tables[name][i]
+            line += f" {r['allreduce_s']:>18.4g} {100 * r['efficiency']:>9.2f}%"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m histoseg.scaling",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Examples:\n"
+            "  python -m histoseg.scaling --results results/scaling.json --patch-size 2048\n"
+            "  python -m histoseg.scaling --compute-s 20 --gradient-bytes 164.2e6 "
+            "--overhead-s 0.002\n"
+        ),
+    )
+    parser.add_argument("--results", help="measured scaling rows (compute time, calibration)")
+    parser.add_argument("--patch-size", type=int, default=2048, help="px (default 2048)")
+    parser.add_argument("--compute-s", type=float, help="compute time per step, seconds")
+    parser.add_argument(
+        "--compute-scale",
+        type=float,
+        default=1.0,
+        help="multiply the measured compute time (e.g. <1 for a faster cluster worker)",
+    )
+    parser.add_argument("--gradient-bytes", type=float, help="fp32 gradient bytes of the model")
+    parser.add_argument("--overhead-s", type=float, help="framework cost per allreduce, s")
+    parser.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS)
+    parser.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_S * 1e6)
+    parser.add_argument("--workers-per-node", type=int, default=DEFAULT_WORKERS_PER_NODE)
+    parser.add_argument("--nodes", type=int, default=256, help="largest node count (256)")
+    parser.add_argument("--overlap", type=float, default=0.0, help="hidden allreduce fraction")
+    args = parser.parse_args(argv)
+
+    rows: list[dict] = []
+    if args.results:
+        from histoseg.results import load_rows
+
+        rows = load_rows(args.results)
+    inputs, tables = projection_from(
+        rows,
+        patch_size=args.patch_size,
+        compute_s=args.compute_s,
+        compute_scale=args.compute_scale,
+        gradient_bytes=args.gradient_bytes,
+        overhead_s=args.overhead_s,
+        network=Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node),
+        max_workers=args.nodes * args.workers_per_node,
+        overlap=args.overlap,
+    )
+    print(format_projection(inputs, tables))
+    return 0
+
+
+def projection_from(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    patch_size: int,
+    compute_s: float | None = None,
+    compute_scale: float = 1.0,
+    gradient_bytes: float | None = None,
+    overhead_s: float | None = None,
+    network: Network | None = None,
+    max_workers: int = 512,
+    overlap: float = 0.0,
+) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
+    """Inputs and fp32/fp16 tables, from measured rows where arguments are not given."""
+    network = network or Network()
+    inputs: dict[str, Any] = {"patch_size_px": patch_size}
+    if compute_s is None or gradient_bytes is None:
+        if not rows:
+            raise ConfigError("give --compute-s and --gradient-bytes, or --results with rows")
+        measured = compute_s_from_rows(rows, patch_size)
+        if compute_s is None:
+            compute_s = measured["compute_s"] * compute_scale
+            inputs["compute_s_source"] = f"{measured['backbone']}, 1 worker, {measured['how']}" + (
+                f", x{compute_scale}" if compute_scale != 1.0 else ""
+            )
+        gradient_bytes = gradient_bytes or measured["gradient_bytes"]
+        inputs["backbone"] = measured["backbone"]
+    if not gradient_bytes:
+        raise ConfigError("gradient bytes unknown: give --gradient-bytes")
+    if overhead_s is None:
+        points = calibration_points_from_rows(rows)
+        if points:
+            cal = calibrate(points)
+            overhead_s = cal.overhead_s
+            inputs["calibration_points"] = len(cal.points)
+            inputs["calibrated_overhead_s"] = cal.overhead_s
+            inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9
+            inputs["calibration_max_rel_error"] = cal.max_relative_error
+        else:
+            overhead_s = 0.0
+            inputs["calibration_points"] = 0
+    inputs.update(
+        {
+            "compute_s": compute_s,
+            "gradient_bytes_fp32": gradient_bytes,
+            "overhead_s": overhead_s,
+            "bandwidth_gbps": network.bandwidth_gbps,
+            "latency_s": network.latency_s,
+            "workers_per_node": network.workers_per_node,
+            "overlap": overlap,
+        }
+    )
+    workers = [n for n in DEFAULT_WORKERS if n <= max_workers]
+    if max_workers not in workers:
+        workers.append(max_workers)
+    tables = {
+        name: project(
+            compute_s,
+            gradient_bytes,
+            workers,
+            network=network,
+            overhead_s=overhead_s,
+            fp16=fp16,
+            overlap=overlap,
+        )
+        for name, fp16 in (("fp32", False), ("fp16", True))
+    }
+    return inputs, tables
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
