@@ -1,0 +1,216 @@
+"""Run ONE benchmark config in this (fresh) process and print its results row as JSON.
+
+``python -m bench.worker --config '{"patch_size": 256, ...}'`` prints one line of JSON on
+stdout (a ``histoseg.result/1`` row of kind "memory"); everything else goes to stderr.
+The harness starts one such process per config, because allocator peaks and RSS are
+per process and an out-of-memory config must not take the sweep down with it.
+
+What a row measures (after one warm-up step, on the config's device):
+
+- ``weights_bytes`` / ``optimizer_bytes``: bytes of the model's and the optimizer's
+  variables (they live in the allocator for the whole run);
+- ``activation_bytes``: allocator bytes after the forward pass minus before the step;
+- ``gradient_bytes``: allocator bytes after the gradients minus before the step;
+- ``peak_bytes``: the allocator's peak over one whole step (stats reset before it);
+- ``rss_peak_bytes``: the process's peak RSS; ``gpu_used_bytes``: NVML, on a GPU;
+- ``step_s``: median wall time of ``steps`` steps; ``patches_per_s``, ``megapixels_per_s``;
+- per-patch and per-megapixel figures of the activation and peak bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench.config import BenchConfig
+from histoseg.cli import run_main
+
+#: Environment variable read by :func:`widen_for_demo`: a test-only knob that widens the
+#: model (see docs/memory-harness.md, "Showing that the regression check bites").
+WIDEN_ENV = "HISTOSEG_BENCH_WIDEN_DECODER"
+
+
+def configure_threads(threads: int) -> None:
+    """Pin TensorFlow and OpenMP thread pools; must run before TensorFlow is imported.
+
+    Intra-op threads = ``threads`` (one op uses all of them); inter-op threads = 1, so the
+    executor runs one op at a time in a fixed order and the allocator peak is reproducible.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _nbytes(variables) -> int:
+    return int(sum(v.numpy().nbytes for v in variables))
+
+
+def _synthetic_batch(config: BenchConfig, num_classes: int):
+    """A uint8 image batch and uint8 label masks, as the data pipeline delivers them."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    shape = (config.batch_size, config.patch_size, config.patch_size)
+    images = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    masks = rng.integers(0, num_classes, size=shape, dtype=np.uint8)
+    with tf.device(config.tf_device):
+        return tf.constant(images), tf.constant(masks)
+
+
+def build_model(config: BenchConfig, num_classes: int = 2):
+    """The config's DeepLabV3+ (the harness's one model builder call)."""
+    from histoseg.models import build_deeplabv3plus
+
+    return build_deeplabv3plus(
+        config.backbone,
+        (config.patch_size, config.patch_size, 3),
+        num_classes=num_classes,
+        output_stride=config.output_stride,
+        precision=config.precision,
+        remat=config.remat,
+        **dict(config.backbone_options),
+    )
+
+
+def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
+    """Train ``config`` for 1 + ``steps`` steps here and return the ``measured`` section.
+
+    Also returns the model (for the estimate) under the key ``"_model"``.
+    """
+    import tensorflow as tf
+
+    from histoseg.memory.probe import MemoryProbe
+    from histoseg.train.step import make_optimizer, make_train_step
+
+    tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if config.device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    device = config.tf_device
+    probe = MemoryProbe(device)
+    with tf.device(device):
+        model = build_model(config, num_classes)
+        optimizer = make_optimizer(config.optimizer, 1e-3)
+        step = make_train_step(model, optimizer, num_classes=num_classes, memory_device=device)
+        images, masks = _synthetic_batch(config, num_classes)
+        step(images, masks)["loss"].numpy()  # warm-up: trace, build, first allocations
+        probe.reset_peak()
+        out = step(images, masks)
+        out["loss"].numpy()
+        after = probe.snapshot()
+        times = []
+        for _ in range(config.steps):
+            start = time.perf_counter()
+            step(images, masks)["loss"].numpy()
+            times.append(time.perf_counter() - start)
+    before = int(out["bytes_before_step"])
+    step_s = statistics.median(times)
+    patches = config.batch_size
+    megapixels = config.megapixels_per_step
+    activation = int(out["bytes_after_forward"]) - before
+    peak = int(after.allocator_peak_bytes)
+    final = probe.snapshot()
+    return {
+        "weights_bytes": _nbytes(model.weights),
+        "optimizer_bytes": _nbytes(step.optimizer.variables),
+        "activation_bytes": activation,
+        "gradient_bytes": int(out["bytes_after_gradients"]) - before,
+        "peak_bytes": peak,
+        "before_step_bytes": before,
+        "rss_peak_bytes": final.rss_peak_bytes,
+        "gpu_used_bytes": final.gpu_used_bytes,
+        "step_s": step_s,
+        "step_times_s": times,
+        "patches_per_s": patches / step_s,
+        "megapixels_per_s": megapixels / step_s,
+        "activation_bytes_per_patch": activation / patches,
+        "peak_bytes_per_patch": peak / patches,
+        "activation_bytes_per_megapixel": activation / megapixels,
+        "peak_bytes_per_megapixel": peak / megapixels,
+        "_model": model,
+    }
+
+
+def widen_for_demo(config: BenchConfig) -> BenchConfig:
+    """Test-only: with ``HISTOSEG_BENCH_WIDEN_DECODER=<factor>`` set, run a wider model.
+
+    The regression demo needs a model ~10% bigger without shipping a hack in the model:
+    this multiplies the MobileNetV2 width multiplier ``alpha`` of the config (other
+    backbones are left alone). Never set in normal runs.
+    """
+    factor = os.environ.get(WIDEN_ENV)
+    if not factor:
+        return config
+    options = dict(config.backbone_options)
+    if config.backbone == "mobilenetv2":
+        options["alpha"] = round(float(options.get("alpha", 1.0)) * float(factor), 4)
+    return config.replace(backbone_options=tuple(options.items()))
+
+
+def run_config(config: BenchConfig) -> dict[str, Any]:
+    """Measure ``config`` in this process and return its results row (never raises on OOM)."""
+    from histoseg.memory.devices import tensorflow_sees_gpu
+    from histoseg.results import make_row
+
+    row_config = config.as_dict()
+    if config.device == "gpu" and not tensorflow_sees_gpu():
+        return make_row(
+            "memory", row_config, status="skipped", reason="no GPU visible to TensorFlow"
+        )
+    import tensorflow as tf
+
+    from histoseg.memory.estimate import estimate_model
+
+    run = widen_for_demo(config)
+    try:
+        measured = measure(run)
+    except tf.errors.ResourceExhaustedError as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "OOM"
+        return make_row("memory", row_config, status="oom", reason=f"out of memory: {first}")
+    model = measured.pop("_model")
+    predicted = estimate_model(
+        model, batch_size=config.batch_size, optimizer=config.optimizer, device=config.device
+    )
+    extra = {"steps": config.steps, "mask_dtype": "uint8", "image_dtype": "uint8"}
+    if run != config:
+        extra["widened"] = run.as_dict()
+    return make_row(
+        "memory",
+        row_config,
+        measured=measured,
+        predicted=predicted.as_dict(),
+        extra=extra,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.worker",
+        description="Measure one benchmark config in this process; print its row as JSON.",
+        epilog=(
+            "Examples:\n"
+            "  python -m bench.worker --config "
+            '\'{"patch_size": 128, "backbone": "mobilenetv2", "backbone_options": {"alpha": 0.35}}\''
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, help="the config as JSON (BenchConfig keys)")
+    args = parser.parse_args(argv)
+    config = BenchConfig.from_json(args.config)
+    configure_threads(config.threads)
+    row = run_config(config)
+    sys.stdout.write(json.dumps(row, default=str) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,110 @@
+"""Memory sizes: parse "24GB" / "80GiB", format bytes, and ask how much a device has free."""
+
+from __future__ import annotations
+
+import re
+
+from histoseg.errors import ConfigError
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "KB": 10**3,
+    "M": 10**6,
+    "MB": 10**6,
+    "G": 10**9,
+    "GB": 10**9,
+    "T": 10**12,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes in a size written like ``"24GB"``, ``"80GiB"``, ``"512 MB"`` or ``1e9``.
+
+    GB, MB, KB are powers of ten (how card vendors write memory); GiB, MiB, KiB powers of two.
+
+    Raises:
+        ConfigError: the text is not a size.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        if text < 0:
+            raise ConfigError(f"memory size must not be negative, got {text!r}")
+        return int(text)
+    match = _SIZE.match(str(text))
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in _UNITS:
+        raise ConfigError(
+            f"cannot read memory size {text!r}; write a number with a unit such as "
+            "24GB, 80GiB or 512MB"
+        )
+    return round(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float | None, unit: str = "GB") -> str:
+    """``24800000000 -> "24.8 GB"`` (decimal units, as :func:`parse_size` reads them)."""
+    if n is None:
+        return "-"
+    scale = {"GB": 1e9, "MB": 1e6, "KB": 1e3}[unit]
+    value = n / scale
+    return f"{value:.1f} {unit}" if abs(value) >= 1 or unit != "GB" else f"{n / 1e6:.0f} MB"
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory a new process could use on ``device`` now, or None when it has none.
+
+    CPU: psutil's available RAM (free + reclaimable cache). GPU: NVML's free memory of GPU 0
+    (None when NVML sees no GPU).
+    """
+    if device == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    if device == "gpu":
+        free = nvml_memory(0)
+        return None if free is None else free["free"]
+    raise ConfigError(f"device {device!r} is not one of cpu, gpu")
+
+
+def total_bytes(device: str) -> int | None:
+    """Total memory of ``device`` (RAM on CPU, GPU 0 on GPU), or None when absent."""
+    if device == "cpu":
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    if device == "gpu":
+        info = nvml_memory(0)
+        return None if info is None else info["total"]
+    raise ConfigError(f"device {device!r} is not one of cpu, gpu")
+
+
+def nvml_memory(index: int = 0) -> dict[str, int] | None:
+    """NVML's view of GPU ``index``: {"total", "free", "used"} bytes, or None without a GPU."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError_* when there is no driver or no GPU
+        return None
+    try:
+        if index >= pynvml.nvmlDeviceGetCount():
+            return None
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return {"total": int(info.total), "free": int(info.free), "used": int(info.used)}
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def tensorflow_sees_gpu() -> bool:
+    """Whether TensorFlow lists a GPU (without creating a context or taking its memory)."""
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))

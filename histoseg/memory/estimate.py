@@ -1,0 +1,651 @@
+"""The analytic memory model: what a train step will need, predicted from the model graph.
+
+No training run is needed. The model is built symbolically (Keras functional graph, no
+tensors allocated) and walked layer by layer. Each layer type has a rule saying which
+tensors its backward pass needs (a convolution keeps its input, a ReLU its output, batch
+norm a float32 copy of its input, an addition nothing, ...). A simulated step then runs the
+layers in order, allocating outputs and freeing what no later layer or backward pass
+needs, then walks back through them allocating gradients and freeing what was kept.
+Recomputed (remat) blocks keep only their inputs in the forward pass and are simulated
+forward again just before their backward pass. The simulation gives:
+
+- ``activation_bytes``: bytes alive after the forward pass beyond what existed before the
+  step (what the harness measures as allocator bytes after forward minus before);
+- ``peak_bytes``: weights + optimizer state + input batch + the largest number of bytes the
+  simulated step has alive at once;
+- ``weights_bytes``, ``optimizer_bytes`` (Adam two slots per trainable weight, SGD with
+  momentum one), ``gradient_bytes`` (one float32 gradient per trainable weight).
+
+Tensor sizes come straight from the graph's shapes and dtypes, so patch size, batch size
+and precision enter exactly. The only calibrated constants are the per-layer-type working
+buffers in :data:`TRANSIENT_FACTORS` (see ``docs/memory-harness.md`` for how each was
+measured).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from histoseg.errors import ConfigError
+
+#: Optimizer slots per trainable weight (Keras 3: Adam keeps m and v; SGD with momentum
+#: keeps one velocity; plain SGD none).
+OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "adamw": 2, "sgd": 1, "sgd_nomomentum": 0}
+
+#: Transient working buffers per layer type, as multiples of the layer's float32 output
+#: size, alive only while the layer (or its gradient) runs. Calibrated on this machine
+#: (TF 2.21, oneDNN on); see the module docstring and docs/memory-harness.md.
+TRANSIENT_FACTORS: dict[str, float] = {
+    "batchnorm": 2.0,  # unfused Keras BN: x - mean and x * inv are full-size float32
+    "loss": 1.0,  # int32 labels + float32 per-pixel losses (8 bytes per pixel) at the loss
+}
+
+_DTYPE_BYTES = {
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "int32": 4,
+    "int64": 8,
+}
+
+
+def dtype_bytes(dtype: Any) -> int:
+    """Bytes per element of a dtype given by name or object (``"bfloat16" -> 2``)."""
+    name = getattr(dtype, "name", None) or str(dtype)
+    name = name.replace("tf.", "")
+    if name not in _DTYPE_BYTES:
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPE_BYTES)}")
+    return _DTYPE_BYTES[name]
+
+
+@dataclasses.dataclass
+class _Op:
+    """One layer application in the flattened forward graph."""
+
+    name: str
+    kind: str
+    inputs: list[int]
+    outputs: list[int]
+    saved: list[int]  # tensors the backward pass of this op reads
+    temp_bytes: tuple[int, float]  # (buffer bytes, how many): alive only while the op runs
+    block: str | None  # remat block this op belongs to (recomputed in the backward pass)
+    param_sizes: tuple[int, ...] = ()  # bytes of each trainable weight (gradients alike)
+    needs_backward: bool = True
+
+
+@dataclasses.dataclass
+class MemoryGraph:
+    """A model flattened into ops over tensors of known size (per sample, batch 1).
+
+    Attributes:
+        tensor_bytes: bytes of each tensor for one sample, by tensor id.
+        ops: layer applications in forward execution order.
+        inputs: ids of the model's input tensors (they exist before the step).
+        outputs: ids of the model's output tensors (the logits).
+        notes: layer types the rules do not know (handled conservatively).
+    """
+
+    tensor_bytes: dict[int, int]
+    ops: list[_Op]
+    inputs: list[int]
+    outputs: list[int]
+    output_elements: int = 0
+    output_pixels: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+    """Predicted memory of one train step, in bytes (the ``predicted`` section of a row)."""
+
+    weights_bytes: int
+    optimizer_bytes: int
+    gradient_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+    input_bytes: int
+
+    def as_dict(self) -> dict[str, int]:
+        """The estimate as the ``predicted`` section of a results row."""
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- graph walk
+
+
+def _kind(layer: Any) -> str:
+    """The rule a layer follows, from its class (subclasses inherit the parent's rule)."""
+    import keras
+
+    from histoseg.models.remat import RematBlock
+
+    L = keras.layers
+    table: list[tuple[tuple[type, ...], str]] = [
+        ((RematBlock,), "remat"),
+        ((keras.Model,), "model"),
+        ((L.InputLayer,), "input"),
+        ((L.SeparableConv2D,), "separable"),
+        ((L.DepthwiseConv2D, L.Conv2D, L.Conv1D, L.Conv3D, L.Dense, L.Conv2DTranspose), "conv"),
+        ((L.BatchNormalization,), "batchnorm"),
+        ((L.ReLU,), "relu"),
+        ((L.Activation,), "activation"),
+        ((L.MaxPooling2D,), "maxpool"),
+        ((L.Dropout, L.SpatialDropout2D), "dropout"),
+        ((L.UpSampling2D, L.Resizing), "resize"),
+        ((L.Multiply,), "multiply"),
+        (
+            (
+                L.Add,
+                L.Subtract,
+                L.Average,
+                L.Concatenate,
+                L.ZeroPadding2D,
+                L.Cropping2D,
+                L.Reshape,
+                L.Flatten,
+                L.GlobalAveragePooling2D,
+                L.AveragePooling2D,
+                L.Rescaling,
+                L.Identity,
+            ),
+            "free",
+        ),
+    ]
+    for classes, kind in table:
+        if isinstance(layer, classes):
+            return kind
+    if type(layer).__name__ == "ResizeBilinear":  # histoseg.models.layers.ResizeBilinear
+        return "resize"
+    return "unknown"
+
+
+def _keras_nodes(model: Any) -> list[Any]:
+    """A functional model's nodes in the order Keras runs them (deepest first)."""
+    by_depth = model._nodes_by_depth
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def _flat(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _flat(item)]
+    if isinstance(x, Mapping):
+        return [t for item in x.values() for t in _flat(item)]
+    return [x]
+
+
+def trace_model(model: Any) -> MemoryGraph:
+    """Flatten a built Keras functional model into a :class:`MemoryGraph`.
+
+    Nested functional blocks are inlined; blocks wrapped in
+    :class:`histoseg.models.remat.RematBlock` mark their ops as recomputed.
+
+    Args:
+        model: A functional ``keras.Model`` with fully known input shapes (batch aside).
+    """
+    graph = MemoryGraph(tensor_bytes={}, ops=[], inputs=[], outputs=[])
+    ids: dict[int, int] = {}  # id(KerasTensor) -> tensor id
+    counter = iter(range(1, 1 << 62))
+
+    def new_tensor(nbytes: int) -> int:
+        tid = next(counter)
+        graph.tensor_bytes[tid] = int(nbytes)
+        return tid
+
+    def tensor_of(kt: Any) -> int:
+        key = id(kt)
+        if key not in ids:
+            ids[key] = new_tensor(_nbytes(kt.shape, kt.dtype))
+        return ids[key]
+
+    def walk(fmodel: Any, block: str | None) -> None:
+        for node in _keras_nodes(fmodel):
+            layer = node.operation
+            kind = _kind(layer)
+            ins = [t for t in _flat(node.input_tensors) if hasattr(t, "shape")]
+            outs = [t for t in _flat(node.output_tensors) if hasattr(t, "shape")]
+            if kind == "input":
+                continue
+            if kind in ("model", "remat"):
+                inner = layer.block if kind == "remat" else layer
+                inner_block = layer.name if kind == "remat" else block
+                for outer, inner_in in zip(ins, _flat(inner.inputs), strict=True):
+                    ids[id(inner_in)] = tensor_of(outer)
+                walk(inner, inner_block)
+                for outer, inner_out in zip(outs, _flat(inner.outputs), strict=True):
+                    ids[id(outer)] = tensor_of(inner_out)
+                continue
+            graph.ops.append(_make_op(layer, kind, ins, outs, tensor_of, new_tensor, block))
+            if kind == "unknown":
+                graph.notes.append(f"{layer.name}: {type(layer).__name__} (kept its inputs)")
+
+    graph.inputs = [tensor_of(t) for t in _flat(model.inputs)]
+    walk(model, None)
+    graph.outputs = [tensor_of(t) for t in _flat(model.outputs)]
+    graph.output_elements = sum(math.prod(t.shape[1:]) for t in _flat(model.outputs))
+    graph.output_pixels = sum(math.prod(t.shape[1:-1]) for t in _flat(model.outputs))
+    _mark_backward(graph)
+    return graph
+
+
+def _nbytes(shape: Iterable[Any], dtype: Any) -> int:
+    """Bytes of one sample of a (batch, ...) tensor."""
+    dims = list(shape)[1:]
+    if any(d is None for d in dims):
+        raise ConfigError(
+            f"cannot size a tensor of shape {tuple(shape)}: build the model with a fixed "
+            "patch size to estimate its memory"
+        )
+    return math.prod(int(d) for d in dims) * dtype_bytes(dtype)
+
+
+def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
+    """Apply the layer-type rule: which tensors the backward pass keeps, which buffers pass."""
+    in_ids = [tensor_of(t) for t in ins]
+    out_ids = [tensor_of(t) for t in outs]
+    compute = getattr(layer, "compute_dtype", None) or "float32"
+
+    def as_compute(kt: Any, tid: int) -> int:
+        # Keras casts a layer's input to its compute dtype; the cast is what the op keeps.
+        if dtype_bytes(kt.dtype) == dtype_bytes(compute):
+            return tid
+        return new_tensor(_nbytes(kt.shape, compute))
+
+    saved: list[int] = []
+    temp = (0, 0.0)
+    if kind == "conv":
+        saved = [as_compute(kt, tid) for kt, tid in zip(ins, in_ids, strict=True)]
+    elif kind == "separable":
+        saved = [as_compute(ins[0], in_ids[0])]
+        depth_multiplier = getattr(layer, "depth_multiplier", 1)
+        mid = _nbytes(outs[0].shape, compute) // outs[0].shape[-1] * ins[0].shape[-1]
+        saved.append(new_tensor(mid * depth_multiplier))
+    elif kind == "batchnorm":
+        # Keras BN upcasts to float32 and its gradient reads that copy of the input.
+        f32 = _nbytes(ins[0].shape, "float32")
+        saved = [in_ids[0] if dtype_bytes(ins[0].dtype) == 4 else new_tensor(f32)]
+        temp = (f32, TRANSIENT_FACTORS["batchnorm"])
+    elif kind == "relu" or (
+        kind == "activation" and getattr(layer.activation, "__name__", "") in _KEEP_OUTPUT
+    ):
+        saved = list(out_ids)
+    elif kind == "activation":
+        if getattr(layer.activation, "__name__", "") not in ("linear",):
+            saved = list(in_ids)
+    elif kind == "maxpool":
+        saved = list(in_ids) + list(out_ids)
+    elif kind == "dropout":
+        saved = [new_tensor(_nbytes(ins[0].shape, "bool"))]
+    elif kind in ("resize", "multiply", "unknown"):
+        saved = list(in_ids)
+    return _Op(
+        name=layer.name,
+        kind=kind,
+        inputs=in_ids,
+        outputs=out_ids,
+        saved=saved,
+        temp_bytes=temp,
+        block=block,
+        param_sizes=tuple(
+            math.prod(v.shape) * dtype_bytes(v.dtype) for v in layer.trainable_weights
+        ),
+    )
+
+
+_KEEP_OUTPUT = frozenset({"relu", "relu6", "sigmoid", "tanh", "softmax", "elu"})
+
+
+def _mark_backward(graph: MemoryGraph) -> None:
+    """Ops whose inputs depend on no weight and that have no weights need no backward pass.
+
+    Only ops with weights (convolutions, batch norm) start a gradient path; an op fed only
+    by the input image and without weights (a rescaling, a cast) keeps nothing.
+    """
+    trainable_kinds = {"conv", "separable", "batchnorm"}
+    depends: set[int] = set()
+    for op in graph.ops:
+        has_weights = op.kind in trainable_kinds
+        op.needs_backward = has_weights or any(t in depends for t in op.inputs)
+        if not op.needs_backward:
+            op.saved = []
+        if op.needs_backward:
+            depends.update(op.outputs)
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+def simulate_step(
+    graph: MemoryGraph, batch_size: int = 1, untracked_below_bytes: int = 0
+) -> dict[str, int]:
+    """Walk a train step through ``graph`` and return the bytes it keeps and peaks at.
+
+    Args:
+        graph: From :func:`trace_model`.
+        batch_size: Patches per step (every tensor scales with it).
+        untracked_below_bytes: Buffers smaller than this are not counted, as the
+            allocator being predicted does not count them (see :func:`untracked_below`).
+
+    Returns:
+        ``activation_bytes`` (alive after the forward pass, beyond the step's inputs) and
+        ``peak_delta_bytes`` (the most bytes alive at once during the step beyond what
+        existed before it, i.e. beyond weights, optimizer state and the input batch).
+    """
+
+    # The step makes the float32 model input from the uint8 batch, so the input tensor is
+    # an activation like any other; only its gradient is never computed.
+    def tracked(nbytes: float) -> int:
+        return int(nbytes) if nbytes >= untracked_below_bytes else 0
+
+    sizes = {t: tracked(b * batch_size) for t, b in graph.tensor_bytes.items()}
+    sim = _Timeline(sizes, graph.inputs)
+    sim.alloc(graph.inputs)
+    ops = graph.ops
+    blocks: dict[str, list[_Op]] = {}
+    for op in ops:
+        if op.block is not None:
+            blocks.setdefault(op.block, []).append(op)
+    block_inputs: dict[str, set[int]] = {}
+    for name, members in blocks.items():
+        produced = {t for op in members for t in op.outputs}
+        block_inputs[name] = {t for op in members for t in op.inputs if t not in produced}
+
+    # What the backward pass reads after the forward pass: the tensors saved by ops outside
+    # remat blocks, and each remat block's inputs.
+    kept = {t for op in ops if op.block is None for t in op.saved}
+    kept.update(t for name in blocks for t in block_inputs[name])
+    final = set(graph.outputs)
+
+    def op_temp(op: _Op) -> int:
+        nbytes, count = op.temp_bytes
+        return int(count * tracked(nbytes * batch_size))
+
+    sim.forward(ops, keep=kept | final, temp=op_temp)
+
+    # The loss: softmax cross-entropy keeps a float32 backprop tensor per logit, and the
+    # logits themselves die once the loss is computed.
+    loss_keep = tracked(graph.output_elements * 4 * batch_size)
+    sim.alloc_bytes(loss_keep)
+    # While the loss runs: int32 labels cast from the masks and float32 per-pixel losses.
+    sim.spike(int(TRANSIENT_FACTORS["loss"] * 2 * tracked(graph.output_pixels * 4 * batch_size)))
+    sim.free(graph.outputs)
+    activation = sim.live
+
+    # Backward: an op reads the gradients of its outputs and what it saved, makes the
+    # gradients of its inputs and of its weights, then frees both. A remat block is run
+    # forward again just before the backward pass of its last op.
+    first_saver: dict[int, int] = {}
+    for i, op in enumerate(ops):
+        for t in op.saved:
+            first_saver.setdefault(t, i)
+        if op.block is not None:
+            for t in block_inputs[op.block]:
+                first_saver[t] = min(first_saver.get(t, i), i)
+    sim.grad(graph.outputs)
+    sim.alloc_bytes(-loss_keep)
+    recomputed: set[str] = set()
+    for i in range(len(ops) - 1, -1, -1):
+        op = ops[i]
+        if not op.needs_backward:
+            continue
+        if op.block is not None and op.block not in recomputed:
+            recomputed.add(op.block)
+            members = blocks[op.block]
+            sim.forward(members, keep={t for m in members for t in m.saved} | kept, temp=op_temp)
+        sim.grad(op.inputs)
+        sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes))
+        sim.spike(op_temp(op))
+        sim.ungrad(op.outputs)
+        sim.free([t for t in op.saved if first_saver.get(t, -1) >= i])
+        if op.block is not None:
+            sim.free([t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i])
+    return {"activation_bytes": int(activation), "peak_delta_bytes": int(sim.peak)}
+
+
+class _Timeline:
+    """Bytes alive during a simulated step: activations, their gradients, other buffers."""
+
+    def __init__(self, size: dict[int, int], no_grad: Iterable[int]):
+        self.size = size
+        self.no_grad = set(no_grad)
+        self.alive: set[int] = set()
+        self.grads: set[int] = set()
+        self.live = 0  # activations and other non-gradient buffers
+        self.grad_bytes = 0
+        self.peak = 0
+
+    def _bump(self, extra: int = 0) -> None:
+        self.peak = max(self.peak, self.live + self.grad_bytes + extra)
+
+    def alloc(self, tids: Iterable[int]) -> None:
+        for t in tids:
+            if t not in self.alive:
+                self.alive.add(t)
+                self.live += self.size[t]
+        self._bump()
+
+    def alloc_bytes(self, n: int) -> None:
+        self.live += n
+        self._bump()
+
+    def free(self, tids: Iterable[int]) -> None:
+        for t in tids:
+            if t in self.alive:
+                self.alive.remove(t)
+                self.live -= self.size[t]
+
+    def spike(self, extra: int) -> None:
+        self._bump(extra)
+
+    def grad(self, tids: Iterable[int]) -> None:
+        for t in tids:
+            if t not in self.grads and t not in self.no_grad:
+                self.grads.add(t)
+                self.grad_bytes += self.size[t]
+        self._bump()
+
+    def ungrad(self, tids: Iterable[int]) -> None:
+        for t in tids:
+            if t in self.grads:
+                self.grads.remove(t)
+                self.grad_bytes -= self.size[t]
+
+    def forward(self, ops: list[_Op], keep: set[int], temp: Any) -> None:
+        """Run ``ops`` forward: allocate outputs and saved copies, free what dies."""
+        last_use: dict[int, int] = {}
+        for i, op in enumerate(ops):
+            for t in op.inputs:
+                last_use[t] = i
+        for i, op in enumerate(ops):
+            self.alloc(op.outputs + op.saved)
+            self.spike(temp(op))
+            touched = set(op.inputs) | set(op.outputs) | set(op.saved)
+            self.free([t for t in touched if last_use.get(t, -1) <= i and t not in keep])
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+#: TF's oneDNN CPU allocator serves requests under 256 KiB from a small-size allocator
+#: that its statistics do not count (seen with TF 2.21: a 240,000-byte tensor adds 0 to
+#: ``get_memory_info('CPU:0')['current']``, a 262,144-byte one adds 262,144). The GPU's BFC
+#: allocator counts every request.
+CPU_UNTRACKED_BELOW_BYTES = 256 * 1024
+
+
+def untracked_below(device: str) -> int:
+    """Smallest buffer the device's allocator statistics count ("cpu" or "gpu")."""
+    return CPU_UNTRACKED_BELOW_BYTES if device == "cpu" else 0
+
+
+def _variable_sizes(variables: Iterable[Any]) -> list[int]:
+    return [math.prod(v.shape) * dtype_bytes(v.dtype) for v in variables]
+
+
+def weight_bytes(model: Any) -> tuple[int, int]:
+    """(all weight bytes, trainable weight bytes) of a built model."""
+    return sum(_variable_sizes(model.weights)), sum(_variable_sizes(model.trainable_weights))
+
+
+def estimate_model(
+    model: Any,
+    *,
+    batch_size: int,
+    optimizer: str = "adam",
+    device: str = "cpu",
+    batch_bytes_per_pixel: int = 4,
+) -> MemoryEstimate:
+    """Predict one train step's memory for a built Keras model at its input size.
+
+    ``weights_bytes`` and ``optimizer_bytes`` are the full sizes of the variables; the
+    activation, gradient and peak figures are what the device's allocator will count
+    (on the CPU, buffers under :data:`CPU_UNTRACKED_BELOW_BYTES` are not counted).
+
+    Args:
+        model: Functional model with a fixed input shape (batch aside).
+        batch_size: Patches per step.
+        optimizer: "adam" or "sgd" (momentum), for the optimizer state.
+        device: "cpu" or "gpu": whose allocator statistics are predicted.
+        batch_bytes_per_pixel: Bytes of the step's input batch per pixel: uint8 RGB image
+            plus uint8 label mask (4), as the data pipeline delivers them.
+
+    Returns:
+        A :class:`MemoryEstimate`.
+    """
+    if optimizer not in OPTIMIZER_SLOTS:
+        raise ConfigError(
+            f"optimizer {optimizer!r} is not one of {', '.join(sorted(OPTIMIZER_SLOTS))}"
+        )
+    floor = untracked_below(device)
+
+    def tracked(sizes: Iterable[int]) -> int:
+        return sum(b for b in sizes if b >= floor)
+
+    graph = trace_model(model)
+    sim = simulate_step(graph, batch_size, untracked_below_bytes=floor)
+    weights = _variable_sizes(model.weights)
+    trainable = _variable_sizes(model.trainable_weights)
+    slots = OPTIMIZER_SLOTS[optimizer]
+    height, width = model.inputs[0].shape[1:3]
+    pixels = batch_size * int(height) * int(width)
+    # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
+    batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
+    peak = tracked(weights) + slots * tracked(trainable) + tracked(batch) + sim["peak_delta_bytes"]
+    return MemoryEstimate(
+        weights_bytes=sum(weights),
+        optimizer_bytes=slots * sum(trainable),
+        gradient_bytes=tracked(trainable),
+        activation_bytes=sim["activation_bytes"],
+        peak_bytes=int(peak),
+        input_bytes=pixels * batch_bytes_per_pixel,
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _built(
+    backbone: str,
+    patch_size: int,
+    output_stride: int,
+    precision: str,
+    remat: str,
+    options: tuple[tuple[str, Any], ...],
+    num_classes: int,
+) -> Any:
+    from histoseg.models import build_deeplabv3plus
+
+    return build_deeplabv3plus(
+        backbone,
+        (patch_size, patch_size, 3),
+        num_classes=num_classes,
+        output_stride=output_stride,
+        precision=precision,
+        remat=remat,
+        **dict(options),
+    )
+
+
+def estimate(
+    *,
+    patch_size: int,
+    batch_size: int = 1,
+    backbone: str = "xception65",
+    output_stride: int = 16,
+    precision: str = "float32",
+    remat: str = "none",
+    optimizer: str = "adam",
+    backbone_options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+    num_classes: int = 2,
+) -> MemoryEstimate:
+    """Predict a config's train-step memory by building its model symbolically.
+
+    The functional model is built at the config's patch size (no activation is
+    allocated: Keras only propagates shapes) and walked by :func:`estimate_model`.
+
+    Example:
+        >>> estimate(patch_size=2048, backbone="xception65").peak_bytes / 1e9
+    """
+    options = dict(
+        backbone_options.items() if isinstance(backbone_options, Mapping) else backbone_options
+    )
+    model = _built(
+        backbone,
+        int(patch_size),
+        int(output_stride),
+        precision,
+        remat,
+        tuple(sorted(options.items())),
+        int(num_classes),
+    )
+    return estimate_model(model, batch_size=batch_size, optimizer=optimizer)
+
+
+def largest_patch(
+    memory_bytes: int,
+    *,
+    step_px: int | None = None,
+    max_patch_size: int = 16384,
+    **config: Any,
+) -> int | None:
+    """The largest square patch (a multiple of ``step_px``) whose predicted peak fits.
+
+    Peaks grow with the patch area, so the search fits ``peak = a + b * P^2`` from two
+    symbolic builds, jumps to the predicted answer and checks it (and its neighbours)
+    with exact builds.
+
+    Args:
+        memory_bytes: Memory of the device (e.g. 24e9 for a 24 GB card).
+        step_px: Patch sizes searched are multiples of this (default: the output stride).
+        max_patch_size: Upper end of the search.
+        **config: The other :func:`estimate` arguments (backbone, batch_size, ...).
+
+    Returns:
+        The patch size in pixels, or None when not even ``step_px`` fits.
+    """
+    step = int(step_px or config.get("output_stride", 16))
+
+    def peak(p: int) -> int:
+        return estimate(patch_size=p, **config).peak_bytes
+
+    def fits(p: int) -> bool:
+        return peak(p) <= memory_bytes
+
+    if not fits(step):
+        return None
+    p1, p2 = step * 8, step * 16
+    y1, y2 = peak(p1), peak(p2)
+    b = (y2 - y1) / (p2**2 - p1**2)
+    a = y1 - b * p1**2
+    guess = int(math.sqrt(max(memory_bytes - a, 0) / b)) // step * step if b > 0 else step
+    guess = min(max(guess, step), max_patch_size)
+    while guess > step and not fits(guess):
+        guess -= step
+    while guess + step <= max_patch_size and fits(guess + step):
+        guess += step
+    return guess
