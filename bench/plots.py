@@ -18,6 +18,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -259,20 +260,24 @@ def _section(row: dict, name: str) -> dict:
 
 # ----------------------------------------------------------------------------- memory lookups
 
-# The keys that decide a step's memory at a given patch size; engine / workers / device do not
-# change the per-process peak enough to matter for placing a point, so they are left out.
+# The keys that decide a step's memory at a given patch size; engine / workers / device / threads
+# do not change the per-process peak enough to matter for placing a point, so they are left out.
 MEMORY_KEYS = ("backbone", "output_stride", "precision", "remat", "batch_size")
 
 
+def memory_key(config: Mapping[str, Any]) -> tuple:
+    """What makes two configs' step memory the same: model, precision, remat, batch, optimizer, size."""
+    options = json.dumps(config.get("backbone_options") or {}, sort_keys=True, default=str)
+    return (
+        *(config.get(k) for k in MEMORY_KEYS),
+        config.get("optimizer") or "adam",  # the harness's default optimizer
+        options,
+        config.get("patch_size"),
+    )
+
+
 def _memory_index(rows: Sequence[dict]) -> dict[tuple, dict]:
-    index: dict[tuple, dict] = {}
-    for row in rows:
-        if row.get("kind") != "memory":
-            continue
-        config = row.get("config", {})
-        key = (*(config.get(k) for k in MEMORY_KEYS), config.get("patch_size"))
-        index[key] = row
-    return index
+    return {memory_key(r.get("config", {})): r for r in rows if r.get("kind") == "memory"}
 
 
 def _peak_from(row: dict | None, section: str) -> float | None:
@@ -292,7 +297,7 @@ def accuracy_memory(
     the row's own prediction, a memory row's prediction.
     """
     config = row.get("config", {})
-    twin = memory_index.get((*(config.get(k) for k in MEMORY_KEYS), config.get("patch_size")))
+    twin = memory_index.get(memory_key(config))
     for source, section in (
         (row, "measured"),
         (twin, "measured"),
@@ -309,7 +314,7 @@ def study_memory(
     patch_size_px: int, memory_index: Mapping[tuple, dict]
 ) -> tuple[float | None, str | None]:
     """histoseg's memory for the study's config at one patch size: the estimate, else a measurement."""
-    twin = memory_index.get((*(reference.STUDY_CONFIG[k] for k in MEMORY_KEYS), patch_size_px))
+    twin = memory_index.get(memory_key({**reference.STUDY_CONFIG, "patch_size": patch_size_px}))
     for section in ("predicted", "measured"):
         value = _peak_from(twin, section)
         if value is not None:
@@ -655,31 +660,40 @@ def compression_of(row: dict) -> str:
     return "none"
 
 
-def _projection_from_module(row: dict) -> list[dict] | None:
-    """Ask histoseg.scaling for a projection curve, if that module and a usable function exist."""
-    try:
-        from histoseg import scaling  # another engineer's module; optional here
-    except ImportError:
-        return None
-    project = getattr(scaling, "projection_for_row", None)
-    if project is None:
-        return None
-    try:
-        curve = project(row)
-    except Exception:  # an optional extra must never stop the figure
-        return None
-    return list(curve) if curve else None
-
-
 def projection_of(row: dict) -> list[tuple[int, float]]:
-    """(workers, efficiency) pairs of a row's projection, from ``extra.projection`` or histoseg.scaling."""
-    raw = _section(row, "extra").get("projection") or _projection_from_module(row) or []
+    """(workers, efficiency) pairs a row carries in ``extra.projection`` (empty when none)."""
     points = []
-    for item in raw:
+    for item in _section(row, "extra").get("projection") or []:
         workers, efficiency = _num(item.get("workers")), _num(item.get("efficiency"))
         if workers is not None and efficiency is not None:
             points.append((int(workers), efficiency))
     return sorted(points)
+
+
+def projection_from_model(
+    rows: Sequence[dict], patch_size: int, compression: str
+) -> tuple[list[tuple[int, float]], str | None]:
+    """Ask histoseg.scaling's ring-allreduce model for a curve from measured rows.
+
+    Returns:
+        ``(curve, inputs line)``, or ``([], why not)`` when the module or the rows cannot give
+        one. An optional extra must never stop the figure, so every failure becomes a note.
+    """
+    try:
+        from histoseg import scaling
+    except ImportError:
+        return [], "histoseg.scaling not available"
+    try:
+        inputs, tables = scaling.projection_from(rows, patch_size=patch_size)
+    except Exception as exc:  # the model's own checks (ConfigError) or missing measurements
+        return [], f"no projection at {patch_size} px ({exc})"
+    table = tables.get("fp16" if compression == "fp16" else "fp32") or []
+    curve = sorted((int(r["workers"]), float(r["efficiency"])) for r in table)
+    shown = ("compute_s", "bandwidth_gbps", "latency_s", "workers_per_node", "overhead_s")
+    line = ", ".join(
+        f"{k}={inputs[k]:.3g}" for k in shown if isinstance(inputs.get(k), float | int)
+    )
+    return curve, line
 
 
 def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
@@ -707,6 +721,18 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         projection = projection_of(row)
         if len(projection) > len(entry["projection"]):
             entry["projection"] = projection
+
+    projection_inputs = []
+    for (engine, compression, size), entry in series.items():
+        if entry["projection"] or not entry["points"] or size is None:
+            continue
+        same_engine = [r for r in scaling_rows if r.get("config", {}).get("engine") == engine]
+        curve, line = projection_from_model(same_engine, int(size), compression)
+        entry["projection"] = curve
+        if curve and line:
+            projection_inputs.append(
+                f"projection inputs ({engine}, {compression}, {size} px): {line}"
+            )
 
     if not any(e["points"] or e["projection"] for e in series.values()):
         outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
@@ -783,10 +809,12 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
         fig.suptitle("Weak scaling: fixed patches per worker", fontsize=12)
         caption = [
-            "weak scaling: every worker trains the same patches per step; throughput per worker from "
-            "scaling.throughput_per_worker x workers; projection from extra.projection (or histoseg.scaling).",
+            "weak scaling: every worker trains the same patches per step; total throughput = "
+            "scaling.throughput_per_worker x workers; projection from extra.projection, else "
+            "histoseg.scaling's ring-allreduce model (study's network defaults) fitted to these rows.",
             config_line(scaling_rows, varied=("workers", "engine", "patch_size", "threads")),
             machines_line(scaling_rows),
+            *projection_inputs,
         ]
         caption += [f"missing: {n}" for n in outcome.notes]
         outcome.paths = _save(fig, out_dir, outcome.name, _caption(caption))

@@ -176,3 +176,21 @@ def test_reference_numbers_are_the_studys_tables():
 @pytest.mark.parametrize("kind", ["memory", "accuracy", "scaling"])
 def test_fixture_rows_follow_the_schema(kind, tmp_path, fixture_rows):
     write_rows(tmp_path / "rows.json", fixture_rows[kind])  # validates every row
+
+
+def test_projection_falls_back_to_the_scaling_model(machine):
+    def row(workers):
+        return make_row(
+            "scaling",
+            {"engine": "horovod", "workers": workers, "patch_size": 512, "compression": "none"},
+            measured={"step_s": 2.0, "gradient_bytes": 1.6e8, "allreduce_s": 0.05 * (workers - 1)},
+            scaling={"efficiency": 1.0, "throughput_per_worker": 0.5},
+            machine=machine,
+        )
+
+    curve, inputs = plots.projection_from_model([row(1), row(2)], 512, "fp16")
+    assert curve[0] == (1, 1.0) and curve[-1][0] == 512
+    assert all(0 < eff <= 1 for _, eff in curve)
+    assert "bandwidth_gbps=100" in inputs
+    curve, why_not = plots.projection_from_model([], 512, "none")
+    assert curve == [] and why_not
