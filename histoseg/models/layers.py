@@ -1,0 +1,159 @@
+"""Small Keras layers and layer recipes shared by the backbones and the DeepLabV3+ head.
+
+Everything here is plain Keras 3 (``keras.layers`` and ``keras.ops``), so the model is not
+tied to one backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import keras
+from keras import ops
+
+_recomputation = threading.local()
+
+
+@contextlib.contextmanager
+def recomputing():
+    """Mark the code inside as a recomputation (rematerialisation) of a forward pass.
+
+    Batch norm must not update its moving statistics a second time when a block is
+    recomputed in the backward pass; :class:`BatchNorm` reads this flag at trace time.
+    """
+    previous = getattr(_recomputation, "active", False)
+    _recomputation.active = True
+    try:
+        yield
+    finally:
+        _recomputation.active = previous
+
+
+def is_recomputing() -> bool:
+    """True inside :func:`recomputing`."""
+    return getattr(_recomputation, "active", False)
+
+
+@keras.saving.register_keras_serializable(package="histoseg")
+class BatchNorm(keras.layers.BatchNormalization):
+    """Batch normalisation that skips its moving-statistic update while recomputing.
+
+    In training mode the forward pass normalises with the batch moments and updates the
+    moving mean and variance once. When the same layer runs again inside
+    :func:`recomputing` (the backward pass of a rematerialised block) it normalises with
+    the batch moments again, which gives the same activations, but leaves the moving
+    statistics alone, so a remat step updates them exactly as a plain step does.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable and is_recomputing()) or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        # BN overflows in float16/bfloat16, so it computes in float32 like the parent.
+        compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
+        inputs = ops.cast(inputs, compute_dtype)
+        mean, variance = self._moments(inputs, mask)
+        gamma = ops.cast(self.gamma, compute_dtype) if self.scale else None
+        beta = ops.cast(self.beta, compute_dtype) if self.center else None
+        outputs = ops.batch_normalization(
+            x=inputs,
+            mean=mean,
+            variance=variance,
+            axis=self.axis,
+            offset=beta,
+            scale=gamma,
+            epsilon=self.epsilon,
+        )
+        return ops.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="histoseg")
+class ResizeBilinear(keras.layers.Layer):
+    """Bilinear resize of an NHWC feature map to a fixed ``(height, width)``.
+
+    Args:
+        height: Output height in pixels.
+        width: Output width in pixels.
+        **kwargs: Passed to ``keras.layers.Layer`` (``name``, ``dtype``).
+    """
+
+    def __init__(self, height: int, width: int, **kwargs):
+        super().__init__(**kwargs)
+        self.height = int(height)
+        self.width = int(width)
+
+    def call(self, inputs):
+        return ops.image.resize(
+            inputs, (self.height, self.width), interpolation="bilinear", data_format="channels_last"
+        )
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.height, self.width, input_shape[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "height": self.height, "width": self.width}
+
+
+def conv_bn(
+    x,
+    filters: int,
+    kernel_size: int = 1,
+    *,
+    strides: int = 1,
+    dilation_rate: int = 1,
+    activation: bool = True,
+    epsilon: float = 1e-3,
+    name: str,
+):
+    """Conv2D (no bias) -> BatchNorm -> optional ReLU, 'same' padding."""
+    x = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        dilation_rate=dilation_rate,
+        padding="same",
+        use_bias=False,
+        name=f"{name}_conv",
+    )(x)
+    x = BatchNorm(epsilon=epsilon, name=f"{name}_bn")(x)
+    if activation:
+        x = keras.layers.ReLU(name=f"{name}_relu")(x)
+    return x
+
+
+def separable_conv_bn(
+    x,
+    filters: int,
+    kernel_size: int = 3,
+    *,
+    strides: int = 1,
+    dilation_rate: int = 1,
+    depth_activation: bool = False,
+    epsilon: float = 1e-3,
+    name: str,
+):
+    """DeepLab's separable convolution: depthwise -> BN -> pointwise -> BN, with ReLU.
+
+    As in DeepLab's ``xception.py`` (``activation_fn_in_separable_conv``): with
+    ``depth_activation=False`` a ReLU comes first (pre-activation, used in Xception's
+    residual units); with ``True`` a ReLU follows each BN (used in the exit flow's last
+    unit, in ASPP and in the decoder).
+    """
+    if not depth_activation:
+        x = keras.layers.ReLU(name=f"{name}_prerelu")(x)
+    x = keras.layers.DepthwiseConv2D(
+        kernel_size,
+        strides=strides,
+        dilation_rate=dilation_rate,
+        padding="same",
+        use_bias=False,
+        name=f"{name}_depthwise",
+    )(x)
+    x = BatchNorm(epsilon=epsilon, name=f"{name}_depthwise_bn")(x)
+    if depth_activation:
+        x = keras.layers.ReLU(name=f"{name}_depthwise_relu")(x)
+    x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False, name=f"{name}_pointwise")(x)
+    x = BatchNorm(epsilon=epsilon, name=f"{name}_pointwise_bn")(x)
+    if depth_activation:
+        x = keras.layers.ReLU(name=f"{name}_pointwise_relu")(x)
+    return x

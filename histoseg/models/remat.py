@@ -1,0 +1,109 @@
+"""Rematerialisation (gradient checkpointing) of model blocks: trade compute for memory.
+
+A *block* is a small functional sub-model (an Xception unit, a bottleneck, an ASPP branch).
+With remat on, only a block's inputs stay alive after the forward pass; its inner
+activations are recomputed, block by block, in the backward pass.
+
+Why not ``keras.RematScope``: with the TensorFlow backend it cannot run inside
+``tf.function`` (BatchNormalization's ``training=`` keyword trips ``custom_gradient``),
+and per-layer remat saves little (it recomputes inside one layer, not across a block).
+:class:`RematBlock` instead hands ``keras.remat`` a closure that takes tensors only and has
+``training`` baked in, and keeps batch norm from updating its moving statistics twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+
+from histoseg.models.layers import recomputing
+
+#: What each remat mode recomputes in the backward pass.
+#: ``none``: nothing (plain backprop). ``blocks``: every backbone block (stem, each
+#: Xception/residual/inverted-residual block). ``full``: the backbone blocks plus the
+#: ASPP branches and the decoder's convolutions, so that almost only block inputs stay
+#: alive after the forward pass.
+REMAT_PARTS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "blocks": frozenset({"backbone"}),
+    "full": frozenset({"backbone", "head"}),
+}
+REMAT_MODES: tuple[str, ...] = tuple(REMAT_PARTS)
+
+
+@keras.saving.register_keras_serializable(package="histoseg")
+class RematBlock(keras.layers.Layer):
+    """Run a functional block so that its activations are recomputed in the backward pass.
+
+    In training mode the block runs through ``keras.remat``: the forward pass keeps only
+    the block's inputs; the backward pass runs the block again (under
+    :func:`histoseg.models.layers.recomputing`, so batch norm uses the batch moments
+    without updating its moving statistics a second time) and backpropagates through
+    the recomputed activations. In inference mode it is the plain block.
+
+    Args:
+        block: A functional ``keras.Model`` taking one tensor or a list of tensors.
+        **kwargs: Passed to ``keras.layers.Layer`` (``name``, ``dtype``).
+
+    Example:
+        >>> inputs = keras.Input((32, 32, 8))
+        >>> block = keras.Model(inputs, keras.layers.Conv2D(8, 3, padding="same")(inputs))
+        >>> outputs = RematBlock(block)(inputs)
+    """
+
+    def __init__(self, block: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, inputs, training=None):
+        if not training:
+            return self.block(inputs, training=training)
+        tensors = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        traces: list[bool] = []
+
+        def forward(*args):
+            x = args[0] if len(args) == 1 else list(args)
+            if traces:  # second trace or run = the recomputation in the backward pass
+                with recomputing():
+                    return self.block(x, training=True)
+            traces.append(True)
+            return self.block(x, training=True)
+
+        return keras.remat(forward)(*tensors)
+
+    def compute_output_spec(self, inputs, training=None):
+        return self.block.compute_output_spec(inputs)
+
+    def get_config(self):
+        return {**super().get_config(), "block": keras.saving.serialize_keras_object(self.block)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["block"] = keras.saving.deserialize_keras_object(config["block"])
+        return cls(**config)
+
+
+def apply_block(build: Callable, inputs, *, name: str, remat: bool):
+    """Build ``build(block_inputs)`` as a functional block named ``name`` and apply it.
+
+    Args:
+        build: Function from symbolic input tensor(s) to output tensor(s).
+        inputs: The tensor (or list of tensors) the block is applied to.
+        name: The block's name (its layers are named inside ``build``).
+        remat: Wrap the block in :class:`RematBlock`.
+
+    Returns:
+        The block's output tensor(s) applied to ``inputs``.
+    """
+    many = isinstance(inputs, (list, tuple))
+    tensors = list(inputs) if many else [inputs]
+    block_inputs = [
+        keras.Input(shape=tuple(t.shape[1:]), dtype=t.dtype, name=f"{name}_in{i}")
+        for i, t in enumerate(tensors)
+    ]
+    outputs = build(block_inputs if many else block_inputs[0])
+    block = keras.Model(block_inputs if many else block_inputs[0], outputs, name=name)
+    layer = RematBlock(block, name=f"{name}_remat") if remat else block
+    return layer(inputs)
