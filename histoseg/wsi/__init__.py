@@ -13,7 +13,17 @@ from histoseg.wsi.annotations import (
     AnnotationWarning,
     write_asap_xml,
 )
+from histoseg.wsi.patches import (
+    PatchRef,
+    arrange_by_tumor_ratio,
+    grid_patches,
+    load_patches,
+    sample_patches,
+    save_patches,
+    shard,
+)
 from histoseg.wsi.slide import Slide, open_slide
+from histoseg.wsi.tissue import CoverageGrid, detect_tissue
 
 __all__ = [
     "CAMELYON16_LABELS",
@@ -22,7 +32,16 @@ __all__ = [
     "Annotation",
     "AnnotationWarning",
     "Annotations",
+    "CoverageGrid",
+    "PatchRef",
     "Slide",
+    "arrange_by_tumor_ratio",
+    "detect_tissue",
+    "grid_patches",
+    "load_patches",
     "open_slide",
+    "sample_patches",
+    "save_patches",
+    "shard",
     "write_asap_xml",
 ]
