@@ -1,0 +1,588 @@
+"""The accuracy sweep: what a larger patch buys, at the same budget of pixels seen.
+
+For each patch size P the sweep trains a fresh DeepLabV3+ through ``histoseg.train`` for
+``steps = pixel_budget / (batch_size * P^2)`` steps (so every size sees about the same number
+of training pixels), then evaluates it on held-out slides with the study's metrics: pixel
+accuracy, mIoU and ROC AUC over every validation pixel, and the number of validation patches.
+Each size runs in a fresh process (its memory peak is its own; a crash or an out-of-memory
+kill becomes a row, the sweep goes on) and its row (kind "accuracy") is written atomically
+as soon as it finishes, so an interrupted sweep resumes where it stopped.
+
+Before a size is trained, the analytic memory model (``histoseg.memory.estimate``) predicts
+its step peak; a size predicted not to fit the memory budget is trained with block
+recomputation (``--allow-remat``) and/or mixed bfloat16 (``--allow-bf16``) when allowed,
+else recorded as skipped with the reason.
+
+Examples:
+    python -m bench.accuracy --sizes 256 512 1024
+    python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8
+    python -m bench.accuracy --backbone xception65 --slides data/c16/images --annotations data/c16/xml
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError, HistosegError
+
+DEFAULT_SIZES = (256, 704, 1024, 2048)
+DEFAULT_PIXEL_BUDGET = 2e8
+DEFAULT_OUT = Path("results/accuracy.json")
+#: Share of the device's free memory a size may plan to use by default (the rest is the
+#: process's own overhead: libraries, graph, data pipeline; RSS sits ~0.5-0.9 GB above the
+#: allocator peak on CPU, see FACTS.md).
+DEFAULT_BUDGET_FRACTION = 0.8
+#: Exit code of a worker whose training ran out of memory (an allocator error, not a kill).
+OOM_EXIT_CODE = 75
+
+#: Config keys that name a sweep point independently of how it was made to fit (precision
+#: and remat may be changed by the planner, steps follow from the budget).
+PLANNED_KEYS = ("precision", "remat", "steps")
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def steps_for_budget(pixel_budget: float, batch_size: int, patch_size_px: int) -> int:
+    """Training steps that show ``pixel_budget`` pixels at this batch and patch size (at least 1)."""
+    if not pixel_budget > 0:
+        raise ConfigError(f"pixel budget must be > 0, got {pixel_budget!r}")
+    if batch_size < 1 or patch_size_px < 1:
+        raise ConfigError(
+            f"batch size and patch size must be >= 1, got {batch_size}, {patch_size_px}"
+        )
+    return max(1, round(pixel_budget / (batch_size * patch_size_px**2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SizePlan:
+    """How one patch size will be trained, or why it will not be."""
+
+    patch_size: int
+    steps: int
+    precision: str
+    remat: str
+    predicted_peak_bytes: int | None
+    run: bool
+    reason: str | None = None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def plan_size(
+    patch_size: int,
+    *,
+    steps: int,
+    precision: str,
+    remat: str,
+    memory_budget_bytes: int | None,
+    allow_remat: bool,
+    allow_bf16: bool,
+    predict: Callable[[int, str, str], int | None],
+) -> SizePlan:
+    """Pick the first of (as asked, + block remat, + bf16, + both) predicted to fit the budget.
+
+    Args:
+        patch_size: Patch side, px.
+        steps: Training steps for this size.
+        precision, remat: What the user asked for.
+        memory_budget_bytes: What a step may use; None = no limit known (run as asked).
+        allow_remat: May switch remat "none" to "blocks".
+        allow_bf16: May switch precision "float32" to "mixed_bfloat16".
+        predict: ``predict(patch_size, precision, remat) -> step peak bytes`` (None when
+            the model cannot predict it).
+
+    Returns:
+        The plan; ``run`` is False with a reason when nothing allowed is predicted to fit.
+    """
+    candidates = [(precision, remat)]
+    if allow_remat and remat == "none":
+        candidates.append((precision, "blocks"))
+    if allow_bf16 and precision == "float32":
+        candidates.append(("mixed_bfloat16", remat))
+        if allow_remat and remat == "none":
+            candidates.append(("mixed_bfloat16", "blocks"))
+    tried = []
+    for cand_precision, cand_remat in candidates:
+        peak = predict(patch_size, cand_precision, cand_remat)
+        if memory_budget_bytes is None or peak is None or peak <= memory_budget_bytes:
+            return SizePlan(patch_size, steps, cand_precision, cand_remat, peak, run=True)
+        tried.append(f"{cand_precision}/remat {cand_remat}: {_gb(peak)}")
+    hints = [
+        flag
+        for flag, allowed in (("--allow-remat", allow_remat), ("--allow-bf16", allow_bf16))
+        if not allowed
+    ]
+    reason = f"predicted peak > {_gb(memory_budget_bytes)} budget ({'; '.join(tried)})"
+    if hints:
+        reason += f"; {' / '.join(hints)} may make it fit"
+    first_peak = predict(patch_size, precision, remat)
+    return SizePlan(patch_size, steps, precision, remat, first_peak, run=False, reason=reason)
+
+
+def estimate_predictor(
+    backbone: str, batch_size: int, output_stride: int, optimizer: str, options: dict
+):
+    """A ``predict(patch, precision, remat)`` over histoseg's analytic memory model, or None if absent."""
+    try:
+        from histoseg.memory.estimate import estimate
+    except ImportError:
+        return None
+
+    def predict(patch_size: int, precision: str, remat: str) -> int | None:
+        try:
+            return int(
+                estimate(
+                    patch_size=patch_size,
+                    batch_size=batch_size,
+                    backbone=backbone,
+                    output_stride=output_stride,
+                    precision=precision,
+                    remat=remat,
+                    optimizer=optimizer,
+                    backbone_options=options,
+                ).peak_bytes
+            )
+        except HistosegError:
+            raise
+        except Exception:  # an estimate the model cannot make must not stop the sweep
+            return None
+
+    return predict
+
+
+# ----------------------------------------------------------------------------- rows and resume
+
+
+def point_key(config: dict) -> str:
+    """A sweep point's identity: the config without what the planner chose (precision, remat, steps),
+    plus what the user asked for, kept in ``requested_*`` keys of the config."""
+    return json.dumps(
+        {k: v for k, v in config.items() if k not in PLANNED_KEYS}, sort_keys=True, default=str
+    )
+
+
+def replace_point(rows: list[dict], new_row: dict) -> list[dict]:
+    """Rows with ``new_row`` replacing any earlier accuracy row of the same sweep point."""
+    key = point_key(new_row["config"])
+    kept = [
+        r
+        for r in rows
+        if not (r.get("kind") == "accuracy" and point_key(r.get("config", {})) == key)
+    ]
+    return [*kept, new_row]
+
+
+def finished_row(rows: Sequence[dict], config: dict) -> dict | None:
+    """The ok accuracy row already measured for this sweep point, if any (what resume skips)."""
+    key = point_key(config)
+    for row in rows:
+        if (
+            row.get("kind") == "accuracy"
+            and row.get("status") == "ok"
+            and point_key(row.get("config", {})) == key
+        ):
+            return row
+    return None
+
+
+# ----------------------------------------------------------------------------- the worker
+
+
+def configure_threads(threads: int) -> None:
+    """Pin the thread pools before TensorFlow starts (one process per size, fixed threads)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
+    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def train_and_evaluate(config: dict, data: dict) -> dict:
+    """Train one config for ``config["steps"]`` steps and evaluate it on the held-out slides.
+
+    Runs in the worker process. Returns ``{"metrics": {...}, "measured": {...}, "extra": {...}}``.
+    """
+    raise NotImplementedError("histoseg.train's Python API has not landed yet")
+
+
+def worker_main(spec_json: str) -> int:
+    """``--worker SPEC``: train and evaluate one size, print one JSON line on stdout."""
+    spec = json.loads(spec_json)
+    configure_threads(int(spec["config"]["threads"]))
+    try:
+        result = train_and_evaluate(spec["config"], spec["data"])
+    except HistosegError as exc:
+        kind = "oom" if type(exc).__name__ == "OutOfMemoryError" else "error"
+        print(json.dumps({"status": kind, "reason": str(exc)}), flush=True)
+        return OOM_EXIT_CODE if kind == "oom" else 1
+    except Exception as exc:  # ResourceExhaustedError and friends, without importing TF here
+        if "ResourceExhausted" in type(exc).__name__ or "OOM" in str(exc)[:200]:
+            print(
+                json.dumps({"status": "oom", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}),
+                flush=True,
+            )
+            return OOM_EXIT_CODE
+        raise
+    print(json.dumps({"status": "ok", **result}, default=float), flush=True)
+    return 0
+
+
+def run_worker(spec: dict, *, timeout_s: float | None = None) -> dict:
+    """Run one size in a fresh ``python -m bench.accuracy --worker`` process.
+
+    The worker's stderr (training progress) is passed through; its last lines become the
+    reason when it fails. A process killed by the kernel's OOM killer (SIGKILL) is an "oom".
+
+    Returns:
+        ``{"status": ..., "reason"?: ..., "metrics"?: ..., "measured"?: ..., "extra"?: ...}``.
+    """
+    command = [sys.executable, "-m", "bench.accuracy", "--worker", json.dumps(spec)]
+    tail: deque[str] = deque(maxlen=20)
+    started = time.monotonic()
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    ) as proc:
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                tail.append(line.rstrip())
+            if timeout_s and time.monotonic() - started > timeout_s:
+                proc.kill()
+        stdout = proc.stdout.read()
+        returncode = proc.wait()
+    last = next((line for line in reversed(stdout.splitlines()) if line.startswith("{")), None)
+    if last is not None:
+        result = json.loads(last)
+        if result.get("status") == "ok" and returncode == 0:
+            return result
+        if result.get("status") in ("oom", "error"):
+            return result
+    if returncode in (-9, 137):
+        return {
+            "status": "oom",
+            "reason": "worker killed by SIGKILL (the kernel's out-of-memory killer?)",
+        }
+    why = tail[-1] if tail else "no output"
+    return {"status": "error", "reason": f"worker exited with {returncode}: {why}"}
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def _default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def memory_budget(args: argparse.Namespace) -> tuple[int | None, str]:
+    """The bytes a step may plan to use, and where that number came from (for the rows)."""
+    from histoseg.memory.devices import available_bytes, parse_size
+
+    if args.memory_budget:
+        return parse_size(args.memory_budget), f"--memory-budget {args.memory_budget}"
+    free = available_bytes(args.device)
+    if free is None:
+        return None, f"no {args.device} memory figure available"
+    return int(
+        free * DEFAULT_BUDGET_FRACTION
+    ), f"{DEFAULT_BUDGET_FRACTION:.0%} of {_gb(free)} free {args.device} memory"
+
+
+def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[str, Any]:
+    """The config section of a size's row (DESIGN.md's keys plus the sweep's own)."""
+    config: dict[str, Any] = {
+        "patch_size": patch_size,
+        "batch_size": args.batch_size,
+        "backbone": args.backbone,
+        "output_stride": args.output_stride,
+        "precision": args.precision,
+        "remat": args.remat,
+        "device": args.device,
+        "threads": args.threads,
+        "engine": "none",
+        "workers": 1,
+        "optimizer": args.optimizer,
+        "learning_rate": args.learning_rate,
+        "data": "synthetic" if args.slides is None else str(args.slides),
+        "pixel_budget": float(args.pixel_budget),
+        "steps": steps,
+        "seed": args.seed,
+        "requested_precision": args.precision,
+        "requested_remat": args.remat,
+    }
+    if args.alpha is not None:
+        config["backbone_options"] = {"alpha": args.alpha}
+    return config
+
+
+def data_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """What the worker reads: real folders, or the synthetic slides (made on first use)."""
+    return {
+        "slides": None if args.slides is None else str(args.slides),
+        "annotations": None if args.annotations is None else str(args.annotations),
+        "val_slides": args.val_slides,
+    }
+
+
+def size_row(config: dict, plan: SizePlan, result: dict, extra: dict) -> dict:
+    """One accuracy row from the plan and what the worker returned."""
+    from histoseg.results import make_row
+
+    predicted = {"peak_bytes": plan.predicted_peak_bytes} if plan.predicted_peak_bytes else None
+    status = result.get("status", "error")
+    return make_row(
+        "accuracy",
+        config,
+        status=status,
+        reason=result.get("reason") if status != "ok" else None,
+        measured=result.get("measured"),
+        predicted=predicted,
+        metrics=result.get("metrics") if status == "ok" else None,
+        extra={**extra, **(result.get("extra") or {})},
+    )
+
+
+def run_sweep(
+    args: argparse.Namespace,
+    *,
+    runner: Callable[[dict], dict] = run_worker,
+    predict: Callable[[int, str, str], int | None] | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Plan, run (or resume, or skip) every size and write the rows after each; returns the rows."""
+    from bench.results_readme import command_line
+    from histoseg.results import load_rows_if_exists, write_rows
+
+    out = Path(args.out)
+    rows = load_rows_if_exists(out)
+    budget, budget_source = memory_budget(args)
+    if predict is None:
+        options = {"alpha": args.alpha} if args.alpha is not None else {}
+        predict = estimate_predictor(
+            args.backbone, args.batch_size, args.output_stride, args.optimizer, options
+        )
+    if predict is None:
+        log("memory model (histoseg.memory.estimate) not available: every size runs as asked")
+        predict = _no_prediction
+    log(
+        f"accuracy sweep: sizes {' '.join(map(str, args.sizes))} px, pixel budget {args.pixel_budget:.3g} px "
+        f"per size, batch {args.batch_size}, {args.backbone}, memory budget "
+        f"{_gb(budget) if budget else 'none'} ({budget_source})"
+    )
+    command = getattr(args, "command", None) or command_line(
+        "bench.accuracy", getattr(args, "argv", None)
+    )
+    results: list[dict] = []
+    for index, size in enumerate(args.sizes, start=1):
+        steps = steps_for_budget(args.pixel_budget, args.batch_size, size)
+        config = base_config(args, size, steps)
+        head = f"[{index}/{len(args.sizes)}] {size} px"
+        done = finished_row(rows, config)
+        if done is not None and not args.force:
+            log(f"{head}: already measured ({done.get('created', '?')}), kept; --force re-runs it")
+            results.append(done)
+            continue
+        plan = plan_size(
+            size,
+            steps=steps,
+            precision=args.precision,
+            remat=args.remat,
+            memory_budget_bytes=budget,
+            allow_remat=args.allow_remat,
+            allow_bf16=args.allow_bf16,
+            predict=predict,
+        )
+        config.update(precision=plan.precision, remat=plan.remat)
+        extra = {
+            "command": command,
+            "pixels_seen": steps * args.batch_size * size**2,
+            "memory_budget_bytes": budget,
+            "memory_budget_source": budget_source,
+        }
+        if not plan.run:
+            log(f"{head}: skipped — {plan.reason}")
+            row = size_row(config, plan, {"status": "skipped", "reason": plan.reason}, extra)
+        else:
+            predicted = _gb(plan.predicted_peak_bytes) if plan.predicted_peak_bytes else "?"
+            log(
+                f"{head}: training {steps} steps x batch {args.batch_size} "
+                f"({extra['pixels_seen'] / 1e6:.0f} Mpx), {plan.precision}/remat {plan.remat}, "
+                f"predicted peak {predicted}"
+            )
+            started = time.monotonic()
+            result = runner({"config": config, "data": data_spec(args)})
+            extra["wall_s"] = round(time.monotonic() - started, 1)
+            row = size_row(config, plan, result, extra)
+            log(f"{head}: {_row_summary(row)}")
+        rows = replace_point(rows, row)
+        write_rows(out, rows)  # after every size: an interrupted sweep keeps what it measured
+        results.append(row)
+    return results
+
+
+def _no_prediction(patch_size: int, precision: str, remat: str) -> None:
+    return None
+
+
+def _row_summary(row: dict) -> str:
+    if row["status"] != "ok":
+        return f"{row['status']} — {row.get('reason')}"
+    m = row.get("metrics", {})
+    return f"accuracy {m.get('accuracy', math.nan):.4f}, mIoU {m.get('miou', math.nan):.4f}, AUC {m.get('auc', math.nan):.4f}"
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    """The sweep's rows as a fixed-width table (one line per size)."""
+    header = (
+        f"{'patch px':>8} {'steps':>6} {'Mpx seen':>8} {'precision/remat':>22} {'peak GB':>8} "
+        f"{'pred GB':>8} {'accuracy':>8} {'mIoU':>7} {'AUC':>7} {'val':>5} {'wall s':>7}  status"
+    )
+    lines = [header, "-" * len(header)]
+    for row in sorted(rows, key=lambda r: r["config"]["patch_size"]):
+        c, m = row["config"], row.get("metrics", {})
+        measured, predicted, extra = (
+            row.get("measured", {}),
+            row.get("predicted", {}),
+            row.get("extra", {}),
+        )
+
+        def num(value, fmt):
+            return format(value, fmt) if isinstance(value, int | float) else "-"
+
+        lines.append(
+            f"{c['patch_size']:>8} {c.get('steps', 0):>6} {extra.get('pixels_seen', 0) / 1e6:>8.0f} "
+            f"{c['precision'] + '/' + c['remat']:>22} "
+            f"{num(measured.get('peak_bytes', 0) / 1e9 if measured.get('peak_bytes') else None, '.2f'):>8} "
+            f"{num(predicted.get('peak_bytes', 0) / 1e9 if predicted.get('peak_bytes') else None, '.2f'):>8} "
+            f"{num(m.get('accuracy'), '.4f'):>8} {num(m.get('miou'), '.4f'):>7} {num(m.get('auc'), '.4f'):>7} "
+            f"{num(m.get('val_patches'), 'd'):>5} {num(extra.get('wall_s'), '.0f'):>7}  "
+            + (row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}")
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.accuracy",
+        description="Train each patch size on the same budget of pixels seen and evaluate it on "
+        "held-out slides (pixel accuracy, mIoU, ROC AUC); rows of kind 'accuracy'.",
+        epilog="Examples:\n"
+        "  python -m bench.accuracy --sizes 256 512 1024\n"
+        "  python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8\n"
+        "  python -m bench.accuracy --backbone xception65 --slides c16/images --annotations c16/xml\n\n"
+        "Re-running keeps sizes already measured (--force re-runs them).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PX")
+    parser.add_argument(
+        "--pixel-budget",
+        type=float,
+        default=DEFAULT_PIXEL_BUDGET,
+        help=f"training pixels per size (default {DEFAULT_PIXEL_BUDGET:.0e}); "
+        "steps = budget / (batch * P^2)",
+    )
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--backbone", default="mobilenetv2", help="mobilenetv2 (default), xception65, resnet50"
+    )
+    parser.add_argument("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
+    parser.add_argument("--output-stride", type=int, default=16)
+    parser.add_argument(
+        "--precision", default="float32", choices=("float32", "mixed_bfloat16", "mixed_float16")
+    )
+    parser.add_argument("--remat", default="none", choices=("none", "blocks", "full"))
+    parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    parser.add_argument("--threads", type=int, default=_default_threads())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--slides", type=Path, default=None, help="folder of slides (default: synthetic)"
+    )
+    parser.add_argument(
+        "--annotations", type=Path, default=None, help="folder of ASAP XML annotations"
+    )
+    parser.add_argument(
+        "--val-slides", type=int, default=None, help="slides held out for validation"
+    )
+    parser.add_argument(
+        "--memory-budget",
+        default=None,
+        help="memory a step may use, e.g. 8GB (default: 80%% of the device's free memory)",
+    )
+    parser.add_argument(
+        "--allow-remat", action="store_true", help="use block recomputation where needed"
+    )
+    parser.add_argument("--allow-bf16", action="store_true", help="use mixed bfloat16 where needed")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT})"
+    )
+    parser.add_argument("--force", action="store_true", help="re-run sizes already measured")
+    parser.add_argument("--no-plots", action="store_true", help="skip bench.plots at the end")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Reject what cannot run, naming the value and what is allowed."""
+    for size in args.sizes:
+        if size < args.output_stride or size % args.output_stride:
+            raise ConfigError(
+                f"patch size {size} px is not a positive multiple of output stride {args.output_stride}"
+            )
+    if args.batch_size < 1 or args.threads < 1:
+        raise ConfigError(
+            f"--batch-size and --threads must be >= 1, got {args.batch_size}, {args.threads}"
+        )
+    if (args.slides is None) != (args.annotations is None):
+        raise ConfigError(
+            "give both --slides and --annotations (real data), or neither (synthetic slides)"
+        )
+    for folder in (args.slides, args.annotations):
+        if folder is not None and not folder.is_dir():
+            raise ConfigError(f"{folder} is not a folder")
+    if args.out.suffix != ".json":
+        raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
+    steps_for_budget(args.pixel_budget, args.batch_size, min(args.sizes))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        return worker_main(args.worker)
+    check_args(args)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    rows = run_sweep(args)
+    print()
+    print(summary_table(rows))
+    if not args.no_plots:
+        from bench.plots import draw_all, load_results, report_lines
+        from bench.results_readme import write_readme
+
+        out_dir = args.out.parent
+        rows_by_file = load_results([out_dir])
+        for line in report_lines(draw_all(rows_by_file, out_dir)):
+            print(line)
+        print(f"README: wrote {write_readme(out_dir, rows_by_file)}")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,188 @@
+"""The accuracy sweep's logic: pixel budget -> steps, memory plans and skip reasons, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import accuracy
+from histoseg.errors import ConfigError
+from histoseg.results import load_rows
+
+REPO = Path(__file__).resolve().parents[2]
+GB = 10**9
+
+
+def test_steps_follow_the_pixel_budget():
+    assert accuracy.steps_for_budget(2e8, 1, 256) == 3052  # 2e8 / 65,536 = 3051.8
+    assert accuracy.steps_for_budget(2e8, 2, 1024) == 95
+    assert accuracy.steps_for_budget(1e3, 1, 2048) == 1  # never zero steps
+    with pytest.raises(ConfigError, match="pixel budget"):
+        accuracy.steps_for_budget(0, 1, 256)
+
+
+def _predict(patch_size, precision, remat):
+    """A fake memory model: 2 kB per pixel, halved by block remat, 0.7x with bf16."""
+    peak = patch_size**2 * 2000
+    if remat == "blocks":
+        peak //= 2
+    if precision == "mixed_bfloat16":
+        peak = int(peak * 0.7)
+    return peak
+
+
+def _plan(size, **kw):
+    options = {
+        "steps": 10,
+        "precision": "float32",
+        "remat": "none",
+        "memory_budget_bytes": 5 * GB,
+        "allow_remat": False,
+        "allow_bf16": False,
+        "predict": _predict,
+    }
+    options.update(kw)
+    return accuracy.plan_size(size, **options)
+
+
+def test_plan_runs_as_asked_when_it_fits():
+    plan = _plan(1024)
+    assert plan.run and (plan.precision, plan.remat) == ("float32", "none")
+    assert plan.predicted_peak_bytes == 1024**2 * 2000
+
+
+def test_plan_skips_with_the_reason_when_nothing_allowed_fits():
+    plan = _plan(2048)
+    assert not plan.run
+    assert plan.reason.startswith("predicted peak > 5.0 GB budget (float32/remat none: 8.4 GB)")
+    assert "--allow-remat / --allow-bf16 may make it fit" in plan.reason
+
+
+def test_plan_uses_remat_then_bf16_where_allowed():
+    assert (_plan(2048, allow_remat=True).remat, _plan(2048, allow_remat=True).precision) == (
+        "blocks",
+        "float32",
+    )
+    plan = _plan(2048, allow_bf16=True, memory_budget_bytes=6 * GB)
+    assert (plan.precision, plan.remat, plan.run) == ("mixed_bfloat16", "none", True)
+    both = _plan(2560, allow_remat=True, allow_bf16=True)  # 13.1 GB -> 6.6 -> 9.2 -> 4.6
+    assert (both.precision, both.remat) == ("mixed_bfloat16", "blocks")
+    assert _plan(4096, predict=lambda *a: None).run  # no prediction: run as asked
+
+
+class FakeRunner:
+    """Stands in for the training worker: records specs, returns fixed metrics."""
+
+    def __init__(self, status="ok"):
+        self.specs = []
+        self.status = status
+
+    def __call__(self, spec):
+        self.specs.append(spec)
+        if self.status != "ok":
+            return {"status": self.status, "reason": "ResourceExhaustedError: OOM when allocating"}
+        size = spec["config"]["patch_size"]
+        return {
+            "status": "ok",
+            "metrics": {"accuracy": 0.8, "miou": 0.6, "auc": 0.9, "val_patches": 4096 // size},
+            "measured": {"peak_bytes": size**2 * 1900},
+        }
+
+
+def _args(tmp_path, *extra):
+    argv = ["--sizes", "256", "512", "2048", "--pixel-budget", "1e7", "--memory-budget", "5GB"]
+    argv += ["--out", str(tmp_path / "accuracy.json"), "--threads", "1", *extra]
+    args = accuracy.build_parser().parse_args(argv)
+    accuracy.check_args(args)
+    args.argv = argv
+    return args
+
+
+def test_sweep_writes_rows_after_each_size_and_resumes(tmp_path):
+    runner, lines = FakeRunner(), []
+    rows = accuracy.run_sweep(_args(tmp_path), runner=runner, predict=_predict, log=lines.append)
+
+    assert [s["config"]["patch_size"] for s in runner.specs] == [256, 512]
+    assert [r["status"] for r in rows] == ["ok", "ok", "skipped"]
+    saved = load_rows(tmp_path / "accuracy.json")
+    assert [r["status"] for r in saved] == ["ok", "ok", "skipped"]
+    first = saved[0]
+    assert first["kind"] == "accuracy" and first["config"]["steps"] == 153  # 1e7 / 65,536
+    assert first["extra"]["pixels_seen"] == 153 * 256**2
+    assert first["extra"]["command"].startswith("python -m bench.accuracy --sizes 256 512 2048")
+    assert first["predicted"]["peak_bytes"] == 256**2 * 2000
+    assert first["measured"]["peak_bytes"] == 256**2 * 1900
+    assert "2048 px: skipped — predicted peak > 5.0 GB budget" in "\n".join(lines)
+    assert (tmp_path / "accuracy.csv").exists()
+
+    again = FakeRunner()
+    accuracy.run_sweep(_args(tmp_path), runner=again, predict=_predict, log=lines.append)
+    assert again.specs == []  # done sizes kept, the skipped one is skipped again without running
+
+    accuracy.run_sweep(
+        _args(tmp_path, "--force", "--allow-remat"), runner=again, predict=_predict, log=print
+    )
+    assert [s["config"]["patch_size"] for s in again.specs] == [256, 512, 2048]
+    saved = load_rows(tmp_path / "accuracy.json")
+    assert len(saved) == 3, "a size's new row replaces its old one"
+    by_size = {r["config"]["patch_size"]: r for r in saved}
+    assert by_size[2048]["status"] == "ok" and by_size[2048]["config"]["remat"] == "blocks"
+    assert by_size[2048]["config"]["requested_remat"] == "none"
+
+
+def test_sweep_records_an_out_of_memory_size_and_goes_on(tmp_path):
+    rows = accuracy.run_sweep(
+        _args(tmp_path, "--memory-budget", "100GB"),
+        runner=FakeRunner("oom"),
+        predict=_predict,
+        log=lambda _: None,
+    )
+    assert [r["status"] for r in rows] == ["oom"] * 3
+    assert "ResourceExhaustedError" in rows[0]["reason"] and "metrics" not in rows[0]
+    table = accuracy.summary_table(rows)
+    assert table.count("oom: ResourceExhaustedError") == 3
+
+
+def test_a_failing_worker_becomes_an_error_row():
+    spec = {"config": {"threads": 1}, "data": {}}  # no patch size: the worker fails
+    result = accuracy.run_worker(spec)
+    assert result["status"] == "error"
+    assert result["reason"].startswith("worker exited with 1")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "250"], "not a positive multiple of output stride 16"),
+        (["--slides", "."], "give both --slides and --annotations"),
+        (["--out", "x.csv"], "must end in .json"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(argv, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.accuracy", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and message in proc.stderr
+
+
+def test_point_key_ignores_what_the_planner_chose():
+    a = {
+        "patch_size": 256,
+        "precision": "float32",
+        "remat": "none",
+        "steps": 3,
+        "requested_remat": "none",
+    }
+    b = dict(a, remat="blocks", steps=4)
+    assert accuracy.point_key(a) == accuracy.point_key(b)
+    assert accuracy.point_key(a) != accuracy.point_key(dict(a, requested_remat="blocks"))
+    assert json.loads(accuracy.point_key(a)) == {"patch_size": 256, "requested_remat": "none"}
