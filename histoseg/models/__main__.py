@@ -1,0 +1,89 @@
+"""Summarise a DeepLabV3+ configuration: parameters, multiply-adds, output shape.
+
+Input sizes that are not a multiple of the output stride (the DeepLab model zoo's 513 px)
+are accepted here: feature maps then take 'same'-padding ceil sizes, as in TF DeepLab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections.abc import Sequence
+
+from histoseg.cli import run_main
+
+EPILOG = """Examples:
+  python -m histoseg.models --backbone xception65 --input-size 513 --num-classes 21 --output-stride 16
+  python -m histoseg.models --backbone mobilenetv2 --alpha 0.35 --input-size 256 --json
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from histoseg.models import BACKBONES, OUTPUT_STRIDES, PRECISIONS, REMAT_MODES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m histoseg.models",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backbone", default="xception65", choices=tuple(BACKBONES))
+    parser.add_argument("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
+    parser.add_argument("--input-size", type=int, default=513, help="square input side in px")
+    parser.add_argument("--num-classes", type=int, default=2)
+    parser.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES)
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
+    parser.add_argument("--remat", default="none", choices=REMAT_MODES)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    from histoseg.models import build_deeplabv3plus, model_macs
+
+    kwargs = {} if args.alpha is None else {"alpha": args.alpha}
+    size = args.input_size
+    model = build_deeplabv3plus(
+        args.backbone,
+        (size, size, 3),
+        args.num_classes,
+        args.output_stride,
+        args.precision,
+        args.remat,
+        allow_any_size=True,
+        **kwargs,
+    )
+    trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
+    total = sum(math.prod(v.shape) for v in model.weights)
+    summary = {
+        "backbone": args.backbone,
+        **kwargs,
+        "input_size_px": size,
+        "num_classes": args.num_classes,
+        "output_stride": args.output_stride,
+        "precision": args.precision,
+        "remat": args.remat,
+        "params": trainable,
+        "params_total": total,
+        "macs": model_macs(model),
+        "output_shape": list(model.output_shape),
+        "ceil_feature_sizes": size % args.output_stride != 0,
+    }
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"DeepLabV3+ {args.backbone} {size}x{size} px, OS{args.output_stride}, "
+        f"{args.num_classes} classes, {args.precision}, remat={args.remat}"
+    )
+    print(f"  parameters     {trainable:,} trainable ({total:,} with batch-norm statistics)")
+    print(f"  multiply-adds  {summary['macs'] / 1e9:.2f} G per forward pass")
+    print(f"  output shape   {tuple(model.output_shape)}")
+    if summary["ceil_feature_sizes"]:
+        print(
+            f"  note: {size} px is not a multiple of {args.output_stride}; feature maps use ceil sizes"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,141 @@
+"""Time N train steps of one DeepLabV3+ configuration on random data; report memory too.
+
+Prints the median step time after a warm-up step, the allocator's bytes before the step
+and after the forward pass (read inside the compiled step), and the allocator's peak over
+the timed steps (stats reset after the warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError
+
+EPILOG = """Examples:
+  python -m histoseg.train.steptime --backbone xception65 --patch-size 512 --batch-size 1 \\
+      --precision float32 --remat blocks --steps 5
+  python -m histoseg.train.steptime --backbone mobilenetv2 --alpha 0.35 --patch-size 128 --json
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    from histoseg.models import BACKBONES, OUTPUT_STRIDES, PRECISIONS, REMAT_MODES
+    from histoseg.train.step import OPTIMIZERS
+
+    parser = argparse.ArgumentParser(
+        prog="python -m histoseg.train.steptime",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--backbone", default="xception65", choices=tuple(BACKBONES))
+    parser.add_argument("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
+    parser.add_argument("--patch-size", type=int, default=512, help="square patch side in px")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--num-classes", type=int, default=2)
+    parser.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES)
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
+    parser.add_argument("--remat", default="none", choices=REMAT_MODES)
+    parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise ConfigError(f"--steps={args.steps} and --batch-size={args.batch_size} must be >= 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Build the configuration, run warm-up + ``args.steps`` steps, return the figures."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.train.step import make_optimizer, make_train_step
+
+    kwargs = {} if args.alpha is None else {"alpha": args.alpha}
+    keras.utils.set_random_seed(args.seed)
+    model = build_deeplabv3plus(
+        args.backbone,
+        (args.patch_size, args.patch_size, 3),
+        args.num_classes,
+        args.output_stride,
+        args.precision,
+        args.remat,
+        **kwargs,
+    )
+    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    step = make_train_step(
+        model, make_optimizer(args.optimizer), num_classes=args.num_classes, memory_device=device
+    )
+    rng = np.random.default_rng(args.seed)
+    shape = (args.batch_size, args.patch_size, args.patch_size)
+    images = tf.constant(rng.integers(0, 256, (*shape, 3), dtype=np.uint8))
+    masks = tf.constant(rng.integers(0, args.num_classes, shape, dtype=np.int32))
+
+    start = time.perf_counter()
+    float(step(images, masks)["loss"])
+    warmup_s = time.perf_counter() - start
+    tf.config.experimental.reset_memory_stats(device)
+    times, losses, reads = [], [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        out = step(images, masks)
+        losses.append(float(out["loss"]))  # blocks until the step is done
+        times.append(time.perf_counter() - start)
+        reads.append({k: int(v) for k, v in out.items() if k != "loss"})
+    peak = int(tf.config.experimental.get_memory_info(device)["peak"])
+    before = max(r["bytes_before_step"] for r in reads)
+    after_forward = max(r["bytes_after_forward"] for r in reads)
+    pixels = args.batch_size * args.patch_size**2
+    return {
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "device": device,
+        "params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
+        "warmup_s": warmup_s,
+        "step_s_median": statistics.median(times),
+        "step_s": times,
+        "loss": losses,
+        "bytes_before_step": before,
+        "bytes_after_forward": after_forward,
+        "activation_bytes": after_forward - before,
+        "activation_bytes_per_px": (after_forward - before) / pixels,
+        "bytes_after_gradients": max(r["bytes_after_gradients"] for r in reads),
+        "peak_bytes": peak,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    c = result["config"]
+    print(
+        f"{c['backbone']} {c['patch_size']} px x{c['batch_size']} OS{c['output_stride']} "
+        f"{c['precision']} remat={c['remat']} {c['optimizer']} on {result['device']} "
+        f"({result['params']:,} params)"
+    )
+    print(f"  median step time     {result['step_s_median']:.3f} s over {c['steps']} steps")
+    print(f"  bytes before step    {result['bytes_before_step'] / 1e6:10.1f} MB")
+    print(f"  bytes after forward  {result['bytes_after_forward'] / 1e6:10.1f} MB")
+    print(
+        f"  activation bytes     {result['activation_bytes'] / 1e6:10.1f} MB "
+        f"({result['activation_bytes_per_px']:.0f} B/px)"
+    )
+    print(f"  step peak            {result['peak_bytes'] / 1e6:10.1f} MB")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
