@@ -120,14 +120,18 @@ class TFDistributeEngine(Engine):
             # all_reduce sends each tensor from the device it lives on; the identity puts the
             # arguments (traced with no device) on this replica's device.
             tensors = [tf.identity(t) for t in tensors]
-            if cast_fp16:
-                wire = [
-                    tf.cast(t, tf.float16) if t.dtype in (tf.float32, tf.float64) else t
-                    for t in tensors
-                ]
-                reduced = ctx.all_reduce(op, wire)
-                return [tf.cast(r, t.dtype) for r, t in zip(reduced, tensors, strict=True)]
-            return ctx.all_reduce(op, list(tensors))
+            wire = [
+                tf.cast(t, tf.float16) if cast_fp16 and t.dtype.is_floating else t for t in tensors
+            ]
+            # the strategy packs a list into one buffer, which needs one dtype: reduce each
+            # dtype group as one pack (gradients are a single float32 group)
+            out: list[Any] = [None] * len(wire)
+            for dtype in sorted({t.dtype for t in wire}, key=lambda d: d.name):
+                group = [i for i, t in enumerate(wire) if t.dtype == dtype]
+                reduced = ctx.all_reduce(op, [wire[i] for i in group])
+                for i, r in zip(group, reduced, strict=True):
+                    out[i] = tf.cast(r, tensors[i].dtype)
+            return out
 
         @tf.function
         def collective(tensors: list[Any]) -> list[Any]:
