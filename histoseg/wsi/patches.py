@@ -15,6 +15,7 @@ import argparse
 import csv
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -470,16 +471,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{out} exists; pass --force to overwrite")
     if args.annotations is not None and not args.annotations.is_file():
         raise ConfigError(f"annotation file not found: {args.annotations}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a suspicious annotation stops the CLI with one line
-        try:
-            slide = open_slide(args.slide)
-            annotations = Annotations.from_xml(args.annotations)
-            refs = grid_patches(
-                slide, args.patch_size, args.level, args.min_tissue, annotations, args.stride
-            )
-        except Warning as warning:
-            raise ConfigError(str(warning)) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slide = open_slide(args.slide)
+        annotations = Annotations.from_xml(args.annotations)
+        refs = grid_patches(
+            slide, args.patch_size, args.level, args.min_tissue, annotations, args.stride
+        )
+    for warning in caught:  # suspicious but usable input: one line each, and go on
+        print(f"warning: {warning.message}", file=sys.stderr)
     total = count_grid(slide, args.patch_size, args.level, args.stride)
     save_patches(args.out, refs)
     if args.preview is not None:

@@ -220,6 +220,15 @@ class TileRenderer:
         self.tile_px = tile_px
         rng = np.random.default_rng([design.seed, 7])
         self._noise = rng.standard_normal((NOISE_BANK_SIZE, tile_px, tile_px)).astype(np.float32)
+        # The last tiles run past the slide edge: extend the coarse fields to cover them.
+        need_w = math.ceil(design.width_px / tile_px) * tile_px // COARSE_CELL_PX + 2
+        need_h = math.ceil(design.height_px / tile_px) * tile_px // COARSE_CELL_PX + 2
+        pad = (
+            (0, max(0, need_h - design.tissue_field.shape[0])),
+            (0, max(0, need_w - design.tissue_field.shape[1])),
+        )
+        self._tissue_field = np.pad(design.tissue_field, pad, mode="edge")
+        self._density_field = np.pad(design.density_field, pad, mode="edge")
         self._tumor_boxes = [_bbox(p) for p in design.tumor_polygons]
         self._exclusion_boxes = [_bbox(p) for p in design.exclusion_polygons]
 
@@ -247,7 +256,7 @@ class TileRenderer:
         design = self.design
         ay, gy0, gy1 = _interp_matrix(y0, t)
         ax, gx0, gx1 = _interp_matrix(x0, t)
-        tissue_nodes = design.tissue_field[gy0:gy1, gx0:gx1]
+        tissue_nodes = self._tissue_field[gy0:gy1, gx0:gx1]
         tumor, excluded = self._masks(x0, y0, t, t)
         any_tumor = bool(tumor.any())
         if float(tissue_nodes.max()) <= 0 and not any_tumor:
@@ -262,7 +271,7 @@ class TileRenderer:
             tissue[:, design.width_px - x0 :] = False
         if y0 + t > design.height_px:
             tissue[design.height_px - y0 :, :] = False
-        density = ay @ design.density_field[gy0:gy1, gx0:gx1] @ ax.T
+        density = ay @ self._density_field[gy0:gy1, gx0:gx1] @ ax.T
         key = _hash_uniform(tx, ty, design.seed, count=2)
         noise = self._noise[int(key[0] * NOISE_BANK_SIZE)]
         if key[1] < 0.5:

@@ -1,0 +1,175 @@
+"""The wsi command lines: happy paths, and one stderr line + exit 2 for every bad input."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from histoseg.cli import run_main
+from histoseg.wsi import patches, synth
+
+
+def _run(main, argv, capsys):
+    code = run_main(main, [str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_patches_cli_writes_csv_preview_and_summary(tmp_path, synthetic_slides, capsys):
+    out, preview = tmp_path / "p.csv", tmp_path / "p.png"
+    code, stdout, err = _run(
+        patches.main,
+        [
+            "--slide",
+            synthetic_slides.tumor_tif,
+            "--annotations",
+            synthetic_slides.tumor_xml,
+            "--patch-size",
+            256,
+            "--out",
+            out,
+            "--preview",
+            preview,
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "kept" in stdout and "dropped" in stdout and "with tumour" in stdout
+    rows = list(csv.DictReader(out.open()))
+    assert rows and {"x", "y", "level", "patch_size", "tissue_fraction", "tumor_fraction"} <= set(
+        rows[0]
+    )
+    assert any(float(r["tumor_fraction"]) > 0 for r in rows)
+    assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _bad_inputs(tmp, slides):
+    text = tmp / "notes.tif"
+    text.write_text("hello\n")
+    truncated = tmp / "truncated.tif"
+    truncated.write_bytes(slides.tumor_tif.read_bytes()[:3000])
+    malformed = tmp / "malformed.xml"
+    malformed.write_text("<ASAP_Annotations><Annotations><Annotation")
+    unknown = tmp / "unknown.xml"
+    unknown.write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="x" PartOfGroup="weird">'
+        '<Coordinates><Coordinate Order="0" X="1" Y="1"/><Coordinate Order="1" X="9" Y="1"/>'
+        '<Coordinate Order="2" X="9" Y="9"/></Coordinates></Annotation></Annotations></ASAP_Annotations>'
+    )
+    far = tmp / "far.xml"
+    far.write_text(
+        unknown.read_text()
+        .replace('"weird"', '"_0"')
+        .replace('X="9"', 'X="9e6"')
+        .replace('X="1"', 'X="8e6"')
+    )
+    existing = tmp / "exists.csv"
+    existing.write_text("x\n")
+    good = ["--slide", slides.tumor_tif, "--patch-size", 256, "--out", tmp / "o.csv"]
+    return {
+        "missing slide": (
+            ["--slide", tmp / "nope.tif", "--patch-size", 256, "--out", tmp / "o.csv"],
+            "not found",
+        ),
+        "not a slide": (
+            ["--slide", text, "--patch-size", 256, "--out", tmp / "o.csv"],
+            "notes.tif",
+        ),
+        "corrupt slide": (
+            ["--slide", truncated, "--patch-size", 256, "--out", tmp / "o.csv"],
+            "truncated.tif",
+        ),
+        "malformed xml": ([*good, "--annotations", malformed], "malformed XML"),
+        "unknown group": ([*good, "--annotations", unknown], "unknown group"),
+        "xml of another slide": ([*good, "--annotations", far], "wholly outside"),
+        "missing xml": ([*good, "--annotations", tmp / "none.xml"], "not found"),
+        "patch larger than slide": (
+            [*good[:2], "--patch-size", 4096, "--out", tmp / "o.csv"],
+            "larger than the slide",
+        ),
+        "bad level": ([*good, "--level", 9], "level 9 out of range"),
+        "bad min tissue": ([*good, "--min-tissue", 2], "min_tissue"),
+        "zero patch size": ([*good[:2], "--patch-size", 0, "--out", tmp / "o.csv"], "patch_size"),
+        "not a number": ([*good[:2], "--patch-size", "big", "--out", tmp / "o.csv"], "invalid int"),
+        "missing argument": (["--slide", slides.tumor_tif], "required"),
+        "existing output": ([*good[:4], "--out", existing], "--force"),
+    }
+
+
+def test_patches_cli_bad_inputs_one_line_exit_2(tmp_path, synthetic_slides, capsys):
+    for name, (argv, message) in _bad_inputs(tmp_path, synthetic_slides).items():
+        code, _stdout, err = _run(patches.main, argv, capsys)
+        assert code == 2, (name, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert message in lines[0], (name, lines[0])
+
+
+def test_synth_cli_and_idempotent_dataset(tmp_path, capsys):
+    argv = [
+        "--out",
+        tmp_path / "s",
+        "--slides",
+        3,
+        "--size",
+        "640x480",
+        "--tile",
+        256,
+        "--no-progress",
+    ]
+    code, stdout, err = _run(synth.main, argv, capsys)
+    assert code == 0, err
+    assert "normal slide, no XML" in stdout
+    tifs = sorted((tmp_path / "s").glob("*.tif"))
+    assert len(tifs) == 3 and len(list((tmp_path / "s").glob("*.xml"))) == 2
+    stamps = [t.stat().st_mtime_ns for t in tifs]
+    pairs = synth.ensure_synthetic_dataset(
+        tmp_path / "s", 3, (640, 480), tile_px=256, progress=False
+    )
+    assert [t.stat().st_mtime_ns for t, _ in pairs] == stamps
+    assert pairs[2][1] is None and pairs[0][1].name == "slide_000.xml"
+    for argv, message in [
+        (["--out", tmp_path / "x", "--size", "20000by16000"], "WIDTHxHEIGHT"),
+        (["--out", tmp_path / "x", "--size", "10x10"], "at least 64x64"),
+        (["--out", tmp_path / "x", "--tile", 100], "multiple of 32"),
+        (["--out", tmp_path / "x", "--slides", 0], "n_slides"),
+    ]:
+        code, _, err = _run(synth.main, argv, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_module_entry_point_runs(tmp_path, synthetic_slides):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "histoseg.wsi.patches",
+            "--slide",
+            str(tmp_path / "missing.tif"),
+            "--patch-size",
+            "256",
+            "--out",
+            str(tmp_path / "o.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        result.returncode == 2 and result.stderr.count("\n") == 1 and "not found" in result.stderr
+    )
+
+
+@pytest.mark.slow
+def test_acceptance_slide_20000x16000(tmp_path):
+    from histoseg.wsi import open_slide
+
+    tif, xml = synth.write_synthetic_slide(
+        tmp_path / "big.tif", (20000, 16000), seed=0, progress=False
+    )
+    with open_slide(tif) as slide:
+        assert slide.dimensions == (20000, 16000) and max(slide.level_dimensions[-1]) < 1000
+    assert xml is not None and xml.exists()
