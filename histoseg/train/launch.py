@@ -123,6 +123,7 @@ def launch_tf_workers(
                 worker_env.update(thread_env(threads_per_worker))
                 worker_env.update(env or {})
                 worker_env["TF_CONFIG"] = tf_config(workers, index)
+                worker_env["HISTOSEG_LOCAL_RANK"] = str(index)
                 out = None
                 if index > 0:
                     log_file = log_path / f"worker-{index}.log"
@@ -232,6 +233,27 @@ def run_horovod(
         text=True,
         check=False,
     )
+
+
+LOCAL_RANK_VARIABLES = (
+    "HISTOSEG_LOCAL_RANK",
+    "HOROVOD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "MPI_LOCALRANKID",
+    "SLURM_LOCALID",
+)
+
+
+def local_rank_from_env() -> int:
+    """This process's rank on its host, from whichever launcher started it (0 if none).
+
+    Read before any engine starts, so a process can pin its cores before its threads exist.
+    """
+    for name in LOCAL_RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def pin_to_cores(local_rank: int, threads: int) -> list[int] | None:

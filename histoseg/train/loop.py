@@ -300,8 +300,9 @@ def split_slides(
 ) -> tuple[list[Any], list[Any]]:
     """Split slides (paths, or (tif, xml) pairs) into training and validation slides.
 
-    "slide": every k-th slide in name order goes to validation (k = round(1/val_fraction)),
-    so both sets span the whole folder. "centre": the CAMELYON17 centres in ``val_centres``
+    "slide": ``val_fraction`` of the annotated slides and of the others, evenly spaced in
+    name order from the last one, validate, so validation holds tumour slides whenever there
+    are at least two. "centre": the CAMELYON17 centres in ``val_centres``
     (default: the last one) validate, the others train. "auto": "centre" when every name is
     CAMELYON17-style and there are at least two centres, else "slide".
     """
@@ -327,10 +328,20 @@ def split_slides(
     else:
         if not 0 < val_fraction < 1:
             raise ConfigError(f"validation fraction must be in (0, 1), got {val_fraction}")
-        k = max(2, round(1 / val_fraction))
-        # count from the end so the last slide validates: with the synthetic set's pattern
-        # (every third slide normal) validation then holds tumour and normal slides
-        val = [s for i, s in enumerate(items) if (len(items) - 1 - i) % k == 0]
+        # stratified by "has annotations" so validation sees tumour whenever training does;
+        # a group of one slide stays in training
+        val = []
+        for group in (
+            [s for s in items if _has_annotations(s)],
+            [s for s in items if not _has_annotations(s)],
+        ):
+            if len(group) < 2:
+                continue
+            n_val = min(len(group) - 1, max(1, round(len(group) * val_fraction)))
+            picks = np.linspace(len(group) - 1, 0, n_val + 1)[:n_val].round().astype(int)
+            val += [group[i] for i in sorted(set(picks.tolist()))]
+        if not val:
+            val = [items[-1]]
         train = [s for s in items if s not in val]
     if not train or not val:
         raise ConfigError(
@@ -339,14 +350,33 @@ def split_slides(
     return train, val
 
 
+def _has_annotations(slide: Any) -> bool:
+    return isinstance(slide, (tuple, list)) and len(slide) > 1 and slide[1] is not None
+
+
 def _name(slide: Any) -> str:
     path = slide[0] if isinstance(slide, (tuple, list)) else slide
     return Path(path).name
 
 
 # ----------------------------------------------------------------------------- logging
+def _scalar_metadata() -> Any:
+    from tensorflow.core.framework import summary_pb2
+
+    return summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+    )
+
+
+_SCALAR_METADATA = _scalar_metadata()
+
+
 class SummaryWriter:
-    """TensorBoard scalars from the chief only; a no-op elsewhere or without a folder."""
+    """TensorBoard scalars from the chief only; a no-op elsewhere or without a folder.
+
+    Written with ``tf.summary.write`` and the scalars plugin's metadata, so the event files
+    are what ``tf.summary.scalar`` writes without needing the tensorboard package installed.
+    """
 
     def __init__(self, folder: str | os.PathLike | None, enabled: bool) -> None:
         self._writer = tf.summary.create_file_writer(str(folder)) if folder and enabled else None
@@ -357,7 +387,10 @@ class SummaryWriter:
         with self._writer.as_default(step=step):
             for name, value in values.items():
                 if value is not None and np.isfinite(value):
-                    tf.summary.scalar(name, float(value))
+                    # tf.summary.scalar needs the tensorboard package; this is what it writes
+                    tf.summary.write(
+                        name, tf.constant(float(value), tf.float32), metadata=_SCALAR_METADATA
+                    )
 
     def close(self) -> None:
         if self._writer is not None:
@@ -371,3 +404,325 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- a whole run
+SLIDE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Everything one training run needs; the CLI fills it from its flags.
+
+    ``learning_rate`` is per worker: the run's peak rate is ``learning_rate * workers`` unless
+    ``scale_lr`` is False (the linear scaling rule for a global batch ``workers`` times larger).
+    """
+
+    slides: str | None = None
+    annotations: str | None = None
+    synthetic_dir: str = "data/synthetic"
+    synthetic_slides: int = 6
+    synthetic_size_px: tuple[int, int] = (8000, 6000)
+    split: str = "auto"
+    val_fraction: float = 1 / 3
+    val_centres: tuple[int, ...] = ()
+    patch_size: int = 256
+    level: int = 0
+    min_tissue: float = 0.5
+    tumor_ratio: float | None = 0.5
+    batch_size: int = 2
+    max_val_patches: int | None = 64
+    backbone: str = "xception65"
+    alpha: float | None = None
+    output_stride: int = 16
+    precision: str = "float32"
+    remat: str = "none"
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    schedule: str = "poly"
+    warmup_steps: int | None = None
+    scale_lr: bool = True
+    steps: int | None = 100
+    epochs: float | None = None
+    fp16_allreduce: bool = False
+    run_dir: str = "runs/train"
+    checkpoint_every: int = 50
+    resume: str | None = None
+    results: str | None = None
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+
+
+def find_slides(slides: str, annotations: str | None) -> list[tuple[Path, Path | None]]:
+    """(slide, ASAP XML or None) for every slide file in ``slides``; XML by the same stem."""
+    folder = Path(slides)
+    if not folder.is_dir():
+        raise ConfigError(f"slides folder {folder} does not exist")
+    notes = Path(annotations) if annotations else folder
+    if not notes.is_dir():
+        raise ConfigError(f"annotations folder {notes} does not exist")
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES)
+    if not found:
+        raise ConfigError(f"no slides ({', '.join(SLIDE_SUFFIXES)}) in {folder}")
+    pairs = []
+    for tif in found:
+        xml = notes / f"{tif.stem}.xml"
+        pairs.append((tif, xml if xml.exists() else None))
+    return pairs
+
+
+def _data(options: TrainOptions, engine: Engine) -> list[tuple[Path, Path | None]]:
+    if options.slides:
+        return find_slides(options.slides, options.annotations)
+    from histoseg.wsi.synth import ensure_synthetic_dataset
+
+    def make() -> list[tuple[Path, Path | None]]:
+        return ensure_synthetic_dataset(
+            options.synthetic_dir,
+            options.synthetic_slides,
+            options.synthetic_size_px,
+            seed=options.seed,
+            progress=options.progress and engine.is_chief,
+        )
+
+    # the chief writes the slides, the others wait and then find them made
+    pairs = make() if engine.is_chief else None
+    engine.barrier()
+    return pairs if pairs is not None else make()
+
+
+def _patches(
+    options: TrainOptions, slides: Sequence[tuple[Path, Path | None]], n: int, seed: int
+) -> list:
+    from histoseg.wsi.patches import sample_patches
+
+    per_slide = max(1, math.ceil(n / len(slides)))
+    refs = []
+    for i, (tif, xml) in enumerate(slides):
+        refs += sample_patches(
+            tif,
+            options.patch_size,
+            per_slide,
+            seed=seed * 1000 + i,
+            level=options.level,
+            min_tissue=options.min_tissue,
+            annotations=xml,
+            tumor_ratio=options.tumor_ratio if xml is not None else None,
+            batch_size=options.batch_size,
+        )
+    if not refs:
+        raise ConfigError(
+            f"no patches of {options.patch_size} px with tissue on the training slides"
+        )
+    rng = np.random.default_rng(seed)
+    return [refs[i] for i in rng.permutation(len(refs))]
+
+
+def _val_patches(options: TrainOptions, slides: Sequence[tuple[Path, Path | None]]) -> list:
+    from histoseg.wsi.patches import grid_patches
+
+    refs = []
+    for tif, xml in slides:
+        refs += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
+    if options.max_val_patches and len(refs) > options.max_val_patches:
+        # evenly spaced over the grid (deterministic) so the subset spans every slide
+        keep = np.linspace(0, len(refs) - 1, options.max_val_patches).round().astype(int)
+        refs = [refs[i] for i in sorted(set(keep.tolist()))]
+    if not refs:
+        raise ConfigError(f"no validation patches of {options.patch_size} px with tissue")
+    return refs
+
+
+def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
+    """Train and validate as one rank of ``engine``; returns the results row (every rank).
+
+    Only the chief logs, writes TensorBoard summaries, checkpoints and the results file.
+    """
+    from histoseg.data import make_dataset
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.results import load_rows_if_exists, make_row, merge_rows, write_rows
+    from histoseg.train.metrics import constant_background_metrics
+    from histoseg.train.step import make_optimizer
+    from histoseg.wsi.patches import shard
+
+    rank, size, chief = engine.rank, engine.size, engine.is_chief
+    run_dir = Path(options.run_dir)
+    pairs = _data(options, engine)
+    train_slides, val_slides = split_slides(
+        pairs, how=options.split, val_fraction=options.val_fraction, val_centres=options.val_centres
+    )
+    global_batch = options.batch_size * size
+    if options.epochs is not None:
+        from histoseg.wsi.patches import grid_patches
+
+        grid = []
+        for tif, xml in train_slides:
+            grid += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
+        total_steps = max(1, math.ceil(options.epochs * len(grid) / global_batch))
+        train_refs = grid
+    else:
+        total_steps = int(options.steps or 1)
+        train_refs = _patches(options, train_slides, total_steps * global_batch, options.seed)
+    my_train = shard(train_refs, rank, size, equal=True)
+    if not my_train:
+        raise ConfigError(
+            f"{len(train_refs)} training patches leave none for rank {rank} of {size}"
+        )
+    val_refs = _val_patches(options, val_slides)
+    my_val = shard(val_refs, rank, size)
+
+    backbone_kwargs = {"alpha": options.alpha} if options.alpha is not None else {}
+    keras.utils.set_random_seed(options.seed)
+    model = build_deeplabv3plus(
+        options.backbone,
+        (options.patch_size, options.patch_size, 3),
+        2,
+        options.output_stride,
+        options.precision,
+        options.remat,
+        **backbone_kwargs,
+    )
+    peak_lr = options.learning_rate * (size if options.scale_lr else 1)
+    warmup = options.warmup_steps
+    if warmup is None:
+        warmup = min(100, total_steps // 10)
+    optimizer = make_optimizer(options.optimizer, peak_lr, momentum=options.momentum)
+    optimizer.learning_rate = WarmupSchedule(peak_lr, total_steps, warmup, options.schedule)
+    compression = "fp16" if options.fp16_allreduce else "none"
+    step = DistributedStep(model, optimizer, engine, compression=compression)
+
+    start_step = 0
+    if options.resume and chief:
+        source = run_dir / "checkpoints" if options.resume == "auto" else Path(options.resume)
+        start_step = load_checkpoint(source, model, step.optimizer)
+    engine.broadcast_variables(all_variables(model, step.optimizer), root_rank=0)
+    start_step = int(
+        np.asarray(engine.allreduce_sum([np.array([float(start_step if chief else 0)])])[0])[0]
+    )
+
+    if chief:
+        write_json(run_dir / "options.json", {**dataclasses.asdict(options), "workers": size})
+    summaries = SummaryWriter(run_dir / "tensorboard", chief)
+    dataset = make_dataset(
+        my_train, options.batch_size, shuffle=True, seed=options.seed + start_step, augment=True
+    )
+    batches = iter(dataset)
+    bar = None
+    if chief and options.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step")
+    history: list[StepTimes] = []
+    started = time.perf_counter()
+    last_checkpoint = None
+    for i in range(start_step, total_steps):
+        images, masks = next(batches)
+        times = step(images, masks)
+        history.append(times)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{times.loss:.4f}", refresh=False)
+        if chief and ((i + 1) % options.log_every == 0 or i + 1 == total_steps):
+            lr = (
+                float(step.optimizer.learning_rate.numpy())
+                if hasattr(step.optimizer.learning_rate, "numpy")
+                else peak_lr
+            )
+            summaries.scalars(
+                i + 1,
+                {
+                    "train/loss": times.loss,
+                    "train/learning_rate": lr,
+                    "train/patches_per_s": global_batch / times.step_s,
+                    "train/allreduce_share": times.allreduce_s / times.step_s,
+                },
+            )
+        if chief and options.checkpoint_every and (i + 1) % options.checkpoint_every == 0:
+            last_checkpoint = save_checkpoint(run_dir / "checkpoints", i + 1, model, step.optimizer)
+    train_s = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    if chief and total_steps > start_step:
+        last_checkpoint = save_checkpoint(
+            run_dir / "checkpoints", total_steps, model, step.optimizer
+        )
+
+    val_batches = []
+    if my_val:
+        val_ds = make_dataset(
+            my_val, options.batch_size, shuffle=False, repeat=False, drop_remainder=False
+        )
+        val_batches = val_ds
+    metrics = evaluate(model, val_batches, engine)
+    result = metrics.result()
+    baseline = constant_background_metrics(metrics.confusion)
+    engine.barrier()
+
+    steady = history[min(2, len(history) - 1) :] if history else []
+    step_s = float(np.median([t.step_s for t in steady])) if steady else math.nan
+    allreduce_s = float(np.median([t.allreduce_s for t in steady])) if steady else math.nan
+    config = {
+        "patch_size": options.patch_size,
+        "batch_size": options.batch_size,
+        "backbone": options.backbone,
+        "output_stride": options.output_stride,
+        "precision": options.precision,
+        "remat": options.remat,
+        "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
+        "threads": options.threads,
+        "engine": engine.name,
+        "workers": size,
+        "compression": compression,
+        "optimizer": options.optimizer,
+        "learning_rate": options.learning_rate,
+        "steps": total_steps,
+        "data": options.slides or "synthetic",
+        "seed": options.seed,
+    }
+    if options.alpha is not None:
+        config["alpha"] = options.alpha
+    row = make_row(
+        "accuracy",
+        config,
+        metrics={
+            **result,
+            "baseline_accuracy": baseline["accuracy"],
+            "baseline_miou": baseline["miou"],
+            "baseline_auc": baseline["auc"],
+        },
+        measured={
+            "step_s": step_s,
+            "allreduce_s": allreduce_s,
+            "patches_per_s": global_batch / step_s if step_s else math.nan,
+            "megapixels_per_s": global_batch * options.patch_size**2 / step_s / 1e6
+            if step_s
+            else math.nan,
+            "train_s": train_s,
+            "final_loss": history[-1].loss if history else math.nan,
+            "gradient_bytes": gradient_bytes(model),
+        },
+        extra={
+            "train_slides": [Path(t).name for t, _ in train_slides],
+            "val_slides": [Path(t).name for t, _ in val_slides],
+            "train_patches": len(train_refs),
+            "peak_learning_rate": peak_lr,
+            "warmup_steps": warmup,
+            "schedule": options.schedule,
+            "start_step": start_step,
+            "run_dir": str(run_dir),
+            "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        },
+    )
+    if chief:
+        summaries.scalars(
+            total_steps,
+            {f"val/{k}": result[k] for k in ("accuracy", "miou", "auc")},
+        )
+        summaries.close()
+        results_path = Path(options.results) if options.results else run_dir / "results.json"
+        write_rows(results_path, merge_rows(load_rows_if_exists(results_path), [row]))
+        row.setdefault("extra", {})["results_path"] = str(results_path)
+    return row

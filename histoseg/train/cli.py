@@ -1,0 +1,229 @@
+"""`python -m histoseg.train`: train DeepLabV3+ on slides, on one process or many, and validate.
+
+Flags map one to one onto :class:`histoseg.train.loop.TrainOptions`. With no slides folder
+the run uses synthetic slides made on first use under data/synthetic. With ``--engine
+horovod`` or ``--engine tf`` start one process per worker (``horovodrun``, or
+``python -m histoseg.train.launch``); every rank runs this same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError
+
+# Kept here (not imported from histoseg.train.loop) so that --help does not start TensorFlow;
+# loop.py validates the same names.
+SCHEDULES = ("constant", "poly", "cosine")
+SPLITS = ("auto", "slide", "centre")
+
+EPILOG = """\
+Examples:
+  # quick run on synthetic slides (made on first use under data/synthetic)
+  python -m histoseg.train --backbone mobilenetv2 --alpha 0.35 --patch-size 128 --steps 50
+
+  # the study's setup on your own slides (ASAP XML beside each slide or in --annotations)
+  python -m histoseg.train --slides /data/camelyon16/images --annotations /data/camelyon16/xml \\
+      --backbone xception65 --patch-size 1024 --batch-size 1 --optimizer adam --steps 20000
+
+  # two Horovod workers on this machine, fp16 allreduce
+  horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.train --engine horovod \\
+      --fp16-allreduce --threads 1 --steps 50
+
+  # two tf.distribute workers on this machine
+  python -m histoseg.train.launch --engine tf -n 2 -- python -m histoseg.train --engine tf
+
+  # resume the newest checkpoint of a run
+  python -m histoseg.train --run-dir runs/exp1 --resume auto --steps 200
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from histoseg.train.engines import ENGINE_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="python -m histoseg.train",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--slides", help="folder of slides (default: synthetic slides)")
+    data.add_argument("--annotations", help="folder of ASAP XML files (default: --slides)")
+    data.add_argument("--synthetic-dir", default="data/synthetic", help="where synthetic slides go")
+    data.add_argument("--synthetic-slides", type=int, default=6, help="how many (default 6)")
+    data.add_argument(
+        "--synthetic-size", default="8000x6000", help="WIDTHxHEIGHT of each synthetic slide"
+    )
+    data.add_argument(
+        "--split", choices=SPLITS, default="auto", help="by slide or CAMELYON17 centre"
+    )
+    data.add_argument("--val-fraction", type=float, default=1 / 3, help="slides to validate on")
+    data.add_argument(
+        "--val-centres", type=int, nargs="*", default=(), help="centres to validate on"
+    )
+    data.add_argument("--patch-size", type=int, default=256, help="px (default 256)")
+    data.add_argument("--level", type=int, default=0, help="pyramid level (default 0)")
+    data.add_argument("--min-tissue", type=float, default=0.5, help="least tissue per patch")
+    data.add_argument(
+        "--tumor-ratio", type=float, default=0.5, help="share of tumour patches per batch"
+    )
+    data.add_argument("--batch-size", type=int, default=2, help="patches per worker per step")
+    data.add_argument(
+        "--max-val-patches", type=int, default=64, help="validation grid subset (0: all)"
+    )
+
+    model = p.add_argument_group("model")
+    model.add_argument("--backbone", default="xception65", help="xception65, mobilenetv2, resnet50")
+    model.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier, e.g. 0.35")
+    model.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
+    model.add_argument(
+        "--precision", default="float32", help="float32, mixed_bfloat16, mixed_float16"
+    )
+    model.add_argument("--remat", default="none", help="what to recompute in the backward pass")
+
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    opt.add_argument("--learning-rate", type=float, default=1e-3, help="per worker (default 1e-3)")
+    opt.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    opt.add_argument("--schedule", choices=SCHEDULES, default="poly", help="decay after warm-up")
+    opt.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 10%% of steps)")
+    opt.add_argument(
+        "--no-lr-scaling",
+        action="store_true",
+        help="do not multiply the learning rate by the number of workers",
+    )
+    length = opt.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="train steps (default 100)")
+    length.add_argument("--epochs", type=float, help="passes over the training slides' tissue grid")
+
+    dist = p.add_argument_group("distribution")
+    dist.add_argument("--engine", choices=ENGINE_NAMES, default="none")
+    dist.add_argument("--fp16-allreduce", action="store_true", help="gradients travel as float16")
+    dist.add_argument("--threads", type=int, help="compute threads of this process")
+    dist.add_argument(
+        "--pin-cores",
+        action="store_true",
+        help="pin this process to its own block of cores (by local rank)",
+    )
+
+    out = p.add_argument_group("output")
+    out.add_argument("--run-dir", default="runs/train", help="checkpoints, TensorBoard, options")
+    out.add_argument("--checkpoint-every", type=int, default=50, help="steps (0: only at the end)")
+    out.add_argument("--resume", help="checkpoint file or folder, or 'auto' (newest in --run-dir)")
+    out.add_argument("--results", help="results JSON to add the validation row to")
+    out.add_argument("--log-every", type=int, default=10, help="steps between summaries")
+    out.add_argument("--seed", type=int, default=0)
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> object:
+    """TrainOptions from parsed flags (validated: bad values raise ConfigError)."""
+    from histoseg.train.loop import TrainOptions
+    from histoseg.wsi.synth import parse_size
+
+    if args.patch_size < 16 or args.patch_size % args.output_stride:
+        raise ConfigError(
+            f"--patch-size {args.patch_size} must be a multiple of the output stride "
+            f"{args.output_stride} (and >= 16)"
+        )
+    for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "checkpoint_every" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
+    steps = args.steps if args.steps is not None else (None if args.epochs else 100)
+    return TrainOptions(
+        slides=args.slides,
+        annotations=args.annotations,
+        synthetic_dir=args.synthetic_dir,
+        synthetic_slides=args.synthetic_slides,
+        synthetic_size_px=parse_size(args.synthetic_size),
+        split=args.split,
+        val_fraction=args.val_fraction,
+        val_centres=tuple(args.val_centres),
+        patch_size=args.patch_size,
+        level=args.level,
+        min_tissue=args.min_tissue,
+        tumor_ratio=args.tumor_ratio,
+        batch_size=args.batch_size,
+        max_val_patches=args.max_val_patches or None,
+        backbone=args.backbone,
+        alpha=args.alpha,
+        output_stride=args.output_stride,
+        precision=args.precision,
+        remat=args.remat,
+        optimizer=args.optimizer,
+        learning_rate=args.learning_rate,
+        momentum=args.momentum,
+        schedule=args.schedule,
+        warmup_steps=args.warmup_steps,
+        scale_lr=not args.no_lr_scaling,
+        steps=steps,
+        epochs=args.epochs,
+        fp16_allreduce=args.fp16_allreduce,
+        run_dir=args.run_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        results=args.results,
+        log_every=args.log_every,
+        seed=args.seed,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+
+
+def configure_threads(threads: int | None, pin: bool) -> int | None:
+    """Fix this process's threads (and optionally its cores) before TensorFlow starts."""
+    from histoseg.train.launch import local_rank_from_env, pin_to_cores, thread_env
+
+    threads = threads or (
+        int(os.environ["HISTOSEG_THREADS"]) if "HISTOSEG_THREADS" in os.environ else None
+    )
+    if threads is not None:
+        os.environ.update(thread_env(threads))
+        if pin:
+            pin_to_cores(local_rank_from_env(), threads)
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    return threads
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, start the engine (before any TensorFlow op), train, validate, report."""
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    options.threads = configure_threads(args.threads, args.pin_cores)
+
+    from histoseg.train.engines import get_engine
+
+    engine = get_engine(args.engine).init()
+    from histoseg.train.loop import run
+
+    row = run(options, engine)
+    if engine.is_chief:
+        m = row["metrics"]
+        print(
+            f"validation ({m['val_patches']} patches of {options.patch_size} px, "
+            f"{engine.size} worker(s), {row['config']['steps']} steps): "
+            f"accuracy {m['accuracy']:.4f}  mIoU {m['miou']:.4f}  AUC {m['auc']:.4f}  "
+            f"(all-background baseline: accuracy {m['baseline_accuracy']:.4f}, "
+            f"mIoU {m['baseline_miou']:.4f}, AUC 0.5)",
+            file=sys.stdout,
+        )
+        print(f"results: {row['extra']['results_path']}", file=sys.stdout)
+    engine.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
