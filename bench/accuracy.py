@@ -22,14 +22,15 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ class SizePlan:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def plan_size(
@@ -211,12 +212,76 @@ def configure_threads(threads: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def train_and_evaluate(config: dict, data: dict) -> dict:
-    """Train one config for ``config["steps"]`` steps and evaluate it on the held-out slides.
+#: What the worker keeps of the training run's own row (the rest is rebuilt by the sweep).
+KEPT_EXTRA = (
+    "train_slides",
+    "val_slides",
+    "train_patches",
+    "peak_learning_rate",
+    "warmup_steps",
+    "schedule",
+)
 
-    Runs in the worker process. Returns ``{"metrics": {...}, "measured": {...}, "extra": {...}}``.
+
+def train_and_evaluate(config: dict, data: dict) -> dict:
+    """Train one config for ``config["steps"]`` steps through ``histoseg.train`` and validate it.
+
+    Runs in the worker process (fresh per size). The memory figure is the TF allocator's
+    peak over the whole run (training steps, then validation, which needs less), read after
+    the run, plus the process's peak RSS.
+
+    Returns:
+        ``{"metrics": {...}, "measured": {...}, "extra": {...}}`` for the size's row.
     """
-    raise NotImplementedError("histoseg.train's Python API has not landed yet")
+    configure_threads(int(config["threads"]))
+    import tensorflow as tf
+
+    from histoseg.memory.probe import allocator_info, rss_peak_bytes
+    from histoseg.train.engines import get_engine
+    from histoseg.train.loop import TrainOptions, run
+
+    tf.config.threading.set_intra_op_parallelism_threads(int(config["threads"]))
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    run_dir = Path(data["run_dir"]) / f"{config['patch_size']}px"
+    if run_dir.exists():  # a fresh run per size: never resume another run's checkpoint
+        shutil.rmtree(run_dir)
+    options = TrainOptions(
+        slides=data.get("slides"),
+        annotations=data.get("annotations"),
+        synthetic_dir=data.get("synthetic_dir") or "data/synthetic",
+        synthetic_slides=int(data.get("synthetic_slides") or 6),
+        synthetic_size_px=tuple(data.get("synthetic_size_px") or (8000, 6000)),
+        val_fraction=float(data.get("val_fraction") or 1 / 3),
+        patch_size=int(config["patch_size"]),
+        batch_size=int(config["batch_size"]),
+        max_val_patches=int(data.get("max_val_patches") or 0) or None,
+        backbone=config["backbone"],
+        alpha=(config.get("backbone_options") or {}).get("alpha"),
+        output_stride=int(config["output_stride"]),
+        precision=config["precision"],
+        remat=config["remat"],
+        optimizer=config["optimizer"],
+        learning_rate=float(config["learning_rate"]),
+        steps=int(config["steps"]),
+        run_dir=str(run_dir),
+        checkpoint_every=0,
+        log_every=max(1, int(config["steps"]) // 20),
+        seed=int(config["seed"]),
+        threads=int(config["threads"]),
+        progress=True,
+    )
+    engine = get_engine("none").init()
+    try:
+        row = run(options, engine)
+    finally:
+        engine.shutdown()
+    device = "GPU:0" if config.get("device") == "gpu" else "CPU:0"
+    measured = dict(row.get("measured", {}))
+    measured["peak_bytes"] = allocator_info(device)["peak"]
+    measured["rss_peak_bytes"] = rss_peak_bytes()
+    extra = {k: row["extra"][k] for k in KEPT_EXTRA if k in row.get("extra", {})}
+    extra["peak_bytes_scope"] = "TF allocator peak over the whole run (training, then validation)"
+    return {"metrics": row["metrics"], "measured": measured, "extra": extra}
 
 
 def worker_main(spec_json: str) -> int:
@@ -224,7 +289,9 @@ def worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     configure_threads(int(spec["config"]["threads"]))
     try:
-        result = train_and_evaluate(spec["config"], spec["data"])
+        # stdout carries only the result line; anything the run prints goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            result = train_and_evaluate(spec["config"], spec["data"])
     except HistosegError as exc:
         kind = "oom" if type(exc).__name__ == "OutOfMemoryError" else "error"
         print(json.dumps({"status": kind, "reason": str(exc)}), flush=True)
@@ -251,20 +318,24 @@ def run_worker(spec: dict, *, timeout_s: float | None = None) -> dict:
         ``{"status": ..., "reason"?: ..., "metrics"?: ..., "measured"?: ..., "extra"?: ...}``.
     """
     command = [sys.executable, "-m", "bench.accuracy", "--worker", json.dumps(spec)]
-    tail: deque[str] = deque(maxlen=20)
+    tail = b""
     started = time.monotonic()
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
-    ) as proc:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stderr is not None and proc.stdout is not None
-        for line in proc.stderr:
-            sys.stderr.write(line)
-            if line.strip():
-                tail.append(line.rstrip())
+        # Pass the worker's stderr through as it comes (progress bars end lines with \r, so
+        # reading by lines would hold them back), keeping its tail for a failure's reason.
+        while chunk := os.read(proc.stderr.fileno(), 4096):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            tail = (tail + chunk)[-4000:]
             if timeout_s and time.monotonic() - started > timeout_s:
                 proc.kill()
-        stdout = proc.stdout.read()
+        stdout = proc.stdout.read().decode("utf-8", "replace")
         returncode = proc.wait()
+    lines = [
+        line.strip() for line in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines()
+    ]
+    lines = [line for line in lines if line]
     last = next((line for line in reversed(stdout.splitlines()) if line.startswith("{")), None)
     if last is not None:
         result = json.loads(last)
@@ -277,7 +348,7 @@ def run_worker(spec: dict, *, timeout_s: float | None = None) -> dict:
             "status": "oom",
             "reason": "worker killed by SIGKILL (the kernel's out-of-memory killer?)",
         }
-    why = tail[-1] if tail else "no output"
+    why = lines[-1] if lines else "no output"
     return {"status": "error", "reason": f"worker exited with {returncode}: {why}"}
 
 
@@ -320,7 +391,9 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
         "workers": 1,
         "optimizer": args.optimizer,
         "learning_rate": args.learning_rate,
-        "data": "synthetic" if args.slides is None else str(args.slides),
+        "data": f"synthetic {args.synthetic_slides}x{args.synthetic_size}"
+        if args.slides is None
+        else str(args.slides),
         "pixel_budget": float(args.pixel_budget),
         "steps": steps,
         "seed": args.seed,
@@ -334,10 +407,17 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
 
 def data_spec(args: argparse.Namespace) -> dict[str, Any]:
     """What the worker reads: real folders, or the synthetic slides (made on first use)."""
+    from histoseg.wsi.synth import parse_size
+
     return {
         "slides": None if args.slides is None else str(args.slides),
         "annotations": None if args.annotations is None else str(args.annotations),
-        "val_slides": args.val_slides,
+        "synthetic_dir": str(args.synthetic_dir),
+        "synthetic_slides": args.synthetic_slides,
+        "synthetic_size_px": list(parse_size(args.synthetic_size)),
+        "val_fraction": args.val_fraction,
+        "max_val_patches": args.max_val_patches,
+        "run_dir": str(args.run_dir),
     }
 
 
@@ -519,9 +599,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--annotations", type=Path, default=None, help="folder of ASAP XML annotations"
     )
+    parser.add_argument("--synthetic-dir", type=Path, default=Path("data/synthetic"))
+    parser.add_argument("--synthetic-slides", type=int, default=6, help="(default 6)")
+    parser.add_argument("--synthetic-size", default="8000x6000", help="WIDTHxHEIGHT px per slide")
+    parser.add_argument("--val-fraction", type=float, default=1 / 3, help="slides held out (1/3)")
     parser.add_argument(
-        "--val-slides", type=int, default=None, help="slides held out for validation"
+        "--max-val-patches",
+        type=int,
+        default=0,
+        help="cap on validation patches (default 0: every tissue patch of the held-out slides)",
     )
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/accuracy"), help="per-size runs")
     parser.add_argument(
         "--memory-budget",
         default=None,

@@ -186,3 +186,27 @@ def test_point_key_ignores_what_the_planner_chose():
     assert accuracy.point_key(a) == accuracy.point_key(b)
     assert accuracy.point_key(a) != accuracy.point_key(dict(a, requested_remat="blocks"))
     assert json.loads(accuracy.point_key(a)) == {"patch_size": 256, "requested_remat": "none"}
+
+
+def test_tiny_sweep_end_to_end(tmp_path):
+    """One real size through histoseg.train: 64 px, 2 steps, narrow MobileNetV2 (~20 s here)."""
+    out = tmp_path / "results" / "accuracy.json"
+    argv = ["--sizes", "64", "--pixel-budget", "8192", "--alpha", "0.35", "--threads", "1"]
+    argv += ["--synthetic-dir", str(tmp_path / "synth"), "--synthetic-slides", "3"]
+    argv += ["--synthetic-size", "2048x1536", "--max-val-patches", "8"]
+    argv += ["--run-dir", str(tmp_path / "runs"), "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.accuracy", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = load_rows(out)
+    assert row["status"] == "ok" and row["config"]["steps"] == 2
+    assert row["metrics"]["val_patches"] == 8
+    assert 0 <= row["metrics"]["accuracy"] <= 1 and 0 <= row["metrics"]["miou"] <= 1
+    assert row["measured"]["peak_bytes"] > 0 and row["predicted"]["peak_bytes"] > 0
+    assert (out.parent / "memory_vs_accuracy.png").exists()
+    assert "accuracy.json" in (out.parent / "README.md").read_text(encoding="utf-8")
