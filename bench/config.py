@@ -12,7 +12,7 @@ from typing import Any
 from histoseg.errors import ConfigError
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-REMAT_MODES = ("none", "blocks")
+REMAT_MODES = ("none", "blocks", "full")
 DEVICES = ("cpu", "gpu")
 ENGINES = ("none", "horovod", "tf")
 OPTIMIZERS = ("adam", "sgd")
@@ -36,7 +36,8 @@ class BenchConfig:
         backbone: Backbone name known to ``histoseg.models`` ("xception65", "mobilenetv2", ...).
         output_stride: Encoder output stride (8 or 16).
         precision: "float32", "mixed_bfloat16" or "mixed_float16".
-        remat: Recomputation mode, "none" or "blocks".
+        remat: Recomputation mode: "none", "blocks" (backbone blocks) or "full" (also the
+            ASPP branches and decoder).
         device: "cpu" or "gpu".
         threads: TensorFlow intra-op threads (and OpenMP threads).
         engine: Distributed engine ("none" for one process).

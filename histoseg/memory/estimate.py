@@ -260,7 +260,11 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
 
     saved: list[int] = []
     temp = (0, 0.0)
-    if kind == "conv":
+    if kind == "conv" and _atrous_depthwise(layer):
+        # tf.nn.depthwise_conv2d runs an atrous depthwise conv on a space-to-batch copy of
+        # its input, padded to a multiple of the rate; that copy is what its gradient reads.
+        saved = [new_tensor(_space_to_batch_bytes(layer, ins[0].shape, compute))]
+    elif kind == "conv":
         saved = [as_compute(kt, tid) for kt, tid in zip(ins, in_ids, strict=True)]
     elif kind == "separable":
         saved = [as_compute(ins[0], in_ids[0])]
@@ -299,6 +303,26 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
     )
 
 
+def _atrous_depthwise(layer: Any) -> bool:
+    import keras
+
+    rate = getattr(layer, "dilation_rate", (1, 1))
+    return isinstance(layer, keras.layers.DepthwiseConv2D) and any(r > 1 for r in rate)
+
+
+def _space_to_batch_bytes(layer: Any, shape: Any, dtype: Any) -> int:
+    """Bytes of the padded space-to-batch copy of an atrous depthwise conv's input."""
+    _, height, width, channels = (int(d) if d is not None else None for d in shape)
+    (kh, kw), (rh, rw) = layer.kernel_size, layer.dilation_rate
+    if layer.padding == "same":
+        height += (kh - 1) * rh
+        width += (kw - 1) * rw
+    height = -(-height // rh) * rh
+    width = -(-width // rw) * rw
+    return height * width * channels * dtype_bytes(dtype)
+
+
+_IN_PLACE_GRAD = frozenset({"relu", "free", "activation"})
 _KEEP_OUTPUT = frozenset({"relu", "relu6", "sigmoid", "tanh", "softmax", "elu"})
 
 
@@ -399,13 +423,22 @@ def simulate_step(
             recomputed.add(op.block)
             members = blocks[op.block]
             sim.forward(members, keep={t for m in members for t in m.saved} | kept, temp=op_temp)
-        sim.grad(op.inputs)
-        sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes))
+        # The weight gradient reads the saved tensors first, which then die; the input
+        # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
+        # the output gradient, so they allocate nothing.
         sim.spike(op_temp(op))
-        sim.ungrad(op.outputs)
-        sim.free([t for t in op.saved if first_saver.get(t, -1) >= i])
+        sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes))
+        last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
-            sim.free([t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i])
+            last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
+        if op.kind in _IN_PLACE_GRAD:
+            sim.ungrad(op.outputs)
+            sim.grad(op.inputs)
+            sim.free(last)
+        else:
+            sim.free(last)
+            sim.grad(op.inputs)
+            sim.ungrad(op.outputs)
     return {"activation_bytes": int(activation), "peak_delta_bytes": int(sim.peak)}
 
 
@@ -494,8 +527,31 @@ def weight_bytes(model: Any) -> tuple[int, int]:
     return sum(_variable_sizes(model.weights)), sum(_variable_sizes(model.trainable_weights))
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What the estimate needs from a built model: its graph and its variables' sizes."""
+
+    graph: MemoryGraph
+    weight_sizes: tuple[int, ...]
+    trainable_sizes: tuple[int, ...]
+    height_px: int
+    width_px: int
+
+
+def model_facts(model: Any) -> ModelFacts:
+    """Trace a built functional model once (see :func:`trace_model`)."""
+    height, width = model.inputs[0].shape[1:3]
+    return ModelFacts(
+        graph=trace_model(model),
+        weight_sizes=tuple(_variable_sizes(model.weights)),
+        trainable_sizes=tuple(_variable_sizes(model.trainable_weights)),
+        height_px=int(height),
+        width_px=int(width),
+    )
+
+
 def estimate_model(
-    model: Any,
+    model: Any | ModelFacts,
     *,
     batch_size: int,
     optimizer: str = "adam",
@@ -509,7 +565,8 @@ def estimate_model(
     (on the CPU, buffers under :data:`CPU_UNTRACKED_BELOW_BYTES` are not counted).
 
     Args:
-        model: Functional model with a fixed input shape (batch aside).
+        model: Functional model with a fixed input shape (batch aside), or its
+            :class:`ModelFacts`.
         batch_size: Patches per step.
         optimizer: "adam" or "sgd" (momentum), for the optimizer state.
         device: "cpu" or "gpu": whose allocator statistics are predicted.
@@ -523,33 +580,37 @@ def estimate_model(
         raise ConfigError(
             f"optimizer {optimizer!r} is not one of {', '.join(sorted(OPTIMIZER_SLOTS))}"
         )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    facts = model if isinstance(model, ModelFacts) else model_facts(model)
     floor = untracked_below(device)
 
     def tracked(sizes: Iterable[int]) -> int:
         return sum(b for b in sizes if b >= floor)
 
-    graph = trace_model(model)
-    sim = simulate_step(graph, batch_size, untracked_below_bytes=floor)
-    weights = _variable_sizes(model.weights)
-    trainable = _variable_sizes(model.trainable_weights)
+    sim = simulate_step(facts.graph, batch_size, untracked_below_bytes=floor)
     slots = OPTIMIZER_SLOTS[optimizer]
-    height, width = model.inputs[0].shape[1:3]
-    pixels = batch_size * int(height) * int(width)
+    pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
     batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
-    peak = tracked(weights) + slots * tracked(trainable) + tracked(batch) + sim["peak_delta_bytes"]
+    peak = (
+        tracked(facts.weight_sizes)
+        + slots * tracked(facts.trainable_sizes)
+        + tracked(batch)
+        + sim["peak_delta_bytes"]
+    )
     return MemoryEstimate(
-        weights_bytes=sum(weights),
-        optimizer_bytes=slots * sum(trainable),
-        gradient_bytes=tracked(trainable),
+        weights_bytes=sum(facts.weight_sizes),
+        optimizer_bytes=slots * sum(facts.trainable_sizes),
+        gradient_bytes=tracked(facts.trainable_sizes),
         activation_bytes=sim["activation_bytes"],
         peak_bytes=int(peak),
         input_bytes=pixels * batch_bytes_per_pixel,
     )
 
 
-@functools.lru_cache(maxsize=16)
-def _built(
+@functools.lru_cache(maxsize=64)
+def _facts_for(
     backbone: str,
     patch_size: int,
     output_stride: int,
@@ -557,10 +618,13 @@ def _built(
     remat: str,
     options: tuple[tuple[str, Any], ...],
     num_classes: int,
-) -> Any:
+) -> ModelFacts:
+    """Build the config's model symbolically, trace it, and let the model go."""
+    import keras
+
     from histoseg.models import build_deeplabv3plus
 
-    return build_deeplabv3plus(
+    model = build_deeplabv3plus(
         backbone,
         (patch_size, patch_size, 3),
         num_classes=num_classes,
@@ -569,6 +633,10 @@ def _built(
         remat=remat,
         **dict(options),
     )
+    facts = model_facts(model)
+    del model
+    keras.backend.clear_session()  # the weights of a symbolic build are not needed again
+    return facts
 
 
 def estimate(
@@ -580,13 +648,15 @@ def estimate(
     precision: str = "float32",
     remat: str = "none",
     optimizer: str = "adam",
+    device: str = "cpu",
     backbone_options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
     num_classes: int = 2,
 ) -> MemoryEstimate:
     """Predict a config's train-step memory by building its model symbolically.
 
-    The functional model is built at the config's patch size (no activation is
-    allocated: Keras only propagates shapes) and walked by :func:`estimate_model`.
+    The functional model is built at the config's patch size (Keras only propagates
+    shapes; no activation is allocated, and the weights are dropped after tracing) and
+    walked by :func:`estimate_model`. Batch size, optimizer and device need no rebuild.
 
     Example:
         >>> estimate(patch_size=2048, backbone="xception65").peak_bytes / 1e9
@@ -594,7 +664,7 @@ def estimate(
     options = dict(
         backbone_options.items() if isinstance(backbone_options, Mapping) else backbone_options
     )
-    model = _built(
+    facts = _facts_for(
         backbone,
         int(patch_size),
         int(output_stride),
@@ -603,7 +673,7 @@ def estimate(
         tuple(sorted(options.items())),
         int(num_classes),
     )
-    return estimate_model(model, batch_size=batch_size, optimizer=optimizer)
+    return estimate_model(facts, batch_size=batch_size, optimizer=optimizer, device=device)
 
 
 def largest_patch(

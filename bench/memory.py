@@ -1,0 +1,446 @@
+"""``python -m bench.memory``: what patch size costs in memory and time, measured and predicted.
+
+The sweep is the product of the list-valued options. Every config is first predicted by
+the analytic model (``histoseg.memory.estimate``); one that fits the device's free memory
+is then measured in a fresh ``bench.worker`` process (a crash or an out-of-memory kill
+becomes a row with its status and reason, and the sweep goes on); one that does not fit is
+written as a "skipped" row carrying only its prediction. Rows are written atomically to
+``--out`` (JSON, with a CSV beside it) after every config, so an interrupted sweep resumes
+where it stopped: configs already measured are skipped unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.config import PRECISIONS, REMAT_MODES, BenchConfig, default_threads, expand_sweep
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError, HistosegError
+from histoseg.memory.devices import available_bytes, format_bytes, parse_size
+from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
+
+DEFAULT_OUT = Path("results/memory.json")
+#: Process memory beyond the allocator peak on the CPU: libraries, the traced graph and
+#: malloc caching (measured 0.55-0.9 GB for xception65; see docs/memory-harness.md).
+CPU_PROCESS_OVERHEAD_BYTES = 1_000_000_000
+#: Row statuses that count as "already measured" when a sweep is re-run.
+DONE_STATUSES = ("ok", "oom")
+
+EPILOG = """\
+Examples:
+  python -m bench.memory --sizes 256 704 1024 2048
+  python -m bench.memory --sizes 256 512 --batch-sizes 1 2 --precision float32 mixed_bfloat16 \\
+      --remat none blocks --steps 2
+  python -m bench.memory --sizes 1024 2048 4096 --predict-only --device-memory 24GB
+  python -m bench.memory --backbone mobilenetv2 --backbone-option alpha=0.35 --sizes 64 128 \\
+      --out results/baseline/memory_baseline.json --force
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.memory",
+        description=(
+            "Measure (and predict) the memory and speed of a DeepLabV3+ train step per patch "
+            "size; each list-valued option takes several values and the sweep is their product."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--sizes", type=int, nargs="+", default=[256, 704, 1024, 2048], help="patch sizes, px")
+    add("--batch-sizes", type=int, nargs="+", default=[1], help="patches per step")
+    add("--backbone", nargs="+", default=["xception65"], help="backbone name(s)")
+    add(
+        "--backbone-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra backbone argument, e.g. alpha=0.35 (repeatable)",
+    )
+    add("--output-stride", type=int, nargs="+", default=[16], help="8 and/or 16")
+    add("--precision", nargs="+", default=["float32"], choices=PRECISIONS)
+    add("--remat", nargs="+", default=["none"], choices=REMAT_MODES, help="recomputation mode")
+    add("--device", nargs="+", default=["cpu"], choices=("cpu", "gpu"))
+    add("--threads", type=int, nargs="+", default=[default_threads()], help="intra-op threads")
+    add("--optimizer", nargs="+", default=["adam"], choices=("adam", "sgd"))
+    add("--steps", type=int, default=3, help="timed steps after the warm-up step (default 3)")
+    add("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
+    add("--predict-only", action="store_true", help="predict every config; train none")
+    add(
+        "--force",
+        action="store_true",
+        help="re-measure configs already in --out, and run configs predicted not to fit",
+    )
+    add(
+        "--device-memory",
+        metavar="SIZE",
+        help="also report the largest patch that fits a device of SIZE (e.g. 24GB, 80GiB)",
+    )
+    add("--timeout-s", type=float, default=None, help="kill a config's worker after this long")
+    add(
+        "--lock-file",
+        type=Path,
+        default=None,
+        help="hold an exclusive flock on this file while each worker runs (shared machines)",
+    )
+    add(
+        "--refresh-predictions",
+        action="store_true",
+        help="recompute the predicted section of rows already in --out, measuring nothing new",
+    )
+    add("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _parse_options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ConfigError(f"--backbone-option {item!r} is not NAME=VALUE (e.g. alpha=0.35)")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return tuple(sorted(options.items()))
+
+
+def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
+    """The sweep the command line asks for, one :class:`BenchConfig` per point."""
+    base = BenchConfig(steps=args.steps, backbone_options=_parse_options(args.backbone_option))
+    return expand_sweep(
+        base,
+        backbone=args.backbone,
+        output_stride=args.output_stride,
+        precision=args.precision,
+        remat=args.remat,
+        optimizer=args.optimizer,
+        device=args.device,
+        threads=args.threads,
+        batch_size=args.batch_sizes,
+        patch_size=args.sizes,
+    )
+
+
+def predict(config: BenchConfig) -> dict[str, int]:
+    """The analytic estimate of ``config`` (the ``predicted`` section of its row)."""
+    from histoseg.memory.estimate import estimate
+
+    return estimate(
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+        backbone=config.backbone,
+        output_stride=config.output_stride,
+        precision=config.precision,
+        remat=config.remat,
+        optimizer=config.optimizer,
+        device=config.device,
+        backbone_options=config.backbone_options,
+    ).as_dict()
+
+
+def fit_check(config: BenchConfig, predicted: dict[str, int]) -> str | None:
+    """Why ``config`` cannot run here (as a row reason), or None when it should fit."""
+    free = available_bytes(config.device)
+    if free is None:
+        return f"no {config.device.upper()} memory information (NVML sees no GPU)"
+    needed = predicted["peak_bytes"]
+    overhead = CPU_PROCESS_OVERHEAD_BYTES if config.device == "cpu" else 0
+    if needed + overhead > free:
+        extra = f" (+{format_bytes(overhead)} process overhead)" if overhead else ""
+        return f"predicted {format_bytes(needed)}{extra} > {format_bytes(free)} free"
+    return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path | None):
+    """Hold an exclusive ``flock`` on ``path`` (nothing when None): one timed run at a time."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_worker(config: BenchConfig, timeout_s: float | None = None) -> dict[str, Any]:
+    """Run ``config`` in a fresh ``bench.worker`` process and return its row.
+
+    A worker that dies (a signal such as the out-of-memory killer's SIGKILL, a non-zero
+    exit, no JSON on stdout, a timeout) becomes an "oom" or "error" row naming why.
+    """
+    cmd = [sys.executable, "-m", "bench.worker", "--config", config.to_json()]
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return make_row(
+            "memory", config.as_dict(), status="error", reason=f"timed out after {timeout_s:g} s"
+        )
+    elapsed = time.monotonic() - start
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if proc.returncode == 0:
+                return row
+            break
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        status = "oom" if proc.returncode == -signal.SIGKILL else "error"
+        why = " (likely the out-of-memory killer)" if status == "oom" else ""
+        reason = f"worker killed by {name}{why} after {elapsed:.0f} s"
+    else:
+        last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        tail = last[-1][:300] if last else "no output"
+        status = "oom" if "ResourceExhausted" in proc.stderr or "OOM" in tail else "error"
+        reason = f"worker exited with {proc.returncode}: {tail}"
+    return make_row("memory", config.as_dict(), status=status, reason=reason)
+
+
+def sweep(
+    configs: Sequence[BenchConfig],
+    out: Path,
+    *,
+    predict_only: bool = False,
+    force: bool = False,
+    timeout_s: float | None = None,
+    progress: bool = True,
+    lock_file: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Predict, fit-check and measure each config; write ``out`` after every one.
+
+    Returns:
+        The rows of this sweep, in config order (old rows kept for configs not re-run).
+    """
+    from tqdm import tqdm
+
+    rows = load_rows_if_exists(out)
+    by_key = {config_key(r["config"]): r for r in rows if r.get("kind") == "memory"}
+    mine: list[dict[str, Any]] = []
+    bar = tqdm(configs, desc="bench.memory", unit="config", disable=not progress)
+    for config in bar:
+        bar.set_postfix_str(f"{config.backbone} {config.patch_size}px b{config.batch_size}")
+        key = config_key(config.as_dict())
+        old = by_key.get(key)
+        if old is not None and not force and (old["status"] in DONE_STATUSES or predict_only):
+            mine.append(old)
+            continue
+        row = _one(
+            config, predict_only=predict_only, force=force, timeout_s=timeout_s, lock=lock_file
+        )
+        rows = merge_rows(rows, [row])
+        write_rows(out, rows)
+        mine.append(row)
+    return mine
+
+
+def _gpu_visible() -> bool:
+    from histoseg.memory.devices import tensorflow_sees_gpu
+
+    return tensorflow_sees_gpu()
+
+
+def _one(
+    config: BenchConfig,
+    *,
+    predict_only: bool,
+    force: bool,
+    timeout_s: float | None,
+    lock: Path | None = None,
+) -> dict[str, Any]:
+    cfg = config.as_dict()
+    if config.device == "gpu" and not _gpu_visible():
+        return make_row("memory", cfg, status="skipped", reason="no GPU visible to TensorFlow")
+    try:
+        predicted = predict(config)
+    except HistosegError as exc:
+        return make_row("memory", cfg, status="error", reason=str(exc))
+    extra = {"steps": config.steps}
+    if predict_only:
+        reason = "predicted only (--predict-only), not measured"
+        return make_row(
+            "memory", cfg, status="skipped", reason=reason, predicted=predicted, extra=extra
+        )
+    why_not = None if force else fit_check(config, predicted)
+    if why_not:
+        return make_row(
+            "memory", cfg, status="skipped", reason=why_not, predicted=predicted, extra=extra
+        )
+    with _locked(lock):
+        row = run_worker(config, timeout_s)
+    row.setdefault("predicted", predicted)
+    return row
+
+
+def refresh_predictions(out: Path) -> list[dict[str, Any]]:
+    """Recompute the ``predicted`` section of every memory row in ``out`` (no training).
+
+    The estimate is deterministic code, so after changing it the predictions of an
+    existing sweep can be brought up to date without measuring again.
+    """
+    from histoseg.results import load_rows
+
+    rows = load_rows(out)
+    for row in rows:
+        if row.get("kind") != "memory":
+            continue
+        try:
+            row["predicted"] = predict(BenchConfig.from_dict(row["config"]))
+        except HistosegError as exc:
+            row.setdefault("extra", {})["predict_error"] = str(exc)
+    write_rows(out, rows)
+    return [r for r in rows if r.get("kind") == "memory"]
+
+
+def largest_patches(
+    configs: Sequence[BenchConfig], memory_bytes: int
+) -> list[tuple[BenchConfig, int | None, int | None]]:
+    """For each distinct config apart from patch size: the largest patch that fits."""
+    from histoseg.memory.estimate import estimate, largest_patch
+
+    seen: dict[str, tuple[BenchConfig, int | None, int | None]] = {}
+    for config in configs:
+        key = config_key({**config.as_dict(), "patch_size": None, "threads": None, "device": None})
+        if key in seen:
+            continue
+        kwargs = dict(
+            batch_size=config.batch_size,
+            backbone=config.backbone,
+            output_stride=config.output_stride,
+            precision=config.precision,
+            remat=config.remat,
+            optimizer=config.optimizer,
+            device="gpu",  # a card's allocator counts every buffer
+            backbone_options=config.backbone_options,
+        )
+        best = largest_patch(memory_bytes, **kwargs)
+        peak = estimate(patch_size=best, **kwargs).peak_bytes if best else None
+        seen[key] = (config, best, peak)
+    return list(seen.values())
+
+
+def _num(n: Any, scale: float, digits: int = 2) -> str:
+    return "-" if n is None else f"{n / scale:.{digits}f}"
+
+
+def _pct(measured: Any, predicted: Any) -> str:
+    if not measured or predicted is None:
+        return "-"
+    return f"{100 * (predicted - measured) / measured:+.1f}%"
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table of a sweep's rows: memory measured vs predicted, speed, status.
+
+    Memory columns are in GB when any peak reaches 1 GB, else in MB. "err" is
+    (predicted - measured) / measured. Status "predicted" marks a row that was predicted
+    but not measured (it would not fit, or --predict-only); the reason is listed below.
+    """
+    peaks = [
+        r.get(section, {}).get("peak_bytes") or 0
+        for r in rows
+        for section in ("measured", "predicted")
+    ]
+    unit, scale = ("GB", 1e9) if max(peaks, default=0) >= 1e9 else ("MB", 1e6)
+    head = (
+        f"{'patch':>5} {'batch':>5} {'backbone':<12} {'precision':<14} {'remat':<6} {'dev':<3} "
+        f"{'status':<9} {'act ' + unit:>7} {'pred':>7} {'err':>6} {'peak ' + unit:>7} "
+        f"{'pred':>7} {'err':>6} {'rss ' + unit:>7} {'step s':>7} {'patch/s':>7} {'MP/s':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    notes = []
+    for r in rows:
+        c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
+        status = "predicted" if r["status"] == "skipped" and p else r["status"]
+        lines.append(
+            f"{c['patch_size']:>5} {c['batch_size']:>5} {c['backbone']:<12} "
+            f"{c['precision']:<14} {c['remat']:<6} {c['device']:<3} {status:<9} "
+            f"{_num(m.get('activation_bytes'), scale):>7} "
+            f"{_num(p.get('activation_bytes'), scale):>7} "
+            f"{_pct(m.get('activation_bytes'), p.get('activation_bytes')):>6} "
+            f"{_num(m.get('peak_bytes'), scale):>7} {_num(p.get('peak_bytes'), scale):>7} "
+            f"{_pct(m.get('peak_bytes'), p.get('peak_bytes')):>6} "
+            f"{_num(m.get('rss_peak_bytes'), scale):>7} "
+            f"{_num(m.get('step_s'), 1):>7} {_num(m.get('patches_per_s'), 1, 3):>7} "
+            f"{_num(m.get('megapixels_per_s'), 1, 3):>6}"
+        )
+        if r["status"] != "ok":
+            what = (
+                f"{c['patch_size']} px batch {c['batch_size']} {c['backbone']} "
+                f"{c['precision']} remat {c['remat']} {c['device']}"
+            )
+            notes.append(f"  {what}: {r['status']}: {r['reason']}")
+    return "\n".join(lines + (["", "not measured:", *notes] if notes else []))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.out.suffix != ".json":
+        raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
+    configs = configs_from_args(args)
+    memory = parse_size(args.device_memory) if args.device_memory else None
+    _hide_gpus_from_this_process()
+    if args.refresh_predictions:
+        rows = refresh_predictions(args.out)
+        print(summary_table(rows))
+        print(f"\n{len(rows)} rows re-predicted in {args.out}")
+        return 0
+    rows = sweep(
+        configs,
+        args.out,
+        predict_only=args.predict_only,
+        force=args.force,
+        timeout_s=args.timeout_s,
+        progress=not args.quiet,
+        lock_file=args.lock_file,
+    )
+    print(summary_table(rows))
+    print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")
+    if memory is not None:
+        print(f"\nlargest patch whose predicted step peak fits {format_bytes(memory)}:")
+        for config, best, peak in largest_patches(configs, memory):
+            what = (
+                f"{config.backbone} OS{config.output_stride} {config.precision} "
+                f"remat {config.remat} batch {config.batch_size} {config.optimizer}"
+            )
+            answer = "none (not even the smallest)" if best is None else f"{best} px"
+            print(f"  {what}: {answer} (predicted peak {format_bytes(peak)})")
+    return 0
+
+
+def _hide_gpus_from_this_process() -> None:
+    """Keep the parent's symbolic builds off the GPU, whose memory the workers measure."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        tf.config.set_visible_devices([], "GPU")
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
