@@ -182,17 +182,21 @@ def run_config(config: BenchConfig) -> dict[str, Any]:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "OOM"
         return make_row("memory", row_config, status="oom", reason=f"out of memory: {first}")
     model = measured.pop("_model")
-    predicted = estimate_model(
-        model, batch_size=config.batch_size, optimizer=config.optimizer, device=config.device
-    )
     extra = {"steps": config.steps, "mask_dtype": "uint8", "image_dtype": "uint8"}
+    try:
+        predicted = estimate_model(
+            model, batch_size=config.batch_size, optimizer=config.optimizer, device=config.device
+        ).as_dict()
+    except Exception as exc:  # a measurement must never be lost to the estimate
+        predicted = None
+        extra["predict_error"] = f"{type(exc).__name__}: {exc}"
     if run != config:
         extra["widened"] = run.as_dict()
     return make_row(
         "memory",
         row_config,
         measured=measured,
-        predicted=predicted.as_dict(),
+        predicted=predicted,
         extra=extra,
     )
 
