@@ -325,8 +325,20 @@ def study_memory(
 # ----------------------------------------------------------------------------- memory vs accuracy
 
 
+def _label_part(key: str, value: Any) -> str:
+    """One config value as a legend reads it."""
+    if key == "pixel_budget" and _num(value):
+        return f"{float(value):.2g} px seen per size"
+    if key == "batch_size":
+        return f"batch {value}"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+    return str(value)
+
+
 def _series_label(config: Mapping[str, Any], keys: Sequence[str]) -> str:
-    return ", ".join(str(config.get(k)) for k in keys if config.get(k) is not None) or "histoseg"
+    parts = [_label_part(k, config.get(k)) for k in keys if config.get(k) not in (None, {}, "")]
+    return ", ".join(parts) or "histoseg"
 
 
 def _varying_keys(configs: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> list[str]:
@@ -337,6 +349,16 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """Peak training memory per patch size against accuracy, mIoU and AUC, with the study's points."""
     outcome = PlotOutcome("memory_vs_accuracy")
     accuracy_rows = [r for r in rows if r.get("kind") == "accuracy"]
+    swept = [r for r in accuracy_rows if r.get("config", {}).get("pixel_budget")]
+    if swept:
+        # The figure is the equal-pixel-budget trade; single training runs (python -m
+        # histoseg.train rows, no budget) are other experiments and would blur it.
+        others = len(accuracy_rows) - len(swept)
+        if others:
+            outcome.notes.append(
+                f"{others} accuracy row(s) without a pixel budget (single training runs) not drawn"
+            )
+        accuracy_rows = swept
     memory_index = _memory_index(rows)
 
     points: list[dict] = []  # one per placed accuracy row
@@ -355,11 +377,20 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
             continue
         points.append({"row": row, "peak": peak, "source": source})
 
-    series_keys = ("backbone", "data", "precision", "remat", "batch_size")
+    series_keys = (
+        "backbone",
+        "backbone_options",
+        "data",
+        "pixel_budget",
+        "requested_precision",
+        "requested_remat",
+        "batch_size",
+    )
     varying = _varying_keys([p["row"]["config"] for p in points], series_keys)
     series: dict[str, list[dict]] = {}
     for point in points:
-        label = "histoseg: " + _series_label(point["row"]["config"], varying or ("backbone",))
+        keys = ["backbone", *(k for k in varying if k != "backbone"), "pixel_budget"]
+        label = "histoseg: " + _series_label(point["row"]["config"], list(dict.fromkeys(keys)))
         series.setdefault(label, []).append(point)
 
     reference_points: dict[str, list[tuple[float, str, int, dict]]] = {}

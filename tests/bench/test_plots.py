@@ -194,3 +194,19 @@ def test_projection_falls_back_to_the_scaling_model(machine):
     assert "bandwidth_gbps=100" in inputs
     curve, why_not = plots.projection_from_model([], 512, "none")
     assert curve == [] and why_not
+
+
+def test_single_training_runs_stay_out_of_the_budget_sweep(tmp_path, fixture_rows, machine):
+    swept = [dict(r, config={**r["config"], "pixel_budget": 1e8}) for r in fixture_rows["accuracy"]]
+    single = make_row(
+        "accuracy",
+        {"patch_size": 128, "backbone": "mobilenetv2", "steps": 300},
+        metrics={"accuracy": 0.9, "miou": 0.8, "auc": 0.95, "val_patches": 96},
+        machine=machine,
+    )
+    outcome = plots.draw_memory_vs_accuracy([*swept, single], tmp_path)
+    assert outcome.drawn
+    assert (
+        "1 accuracy row(s) without a pixel budget (single training runs) not drawn" in outcome.notes
+    )
+    assert "1e+08 px seen per size" in _svg_text(tmp_path / "memory_vs_accuracy.svg")
