@@ -30,6 +30,30 @@ from histoseg.memory.devices import available_bytes, format_bytes, parse_size
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
 
 DEFAULT_OUT = Path("results/memory.json")
+BASELINE_OUT = Path("results/baseline/memory_baseline.json")
+#: What CI guards: small configs that measure in seconds. The default test run checks the
+#: MobileNetV2 rows; the Xception-65 row is checked with --runslow.
+BASELINE_CONFIGS: tuple[BenchConfig, ...] = (
+    BenchConfig(
+        patch_size=128,
+        backbone="mobilenetv2",
+        backbone_options=(("alpha", 0.35),),
+        remat="none",
+        steps=1,
+    ),
+    BenchConfig(
+        patch_size=128,
+        backbone="mobilenetv2",
+        backbone_options=(("alpha", 0.35),),
+        remat="blocks",
+        steps=1,
+    ),
+    BenchConfig(patch_size=64, backbone="xception65", remat="none", steps=1),
+)
+#: Memory per patch may grow at most this much before the CI regression fails.
+REGRESSION_TOLERANCE = 0.05
+#: The figures the CI regression compares.
+REGRESSION_METRICS = ("activation_bytes_per_patch", "peak_bytes_per_patch")
 #: Process memory beyond the allocator peak on the CPU: libraries, the traced graph and
 #: malloc caching (measured 0.55-0.9 GB for xception65; see docs/memory-harness.md).
 CPU_PROCESS_OVERHEAD_BYTES = 1_000_000_000
@@ -42,8 +66,7 @@ Examples:
   python -m bench.memory --sizes 256 512 --batch-sizes 1 2 --precision float32 mixed_bfloat16 \\
       --remat none blocks --steps 2
   python -m bench.memory --sizes 1024 2048 4096 --predict-only --device-memory 24GB
-  python -m bench.memory --backbone mobilenetv2 --backbone-option alpha=0.35 --sizes 64 128 \\
-      --out results/baseline/memory_baseline.json --force
+  python -m bench.memory --baseline       # refresh results/baseline/memory_baseline.json
 """
 
 
@@ -98,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--refresh-predictions",
         action="store_true",
         help="recompute the predicted section of rows already in --out, measuring nothing new",
+    )
+    add(
+        "--baseline",
+        action="store_true",
+        help=f"measure the CI baseline configs into --out (default {BASELINE_OUT}), replacing "
+        "their rows; other sweep options are ignored",
     )
     add("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -317,6 +346,37 @@ def refresh_predictions(out: Path) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("kind") == "memory"]
 
 
+def compare_to_baseline(
+    baseline: dict[str, Any],
+    current: dict[str, Any],
+    tolerance: float = REGRESSION_TOLERANCE,
+) -> list[dict[str, Any]]:
+    """Compare memory per patch of a fresh row with its baseline row.
+
+    Returns:
+        One dict per metric of :data:`REGRESSION_METRICS`: ``metric``, ``baseline``,
+        ``current``, ``change`` (relative) and ``verdict``: "grew" (fails CI: more than
+        ``tolerance`` larger), "shrank" (more than ``tolerance`` smaller: refresh the
+        baseline on purpose) or "same".
+    """
+    out = []
+    for metric in REGRESSION_METRICS:
+        old = baseline["measured"][metric]
+        new = current["measured"][metric]
+        change = (new - old) / old if old else float("inf") if new else 0.0
+        verdict = "grew" if change > tolerance else "shrank" if change < -tolerance else "same"
+        out.append(
+            {
+                "metric": metric,
+                "baseline": old,
+                "current": new,
+                "change": change,
+                "verdict": verdict,
+            }
+        )
+    return out
+
+
 def largest_patches(
     configs: Sequence[BenchConfig], memory_bytes: int
 ) -> list[tuple[BenchConfig, int | None, int | None]]:
@@ -402,7 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
-    configs = configs_from_args(args)
+    if args.baseline:
+        configs = list(BASELINE_CONFIGS)
+        args.force = True
+        if args.out == DEFAULT_OUT:
+            args.out = BASELINE_OUT
+    else:
+        configs = configs_from_args(args)
     memory = parse_size(args.device_memory) if args.device_memory else None
     _hide_gpus_from_this_process()
     if args.refresh_predictions:

@@ -33,7 +33,7 @@ from histoseg.cli import run_main
 
 #: Environment variable read by :func:`widen_for_demo`: a test-only knob that widens the
 #: model (see docs/memory-harness.md, "Showing that the regression check bites").
-WIDEN_ENV = "HISTOSEG_BENCH_WIDEN_DECODER"
+WIDEN_ENV = "HISTOSEG_BENCH_WIDEN"
 
 
 def configure_threads(threads: int) -> None:
@@ -146,7 +146,7 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
 
 
 def widen_for_demo(config: BenchConfig) -> BenchConfig:
-    """Test-only: with ``HISTOSEG_BENCH_WIDEN_DECODER=<factor>`` set, run a wider model.
+    """Test-only: with ``HISTOSEG_BENCH_WIDEN=<factor>`` set, run a wider model.
 
     The regression demo needs a model ~10% bigger without shipping a hack in the model:
     this multiplies the MobileNetV2 width multiplier ``alpha`` of the config (other

@@ -78,6 +78,7 @@ class _Op:
     temp_bytes: tuple[int, float]  # (buffer bytes, how many): alive only while the op runs
     block: str | None  # remat block this op belongs to (recomputed in the backward pass)
     param_sizes: tuple[int, ...] = ()  # bytes of each trainable weight (gradients alike)
+    weight_copy_sizes: tuple[int, ...] = ()  # mixed precision: weights cast to compute dtype
     needs_backward: bool = True
 
 
@@ -300,6 +301,20 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
         param_sizes=tuple(
             math.prod(v.shape) * dtype_bytes(v.dtype) for v in layer.trainable_weights
         ),
+        weight_copy_sizes=_weight_copies(layer, kind, compute),
+    )
+
+
+def _weight_copies(layer: Any, kind: str, compute: Any) -> tuple[int, ...]:
+    """Under mixed precision a conv reads its float32 kernel through a cast to the compute
+    dtype; the input gradient needs that copy, so it lives until the layer's backward.
+    (Batch norm computes in float32 and casts nothing.)"""
+    if kind not in ("conv", "separable"):
+        return ()
+    return tuple(
+        math.prod(v.shape) * dtype_bytes(compute)
+        for v in layer.trainable_weights
+        if dtype_bytes(v.dtype) != dtype_bytes(compute)
     )
 
 
@@ -593,16 +608,22 @@ def estimate_model(
     pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
     batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
+    # The casts of the weights to the compute dtype depend on nothing but the weights, so
+    # the executor runs them at the very start of the step (before the step's first
+    # allocator read, seen with TF 2.21) and they live until each layer's backward pass:
+    # part of the peak, not of the activations, and gone by the time gradients are read.
+    copies = tracked(b for op in facts.graph.ops for b in op.weight_copy_sizes)
     peak = (
         tracked(facts.weight_sizes)
         + slots * tracked(facts.trainable_sizes)
         + tracked(batch)
+        + copies
         + sim["peak_delta_bytes"]
     )
     return MemoryEstimate(
         weights_bytes=sum(facts.weight_sizes),
         optimizer_bytes=slots * sum(facts.trainable_sizes),
-        gradient_bytes=tracked(facts.trainable_sizes),
+        gradient_bytes=tracked(facts.trainable_sizes) - copies,
         activation_bytes=sim["activation_bytes"],
         peak_bytes=int(peak),
         input_bytes=pixels * batch_bytes_per_pixel,

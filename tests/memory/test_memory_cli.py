@@ -1,0 +1,62 @@
+"""``python -m bench.memory``: predict-only sweeps, resume, GPU-less skips, user errors."""
+
+import json
+
+import pytest
+
+from bench.memory import main
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError
+from histoseg.results import load_rows
+
+ARGS = ["--backbone", "mobilenetv2", "--backbone-option", "alpha=0.35", "--quiet"]
+
+
+def test_predict_only_writes_one_predicted_row_per_config(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    argv = [*ARGS, "--sizes", "64", "128", "--device", "cpu", "gpu", "--predict-only"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = load_rows(out)
+    assert len(rows) == 4 and out.with_suffix(".csv").exists()
+    cpu = [r for r in rows if r["config"]["device"] == "cpu"]
+    gpu = [r for r in rows if r["config"]["device"] == "gpu"]
+    assert all(r["status"] == "skipped" and r["predicted"]["peak_bytes"] > 0 for r in cpu)
+    assert all(r["config"]["backbone_options"] == {"alpha": 0.35} for r in rows)
+    assert all(r["reason"] == "no GPU visible to TensorFlow" for r in gpu)
+    assert "machine" in rows[0] and rows[0]["kind"] == "memory"
+    table = capsys.readouterr().out
+    assert "predicted" in table and "not measured" in table
+
+
+def test_configs_that_cannot_fit_are_predicted_not_run(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    # xception65 at 8192 px needs ~400 GB: more than this machine has free.
+    assert main(["--sizes", "8192", "--out", str(out), "--quiet"]) == 0
+    (row,) = load_rows(out)
+    assert row["status"] == "skipped"
+    assert row["reason"].startswith("predicted ") and "free" in row["reason"]
+    assert row["predicted"]["peak_bytes"] > 100e9
+    assert "measured" not in row
+
+
+def test_device_memory_reports_the_largest_patch(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    argv = [*ARGS, "--sizes", "64", "--predict-only", "--device-memory", "1GB"]
+    assert main([*argv, "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "largest patch whose predicted step peak fits 1.0 GB" in text
+    assert " px (predicted peak " in text
+
+
+def test_bad_out_name_is_one_line_and_exit_2(tmp_path, capsys):
+    assert run_main(main, ["--out", str(tmp_path / "m.txt"), "--predict-only"]) == 2
+    assert "must end in .json" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="NAME=VALUE"):
+        main(["--backbone-option", "alpha", "--predict-only", "--out", str(tmp_path / "a.json")])
+
+
+def test_worker_config_is_json_it_can_read():
+    from bench.config import BenchConfig
+
+    text = BenchConfig(patch_size=64, backbone="mobilenetv2").to_json()
+    assert json.loads(text)["steps"] == 3

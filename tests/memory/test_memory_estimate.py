@@ -1,0 +1,93 @@
+"""The analytic memory model against TF's allocator, and its scaling rules."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from histoseg.memory.estimate import (
+    CPU_UNTRACKED_BELOW_BYTES,
+    estimate,
+    estimate_model,
+    largest_patch,
+)
+from histoseg.models.layers import conv_bn, separable_conv_bn
+from histoseg.train.step import make_optimizer, make_train_step
+
+SIDE, CHANNELS = 64, 64
+TENSOR = SIDE * SIDE * CHANNELS * 4  # one float32 feature map: 1 MiB, above the CPU floor
+
+
+def _stack(kind):
+    inputs = keras.Input((SIDE, SIDE, 3), name="images")
+    x = keras.layers.Conv2D(CHANNELS, 3, padding="same", use_bias=False)(inputs)
+    for i in range(3):
+        if kind == "conv_bn_relu":
+            x = conv_bn(x, CHANNELS, 3, name=f"unit{i}")
+        else:
+            x = separable_conv_bn(x, CHANNELS, 3, dilation_rate=2 if i == 2 else 1, name=f"u{i}")
+    x = keras.layers.Conv2D(2, 1, name="logits")(x)
+    return keras.Model(inputs, x)
+
+
+# The separable stack includes an atrous depthwise conv, whose padded space-to-batch copy
+# may land in a larger free chunk of TF's BFC allocator that is not split (the allocator
+# then counts the whole chunk): hence the looser bound there.
+@pytest.mark.parametrize(
+    ("kind", "tolerance"), [("conv_bn_relu", 0.02), ("separable_atrous", 0.07)]
+)
+def test_estimate_matches_the_allocator_on_small_stacks(kind, tolerance):
+    model = _stack(kind)
+    step = make_train_step(model, make_optimizer("adam", 1e-3), memory_device="CPU:0")
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (1, SIDE, SIDE, 3), dtype=np.uint8))
+    masks = tf.constant(rng.integers(0, 2, (1, SIDE, SIDE), dtype=np.uint8))
+    step(images, masks)
+    out = step(images, masks)
+    measured = int(out["bytes_after_forward"]) - int(out["bytes_before_step"])
+    predicted = estimate_model(model, batch_size=1).activation_bytes
+    assert measured > 5 * TENSOR
+    assert predicted == pytest.approx(measured, rel=tolerance)
+
+
+def test_small_buffers_are_not_counted_on_the_cpu_but_are_on_a_gpu():
+    cpu = estimate(patch_size=64, backbone="mobilenetv2", backbone_options={"alpha": 0.35})
+    gpu = estimate(
+        patch_size=64, backbone="mobilenetv2", backbone_options={"alpha": 0.35}, device="gpu"
+    )
+    assert CPU_UNTRACKED_BELOW_BYTES == 256 * 1024
+    assert gpu.activation_bytes > cpu.activation_bytes
+
+
+def _mnv2(**kwargs):
+    return estimate(backbone="mobilenetv2", device="gpu", **kwargs)
+
+
+def test_activations_scale_with_pixels_and_batch():
+    small, big = _mnv2(patch_size=128), _mnv2(patch_size=256)
+    # Not quite 4x: the padding of atrous convs' space-to-batch copies does not scale.
+    assert 3.3 < big.activation_bytes / small.activation_bytes <= 4.0
+    assert _mnv2(patch_size=128, batch_size=2).activation_bytes == 2 * small.activation_bytes
+    assert big.weights_bytes == small.weights_bytes
+
+
+def test_recomputation_and_bfloat16_keep_less():
+    plain = _mnv2(patch_size=256)
+    assert _mnv2(patch_size=256, remat="blocks").activation_bytes < 0.6 * plain.activation_bytes
+    assert _mnv2(patch_size=256, precision="mixed_bfloat16").activation_bytes < (
+        plain.activation_bytes
+    )
+
+
+def test_optimizer_state_follows_the_optimizer_type():
+    adam, sgd = _mnv2(patch_size=64), _mnv2(patch_size=64, optimizer="sgd")
+    assert adam.optimizer_bytes == 2 * sgd.optimizer_bytes
+    assert adam.gradient_bytes <= adam.weights_bytes
+
+
+def test_largest_patch_is_the_last_size_that_fits():
+    budget = 200_000_000
+    best = largest_patch(budget, backbone="mobilenetv2", device="gpu")
+    assert best is not None and best % 16 == 0
+    assert _mnv2(patch_size=best).peak_bytes <= budget
+    assert _mnv2(patch_size=best + 16).peak_bytes > budget
