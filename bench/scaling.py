@@ -1,0 +1,450 @@
+"""`python -m bench.scaling`: weak scaling of the train step over workers, engines and patch sizes.
+
+Weak scaling: every worker trains the same fixed batch of patches per step whatever the
+number of workers, with the same threads per worker (default: cores // the largest worker
+count, so no count oversubscribes the cores). For each engine, patch size and compression,
+each worker count runs as fresh processes (``horovodrun --gloo`` on localhost for Horovod,
+``histoseg.train.launch`` for tf.distribute); every rank times its steps split into
+gradients, allreduce (timed around the collective) and update. Efficiency is
+throughput(N) / (N x throughput(1)).
+
+Rows are kind "scaling" (``scaling.efficiency``, ``scaling.throughput_per_worker``,
+``scaling.allreduce_s``), merged into ``--out`` atomically. Then the ring-allreduce model of
+:mod:`histoseg.scaling`, calibrated on the allreduce times measured here, projects the
+efficiency to the study's cluster (256 nodes x 2 workers, 100 Gb/s); the projection is
+printed with its inputs and stored as rows of engine "projection".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError, EngineUnavailableError
+
+DEFAULT_OUT = Path("results/scaling.json")
+ENGINES = ("horovod", "tf")
+PROBE_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
+
+
+# ----------------------------------------------------------------------------- worker side
+def worker_main(spec: dict[str, Any]) -> int:
+    """One rank: build the model, train a fixed batch, time each step, write rank<r>.json."""
+    threads = int(spec["threads"])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from histoseg.train.engines import get_engine
+
+    engine = get_engine(spec["engine"]).init()
+    import keras
+
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.train.engines.selfcheck import global_batch
+    from histoseg.train.loop import DistributedStep, all_variables, gradient_bytes
+    from histoseg.train.step import make_optimizer
+
+    keras.utils.set_random_seed(0)
+    size_px = int(spec["patch_size"])
+    kwargs = {"alpha": spec["alpha"]} if spec.get("alpha") is not None else {}
+    model = build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
+    step = DistributedStep(
+        model, make_optimizer("adam", 1e-4), engine, compression=spec["compression"]
+    )
+    engine.broadcast_variables(all_variables(model, step.optimizer))
+    # this rank's fixed patches: weak scaling keeps the work per worker constant
+    images, masks = global_batch(engine.rank, int(spec["batch_size"]), size_px, seed=99)
+    images, masks = tf.constant(images), tf.constant(masks)
+    times = []
+    for i in range(int(spec["warmup"]) + int(spec["steps"])):
+        t = step(images, masks)
+        if i >= int(spec["warmup"]):
+            times.append(t)
+    probe = {}
+    if engine.size > 1:
+        for nbytes in PROBE_BYTES:
+            buf = [tf.ones([nbytes // 4], tf.float32)]
+            samples = []
+            for _ in range(4):
+                t0 = time.perf_counter()
+                out = engine.allreduce_gradients(buf)
+                out[0].numpy()
+                samples.append(time.perf_counter() - t0)
+            probe[str(nbytes)] = statistics.median(samples[1:])
+    engine.barrier()
+    record = {
+        "rank": engine.rank,
+        "size": engine.size,
+        "compute_s": [t.compute_s for t in times],
+        "allreduce_s": [t.allreduce_s for t in times],
+        "apply_s": [t.apply_s for t in times],
+        "step_s": [t.step_s for t in times],
+        "loss": [t.loss for t in times],
+        "gradient_bytes": gradient_bytes(model),
+        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+        "allreduce_probe": probe,
+    }
+    out = Path(spec["out_dir"]) / f"rank{engine.rank}.json"
+    out.write_text(json.dumps(record))
+    engine.shutdown()
+    return 0
+
+
+# ----------------------------------------------------------------------------- driver side
+def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> tuple[int, str]:
+    """Start ``workers`` ranks of ``spec``; returns (exit code, tail of the output)."""
+    from histoseg.train import launch as launcher
+
+    command = [sys.executable, "-m", "bench.scaling", "--worker", json.dumps(spec)]
+    log_dir = Path(spec["out_dir"]) / "logs"
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    if spec["engine"] == "horovod":
+        try:
+            proc = launcher.run_horovod(
+                workers,
+                command,
+                threads_per_worker=spec["threads"],
+                env=env,
+                timeout_s=timeout_s,
+                capture=True,
+            )
+        except EngineUnavailableError as exc:
+            return 127, str(exc)
+        except Exception as exc:  # subprocess.TimeoutExpired
+            return 124, f"{type(exc).__name__}: {exc}"
+        return proc.returncode, (proc.stdout + proc.stderr)[-1500:]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "worker-0.log").open("w") as rank0_log:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(rank0_log.fileno(), 1)
+        os.dup2(rank0_log.fileno(), 2)
+        try:
+            codes = launcher.launch_tf_workers(
+                workers,
+                command,
+                threads_per_worker=spec["threads"],
+                env=env,
+                log_dir=log_dir,
+                timeout_s=timeout_s,
+            )
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+    tail = (log_dir / "worker-0.log").read_text(errors="replace")[-1500:]
+    return max(codes, key=abs), tail
+
+
+def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -> dict[str, Any]:
+    """Measured figures of one launch from its ranks' records (medians over steps)."""
+    med = statistics.median
+    # ranks step in lockstep; the slowest rank's median sets the pace
+    step_s = max(med(r["step_s"]) for r in records)
+    compute_s = max(med(r["compute_s"]) for r in records)
+    allreduce_s = med([med(r["allreduce_s"]) for r in records])
+    apply_s = med([med(r["apply_s"]) for r in records])
+    workers = len(records)
+    per_worker = batch_size / step_s
+    probe: dict[str, float] = {}
+    for r in records:
+        for b, s in r.get("allreduce_probe", {}).items():
+            probe[b] = max(probe.get(b, 0.0), s)
+    return {
+        "step_s": step_s,
+        "compute_s": compute_s,
+        "allreduce_s": allreduce_s,
+        "apply_s": apply_s,
+        "allreduce_share": allreduce_s / step_s,
+        "patches_per_s": per_worker * workers,
+        "megapixels_per_s": per_worker * workers * patch_size**2 / 1e6,
+        "gradient_bytes": records[0]["gradient_bytes"],
+        "parameters": records[0]["parameters"],
+        "allreduce_probe": probe,
+        "per_rank_step_s": [med(r["step_s"]) for r in sorted(records, key=lambda r: r["rank"])],
+    }
+
+
+def run_point(
+    args: argparse.Namespace, engine: str, size: int, compression: str, workers: int
+) -> dict:
+    """Launch one (engine, size, compression, workers) point; returns its row."""
+    from histoseg.results import make_row
+
+    config = {
+        "patch_size": size,
+        "batch_size": args.batch_size,
+        "backbone": args.backbone,
+        "output_stride": 16,
+        "precision": "float32",
+        "remat": "none",
+        "device": "cpu",
+        "threads": args.threads_per_worker,
+        "engine": engine,
+        "workers": workers,
+        "compression": compression,
+    }
+    if args.alpha is not None:
+        config["alpha"] = args.alpha
+    with tempfile.TemporaryDirectory(prefix="histoseg-scaling-") as tmp:
+        spec = {
+            "engine": engine,
+            "patch_size": size,
+            "batch_size": args.batch_size,
+            "backbone": args.backbone,
+            "alpha": args.alpha,
+            "compression": compression,
+            "threads": args.threads_per_worker,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "out_dir": tmp,
+        }
+        code, tail = launch(spec, workers, args.timeout_s)
+        files = sorted(Path(tmp).glob("rank*.json"))
+        if code != 0 or len(files) != workers:
+            status = "skipped" if code == 127 else "error"
+            last = " | ".join(line for line in tail.strip().splitlines()[-3:])
+            return make_row("scaling", config, status=status, reason=f"exit {code}: {last[-400:]}")
+        records = [json.loads(f.read_text()) for f in files]
+    measured = summarise(records, args.batch_size, size)
+    return make_row(
+        "scaling",
+        config,
+        measured=measured,
+        scaling={
+            "throughput_per_worker": args.batch_size / measured["step_s"],
+            "allreduce_s": measured["allreduce_s"],
+        },
+        extra={"steps": args.steps, "warmup": args.warmup},
+    )
+
+
+def add_efficiency(rows: list[dict]) -> None:
+    """efficiency = throughput(N) / (N x throughput(1)) against the same engine/size/compression."""
+    base = {}
+    for r in rows:
+        c = r["config"]
+        if r["status"] == "ok" and c["workers"] == 1:
+            base[(c["engine"], c["patch_size"], c["compression"])] = r
+    for r in rows:
+        c = r["config"]
+        # the 1-worker baseline never allreduces, so its compression does not matter
+        ref = base.get((c["engine"], c["patch_size"], c["compression"])) or base.get(
+            (c["engine"], c["patch_size"], "none")
+        )
+        if r["status"] != "ok" or ref is None:
+            continue
+        one = ref["scaling"]["throughput_per_worker"]
+        total = r["measured"]["patches_per_s"]
+        r["scaling"]["efficiency"] = total / (c["workers"] * one)
+        r["scaling"]["total_throughput"] = total
+
+
+def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """Calibrate the ring model on these rows, add each row's cluster curve as
+    ``extra.projection``, and build the headline projection rows (2048 px, 256 x 2)."""
+    from histoseg import scaling
+    from histoseg.results import make_row
+
+    network = scaling.Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node)
+    points = scaling.calibration_points_from_rows(rows)
+    cal = scaling.calibrate(points) if points else None
+    overhead = cal.overhead_s if cal else 0.0
+    max_workers = args.nodes * args.workers_per_node
+    workers = [n for n in scaling.DEFAULT_WORKERS if n <= max_workers]
+    for r in rows:
+        if r["status"] != "ok" or r["config"]["workers"] < 2:
+            continue
+        curve = scaling.project(
+            r["measured"]["compute_s"],
+            r["measured"]["gradient_bytes"],
+            workers,
+            network=network,
+            overhead_s=overhead,
+            fp16=r["config"]["compression"] == "fp16",
+        )
+        r.setdefault("extra", {})["projection"] = [
+            {"workers": p["workers"], "efficiency": p["efficiency"]} for p in curve
+        ]
+    ok_rows = [r for r in rows if r["status"] == "ok"]
+    if not ok_rows:
+        return "no measured rows: no projection", []
+    inputs, tables = scaling.projection_from(
+        ok_rows,
+        patch_size=args.project_size,
+        compute_scale=args.compute_scale,
+        overhead_s=overhead,
+        network=network,
+        max_workers=max_workers,
+    )
+    if cal:
+        inputs["calibration_points"] = len(cal.points)
+        inputs["calibrated_overhead_s"] = cal.overhead_s
+        inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9
+        inputs["calibration_max_rel_error"] = cal.max_relative_error
+    text = scaling.format_projection(inputs, tables)
+    projection_rows = []
+    for name, table in tables.items():
+        last = table[-1]
+        projection_rows.append(
+            make_row(
+                "scaling",
+                {
+                    "patch_size": args.project_size,
+                    "backbone": inputs.get("backbone"),
+                    "engine": "projection",
+                    "workers": last["workers"],
+                    "nodes": last["nodes"],
+                    "compression": "fp16" if name == "fp16" else "none",
+                    "bandwidth_gbps": network.bandwidth_gbps,
+                    "workers_per_node": network.workers_per_node,
+                },
+                predicted={
+                    "efficiency": last["efficiency"],
+                    "allreduce_s": last["allreduce_s"],
+                    "step_s": last["step_s"],
+                    "compute_s": inputs["compute_s"],
+                },
+                extra={
+                    "inputs": inputs,
+                    "projection": [
+                        {"workers": p["workers"], "efficiency": p["efficiency"]} for p in table
+                    ],
+                },
+            )
+        )
+    return text, projection_rows
+
+
+def summary_table(rows: Sequence[dict]) -> str:
+    head = (
+        f"{'engine':<8} {'px':>5} {'comp':>5} {'workers':>7} {'step_s':>8} {'allreduce':>10} "
+        f"{'share':>6} {'patch/s/worker':>14} {'total/s':>8} {'efficiency':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        c = r["config"]
+        if c["engine"] == "projection":
+            continue
+        if r["status"] != "ok":
+            lines.append(
+                f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} {c['workers']:>7}"
+                f"  {r['status']}: {r.get('reason', '')[:70]}"
+            )
+            continue
+        m, s = r["measured"], r["scaling"]
+        eff = s.get("efficiency")
+        lines.append(
+            f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} {c['workers']:>7} "
+            f"{m['step_s']:>8.3f} {m['allreduce_s']:>10.4f} {100 * m['allreduce_share']:>5.1f}% "
+            f"{s['throughput_per_worker']:>14.3f} {m['patches_per_s']:>8.3f} "
+            f"{'' if eff is None else f'{100 * eff:.1f}%':>10}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scaling",
+        description="Weak scaling of the DeepLabV3+ train step over workers (Horovod, tf.distribute).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "Examples:\n"
+            "  python -m bench.scaling --workers 1 2 --sizes 512 1024 --engine horovod tf\n"
+            "  python -m bench.scaling --workers 1 2 --sizes 512 --engine horovod "
+            "--compression none fp16 --backbone xception65 --out results/scaling_x65.json\n"
+        ),
+    )
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="patch sizes, px")
+    p.add_argument("--engine", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument("--compression", nargs="+", choices=("none", "fp16"), default=["none"])
+    p.add_argument("--backbone", default="mobilenetv2")
+    p.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier")
+    p.add_argument("--batch-size", type=int, default=1, help="patches per worker per step")
+    p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument(
+        "--threads-per-worker",
+        type=int,
+        help="compute threads per worker (default: cores // largest worker count)",
+    )
+    p.add_argument("--timeout-s", type=float, default=900.0, help="per launch")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results (default {DEFAULT_OUT})")
+    proj = p.add_argument_group("projection (histoseg.scaling)")
+    proj.add_argument("--project-size", type=int, default=2048, help="patch size, px")
+    proj.add_argument("--nodes", type=int, default=256)
+    proj.add_argument("--workers-per-node", type=int, default=2)
+    proj.add_argument("--bandwidth-gbps", type=float, default=100.0)
+    proj.add_argument("--latency-us", type=float, default=1.0)
+    proj.add_argument(
+        "--compute-scale", type=float, default=1.0, help="scale the measured compute time"
+    )
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(json.loads(args.worker))
+    if args.out.suffix != ".json":
+        raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
+    if any(w < 1 for w in args.workers) or any(s < 16 or s % 16 for s in args.sizes):
+        raise ConfigError("--workers must be >= 1 and --sizes multiples of 16")
+    from histoseg.train.launch import default_threads_per_worker
+
+    args.threads_per_worker = args.threads_per_worker or default_threads_per_worker(
+        max(args.workers)
+    )
+    from histoseg.results import load_rows_if_exists, merge_rows, write_rows
+
+    points = [
+        (engine, size, compression, workers)
+        for engine in args.engine
+        for size in args.sizes
+        for compression in args.compression
+        for workers in sorted(args.workers)
+        if not (workers == 1 and compression != args.compression[0])
+    ]
+    rows: list[dict] = []
+    for i, (engine, size, compression, workers) in enumerate(points, 1):
+        head = f"[{i}/{len(points)}] {engine} {size} px {compression} x{workers}"
+        print(f"{head}: running ({args.threads_per_worker} thread(s) per worker)", flush=True)
+        started = time.monotonic()
+        row = run_point(args, engine, size, compression, workers)
+        rows.append(row)
+        add_efficiency(rows)
+        m = row.get("measured", {})
+        done = (
+            f"{m['step_s']:.3f} s/step, allreduce {m['allreduce_s']:.4f} s "
+            f"({100 * m['allreduce_share']:.1f}%)"
+            if row["status"] == "ok"
+            else f"{row['status']}: {row.get('reason', '')[:200]}"
+        )
+        print(f"{head}: {done} [{time.monotonic() - started:.0f} s]", flush=True)
+        write_rows(args.out, merge_rows(load_rows_if_exists(args.out), rows))
+    text, projection_rows = attach_projection(rows, args)
+    write_rows(args.out, merge_rows(load_rows_if_exists(args.out), rows + projection_rows))
+    print()
+    print(summary_table(rows))
+    print()
+    print(text)
+    print(f"\nrows: {args.out} (+ .csv)")
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))

@@ -1,0 +1,103 @@
+"""The training CLI end to end on tiny synthetic slides, and its pieces (split, schedule)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from histoseg.cli import run_main
+from histoseg.errors import ConfigError
+from histoseg.train.cli import main
+from histoseg.train.loop import WarmupSchedule, load_checkpoint, split_slides
+
+TINY = [
+    "--synthetic-slides", "3",
+    "--synthetic-size", "2048x2048",
+    "--backbone", "mobilenetv2",
+    "--alpha", "0.35",
+    "--patch-size", "64",
+    "--batch-size", "2",
+    "--max-val-patches", "8",
+    "--checkpoint-every", "2",
+    "--no-progress",
+]  # fmt: skip
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "Examples:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--patch-size", "100"], "multiple of the output stride"),
+        (["--batch-size", "0"], "--batch-size must be positive"),
+        (["--epochs", "-1"], "--epochs must be > 0"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(flags, message, capsys):
+    assert run_main(main, flags) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
+    data, run = tmp_path / "slides", tmp_path / "run"
+    common = [*TINY, "--synthetic-dir", str(data), "--run-dir", str(run)]
+    assert main([*common, "--steps", "2"]) == 0
+    rows = json.loads((run / "results.json").read_text())
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["kind"] == "accuracy" and row["status"] == "ok"
+    assert row["config"]["workers"] == 1 and row["config"]["engine"] == "none"
+    for key in ("accuracy", "miou", "auc", "val_patches", "baseline_miou"):
+        assert key in row["metrics"]
+    assert 0 < row["metrics"]["val_patches"] <= 8
+    assert (run / "results.csv").exists()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.npz"]
+    assert "validation (" in capsys.readouterr().out
+
+    # resume: continues from step 2 to step 3, adds a second row (another steps count)
+    assert main([*common, "--steps", "3", "--resume", "auto"]) == 0
+    rows = json.loads((run / "results.json").read_text())
+    assert [r["config"]["steps"] for r in rows] == [2, 3]
+    assert rows[1]["extra"]["start_step"] == 2
+
+    # a checkpoint refuses a model it was not made for
+    import keras
+
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ConfigError, match="variables"):
+        load_checkpoint(run / "checkpoints", other, keras.optimizers.SGD())
+
+
+def test_split_by_slide_keeps_tumour_in_validation():
+    pairs = [(f"slide_{i:03d}.tif", "a.xml" if i % 3 != 2 else None) for i in range(6)]
+    train, val = split_slides(pairs)
+    assert [p[0] for p in val] == ["slide_004.tif", "slide_005.tif"]
+    assert any(x for _, x in val) and any(x for _, x in train)
+    assert not set(map(tuple, train)) & set(map(tuple, val))
+
+
+def test_split_by_centre_for_camelyon17_names():
+    names = [f"patient_{p:03d}_node_{n}.tif" for p in (0, 1, 20, 45) for n in range(2)]
+    train, val = split_slides(names)  # auto -> centre: the last centre (2) validates
+    assert val == ["patient_045_node_0.tif", "patient_045_node_1.tif"]
+    assert len(train) == 6
+    _, val = split_slides(names, how="centre", val_centres=[0])
+    assert len(val) == 4 and all("patient_00" in v for v in val)
+    with pytest.raises(ConfigError, match="CAMELYON17"):
+        split_slides(["a.tif", "b.tif"], how="centre")
+
+
+def test_warmup_then_poly_decay():
+    schedule = WarmupSchedule(0.4, total_steps=110, warmup_steps=10, decay="poly", power=1.0)
+    values = np.array([float(schedule(s)) for s in (0, 4, 9, 10, 60, 110)])
+    np.testing.assert_allclose(values, [0.04, 0.2, 0.4, 0.4, 0.2, 0.0], atol=1e-6)
+    assert WarmupSchedule.from_config(schedule.get_config()).get_config() == schedule.get_config()
