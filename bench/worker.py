@@ -97,6 +97,11 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     if config.device == "cpu":
         tf.config.set_visible_devices([], "GPU")
+    else:
+        # Without memory growth TF reserves nearly the whole card up front, and NVML's
+        # "used" would say nothing about this config.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
     device = config.tf_device
     probe = MemoryProbe(device)
     with tf.device(device):
