@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"measure the CI baseline configs into --out (default {BASELINE_OUT}), replacing "
         "their rows; other sweep options are ignored",
     )
+    add("--show", action="store_true", help="print the summary table of --out; run nothing")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -470,6 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         configs = configs_from_args(args)
     memory = parse_size(args.device_memory) if args.device_memory else None
+    if args.show:
+        from histoseg.results import load_rows
+
+        print(summary_table([r for r in load_rows(args.out) if r.get("kind") == "memory"]))
+        return 0
     _hide_gpus_from_this_process()
     if args.refresh_predictions:
         rows = refresh_predictions(args.out)
