@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--batch-size", type=int, default=2, help="patches per worker per step")
     data.add_argument(
-        "--max-val-patches", type=int, default=64, help="validation grid subset (0: all)"
+        "--max-val-patches",
+        type=int,
+        default=64,
+        help="validation subset of the grid, up to half tumour (0: the whole grid)",
     )
 
     model = p.add_argument_group("model")
@@ -109,6 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin-cores",
         action="store_true",
         help="pin this process to its own block of cores (by local rank)",
+    )
+
+    opt.add_argument(
+        "--bn-recalibration-batches",
+        type=int,
+        default=20,
+        help="training batches that re-estimate batch-norm statistics before validation (0: off)",
     )
 
     out = p.add_argument_group("output")
@@ -176,6 +186,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         seed=args.seed,
         threads=args.threads,
         progress=not args.no_progress,
+        bn_recalibration_batches=args.bn_recalibration_batches,
     )
 
 

@@ -262,6 +262,51 @@ def load_checkpoint(path: str | os.PathLike, model: keras.Model, optimizer: Any)
 
 
 # ----------------------------------------------------------------------------- validation
+def recalibrate_batch_norm(
+    model: keras.Model, batches: Iterable[tuple[Any, Any]], engine: Engine, num_batches: int
+) -> int:
+    """Re-estimate every batch-norm layer's moving statistics for the current weights.
+
+    During training the moving averages (momentum 0.99) mix statistics of weights from
+    about a hundred steps back; early in training, while the weights still move fast, that
+    stale mixture can be far from what the final weights produce, and inference-mode
+    outputs collapse even though training-mode outputs are good. Before validating, run
+    ``num_batches`` training batches forward in training mode (no gradients, no update)
+    with the momentum set so the moving statistics become the plain average over those
+    batches ("precise BN", Wu & Johnson 2021), then average them over the ranks.
+
+    Returns:
+        How many batches were used on this rank.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    if not layers or num_batches <= 0:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for images, _ in batches:
+            used += 1
+            for layer in layers:
+                # moving = (k-1)/k * moving + 1/k * batch: the running mean of k batches
+                layer.momentum = 1.0 - 1.0 / used
+            # eager on purpose: a compiled call would freeze the momentum at trace time
+            model(prepare_images(images), training=True)
+            if used >= num_batches:
+                break
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+    stats = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+    averaged = engine.allreduce_gradients([tf.convert_to_tensor(v) for v in stats])
+    for v, value in zip(stats, averaged, strict=True):
+        v.assign(value)
+    return used
+
+
 def evaluate(
     model: keras.Model, batches: Iterable[tuple[Any, Any]], engine: Engine
 ) -> PixelMetrics:
@@ -454,6 +499,7 @@ class TrainOptions:
     seed: int = 0
     threads: int | None = None
     progress: bool = True
+    bn_recalibration_batches: int = 20
 
 
 def find_slides(slides: str, annotations: str | None) -> list[tuple[Path, Path | None]]:
@@ -528,12 +574,26 @@ def _val_patches(options: TrainOptions, slides: Sequence[tuple[Path, Path | None
     for tif, xml in slides:
         refs += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
     if options.max_val_patches and len(refs) > options.max_val_patches:
-        # evenly spaced over the grid (deterministic) so the subset spans every slide
-        keep = np.linspace(0, len(refs) - 1, options.max_val_patches).round().astype(int)
-        refs = [refs[i] for i in sorted(set(keep.tolist()))]
+        # a deterministic subset: up to half tumour patches (tumour is a few percent of a
+        # slide's tissue, so an even subset of the grid would hold almost none), the rest
+        # normal tissue, each part evenly spaced over the grid so it spans every slide
+        tumour = [r for r in refs if r.is_tumor]
+        normal = [r for r in refs if not r.is_tumor]
+        n_tumour = min(len(tumour), options.max_val_patches // 2)
+        refs = _evenly(tumour, n_tumour) + _evenly(normal, options.max_val_patches - n_tumour)
     if not refs:
         raise ConfigError(f"no validation patches of {options.patch_size} px with tissue")
     return refs
+
+
+def _evenly(items: Sequence[Any], n: int) -> list[Any]:
+    """``n`` items evenly spaced over ``items`` (all of them when there are fewer)."""
+    if n >= len(items):
+        return list(items)
+    if n <= 0:
+        return []
+    keep = np.linspace(0, len(items) - 1, n).round().astype(int)
+    return [items[i] for i in sorted(set(keep.tolist()))]
 
 
 def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
@@ -650,6 +710,9 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
             run_dir / "checkpoints", total_steps, model, step.optimizer
         )
 
+    recalibrated = recalibrate_batch_norm(
+        model, iter(dataset), engine, options.bn_recalibration_batches
+    )
     val_batches = []
     if my_val:
         val_ds = make_dataset(
@@ -712,6 +775,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
             "warmup_steps": warmup,
             "schedule": options.schedule,
             "start_step": start_step,
+            "bn_recalibration_batches": recalibrated,
             "run_dir": str(run_dir),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         },

@@ -22,6 +22,7 @@ TINY = [
     "--max-val-patches", "8",
     "--checkpoint-every", "2",
     "--no-progress",
+    "--bn-recalibration-batches", "2",
 ]  # fmt: skip
 
 
@@ -58,6 +59,7 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     for key in ("accuracy", "miou", "auc", "val_patches", "baseline_miou"):
         assert key in row["metrics"]
     assert 0 < row["metrics"]["val_patches"] <= 8
+    assert row["extra"]["bn_recalibration_batches"] == 2
     assert (run / "results.csv").exists()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.npz"]
