@@ -55,8 +55,8 @@ REGRESSION_TOLERANCE = 0.05
 #: The figures the CI regression compares.
 REGRESSION_METRICS = ("activation_bytes_per_patch", "peak_bytes_per_patch")
 #: Process memory beyond the allocator peak on the CPU: libraries, the traced graph and
-#: malloc caching (measured 0.55-0.9 GB for xception65; see docs/memory-harness.md).
-CPU_PROCESS_OVERHEAD_BYTES = 1_000_000_000
+#: malloc caching (measured 1.3 GB for xception65 at 256 px; see docs/memory-harness.md).
+CPU_PROCESS_OVERHEAD_BYTES = 1_500_000_000
 #: Row statuses that count as "already measured" when a sweep is re-run.
 DONE_STATUSES = ("ok", "oom")
 
