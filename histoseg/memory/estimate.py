@@ -385,8 +385,19 @@ def simulate_step(
 
     sizes = {t: tracked(b * batch_size) for t, b in graph.tensor_bytes.items()}
     sim = _Timeline(sizes, graph.inputs)
-    sim.alloc(graph.inputs)
     ops = graph.ops
+
+    # Mixed precision: each conv reads its float32 kernel through a cast. The casts depend
+    # on nothing but the weights, so the executor runs them at the very start of the step,
+    # before its first allocator read (seen with TF 2.21). A remat block's layers are cast
+    # twice (once for the forward pass, once for the recomputation); the forward copy dies
+    # when the layer has run, the other when its backward pass has.
+    def copy_bytes(op: _Op) -> int:
+        return sum(tracked(b) for b in op.weight_copy_sizes)
+
+    start = sum(copy_bytes(op) * (2 if op.block is not None else 1) for op in ops)
+    sim.alloc_bytes(start)
+    sim.alloc(graph.inputs)
     blocks: dict[str, list[_Op]] = {}
     for op in ops:
         if op.block is not None:
@@ -406,7 +417,7 @@ def simulate_step(
         nbytes, count = op.temp_bytes
         return int(count * tracked(nbytes * batch_size))
 
-    sim.forward(ops, keep=kept | final, temp=op_temp)
+    sim.forward(ops, keep=kept | final, temp=op_temp, after=_free_remat_copy(sim, copy_bytes))
 
     # The loss: softmax cross-entropy keeps a float32 backprop tensor per logit, and the
     # logits themselves die once the loss is computed.
@@ -415,7 +426,7 @@ def simulate_step(
     # While the loss runs: int32 labels cast from the masks and float32 per-pixel losses.
     sim.spike(int(TRANSIENT_FACTORS["loss"] * 2 * tracked(graph.output_pixels * 4 * batch_size)))
     sim.free(graph.outputs)
-    activation = sim.live
+    activation = sim.live - start
 
     # Backward: an op reads the gradients of its outputs and what it saved, makes the
     # gradients of its inputs and of its weights, then frees both. A remat block is run
@@ -442,7 +453,7 @@ def simulate_step(
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
         # the output gradient, so they allocate nothing.
         sim.spike(op_temp(op))
-        sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes))
+        sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes) - copy_bytes(op))
         last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
             last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
@@ -454,7 +465,19 @@ def simulate_step(
             sim.free(last)
             sim.grad(op.inputs)
             sim.ungrad(op.outputs)
-    return {"activation_bytes": int(activation), "peak_delta_bytes": int(sim.peak)}
+    return {
+        "activation_bytes": int(activation),
+        "peak_delta_bytes": int(sim.peak),
+        "weight_copy_bytes": int(start),
+    }
+
+
+def _free_remat_copy(sim: _Timeline, copy_bytes: Any) -> Any:
+    def after(op: _Op) -> None:
+        if op.block is not None:
+            sim.alloc_bytes(-copy_bytes(op))
+
+    return after
 
 
 class _Timeline:
@@ -505,7 +528,7 @@ class _Timeline:
                 self.grads.remove(t)
                 self.grad_bytes -= self.size[t]
 
-    def forward(self, ops: list[_Op], keep: set[int], temp: Any) -> None:
+    def forward(self, ops: list[_Op], keep: set[int], temp: Any, after: Any = None) -> None:
         """Run ``ops`` forward: allocate outputs and saved copies, free what dies."""
         last_use: dict[int, int] = {}
         for i, op in enumerate(ops):
@@ -516,6 +539,8 @@ class _Timeline:
             self.spike(temp(op))
             touched = set(op.inputs) | set(op.outputs) | set(op.saved)
             self.free([t for t in touched if last_use.get(t, -1) <= i and t not in keep])
+            if after is not None:
+                after(op)
 
 
 # --------------------------------------------------------------------------- estimates
@@ -608,16 +633,13 @@ def estimate_model(
     pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
     batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
-    # The casts of the weights to the compute dtype depend on nothing but the weights, so
-    # the executor runs them at the very start of the step (before the step's first
-    # allocator read, seen with TF 2.21) and they live until each layer's backward pass:
-    # part of the peak, not of the activations, and gone by the time gradients are read.
-    copies = tracked(b for op in facts.graph.ops for b in op.weight_copy_sizes)
+    # Mixed-precision weight copies are inside the simulated step's peak; they exist before
+    # the step's first read and are gone by the time gradients are read.
+    copies = sim["weight_copy_bytes"]
     peak = (
         tracked(facts.weight_sizes)
         + slots * tracked(facts.trainable_sizes)
         + tracked(batch)
-        + copies
         + sim["peak_delta_bytes"]
     )
     return MemoryEstimate(
