@@ -73,6 +73,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         if i >= int(spec["warmup"]):
             times.append(t)
     probe = {}
+    engine.barrier()  # probes time the collective alone, with the ranks in step
     if engine.size > 1:
         for nbytes in PROBE_BYTES:
             buf = [tf.ones([nbytes // 4], tf.float32)]

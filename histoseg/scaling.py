@@ -268,18 +268,23 @@ def compute_s_from_rows(rows: Iterable[Mapping[str, Any]], patch_size: int) -> d
 def calibration_points_from_rows(
     rows: Iterable[Mapping[str, Any]],
 ) -> list[tuple[float, int, float]]:
-    """(wire bytes, workers, allreduce seconds) of every measured multi-worker row."""
-    points = []
+    """(wire bytes, workers, allreduce seconds) measured in multi-worker rows.
+
+    Prefers the allreduce probes (a collective timed alone, ranks in step after a barrier,
+    at several message sizes); only without any probe does it fall back to the gradient
+    allreduce timed inside training steps, which also holds the wait for the slower rank.
+    """
+    probes, steps = [], []
     for r in rows:
         cfg, m = r.get("config", {}), r.get("measured", {})
         if r.get("kind") != "scaling" or r.get("status") != "ok" or cfg.get("workers", 1) < 2:
             continue
         if "allreduce_s" in m and "gradient_bytes" in m:
             wire = m["gradient_bytes"] / (2 if cfg.get("compression") == "fp16" else 1)
-            points.append((float(wire), int(cfg["workers"]), float(m["allreduce_s"])))
+            steps.append((float(wire), int(cfg["workers"]), float(m["allreduce_s"])))
         for b, s in (m.get("allreduce_probe") or {}).items():
-            points.append((float(b), int(cfg["workers"]), float(s)))
-    return points
+            probes.append((float(b), int(cfg["workers"]), float(s)))
+    return probes or steps
 
 
 def format_projection(
