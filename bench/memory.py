@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "their rows; other sweep options are ignored",
     )
     add("--show", action="store_true", help="print the summary table of --out; run nothing")
+    add("--markdown", action="store_true", help="with --show: a Markdown table instead")
     add("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -459,6 +460,31 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines + (["", "not measured:", *notes] if notes else []))
 
 
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Measured vs predicted activation and peak bytes (GB) as a Markdown table."""
+    lines = [
+        "| patch px | batch | backbone | precision | remat | status | activations GB "
+        "measured | predicted | error | step peak GB measured | predicted | error | "
+        "RSS peak GB | step s | MP/s |",
+        "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "---: | ---: | ---: |",
+    ]
+    for r in rows:
+        c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
+        status = "predicted" if r["status"] == "skipped" and p else r["status"]
+        lines.append(
+            f"| {c['patch_size']} | {c['batch_size']} | {c['backbone']} | {c['precision']} | "
+            f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)} | "
+            f"{_num(p.get('activation_bytes'), 1e9, 3)} | "
+            f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
+            f"{_num(m.get('peak_bytes'), 1e9, 3)} | {_num(p.get('peak_bytes'), 1e9, 3)} | "
+            f"{_pct(m.get('peak_bytes'), p.get('peak_bytes'))} | "
+            f"{_num(m.get('rss_peak_bytes'), 1e9)} | {_num(m.get('step_s'), 1)} | "
+            f"{_num(m.get('megapixels_per_s'), 1, 3)} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.out.suffix != ".json":
@@ -474,7 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.show:
         from histoseg.results import load_rows
 
-        print(summary_table([r for r in load_rows(args.out) if r.get("kind") == "memory"]))
+        shown = [r for r in load_rows(args.out) if r.get("kind") == "memory"]
+        print(summary_markdown(shown) if args.markdown else summary_table(shown))
         return 0
     _hide_gpus_from_this_process()
     if args.refresh_predictions:
