@@ -440,6 +440,22 @@ def draw_preview(
 
 
 # --- CLI -------------------------------------------------------------------------------
+def parse_label_map(text: str) -> dict[str, int | None]:
+    """'metastases=1,normal=0,x=ignore' -> {'metastases': 1, 'normal': 0, 'x': None}."""
+    out: dict[str, int | None] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        group, sep, value = item.rpartition("=")
+        if not sep or not group or value not in {"0", "1", "ignore"}:
+            raise ConfigError(
+                f"label map entry {item!r} must be GROUP=1 (tumour), GROUP=0 (exclusion) "
+                "or GROUP=ignore"
+            )
+        out[group] = None if value == "ignore" else int(value)
+    if not out:
+        raise ConfigError(f"empty label map {text!r}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from histoseg.wsi._cli import ArgumentParser
 
@@ -461,6 +477,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--stride", type=int, help="grid step in px at --level (default: patch size)"
     )
+    parser.add_argument(
+        "--label-map",
+        help="ASAP group labels, e.g. 'metastases=1,normal=0,other=ignore' "
+        "(1 tumour, 0 exclusion; default: CAMELYON16 and CAMELYON17 names)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="CSV patch list to write")
     parser.add_argument("--preview", type=Path, help="also draw the patches on a thumbnail PNG")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -474,7 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         slide = open_slide(args.slide)
-        annotations = Annotations.from_xml(args.annotations)
+        label_map = parse_label_map(args.label_map) if args.label_map else None
+        annotations = Annotations.from_xml(args.annotations, label_map)
         refs = grid_patches(
             slide, args.patch_size, args.level, args.min_tissue, annotations, args.stride
         )

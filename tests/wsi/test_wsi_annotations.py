@@ -17,7 +17,7 @@ from histoseg.wsi import Annotations, AnnotationWarning, write_asap_xml
 from histoseg.wsi.raster import fill_polygons
 
 FAST = settings(
-    max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 
 
@@ -198,7 +198,7 @@ def xml_documents(draw):
     return text.encode("utf-8", "surrogatepass")
 
 
-@settings(max_examples=80, deadline=1000)
+@settings(max_examples=80, deadline=5000)
 @given(data=xml_documents())
 def test_random_documents_parse_or_raise_annotation_error(data):
     with warnings.catch_warnings():
@@ -212,7 +212,7 @@ def test_random_documents_parse_or_raise_annotation_error(data):
         ann.rasterize((0, 0, 16, 16))
 
 
-@settings(max_examples=100, deadline=1000)
+@settings(max_examples=100, deadline=5000)
 @given(data=st.binary(max_size=300))
 def test_random_bytes_never_crash(data):
     with contextlib.suppress(AnnotationError):

@@ -108,6 +108,28 @@ def test_patches_cli_bad_inputs_one_line_exit_2(tmp_path, synthetic_slides, caps
         assert message in lines[0], (name, lines[0])
 
 
+def test_patches_cli_warns_and_goes_on_for_a_polygon_past_the_edge(
+    tmp_path, synthetic_slides, capsys
+):
+    edge = tmp_path / "edge.xml"
+    edge.write_text(
+        '<ASAP_Annotations><Annotations><Annotation Name="rim" PartOfGroup="carcinoma">'
+        '<Coordinates><Coordinate Order="0" X="2000" Y="10"/><Coordinate Order="1" X="2100" Y="10"/>'
+        '<Coordinate Order="2" X="2000" Y="90"/></Coordinates></Annotation></Annotations>'
+        "</ASAP_Annotations>"
+    )
+    argv = ["--slide", synthetic_slides.tumor_tif, "--annotations", edge, "--patch-size", 256]
+    code, _, err = _run(patches.main, [*argv, "--out", tmp_path / "o.csv"], capsys)
+    assert code == 2 and "unknown group 'carcinoma'" in err
+    argv += ["--label-map", "carcinoma=1", "--out", tmp_path / "o.csv"]
+    code, stdout, err = _run(patches.main, argv, capsys)
+    assert code == 0 and "kept" in stdout
+    assert err.startswith("warning: ") and "'rim'" in err and "outside" in err
+    bad = [*argv[:-4], "--label-map", "carcinoma=2", "--out", tmp_path / "o.csv", "--force"]
+    code, _, err = _run(patches.main, bad, capsys)
+    assert code == 2 and "GROUP=1" in err
+
+
 def test_synth_cli_and_idempotent_dataset(tmp_path, capsys):
     argv = [
         "--out",
