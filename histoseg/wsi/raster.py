@@ -36,10 +36,9 @@ def fill_polygons(
     else:
         width, height = (int(v) for v in size_px)
     width, height = max(width, 0), max(height, 0)
-    parity = np.zeros((height, width + 1), dtype=np.uint8)
-    if width == 0 or height == 0:
-        return np.zeros((height, width), dtype=bool)
     out = np.zeros((height, width), dtype=bool)
+    if width == 0 or height == 0:
+        return out
     for polygon in polygons:
         poly = np.asarray(polygon, dtype=np.float64)
         if len(poly) < 3:
@@ -47,18 +46,21 @@ def fill_polygons(
         # To output-pixel units where pixel j has its centre at j.
         px = (poly[:, 0] - x0) / downsample - 0.5
         py = (poly[:, 1] - y0) / downsample - 0.5
-        if px.max() < -1 or py.max() < -1 or px.min() > width or py.min() > height:
+        row_first = max(0, math.ceil(py.min()))
+        row_stop = min(height, math.ceil(py.max()))
+        if px.max() < 0 or px.min() > width or row_first >= row_stop:
             continue
-        parity[:] = 0
-        _toggle_crossings(parity, px, py)
-        inside = (np.cumsum(parity, axis=1, dtype=np.uint8)[:, :width] & 1).astype(bool)
-        out |= inside
+        # Work on the rows the polygon spans only: whole-slide masks stay cheap.
+        parity = _crossing_parity(px, py - row_first, row_stop - row_first, width)
+        out[row_first:row_stop] |= (
+            np.cumsum(parity, axis=1, dtype=np.uint8)[:, :width] & 1
+        ).astype(bool)
     return out
 
 
-def _toggle_crossings(parity: np.ndarray, px: np.ndarray, py: np.ndarray) -> None:
-    """Add 1 at (row, first column right of the crossing) for each edge/row crossing."""
-    height, width_plus_1 = parity.shape
+def _crossing_parity(px: np.ndarray, py: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(height, width + 1) uint8: 1 where an odd number of edges cross row i just left of j."""
+    parity = np.zeros((height, width + 1), dtype=np.uint8)
     xa, ya = px, py
     xb, yb = np.roll(px, -1), np.roll(py, -1)
     y_lo = np.minimum(ya, yb)
@@ -69,12 +71,13 @@ def _toggle_crossings(parity: np.ndarray, px: np.ndarray, py: np.ndarray) -> Non
     counts = np.maximum(row_stop - row_first, 0)
     total = int(counts.sum())
     if total == 0:
-        return
+        return parity
     edge = np.repeat(np.arange(len(counts)), counts)
     starts = np.cumsum(counts) - counts
     rows = row_first[edge] + (np.arange(total) - starts[edge])
     slope = (xb - xa) / np.where(yb == ya, 1.0, yb - ya)
     x_cross = xa[edge] + (rows - ya[edge]) * slope[edge]
-    cols = np.clip(np.ceil(x_cross), 0, width_plus_1 - 1).astype(np.int64)
-    counts_flat = np.bincount(rows * width_plus_1 + cols, minlength=parity.size)
-    parity += (counts_flat & 1).astype(np.uint8).reshape(parity.shape)
+    cols = np.clip(np.ceil(x_cross), 0, width).astype(np.int64)
+    cells, hits = np.unique(rows * (width + 1) + cols, return_counts=True)
+    parity.ravel()[cells] = hits & 1
+    return parity
