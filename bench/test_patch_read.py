@@ -80,13 +80,13 @@ def test_patch_read(benchmark, bench_slide, bench_refs, reader, patch_size):
     if reader == "naive":
         annotations = Annotations.from_xml(bench_slide[1])
         result = benchmark.pedantic(
-            naive_read, args=(refs, annotations), rounds=3, warmup_rounds=1, iterations=1
+            naive_read, args=(refs, annotations), rounds=5, warmup_rounds=1, iterations=1
         )
     else:
         close_cached()  # every measured pipeline starts from a fresh process state
         dataset = make_dataset(refs, 4, shuffle=False, repeat=False, drop_remainder=False)
         batches = benchmark.pedantic(
-            pipeline_read, args=(dataset,), rounds=3, warmup_rounds=1, iterations=1
+            pipeline_read, args=(dataset,), rounds=5, warmup_rounds=1, iterations=1
         )
         result = [(im, m) for images, masks in batches for im, m in zip(images, masks, strict=True)]
     assert len(result) == len(refs)
