@@ -336,8 +336,8 @@ GROUP_COLOURS = {"_0": "#FF0000", "_1": "#FF0000", "_2": "#00FF00", "Tumor": "#F
 def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]]) -> Path:
     """Write polygons as ASAP XML: ``groups`` maps a group name to its polygons.
 
-    Coordinates are written with 6 significant decimals, so a round trip through
-    :meth:`Annotations.from_xml` gives back the same mask.
+    Coordinates are written exactly (shortest round-trip decimal, no exponent), so a round
+    trip through :meth:`Annotations.from_xml` gives back the same polygons and masks.
     """
     path = Path(path)
     lines = ['<?xml version="1.0"?>', "<ASAP_Annotations>", "\t<Annotations>"]
@@ -351,7 +351,9 @@ def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]])
             )
             lines.append("\t\t\t<Coordinates>")
             for order, (x, y) in enumerate(np.asarray(polygon, dtype=np.float64)):
-                lines.append(f'\t\t\t\t<Coordinate Order="{order}" X="{x:.6f}" Y="{y:.6f}" />')
+                lines.append(
+                    f'\t\t\t\t<Coordinate Order="{order}" X="{_number(x)}" Y="{_number(y)}" />'
+                )
             lines.append("\t\t\t</Coordinates>")
             lines.append("\t\t</Annotation>")
             index += 1
@@ -369,3 +371,7 @@ def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]])
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+def _number(value: float) -> str:
+    return np.format_float_positional(float(value), trim="-")

@@ -2,10 +2,8 @@
 
 A slide is an analytic description (tissue islands, tumour polygons, stain fields) that is
 evaluated tile by tile with vectorised numpy, so a gigapixel level 0 is never in memory.
-The pyramid is built while level 0 streams out: each finished tile is halved into its
-parent tile, and finished parents are JPEG-encoded at once and kept as bytes. The TIFF is a
-"generic tiled TIFF" OpenSlide reads (level 0 first, then reduced-resolution directories),
-and the tumour polygons are written as ASAP XML with CAMELYON16 group names.
+:mod:`histoseg.wsi.pyramid` streams the tiles into a pyramidal TIFF OpenSlide reads, and
+the tumour polygons are written as ASAP XML with CAMELYON16 group names.
 
 Example:
     python -m histoseg.wsi.synth --out data/synthetic --slides 6 --size 20000x16000
@@ -16,19 +14,17 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
-import tifffile
 from scipy import ndimage
 
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError
 from histoseg.wsi.annotations import write_asap_xml
+from histoseg.wsi.pyramid import write_pyramid_tiff
 from histoseg.wsi.raster import fill_polygons
 
 # Stain palette (RGB). Normal tissue: pink eosin stroma, small violet nuclei. Tumour: a
@@ -42,8 +38,6 @@ TUMOR_STROMA_DARK = np.array([168.0, 112.0, 180.0], dtype=np.float32)
 TUMOR_NUCLEUS = np.array([62.0, 30.0, 112.0], dtype=np.float32)
 
 COARSE_CELL_PX = 64  # level-0 px between nodes of the smooth tissue/stain fields
-MIN_TOP_LEVEL_PX = 1000  # keep halving until the top level is smaller than this
-JPEG_QUALITY = 85
 NOISE_BANK_SIZE = 4
 
 
@@ -342,74 +336,6 @@ def _polygons_hitting(
     ]
 
 
-# --- the pyramid writer ----------------------------------------------------------------
-def pyramid_dimensions(width_px: int, height_px: int) -> list[tuple[int, int]]:
-    """Level sizes: halving (rounding up) until the larger side is below 1000 px."""
-    dims = [(width_px, height_px)]
-    while max(dims[-1]) >= MIN_TOP_LEVEL_PX:
-        w, h = dims[-1]
-        dims.append(((w + 1) // 2, (h + 1) // 2))
-    return dims
-
-
-def _encode(tile: np.ndarray) -> bytes:
-    return imagecodecs.jpeg_encode(
-        tile, level=JPEG_QUALITY, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
-    )
-
-
-def _halve(tile: np.ndarray) -> np.ndarray:
-    a = tile.astype(np.uint16)
-    s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
-    return ((s + 2) >> 2).astype(np.uint8)
-
-
-class _PyramidBuilder:
-    """Collects halved level-k tiles into level-(k+1) tiles and encodes finished ones."""
-
-    def __init__(self, dims: list[tuple[int, int]], tile_px: int):
-        self.dims = dims
-        self.tile_px = tile_px
-        self.grid = [(math.ceil(w / tile_px), math.ceil(h / tile_px)) for w, h in dims]
-        self.pending: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in dims]
-        self.encoded: list[dict[tuple[int, int], bytes]] = [{} for _ in dims]
-        self._white = np.full((tile_px, tile_px, 3), BACKGROUND_RGB.astype(np.uint8))
-        self._white_half = _halve(self._white)
-        self._white_bytes = _encode(self._white)
-
-    def white_bytes(self) -> bytes:
-        return self._white_bytes
-
-    def add(self, level: int, tx: int, ty: int, half: np.ndarray | None) -> None:
-        """Paste the halved tile (tx, ty) of ``level`` into its parent on ``level + 1``."""
-        parent_level = level + 1
-        if parent_level >= len(self.dims):
-            return
-        t = self.tile_px
-        px, py = tx // 2, ty // 2
-        key = (px, py)
-        parent = self.pending[parent_level].get(key)
-        if parent is None:
-            parent = self._white.copy()
-            self.pending[parent_level][key] = parent
-        h = t // 2
-        ox, oy = (tx % 2) * h, (ty % 2) * h
-        parent[oy : oy + h, ox : ox + h] = self._white_half if half is None else half
-        n_tx, n_ty = self.grid[level]
-        last_child = (min(2 * px + 1, n_tx - 1), min(2 * py + 1, n_ty - 1))
-        if (tx, ty) == last_child:
-            del self.pending[parent_level][key]
-            self.encoded[parent_level][key] = _encode(parent)
-            self.add(parent_level, px, py, _halve(parent))
-
-    def level_tiles(self, level: int) -> Iterator[bytes]:
-        n_tx, n_ty = self.grid[level]
-        tiles = self.encoded[level]
-        for ty in range(n_ty):
-            for tx in range(n_tx):
-                yield tiles[(tx, ty)]
-
-
 def write_synthetic_slide(
     path_tif: str | Path,
     size_px: tuple[int, int] = (8000, 6000),
@@ -436,87 +362,25 @@ def write_synthetic_slide(
     Returns:
         (tif_path, xml_path), xml_path None for a normal slide.
     """
-    from tqdm import tqdm
-
     width_px, height_px = (int(v) for v in size_px)
     if width_px < 64 or height_px < 64:
         raise ConfigError(f"slide size must be at least 64x64 px, got {width_px}x{height_px}")
     if tile_px <= 0 or tile_px % 32:
         raise ConfigError(f"tile_px must be a positive multiple of 32, got {tile_px}")
-    if not mpp > 0:
-        raise ConfigError(f"mpp must be > 0, got {mpp}")
     path_tif = Path(path_tif)
-    path_tif.parent.mkdir(parents=True, exist_ok=True)
     design = make_design(width_px, height_px, seed, tumor=tumor)
     renderer = TileRenderer(design, tile_px)
-    dims = pyramid_dimensions(width_px, height_px)
-    builder = _PyramidBuilder(dims, tile_px)
-    n_tx, n_ty = builder.grid[0]
-    threads = threads or min(4, os.cpu_count() or 1)
-
-    def work(index: int) -> tuple[bytes, np.ndarray | None]:
-        tile = renderer.render(index % n_tx, index // n_tx)
-        if tile is None:
-            return builder.white_bytes(), None
-        return _encode(tile), _halve(tile)
-
-    def level0_tiles() -> Iterator[bytes]:
-        with (
-            ThreadPoolExecutor(threads) as pool,
-            tqdm(
-                total=n_tx * n_ty,
-                desc=path_tif.name,
-                unit="tile",
-                disable=not progress,
-                leave=False,
-            ) as bar,
-        ):
-            window = 4 * threads  # bounded read-ahead keeps memory flat
-            indices = iter(range(n_tx * n_ty))
-            futures = [pool.submit(work, i) for _, i in zip(range(window), indices, strict=False)]
-            index = 0
-            while futures:
-                data, half = futures.pop(0).result()
-                nxt = next(indices, None)
-                if nxt is not None:
-                    futures.append(pool.submit(work, nxt))
-                builder.add(0, index % n_tx, index // n_tx, half)
-                index += 1
-                bar.update()
-                yield data
-
-    tmp = path_tif.with_name(path_tif.name + ".part")
-    resolution_per_cm = 1e4 / mpp
-    common = {
-        "dtype": np.uint8,
-        "tile": (tile_px, tile_px),
-        "compression": "jpeg",
-        "photometric": "rgb",
-        "subsampling": (2, 2),
-        "resolutionunit": "CENTIMETER",
-        "metadata": None,
-    }
-    bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
-    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
-        tif.write(
-            level0_tiles(),
-            shape=(height_px, width_px, 3),
-            resolution=(resolution_per_cm, resolution_per_cm),
-            subfiletype=0,
-            software="histoseg.wsi.synth",
-            **common,
-        )
-        for level in range(1, len(dims)):
-            w, h = dims[level]
-            scale = width_px / w
-            tif.write(
-                builder.level_tiles(level),
-                shape=(h, w, 3),
-                resolution=(resolution_per_cm / scale, resolution_per_cm / scale),
-                subfiletype=1,
-                **common,
-            )
-    os.replace(tmp, path_tif)
+    write_pyramid_tiff(
+        path_tif,
+        renderer.render,
+        (width_px, height_px),
+        tile_px=tile_px,
+        mpp=mpp,
+        background_rgb=tuple(int(v) for v in BACKGROUND_RGB),
+        threads=threads,
+        progress=progress,
+        software="histoseg.wsi.synth",
+    )
 
     xml_path = path_tif.with_suffix(".xml")
     if design.groups:

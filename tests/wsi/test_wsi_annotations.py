@@ -68,6 +68,9 @@ def test_round_trip_mask_equals_direct_rasterisation(tmp_path_factory, groups, d
     assert mask.shape == (size[1], size[0]) and mask.dtype == np.uint8
     np.testing.assert_array_equal(mask, expected.astype(np.uint8))
     assert [a.group for a in parsed.annotations] == [g for g, ps in groups.items() for _ in ps]
+    originals = [p for ps in groups.values() for p in ps]
+    for a, original in zip(parsed.annotations, originals, strict=True):
+        np.testing.assert_array_equal(a.vertices, original)  # coordinates survive exactly
 
 
 @FAST

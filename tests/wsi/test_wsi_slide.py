@@ -10,8 +10,9 @@ import tifffile
 
 from histoseg.errors import SlideError
 from histoseg.wsi import open_slide
+from histoseg.wsi.pyramid import pyramid_dimensions
 from histoseg.wsi.slide import premultiplied_argb_to_rgb
-from histoseg.wsi.synth import pyramid_dimensions, write_synthetic_slide
+from histoseg.wsi.synth import write_synthetic_slide
 
 
 def test_synthetic_slide_opens_with_expected_levels_and_mpp(synthetic_slides):

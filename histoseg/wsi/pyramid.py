@@ -1,0 +1,206 @@
+"""Streaming writer of pyramidal JPEG-tiled TIFFs that OpenSlide reads ("generic tiled TIFF").
+
+Level 0 is rendered tile by tile (in threads) and written as it comes; the pyramid is built
+on the way: each finished tile is halved into its parent tile, and a parent is JPEG-encoded
+the moment its last child arrives and kept as bytes. Memory stays at about one row of tiles
+per level plus the compressed lower levels, whatever the slide size. The file is level 0
+first, then reduced-resolution directories (NewSubfileType 1, not SubIFDs), with
+X/YResolution in pixels per centimetre so OpenSlide reports the mpp.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import tifffile
+
+from histoseg.errors import ConfigError
+
+MIN_TOP_LEVEL_PX = 1000  # keep halving until the top level is smaller than this
+JPEG_QUALITY = 85
+
+
+def pyramid_dimensions(width_px: int, height_px: int) -> list[tuple[int, int]]:
+    """Level sizes: halving (rounding up) until the larger side is below 1000 px."""
+    dims = [(width_px, height_px)]
+    while max(dims[-1]) >= MIN_TOP_LEVEL_PX:
+        w, h = dims[-1]
+        dims.append(((w + 1) // 2, (h + 1) // 2))
+    return dims
+
+
+def _encode(tile: np.ndarray) -> bytes:
+    return imagecodecs.jpeg_encode(
+        tile, level=JPEG_QUALITY, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+    )
+
+
+def _halve(tile: np.ndarray) -> np.ndarray:
+    a = tile.astype(np.uint16)
+    s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
+    return ((s + 2) >> 2).astype(np.uint8)
+
+
+class _PyramidBuilder:
+    """Collects halved level-k tiles into level-(k+1) tiles and encodes finished ones."""
+
+    def __init__(
+        self, dims: list[tuple[int, int]], tile_px: int, background_rgb: tuple[int, int, int]
+    ):
+        self.dims = dims
+        self.tile_px = tile_px
+        self.grid = [(math.ceil(w / tile_px), math.ceil(h / tile_px)) for w, h in dims]
+        self.pending: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in dims]
+        self.encoded: list[dict[tuple[int, int], bytes]] = [{} for _ in dims]
+        self._white = np.full((tile_px, tile_px, 3), background_rgb, dtype=np.uint8)
+        self._white_half = _halve(self._white)
+        self._white_bytes = _encode(self._white)
+
+    def white_bytes(self) -> bytes:
+        return self._white_bytes
+
+    def add(self, level: int, tx: int, ty: int, half: np.ndarray | None) -> None:
+        """Paste the halved tile (tx, ty) of ``level`` into its parent on ``level + 1``."""
+        parent_level = level + 1
+        if parent_level >= len(self.dims):
+            return
+        t = self.tile_px
+        px, py = tx // 2, ty // 2
+        key = (px, py)
+        parent = self.pending[parent_level].get(key)
+        if parent is None:
+            parent = self._white.copy()
+            self.pending[parent_level][key] = parent
+        h = t // 2
+        ox, oy = (tx % 2) * h, (ty % 2) * h
+        parent[oy : oy + h, ox : ox + h] = self._white_half if half is None else half
+        n_tx, n_ty = self.grid[level]
+        last_child = (min(2 * px + 1, n_tx - 1), min(2 * py + 1, n_ty - 1))
+        if (tx, ty) == last_child:
+            del self.pending[parent_level][key]
+            self.encoded[parent_level][key] = _encode(parent)
+            self.add(parent_level, px, py, _halve(parent))
+
+    def level_tiles(self, level: int) -> Iterator[bytes]:
+        n_tx, n_ty = self.grid[level]
+        tiles = self.encoded[level]
+        for ty in range(n_ty):
+            for tx in range(n_tx):
+                yield tiles[(tx, ty)]
+
+
+def write_pyramid_tiff(
+    path: str | Path,
+    render_tile: Callable[[int, int], np.ndarray | None],
+    size_px: tuple[int, int],
+    *,
+    tile_px: int = 512,
+    mpp: float = 0.25,
+    background_rgb: tuple[int, int, int] = (255, 255, 255),
+    threads: int | None = None,
+    progress: bool = True,
+    software: str = "histoseg",
+) -> Path:
+    """Write a pyramidal JPEG-tiled TIFF from a level-0 tile function.
+
+    Args:
+        path: output file (written as ``path.part`` and renamed when complete).
+        render_tile: ``(tile column, tile row) -> uint8 (tile_px, tile_px, 3)`` RGB, or None
+            for a background tile. Called from ``threads`` threads; must be thread-safe.
+        size_px: level-0 (width, height).
+        tile_px: tile side, a multiple of 16 (JPEG 4:2:0 blocks).
+        mpp: micrometres per level-0 pixel.
+        background_rgb: colour of None tiles and of the padding beyond the slide.
+        threads: render threads (default: CPU count, at most 4).
+        progress: show a tqdm bar on stderr.
+        software: the Software tag.
+
+    Returns:
+        ``path``.
+    """
+    from tqdm import tqdm
+
+    width_px, height_px = (int(v) for v in size_px)
+    if width_px < 1 or height_px < 1:
+        raise ConfigError(f"image size must be positive, got {width_px}x{height_px}")
+    if tile_px <= 0 or tile_px % 16:
+        raise ConfigError(f"tile_px must be a positive multiple of 16, got {tile_px}")
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise ConfigError(f"mpp must be a positive number, got {mpp}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dims = pyramid_dimensions(width_px, height_px)
+    builder = _PyramidBuilder(dims, tile_px, background_rgb)
+    n_tx, n_ty = builder.grid[0]
+    threads = threads or min(4, os.cpu_count() or 1)
+
+    def work(index: int) -> tuple[bytes, np.ndarray | None]:
+        tile = render_tile(index % n_tx, index // n_tx)
+        if tile is None:
+            return builder.white_bytes(), None
+        return _encode(tile), _halve(tile)
+
+    def level0_tiles() -> Iterator[bytes]:
+        with (
+            ThreadPoolExecutor(threads) as pool,
+            tqdm(
+                total=n_tx * n_ty, desc=path.name, unit="tile", disable=not progress, leave=False
+            ) as bar,
+        ):
+            window = 4 * threads  # bounded read-ahead keeps memory flat
+            indices = iter(range(n_tx * n_ty))
+            futures = [pool.submit(work, i) for _, i in zip(range(window), indices, strict=False)]
+            index = 0
+            while futures:
+                data, half = futures.pop(0).result()
+                nxt = next(indices, None)
+                if nxt is not None:
+                    futures.append(pool.submit(work, nxt))
+                builder.add(0, index % n_tx, index // n_tx, half)
+                index += 1
+                bar.update()
+                yield data
+
+    tmp = path.with_name(path.name + ".part")
+    resolution_per_cm = 1e4 / mpp
+    common = {
+        "dtype": np.uint8,
+        "tile": (tile_px, tile_px),
+        "compression": "jpeg",
+        "photometric": "rgb",
+        "subsampling": (2, 2),
+        "resolutionunit": "CENTIMETER",
+        "metadata": None,
+    }
+    bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+            tif.write(
+                level0_tiles(),
+                shape=(height_px, width_px, 3),
+                resolution=(resolution_per_cm, resolution_per_cm),
+                subfiletype=0,
+                software=software,
+                **common,
+            )
+            for level in range(1, len(dims)):
+                w, h = dims[level]
+                scale = width_px / w
+                tif.write(
+                    builder.level_tiles(level),
+                    shape=(h, w, 3),
+                    resolution=(resolution_per_cm / scale, resolution_per_cm / scale),
+                    subfiletype=1,
+                    **common,
+                )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
