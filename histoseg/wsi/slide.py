@@ -40,8 +40,8 @@ class Slide:
             self._osr = openslide.OpenSlide(str(self.path))
         except openslide.OpenSlideUnsupportedFormatError:
             raise SlideError(
-                f"{self.path}: not a whole-slide format OpenSlide can read "
-                "(expected a pyramidal tiled TIFF, .svs, .ndpi, .mrxs, ...)"
+                f"{self.path}: not a slide OpenSlide can read: unsupported format or a "
+                "corrupt/truncated file (expected a pyramidal tiled TIFF, .svs, .ndpi, .mrxs, ...)"
             ) from None
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
             raise SlideError(f"{self.path}: corrupt or unreadable slide ({exc})") from None
