@@ -97,6 +97,18 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image, tf.float32) / 127.5 - 1.0
 
 
+def _check_sources(refs: Sequence[PatchRef]) -> None:
+    """Open every slide and parse every XML once, up front: a missing or unreadable file is
+    a SlideError/AnnotationError here, not an opaque error from inside tf.data later."""
+    levels: dict[str, int] = {}
+    for ref in refs:
+        levels[ref.slide_path] = max(levels.get(ref.slide_path, 0), ref.level)
+    for path, level in levels.items():
+        cached_slide(path).check_level(level)
+    for path in {ref.annotations_path for ref in refs}:
+        cached_annotations(path)
+
+
 def make_dataset(
     patch_refs: Sequence[PatchRef] | str | Path,
     batch_size: int,
@@ -122,6 +134,7 @@ def make_dataset(
 
     Raises:
         ConfigError: empty list, mixed patch sizes, bad batch size.
+        SlideError, AnnotationError: a slide or XML of the list is missing or unreadable.
     """
     if isinstance(patch_refs, (str, Path)):
         patch_refs = load_patches(patch_refs)
@@ -138,6 +151,7 @@ def make_dataset(
             f"{len(refs)} patches make no full batch of {batch_size} (drop_remainder=True)"
         )
     patch_px = sizes[0]
+    _check_sources(refs)
 
     def load(index: np.ndarray, code: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         image, mask = read_patch(refs[int(index)])

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from histoseg.data import augment_patch, make_dataset, normalize, read_patch
-from histoseg.errors import ConfigError
+from histoseg.errors import ConfigError, SlideError
 from histoseg.wsi import PatchRef, grid_patches, save_patches
 from histoseg.wsi.synth import write_synthetic_slide
 
@@ -76,3 +78,7 @@ def test_csv_input_and_errors(tmp_path, refs):
         make_dataset([refs[0], PatchRef(refs[0].slide_path, 0, 0, 0, 128)], 1)
     with pytest.raises(ConfigError, match="batch_size"):
         make_dataset(refs, 0)
+    with pytest.raises(SlideError, match=r"gone\.tif"):
+        make_dataset([PatchRef(str(tmp_path / "gone.tif"), 0, 0, 0, 64)], 1)
+    with pytest.raises(SlideError, match="level 5 out of range"):
+        make_dataset([dataclasses.replace(refs[0], level=5)], 1)
