@@ -19,15 +19,17 @@ import keras
 
 from histoseg.models.layers import recomputing
 
-#: What each remat mode recomputes in the backward pass.
+#: What each remat mode recomputes in the backward pass, as
+#: ``(backbone granularity, recompute the head)``.
 #: ``none``: nothing (plain backprop). ``blocks``: every backbone block (stem, each
-#: Xception/residual/inverted-residual block). ``full``: the backbone blocks plus the
-#: ASPP branches and the decoder's convolutions, so that almost only block inputs stay
-#: alive after the forward pass.
-REMAT_PARTS: dict[str, frozenset[str]] = {
-    "none": frozenset(),
-    "blocks": frozenset({"backbone"}),
-    "full": frozenset({"backbone", "head"}),
+#: Xception/residual/inverted-residual block); ASPP and decoder are not recomputed.
+#: ``full``: the backbone blocks, with Xception's high-resolution entry flow recomputed one
+#: separable conv at a time ("units"), plus every ASPP branch and decoder conv, so that
+#: almost only block inputs stay alive after the forward pass.
+REMAT_PARTS: dict[str, tuple[str, bool]] = {
+    "none": ("none", False),
+    "blocks": ("blocks", False),
+    "full": ("units", True),
 }
 REMAT_MODES: tuple[str, ...] = tuple(REMAT_PARTS)
 

@@ -172,3 +172,24 @@ def test_bad_optimizer_and_memory_device_raise_config_error():
     model = build_deeplabv3plus("mobilenetv2", (SIZE_PX, SIZE_PX, 3), **TINY)
     with pytest.raises(ConfigError, match="CPU:0"):
         make_train_step(model, make_optimizer(), memory_device="TPU:0")
+
+
+@pytest.mark.slow
+def test_xception65_remat_full_matches_remat_none():
+    # 'full' recomputes Xception's entry flow one separable conv at a time: check it too.
+    keras.utils.set_random_seed(5)
+    models = {
+        mode: build_deeplabv3plus("xception65", (SIZE_PX, SIZE_PX, 3), remat=mode)
+        for mode in ("none", "full")
+    }
+    models["full"].set_weights(models["none"].get_weights())
+    images, masks = batch(batch_size=1)
+    results = {}
+    for mode, model in models.items():
+        loss, grads = tf.function(lambda i, m, model=model: compute_gradients(model, i, m))(
+            images, masks
+        )
+        results[mode] = (float(loss), [g.numpy() for g in grads])
+    assert results["full"][0] == pytest.approx(results["none"][0], rel=1e-5)
+    for g_full, g_none in zip(results["full"][1], results["none"][1], strict=True):
+        np.testing.assert_allclose(g_full, g_none, rtol=1e-5, atol=1e-5 * np.abs(g_none).max())

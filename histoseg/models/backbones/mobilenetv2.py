@@ -58,19 +58,21 @@ def _inverted_residual(x, *, expansion: int, filters: int, stride: int, rate: in
     return y
 
 
-def mobilenetv2(inputs, *, output_stride: int = 16, remat: bool = False, alpha: float = 1.0):
+def mobilenetv2(inputs, *, output_stride: int = 16, remat: bool | str = False, alpha: float = 1.0):
     """Apply MobileNetV2 to ``inputs``; return ``(low_level, high_level)`` features.
 
     Args:
         inputs: Image tensor, NHWC, already scaled to [-1, 1].
         output_stride: 16 or 8.
-        remat: Recompute each block (stem and every inverted residual) in the backward pass.
+        remat: ``True``, "blocks" or "units": recompute each block (stem and every inverted residual) in the backward pass.
         alpha: Width multiplier (1.0 = the paper's network; 0.35 for tiny test models).
 
     Returns:
         ``low_level``: stride-4 feature (the last 24*alpha-channel block);
         ``high_level``: stride-``output_stride`` feature (320*alpha channels).
     """
+
+    remat = remat not in (False, "none")
 
     def stem(x):
         x = keras.layers.Conv2D(

@@ -29,18 +29,20 @@ def _bottleneck(x, *, width: int, stride: int, rate: int, name: str):
     return keras.layers.ReLU(name=f"{name}_relu")(y)
 
 
-def resnet50(inputs, *, output_stride: int = 16, remat: bool = False):
+def resnet50(inputs, *, output_stride: int = 16, remat: bool | str = False):
     """Apply ResNet-50 to ``inputs``; return ``(low_level, high_level)`` features.
 
     Args:
         inputs: Image tensor, NHWC, already scaled to [-1, 1].
         output_stride: 16 or 8.
-        remat: Recompute each block (stem and every bottleneck) in the backward pass.
+        remat: ``True``, "blocks" or "units": recompute each block (stem and every bottleneck) in the backward pass.
 
     Returns:
         ``low_level``: stride-4 output of stage conv2_x (256 channels);
         ``high_level``: stride-``output_stride`` output of conv5_x (2048 channels).
     """
+
+    remat = remat not in (False, "none")
 
     def stem(x):
         x = conv_bn(x, 64, 7, strides=2, epsilon=1e-5, name="stem")

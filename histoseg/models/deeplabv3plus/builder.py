@@ -131,22 +131,22 @@ def build_deeplabv3plus(
         backbone_kwargs,
         allow_any_size=allow_any_size,
     )
-    parts = REMAT_PARTS[remat]
+    backbone_remat, head_remat = REMAT_PARTS[remat]
     rates = tuple(r * 16 // output_stride for r in _ASPP_RATES_OS16)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
         images = keras.Input(shape=(height, width, channels), dtype="float32", name="images")
         low_level, high_level = BACKBONES[backbone](
-            images, output_stride=output_stride, remat="backbone" in parts, **backbone_kwargs
+            images, output_stride=output_stride, remat=backbone_remat, **backbone_kwargs
         )
-        features = aspp(high_level, rates=rates, remat="head" in parts)
+        features = aspp(high_level, rates=rates, remat=head_remat)
         logits = decoder(
             features,
             low_level,
             num_classes=num_classes,
             output_size=(height, width),
-            remat="head" in parts,
+            remat=head_remat,
         )
         return keras.Model(images, logits, name=f"deeplabv3plus_{backbone}")
     finally:
