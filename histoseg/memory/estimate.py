@@ -41,6 +41,9 @@ OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "adamw": 2, "sgd": 1, "sgd_nomomen
 #: (TF 2.21, oneDNN on); see the module docstring and docs/memory-harness.md.
 TRANSIENT_FACTORS: dict[str, float] = {
     "batchnorm": 2.0,  # unfused Keras BN: x - mean and x * inv are full-size float32
+    # Its gradient: the output gradient times inv, the input gradient's terms, and the
+    # product with x for the scale's gradient, all full-size float32.
+    "batchnorm_backward": 3.0,
     "loss": 1.0,  # int32 labels + float32 per-pixel losses (8 bytes per pixel) at the loss
 }
 
@@ -75,7 +78,9 @@ class _Op:
     inputs: list[int]
     outputs: list[int]
     saved: list[int]  # tensors the backward pass of this op reads
-    temp_bytes: tuple[int, float]  # (buffer bytes, how many): alive only while the op runs
+    # (buffer bytes, how many in the forward pass, how many in the backward pass): working
+    # buffers alive only while the op (or its gradient) runs.
+    temp_bytes: tuple[int, float, float]
     block: str | None  # remat block this op belongs to (recomputed in the backward pass)
     param_sizes: tuple[int, ...] = ()  # bytes of each trainable weight (gradients alike)
     weight_copy_sizes: tuple[int, ...] = ()  # mixed precision: weights cast to compute dtype
@@ -260,7 +265,7 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
         return new_tensor(_nbytes(kt.shape, compute))
 
     saved: list[int] = []
-    temp = (0, 0.0)
+    temp = (0, 0.0, 0.0)
     if kind == "conv" and _atrous_depthwise(layer):
         # tf.nn.depthwise_conv2d runs an atrous depthwise conv on a space-to-batch copy of
         # its input, padded to a multiple of the rate; that copy is what its gradient reads.
@@ -276,7 +281,7 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
         # Keras BN upcasts to float32 and its gradient reads that copy of the input.
         f32 = _nbytes(ins[0].shape, "float32")
         saved = [in_ids[0] if dtype_bytes(ins[0].dtype) == 4 else new_tensor(f32)]
-        temp = (f32, TRANSIENT_FACTORS["batchnorm"])
+        temp = (f32, TRANSIENT_FACTORS["batchnorm"], TRANSIENT_FACTORS["batchnorm_backward"])
     elif kind == "relu" or (
         kind == "activation" and getattr(layer.activation, "__name__", "") in _KEEP_OUTPUT
     ):
@@ -414,7 +419,11 @@ def simulate_step(
     final = set(graph.outputs)
 
     def op_temp(op: _Op) -> int:
-        nbytes, count = op.temp_bytes
+        nbytes, count, _ = op.temp_bytes
+        return int(count * tracked(nbytes * batch_size))
+
+    def op_temp_backward(op: _Op) -> int:
+        nbytes, _, count = op.temp_bytes
         return int(count * tracked(nbytes * batch_size))
 
     sim.forward(ops, keep=kept | final, temp=op_temp, after=_free_remat_copy(sim, copy_bytes))
@@ -452,7 +461,7 @@ def simulate_step(
         # The weight gradient reads the saved tensors first, which then die; the input
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
         # the output gradient, so they allocate nothing.
-        sim.spike(op_temp(op))
+        sim.spike(op_temp_backward(op))
         sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes) - copy_bytes(op))
         last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
