@@ -182,7 +182,7 @@ def config_line(rows: Sequence[dict], *, varied: Sequence[str] = ()) -> str:
         if len(values) == 1 and key not in varied:
             value = configs[0].get(key)
             if value is not None:
-                shared.append(f"{key}={value}")
+                shared.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
         else:
             varies.append(key)
     line = "config: " + (", ".join(shared) or "-")
@@ -196,6 +196,30 @@ def _caption(lines: Sequence[str]) -> str:
     for line in lines:
         wrapped.extend(textwrap.wrap(line, CAPTION_WIDTH_CHARS, subsequent_indent="    ") or [""])
     return "\n".join(wrapped)
+
+
+def compact_notes(items: Sequence[tuple[str, str, str]]) -> list[str]:
+    """Notes for rows that did not run, one per distinct (status, reason), naming which rows.
+
+    Args:
+        items: ``(what, status, reason)`` per row, e.g. ``("2048 px", "skipped", "...")``.
+    """
+    groups: dict[tuple[str, str], list[str]] = {}
+    for what, status, reason in items:
+        groups.setdefault((status, reason), []).append(what)
+    notes = []
+    for (status, reason), whats in groups.items():
+        if len(whats) == 1:
+            notes.append(f"{whats[0]}: {status} — {reason}")
+        elif len(whats) <= 4:
+            notes.append(f"{'; '.join(whats)}: {status} — {reason}")
+        else:
+            notes.append(f"{len(whats)} configs ({whats[0]} ... {whats[-1]}): {status} — {reason}")
+    return notes
+
+
+def _status_item(row: dict, what: str) -> tuple[str, str, str]:
+    return what, str(row.get("status", "?")), str(row.get("reason") or "no reason recorded")
 
 
 def _status_note(row: dict, what: str) -> str:
@@ -422,6 +446,7 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         fig = _new_figure(11.0, 8.2)
         grid = fig.subplots(2, 2, sharex=True)
         axes, legend_ax = [grid[0][0], grid[0][1], grid[1][0]], grid[1][1]
+        has_baseline = False
         for ax, (metric, metric_label) in zip(axes, METRICS, strict=True):
             for i, (_label, pts) in enumerate(sorted(series.items())):
                 color = PALETTE[i % len(PALETTE)]
@@ -430,6 +455,23 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
                 xy = [(x, y, p) for x, y, p in xy if y is not None]
                 if not xy:
                     continue
+                # What predicting "background" everywhere scores on the same validation pixels:
+                # without it a high pixel accuracy on sparse tumour says nothing.
+                base = [(x, _num(p["row"]["metrics"].get(f"baseline_{metric}"))) for x, _, p in xy]
+                base = [(x, b) for x, b in base if b is not None]
+                if base:
+                    has_baseline = True
+                    ax.plot(
+                        [x for x, _ in base],
+                        [b for _, b in base],
+                        ls=":",
+                        lw=1.0,
+                        marker="x",
+                        ms=6,
+                        color=color,
+                        alpha=0.8,
+                        zorder=2,
+                    )
                 ax.plot(
                     [x for x, _, _ in xy],
                     [y for _, y, _ in xy],
@@ -518,6 +560,17 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
                     label="hollow: memory predicted (not measured)",
                 )
             )
+        if has_baseline:
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="#333333",
+                    marker="x",
+                    ls=":",
+                    label="x: all-background prediction, same validation pixels",
+                )
+            )
         for dataset in reference_points:
             style = REFERENCE_STYLE[dataset]
             sources = {src for _, src, *_ in reference_points[dataset]}
@@ -583,6 +636,7 @@ def draw_memory_vs_patch_size(rows: Sequence[dict], out_dir: Path) -> PlotOutcom
     varying = _varying_keys([r.get("config", {}) for r in memory_rows], series_keys)
     label_keys = [k for k in series_keys if k in varying or k in ("precision", "remat")]
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    not_run: list[tuple[str, str, str]] = []
     for row in memory_rows:
         config = row.get("config", {})
         size = config.get("patch_size")
@@ -595,9 +649,10 @@ def draw_memory_vs_patch_size(rows: Sequence[dict], out_dir: Path) -> PlotOutcom
         if predicted is not None:
             entry["predicted"].append((size, predicted))
         if row.get("status", "ok") != "ok":
-            outcome.notes.append(_status_note(row, f"{size} px, {label}"))
+            not_run.append(_status_item(row, f"{size} px, {label}"))
         elif measured is None and predicted is None:
             outcome.notes.append(f"{size} px, {label}: no peak_bytes measured or predicted")
+    outcome.notes[:0] = compact_notes(not_run)
 
     if not any(s["measured"] or s["predicted"] for s in series.values()):
         outcome.notes.insert(0, "memory rows hold no peak_bytes to draw")

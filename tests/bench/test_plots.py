@@ -210,3 +210,22 @@ def test_single_training_runs_stay_out_of_the_budget_sweep(tmp_path, fixture_row
         "1 accuracy row(s) without a pixel budget (single training runs) not drawn" in outcome.notes
     )
     assert "1e+08 px seen per size" in _svg_text(tmp_path / "memory_vs_accuracy.svg")
+
+
+def test_notes_for_many_rows_with_one_reason_are_one_line():
+    items = [(f"{s} px, {m}", "skipped", "predicted only") for s in (1024, 2048) for m in "abc"]
+    items.append(("512 px, a", "oom", "ResourceExhaustedError"))
+    assert plots.compact_notes(items) == [
+        "6 configs (1024 px, a ... 2048 px, c): skipped — predicted only",
+        "512 px, a: oom — ResourceExhaustedError",
+    ]
+
+
+def test_accuracy_panels_show_the_all_background_baseline(tmp_path, fixture_rows):
+    rows = [
+        dict(r, metrics={**r["metrics"], "baseline_accuracy": 0.97, "baseline_miou": 0.485})
+        for r in fixture_rows["accuracy"]
+        if r["status"] == "ok"
+    ]
+    plots.draw_memory_vs_accuracy(rows, tmp_path)
+    assert "all-background prediction" in _svg_text(tmp_path / "memory_vs_accuracy.svg")
