@@ -60,3 +60,13 @@ def test_worker_config_is_json_it_can_read():
 
     text = BenchConfig(patch_size=64, backbone="mobilenetv2").to_json()
     assert json.loads(text)["steps"] == 3
+
+
+def test_a_failing_worker_becomes_an_error_row_naming_why():
+    from bench.config import BenchConfig
+    from bench.memory import run_worker
+
+    row = run_worker(BenchConfig(patch_size=64, backbone="no_such_backbone", steps=1))
+    assert row["status"] == "error"
+    assert "worker exited with 2" in row["reason"] and "no_such_backbone" in row["reason"]
+    assert row["config"]["backbone"] == "no_such_backbone"
