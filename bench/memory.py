@@ -317,12 +317,13 @@ def _one(
         return make_row(
             "memory", cfg, status="skipped", reason=reason, predicted=predicted, extra=extra
         )
-    why_not = None if force else fit_check(config, predicted)
-    if why_not:
-        return make_row(
-            "memory", cfg, status="skipped", reason=why_not, predicted=predicted, extra=extra
-        )
+    # The fit check runs once the lock is held: a run that held it may have held memory too.
     with _locked(lock):
+        why_not = None if force else fit_check(config, predicted)
+        if why_not:
+            return make_row(
+                "memory", cfg, status="skipped", reason=why_not, predicted=predicted, extra=extra
+            )
         row = run_worker(config, timeout_s)
     row.setdefault("predicted", predicted)
     return row
