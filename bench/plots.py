@@ -599,7 +599,7 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
 
         plotted_rows = [p["row"] for p in points]
         caption = [
-            "x: peak training memory of one step at the row's batch size (solid: measured allocator peak; "
+            "x: peak training memory at the row's batch size (solid: measured allocator peak; "
             "hollow: predicted by histoseg's memory model). y: validation metrics over held-out slides "
             "(n = validation patches: "
             + ", ".join(
@@ -608,9 +608,17 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
             )
             + ").",
         ]
+        scopes = sorted(
+            {
+                str(_section(r, "extra")["peak_bytes_scope"])
+                for r in plotted_rows
+                if _section(r, "extra").get("peak_bytes_scope")
+            }
+        )
+        caption += [f"measured memory: {scope}" for scope in scopes]
         if plotted_rows:
             caption += [
-                config_line(plotted_rows, varied=("patch_size",)),
+                config_line(plotted_rows, varied=("patch_size", "steps")),
                 machines_line(plotted_rows),
             ]
         caption.append(
