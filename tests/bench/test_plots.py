@@ -151,6 +151,7 @@ def test_results_readme_names_command_and_machine_and_embeds_plots(results_dir):
     assert "Made by `python -m bench.memory --sizes 256 704 1024 2048`" in readme
     assert "Command not recorded in the rows" in readme  # scaling fixture rows carry none
     assert "Machine: Test CPU @ 2.0GHz, 2 cores" in readme
+    assert "Validation: 256 px: mIoU 0.620, AUC 0.840; 512 px: mIoU 0.740" in readme
     assert "![weak_scaling](weak_scaling.png)" in readme
     assert "### memory_vs_accuracy\n\nNot drawn yet" in readme
     assert render_readme(results_dir, plots.load_results([results_dir])) == readme
