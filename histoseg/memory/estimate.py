@@ -17,9 +17,12 @@ forward again just before their backward pass. The simulation gives:
   momentum one), ``gradient_bytes`` (one float32 gradient per trainable weight).
 
 Tensor sizes come straight from the graph's shapes and dtypes, so patch size, batch size
-and precision enter exactly. The only calibrated constants are the per-layer-type working
-buffers in :data:`TRANSIENT_FACTORS` (see ``docs/memory-harness.md`` for how each was
-measured).
+and precision enter exactly. The only calibrated constants are the batch-norm working
+buffers in :data:`TRANSIENT_FACTORS` and the CPU allocator's untracked-size floor
+:data:`CPU_UNTRACKED_BELOW_BYTES` (``docs/memory-harness.md`` says how each was measured).
+The simulation recomputes one remat block at a time; TensorFlow's executor does not always
+keep to that order with ``keras.remat`` (see the docs), so measured remat peaks can exceed
+the prediction.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ class MemoryGraph:
     Attributes:
         tensor_bytes: bytes of each tensor for one sample, by tensor id.
         ops: layer applications in forward execution order.
-        inputs: ids of the model's input tensors (they exist before the step).
+        inputs: ids of the model's input tensors (made inside the step from the uint8
+            batch; they get no gradient).
         outputs: ids of the model's output tensors (the logits).
         notes: layer types the rules do not know (handled conservatively).
     """
