@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"measure the CI baseline configs into --out (default {BASELINE_OUT}), replacing "
         "their rows; other sweep options are ignored",
     )
+    add(
+        "--note",
+        default=None,
+        help="a note stored in each new row's extra.note (e.g. why its timings are not clean)",
+    )
     add("--show", action="store_true", help="print the summary table of --out; run nothing")
     add("--markdown", action="store_true", help="with --show: a Markdown table instead")
     add("--quiet", action="store_true", help="no progress bar")
@@ -262,6 +267,7 @@ def sweep(
     timeout_s: float | None = None,
     progress: bool = True,
     lock_file: Path | None = None,
+    note: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict, fit-check and measure each config; write ``out`` after every one.
 
@@ -284,6 +290,8 @@ def sweep(
         row = _one(
             config, predict_only=predict_only, force=force, timeout_s=timeout_s, lock=lock_file
         )
+        if note:
+            row.setdefault("extra", {})["note"] = note
         rows = merge_rows(rows, [row])
         write_rows(out, rows)
         mine.append(row)
@@ -518,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_s=args.timeout_s,
         progress=not args.quiet,
         lock_file=args.lock_file,
+        note=args.note,
     )
     print(summary_table(rows))
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")
