@@ -292,7 +292,8 @@ def sweep(
         )
         if note:
             row.setdefault("extra", {})["note"] = note
-        rows = merge_rows(rows, [row])
+        # Re-read before writing: another sweep may have added rows to the same file.
+        rows = merge_rows(load_rows_if_exists(out), [row])
         write_rows(out, rows)
         mine.append(row)
     return mine
