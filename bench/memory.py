@@ -268,6 +268,7 @@ def sweep(
     progress: bool = True,
     lock_file: Path | None = None,
     note: str | None = None,
+    command: str | None = None,
 ) -> list[dict[str, Any]]:
     """Predict, fit-check and measure each config; write ``out`` after every one.
 
@@ -292,6 +293,8 @@ def sweep(
         )
         if note:
             row.setdefault("extra", {})["note"] = note
+        if command:
+            row.setdefault("extra", {})["command"] = command
         # Re-read before writing: another sweep may have added rows to the same file.
         rows = merge_rows(load_rows_if_exists(out), [row])
         write_rows(out, rows)
@@ -528,9 +531,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.quiet,
         lock_file=args.lock_file,
         note=args.note,
+        command=_command(argv),
     )
     print(summary_table(rows))
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")
+    _refresh_results_readme(args.out)
     if memory is not None:
         print(f"\nlargest patch whose predicted step peak fits {format_bytes(memory)}:")
         for config, best, peak in largest_patches(configs, memory):
@@ -541,6 +546,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             answer = "none (not even the smallest)" if best is None else f"{best} px"
             print(f"  {what}: {answer} (predicted peak {format_bytes(peak)})")
     return 0
+
+
+def _command(argv: Sequence[str] | None) -> str:
+    """The command line of this sweep, as ``results/README.md`` shows it."""
+    from bench.results_readme import command_line
+
+    return command_line("bench.memory", argv)
+
+
+def _refresh_results_readme(out: Path) -> None:
+    """Regenerate results/README.md after a sweep into the results folder."""
+    if out.parent.name != "results":
+        return
+    try:
+        from bench.results_readme import write_readme
+
+        print(f"README: wrote {write_readme(out.parent)}")
+    except Exception as exc:  # the README is a convenience; the rows are already written
+        print(f"README not refreshed: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def _hide_gpus_from_this_process() -> None:
