@@ -32,7 +32,9 @@ from histoseg.cli import run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
 
 DEFAULT_OUT = Path("results/scaling.json")
-ENGINES = ("horovod", "tf")
+# "none" with N workers runs N independent processes (no communication at all): the
+# control that shows how much of the efficiency the shared hardware alone costs
+ENGINES = ("horovod", "tf", "none")
 PROBE_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
 
 
@@ -65,7 +67,9 @@ def worker_main(spec: dict[str, Any]) -> int:
     )
     engine.broadcast_variables(all_variables(model, step.optimizer))
     # this rank's fixed patches: weak scaling keeps the work per worker constant
-    images, masks = global_batch(engine.rank, int(spec["batch_size"]), size_px, seed=99)
+    # independent "none" processes are all rank 0 of 1; the launcher numbers them
+    rank = engine.rank if engine.size > 1 else int(os.environ.get("HISTOSEG_LOCAL_RANK", "0"))
+    images, masks = global_batch(rank, int(spec["batch_size"]), size_px, seed=99)
     images, masks = tf.constant(images), tf.constant(masks)
     times = []
     for i in range(int(spec["warmup"]) + int(spec["steps"])):
@@ -86,7 +90,7 @@ def worker_main(spec: dict[str, Any]) -> int:
             probe[str(nbytes)] = statistics.median(samples[1:])
     engine.barrier()
     record = {
-        "rank": engine.rank,
+        "rank": rank,
         "size": engine.size,
         "compute_s": [t.compute_s for t in times],
         "allreduce_s": [t.allreduce_s for t in times],
@@ -97,7 +101,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "allreduce_probe": probe,
     }
-    out = Path(spec["out_dir"]) / f"rank{engine.rank}.json"
+    out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record))
     engine.shutdown()
     return 0
@@ -228,7 +232,11 @@ def run_point(
             "throughput_per_worker": args.batch_size / measured["step_s"],
             "allreduce_s": measured["allreduce_s"],
         },
-        extra={"steps": args.steps, "warmup": args.warmup},
+        extra={
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+        },
     )
 
 
@@ -370,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="patch sizes, px")
-    p.add_argument("--engine", nargs="+", choices=ENGINES, default=list(ENGINES))
+    p.add_argument(
+        "--engine",
+        nargs="+",
+        choices=ENGINES,
+        default=["horovod", "tf"],
+        help="none = N independent processes, the no-communication control",
+    )
     p.add_argument("--compression", nargs="+", choices=("none", "fp16"), default=["none"])
     p.add_argument("--backbone", default="mobilenetv2")
     p.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier")

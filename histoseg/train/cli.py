@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stdout,
         )
         print(f"results: {row['extra']['results_path']}", file=sys.stdout)
+    # leave together: a tf.distribute worker that exits while the chief still writes its
+    # results stops heart-beating, and the chief's coordination service reports a crash
+    engine.barrier()
     engine.shutdown()
     return 0
 
