@@ -268,6 +268,8 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
     from histoseg.results import make_row
 
     network = scaling.Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node)
+    # the no-communication control has no allreduce to calibrate on or to project
+    rows = [r for r in rows if r["config"]["engine"] != "none"]
     points = scaling.calibration_points_from_rows(rows)
     cal = scaling.calibrate(points) if points else None
     overhead = cal.overhead_s if cal else 0.0
@@ -289,7 +291,7 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
         ]
     ok_rows = [r for r in rows if r["status"] == "ok"]
     if not ok_rows:
-        return "no measured rows: no projection", []
+        return "no measured horovod/tf rows: no projection", []
     inputs, tables = scaling.projection_from(
         ok_rows,
         patch_size=args.project_size,
