@@ -21,6 +21,25 @@ SIZE_PX = 64
 TINY = {"alpha": 0.35}
 
 
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """Copy weights leaf layer by leaf layer (remat modes nest blocks differently, not leaves)."""
+    leaves = {layer.name: layer for layer in source._flatten_layers() if not layer._layers}
+    for layer in target._flatten_layers():
+        if not layer._layers and layer.weights:
+            layer.set_weights(leaves[layer.name].get_weights())
+
+
+def by_leaf_name(model: keras.Model, values) -> dict:
+    """Map ``values`` (one per trainable variable) to '<leaf layer>/<variable>' names."""
+    names = {
+        id(v): f"{layer.name}/{v.name}"
+        for layer in model._flatten_layers()
+        if not layer._layers
+        for v in layer.trainable_weights
+    }
+    return {names[id(v)]: value for v, value in zip(model.trainable_variables, values, strict=True)}
+
+
 def batch(size_px: int = SIZE_PX, batch_size: int = 2, seed: int = 0):
     rng = np.random.default_rng(seed)
     images = tf.constant(rng.integers(0, 256, (batch_size, size_px, size_px, 3), dtype=np.uint8))
@@ -182,14 +201,64 @@ def test_xception65_remat_full_matches_remat_none():
         mode: build_deeplabv3plus("xception65", (SIZE_PX, SIZE_PX, 3), remat=mode)
         for mode in ("none", "full")
     }
-    models["full"].set_weights(models["none"].get_weights())
+    copy_weights(models["none"], models["full"])
     images, masks = batch(batch_size=1)
     results = {}
     for mode, model in models.items():
         loss, grads = tf.function(lambda i, m, model=model: compute_gradients(model, i, m))(
             images, masks
         )
-        results[mode] = (float(loss), [g.numpy() for g in grads])
+        results[mode] = (float(loss), by_leaf_name(model, [g.numpy() for g in grads]))
     assert results["full"][0] == pytest.approx(results["none"][0], rel=1e-5)
-    for g_full, g_none in zip(results["full"][1], results["none"][1], strict=True):
-        np.testing.assert_allclose(g_full, g_none, rtol=1e-5, atol=1e-5 * np.abs(g_none).max())
+    assert results["full"][1].keys() == results["none"][1].keys()
+    for name, g_none in results["none"][1].items():
+        np.testing.assert_allclose(
+            results["full"][1][name], g_none, rtol=1e-5, atol=1e-5 * np.abs(g_none).max()
+        )
+
+
+def test_xception_unit_remat_matches_plain_unit():
+    # The code path of remat 'full' in Xception's entry flow, on one small unit.
+    from histoseg.models.backbones.xception65 import _xception_module
+
+    def unit_model(unit_remat: bool) -> keras.Model:
+        inputs = keras.Input((16, 16, 8))
+        outputs = _xception_module(
+            inputs,
+            (16, 16, 24),
+            shortcut="conv",
+            stride=2,
+            rate=1,
+            depth_activation=False,
+            return_skip=False,
+            name="unit",
+            unit_remat=unit_remat,
+        )
+        return keras.Model(inputs, outputs)
+
+    keras.utils.set_random_seed(11)
+    plain, remat = unit_model(False), unit_model(True)
+    copy_weights(plain, remat)
+    x = tf.random.stateless_normal((2, 16, 16, 8), seed=(1, 2))
+    results = []
+    for model in (plain, remat):
+
+        @tf.function
+        def grads(x, model=model):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(model(x, training=True)))
+            return loss, tape.gradient(loss, model.trainable_variables)
+
+        loss, gs = grads(x)
+        stats = {v.path: v.numpy() for v in model.non_trainable_weights}
+        results.append((float(loss), by_leaf_name(model, [g.numpy() for g in gs]), stats))
+    assert results[1][0] == pytest.approx(results[0][0], rel=1e-5)
+    assert results[1][1].keys() == results[0][1].keys()
+    for name, b in results[0][1].items():
+        np.testing.assert_allclose(results[1][1][name], b, rtol=1e-5, atol=1e-5 * np.abs(b).max())
+    # Moving statistics updated once, as in the plain unit (matched by layer/variable name).
+    plain_stats = {"/".join(k.split("/")[-2:]): v for k, v in results[0][2].items()}
+    remat_stats = {"/".join(k.split("/")[-2:]): v for k, v in results[1][2].items()}
+    assert plain_stats.keys() == remat_stats.keys()
+    for name, b in plain_stats.items():
+        np.testing.assert_allclose(remat_stats[name], b, rtol=1e-6, atol=1e-7)
