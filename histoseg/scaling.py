@@ -418,6 +418,11 @@ def projection_from(
     workers = [n for n in DEFAULT_WORKERS if n <= max_workers]
     if max_workers not in workers:
         workers.append(max_workers)
+    for name, fp16 in (("fp32", False), ("fp16", True)):
+        # how fast a worker may get before the network costs 10%: the margin of the projection
+        inputs[f"compute_s_for_90pct_at_{max_workers}_{name} (derived)"] = compute_s_for_efficiency(
+            0.9, gradient_bytes, max_workers, network=network, overhead_s=overhead_s, fp16=fp16
+        )
     tables = {
         name: project(
             compute_s,
