@@ -100,6 +100,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         "gradient_bytes": gradient_bytes(model),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "allreduce_probe": probe,
+        "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
     }
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record))
@@ -235,7 +236,7 @@ def run_point(
         extra={
             "steps": args.steps,
             "warmup": args.warmup,
-            "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+            "horovod_cycle_time_ms": records[0].get("horovod_cycle_time_ms"),
         },
     )
 
