@@ -791,78 +791,131 @@ def projection_from_model(
 
 
 def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
-    """Weak-scaling efficiency and total throughput against workers, per engine and compression."""
+    """Weak-scaling efficiency and total throughput against workers, per engine and compression.
+
+    Colour = engine + compression, marker = patch size. Projection curves (dashed) come from
+    dedicated projection rows (``config.engine == "projection"``) when there are any, else
+    from the measured rows' ``extra.projection``, else from histoseg.scaling's model.
+    """
     outcome = PlotOutcome("weak_scaling")
     scaling_rows = [r for r in rows if r.get("kind") == "scaling"]
     if not scaling_rows:
         outcome.notes.append("no scaling rows (kind 'scaling'); run python -m bench.scaling")
         return outcome
+    projection_rows = [r for r in scaling_rows if r.get("config", {}).get("engine") == "projection"]
+    measured_rows = [r for r in scaling_rows if r not in projection_rows]
 
-    series: dict[tuple, dict[str, Any]] = {}
-    for row in scaling_rows:
+    # (engine, compression, size) -> [(workers, efficiency, throughput per worker)]
+    points: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
+    not_run: list[tuple[str, str, str]] = []
+    for row in measured_rows:
         config = row.get("config", {})
         key = (str(config.get("engine", "?")), compression_of(row), config.get("patch_size"))
-        entry = series.setdefault(key, {"points": [], "projection": []})
-        workers = _num(config.get("workers"))
         what = f"{key[0]}, {key[1]}, {key[2]} px, {config.get('workers', '?')} workers"
         if row.get("status", "ok") != "ok":
-            outcome.notes.append(_status_note(row, what))
-        scaling = _section(row, "scaling")
-        efficiency = _num(scaling.get("efficiency"))
-        per_worker = _num(scaling.get("throughput_per_worker"))
-        if row.get("status", "ok") == "ok" and workers is not None and (efficiency or per_worker):
-            entry["points"].append((int(workers), efficiency, per_worker))
-        projection = projection_of(row)
-        if len(projection) > len(entry["projection"]):
-            entry["projection"] = projection
-
-    projection_inputs = []
-    for (engine, compression, size), entry in series.items():
-        if entry["projection"] or not entry["points"] or size is None:
+            not_run.append(_status_item(row, what))
             continue
-        same_engine = [r for r in scaling_rows if r.get("config", {}).get("engine") == engine]
-        curve, line = projection_from_model(same_engine, int(size), compression)
-        entry["projection"] = curve
-        if curve and line:
-            projection_inputs.append(
-                f"projection inputs ({engine}, {compression}, {size} px): {line}"
-            )
+        scaling = _section(row, "scaling")
+        workers = _num(config.get("workers"))
+        efficiency, per_worker = (
+            _num(scaling.get("efficiency")),
+            _num(scaling.get("throughput_per_worker")),
+        )
+        if workers is not None and (efficiency is not None or per_worker is not None):
+            points.setdefault(key, []).append((int(workers), efficiency, per_worker))
+    outcome.notes[:0] = compact_notes(not_run)
+    # One worker has nothing to compress: its point starts every compression's line.
+    for (engine, _compression, size), pts in points.items():
+        if not any(w == 1 for w, *_ in pts):
+            for (e2, _c2, s2), other in list(points.items()):
+                single = [p for p in other if p[0] == 1]
+                if e2 == engine and s2 == size and single:
+                    pts.append(single[0])
+                    break
 
-    if not any(e["points"] or e["projection"] for e in series.values()):
+    curves: dict[tuple, list[tuple[int, float]]] = {}  # (label, compression) -> curve
+    projection_inputs: list[str] = []
+    if projection_rows:
+        for row in projection_rows:
+            config = row.get("config", {})
+            curve = projection_of(row)
+            if curve:
+                label = f"projection, {config.get('patch_size')} px, {compression_of(row).replace('none', 'fp32')} allreduce"
+                curves[(label, compression_of(row))] = curve
+                inputs = _section(row, "extra").get("inputs")
+                if isinstance(inputs, Mapping):
+                    shown = (
+                        "compute_s",
+                        "bandwidth_gbps",
+                        "latency_s",
+                        "workers_per_node",
+                        "overhead_s",
+                    )
+                    parts = [
+                        f"{k}={inputs[k]:.3g}"
+                        for k in shown
+                        if isinstance(inputs.get(k), int | float)
+                    ]
+                    if parts:
+                        projection_inputs.append(f"{label} inputs: {', '.join(parts)}")
+    else:
+        for row in measured_rows:
+            curve = projection_of(row)
+            config = row.get("config", {})
+            key = (
+                f"projection, {config.get('engine')}, {config.get('patch_size')} px, {compression_of(row)}",
+                compression_of(row),
+            )
+            if curve and len(curve) > len(curves.get(key, [])):
+                curves[key] = curve
+        if not curves:
+            for engine, compression, size in points:
+                same_engine = [
+                    r for r in measured_rows if r.get("config", {}).get("engine") == engine
+                ]
+                if size is None:
+                    continue
+                curve, line = projection_from_model(same_engine, int(size), compression)
+                if curve:
+                    label = f"projection, {engine}, {size} px, {compression}"
+                    curves[(label, compression)] = curve
+                    if line:
+                        projection_inputs.append(f"{label} inputs: {line}")
+
+    if not points and not curves:
         outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
         return outcome
 
-    workers_seen = [w for e in series.values() for w, *_ in e["points"]]
-    workers_seen += [w for e in series.values() for w, _ in e["projection"]]
+    combos = sorted({(e, c) for e, c, _ in points})
+    colour_of = {combo: PALETTE[i % len(PALETTE)] for i, combo in enumerate(combos)}
+    sizes = sorted({s for _, _, s in points if s is not None})
+    marker_of = {s: "osD^v<>"[i % 7] for i, s in enumerate(sizes)}
+    workers_seen = [w for pts in points.values() for w, *_ in pts]
+    workers_seen += [w for curve in curves.values() for w, _ in curve]
     with matplotlib.rc_context(STYLE):
-        fig = _new_figure(12.0, 4.8)
+        fig = _new_figure(12.5, 4.8)
         ax_eff, ax_tp = fig.subplots(1, 2)
-        handles = []
-        for i, (key, entry) in enumerate(sorted(series.items(), key=lambda kv: str(kv[0]))):
-            color = PALETTE[i % len(PALETTE)]
-            engine, compression, size = key
-            pts = sorted(entry["points"])
+        for (engine, compression, size), pts in sorted(points.items(), key=lambda kv: str(kv[0])):
+            color, marker = colour_of[(engine, compression)], marker_of.get(size, "o")
+            pts = sorted(set(pts))
             eff = [(w, e) for w, e, _ in pts if e is not None]
             if eff:
                 ax_eff.plot(
                     [w for w, _ in eff],
                     [e * 100 for _, e in eff],
-                    marker="o",
+                    marker=marker,
                     ms=7,
-                    ls="none",
+                    ls="-",
+                    lw=1.0,
+                    alpha=0.9,
                     color=color,
-                )
-            if entry["projection"]:
-                proj = entry["projection"]
-                ax_eff.plot(
-                    [w for w, _ in proj], [e * 100 for _, e in proj], ls="--", lw=1.4, color=color
                 )
             tput = [(w, t * w) for w, _, t in pts if t is not None]
             if tput:
                 ax_tp.plot(
                     [w for w, _ in tput],
                     [t for _, t in tput],
-                    marker="o",
+                    marker=marker,
                     ms=7,
                     lw=1.5,
                     color=color,
@@ -870,12 +923,16 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
                 base = dict(tput).get(1)
                 if base:
                     ideal = sorted({w for w, _ in tput})
-                    ax_tp.plot(ideal, [base * w for w in ideal], ls=":", lw=1.0, color=color)
-            how = "uncompressed" if compression == "none" else f"{compression}-compressed"
-            handles.append(
-                Line2D([], [], color=color, lw=6, label=f"{engine}, {how} allreduce, {size} px")
+                    ax_tp.plot(ideal, [base * w for w in ideal], ls=":", lw=1.0, color="#999999")
+        for (label, compression), curve in sorted(curves.items()):
+            ax_eff.plot(
+                [w for w, _ in curve],
+                [e * 100 for _, e in curve],
+                ls="--",
+                lw=1.6,
+                color="#444444" if compression == "fp16" else "#AAAAAA",
+                label=label,
             )
-        ax_eff.axhline(100, color="#666666", lw=0.8)
         ax_eff.axhline(90, color="#666666", lw=0.8, ls=":")
         ax_eff.annotate(
             "90% target",
@@ -886,7 +943,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
             fontsize=8,
             color="#444444",
         )
-        measured_workers = [w for e in series.values() for w, *_ in e["points"]]
+        measured_workers = [w for pts in points.values() for w, *_ in pts]
         _log2_patch_axis(ax_eff, [*workers_seen, 1])
         _log2_patch_axis(ax_tp, [*measured_workers, 1])
         for ax in (ax_eff, ax_tp):
@@ -895,19 +952,46 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         ax_eff.set_ylim(0, 110)
         ax_eff.set_title("Efficiency = throughput(N) / (N x throughput(1))")
         ax_tp.set_ylabel("throughput, all workers (patches/s)")
-        ax_tp.set_title("Throughput (dotted: ideal linear)")
+        ax_tp.set_title("Throughput (grey dotted: ideal linear)")
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=colour_of[c],
+                lw=6,
+                label=f"{c[0]}, {'uncompressed' if c[1] == 'none' else c[1] + '-compressed'} allreduce",
+            )
+            for c in combos
+        ]
         handles += [
-            Line2D([], [], color="#333333", marker="o", ls="none", label="measured"),
-            Line2D([], [], color="#333333", ls="--", label="projection (ring-allreduce model)"),
+            Line2D(
+                [],
+                [],
+                color="#333333",
+                marker=marker_of[s],
+                ls="none",
+                ms=7,
+                label=f"{s} px (measured)",
+            )
+            for s in sizes
+        ]
+        handles += [
+            Line2D(
+                [], [], color="#444444" if c == "fp16" else "#AAAAAA", ls="--", lw=1.6, label=label
+            )
+            for (label, c) in sorted(curves)
         ]
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
         fig.suptitle("Weak scaling: fixed patches per worker", fontsize=12)
+        plotted = measured_rows or projection_rows
         caption = [
             "weak scaling: every worker trains the same patches per step; total throughput = "
-            "scaling.throughput_per_worker x workers; projection from extra.projection, else "
-            "histoseg.scaling's ring-allreduce model (study's network defaults) fitted to these rows.",
-            config_line(scaling_rows, varied=("workers", "engine", "patch_size", "threads")),
-            machines_line(scaling_rows),
+            "scaling.throughput_per_worker x workers; the 1-worker point (no allreduce) starts every "
+            "compression's line. Dashed: the ring-allreduce projection (a model, not a measurement).",
+            config_line(
+                plotted, varied=("workers", "engine", "patch_size", "threads", "compression")
+            ),
+            machines_line(plotted),
             *projection_inputs,
         ]
         caption += [f"missing: {n}" for n in outcome.notes]
