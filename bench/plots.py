@@ -144,7 +144,7 @@ def _all_rows(rows_by_file: Mapping[str, Sequence[dict]]) -> list[dict]:
 # ----------------------------------------------------------------------------- captions
 
 
-def machine_label(machine: Mapping[str, Any] | None) -> str:
+def machine_label(machine: Mapping[str, Any] | None, *, commit: bool = True) -> str:
     """One short line naming a row's machine: CPU, cores, RAM, GPU, TF version, commit."""
     if not machine:
         return "unknown machine"
@@ -159,17 +159,22 @@ def machine_label(machine: Mapping[str, Any] | None) -> str:
     versions = machine.get("versions") or {}
     if versions.get("tensorflow"):
         parts.append(f"TF {versions['tensorflow']}")
-    if machine.get("commit"):
+    if commit and machine.get("commit"):
         parts.append(f"commit {str(machine['commit'])[:10]}")
     return ", ".join(parts)
 
 
 def machines_line(rows: Sequence[dict]) -> str:
-    labels = sorted({machine_label(r.get("machine")) for r in rows})
+    """The machine(s) and code commit(s) behind ``rows``, flagging rows from different hardware."""
+    labels = sorted({machine_label(r.get("machine"), commit=False) for r in rows})
+    commits = sorted({str((r.get("machine") or {}).get("commit"))[:10] for r in rows} - {"None"})
+    made = f"; commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}" if commits else ""
     if len(labels) == 1:
-        return f"machine: {labels[0]}"
+        return f"machine: {labels[0]}{made}"
     # Never mix machines silently: say so in the caption itself.
-    return f"rows from {len(labels)} machines (not directly comparable): " + "; ".join(labels)
+    return (
+        f"rows from {len(labels)} machines (not directly comparable): " + "; ".join(labels) + made
+    )
 
 
 def config_line(rows: Sequence[dict], *, varied: Sequence[str] = ()) -> str:
@@ -727,7 +732,10 @@ def draw_memory_vs_patch_size(rows: Sequence[dict], out_dir: Path) -> PlotOutcom
             ),
         ]
         fig.legend(
-            handles=handles, loc="outside right upper", frameon=False, title="precision, remat"
+            handles=handles,
+            loc="outside right upper",
+            frameon=False,
+            title=", ".join(k.replace("_size", "").replace("_", " ") for k in label_keys),
         )
         caption = [
             "step peak = allocator peak over one whole training step after a warm-up step "
