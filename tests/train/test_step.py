@@ -211,9 +211,12 @@ def test_xception65_remat_full_matches_remat_none():
         results[mode] = (float(loss), by_leaf_name(model, [g.numpy() for g in grads]))
     assert results["full"][0] == pytest.approx(results["none"][0], rel=1e-5)
     assert results["full"][1].keys() == results["none"][1].keys()
+    # Tolerance relative to the largest gradient of the model: some gradients are zero
+    # up to rounding (a BN beta feeding straight into another batch norm), ~1e-7 noise.
+    scale = max(np.abs(g).max() for g in results["none"][1].values())
     for name, g_none in results["none"][1].items():
         np.testing.assert_allclose(
-            results["full"][1][name], g_none, rtol=1e-5, atol=1e-5 * np.abs(g_none).max()
+            results["full"][1][name], g_none, rtol=1e-5, atol=1e-5 * scale, err_msg=name
         )
 
 
