@@ -211,8 +211,9 @@ def test_xception65_remat_full_matches_remat_none():
         results[mode] = (float(loss), by_leaf_name(model, [g.numpy() for g in grads]))
     assert results["full"][0] == pytest.approx(results["none"][0], rel=1e-5)
     assert results["full"][1].keys() == results["none"][1].keys()
-    # Tolerance relative to the largest gradient of the model: some gradients are zero
-    # up to rounding (a BN beta feeding straight into another batch norm), ~1e-7 noise.
+    # Tolerance relative to the largest gradient of the model: some gradients are tiny
+    # (~5e-7 for the stem's batch norm at init), where float32 rounding noise of a
+    # different op order dominates an elementwise relative check.
     scale = max(np.abs(g).max() for g in results["none"][1].values())
     for name, g_none in results["none"][1].items():
         np.testing.assert_allclose(
