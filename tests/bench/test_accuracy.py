@@ -95,6 +95,7 @@ class FakeRunner:
 
 def _args(tmp_path, *extra):
     argv = ["--sizes", "256", "512", "2048", "--pixel-budget", "1e7", "--memory-budget", "5GB"]
+    argv += ["--batch-size", "1"]
     argv += ["--out", str(tmp_path / "accuracy.json"), "--threads", "1", *extra]
     args = accuracy.build_parser().parse_args(argv)
     accuracy.check_args(args)
@@ -191,7 +192,7 @@ def test_point_key_ignores_what_the_planner_chose():
 def test_tiny_sweep_end_to_end(tmp_path):
     """One real size through histoseg.train: 64 px, 2 steps, narrow MobileNetV2 (~20 s here)."""
     out = tmp_path / "results" / "accuracy.json"
-    argv = ["--sizes", "64", "--pixel-budget", "8192", "--alpha", "0.35", "--threads", "1"]
+    argv = ["--sizes", "64", "--pixel-budget", "16384", "--alpha", "0.35", "--threads", "1"]
     argv += ["--synthetic-dir", str(tmp_path / "synth"), "--synthetic-slides", "3"]
     argv += ["--synthetic-size", "2048x1536", "--max-val-patches", "8"]
     argv += ["--run-dir", str(tmp_path / "runs"), "--out", str(out)]
