@@ -138,11 +138,8 @@ def plan_size(
 def estimate_predictor(
     backbone: str, batch_size: int, output_stride: int, optimizer: str, options: dict
 ):
-    """A ``predict(patch, precision, remat)`` over histoseg's analytic memory model, or None if absent."""
-    try:
-        from histoseg.memory.estimate import estimate
-    except ImportError:
-        return None
+    """A ``predict(patch, precision, remat)`` over histoseg's analytic memory model."""
+    from histoseg.memory.estimate import estimate  # TensorFlow: imported only when planning
 
     def predict(patch_size: int, precision: str, remat: str) -> int | None:
         try:
@@ -458,9 +455,6 @@ def run_sweep(
         predict = estimate_predictor(
             args.backbone, args.batch_size, args.output_stride, args.optimizer, options
         )
-    if predict is None:
-        log("memory model (histoseg.memory.estimate) not available: every size runs as asked")
-        predict = _no_prediction
     log(
         f"accuracy sweep: sizes {' '.join(map(str, args.sizes))} px, pixel budget {args.pixel_budget:.3g} px "
         f"per size, batch {args.batch_size}, {args.backbone}, memory budget "
@@ -515,10 +509,6 @@ def run_sweep(
         write_rows(out, rows)  # after every size: an interrupted sweep keeps what it measured
         results.append(row)
     return results
-
-
-def _no_prediction(patch_size: int, precision: str, remat: str) -> None:
-    return None
 
 
 def _row_summary(row: dict) -> str:

@@ -778,13 +778,11 @@ def projection_from_model(
     """Ask histoseg.scaling's ring-allreduce model for a curve from measured rows.
 
     Returns:
-        ``(curve, inputs line)``, or ``([], why not)`` when the module or the rows cannot give
-        one. An optional extra must never stop the figure, so every failure becomes a note.
+        ``(curve, inputs line)``, or ``([], why not)`` when the rows cannot give one. The
+        projection is an extra that must never stop the figure, so a failure becomes a note.
     """
-    try:
-        from histoseg import scaling
-    except ImportError:
-        return [], "histoseg.scaling not available"
+    from histoseg import scaling
+
     try:
         inputs, tables = scaling.projection_from(rows, patch_size=patch_size)
     except Exception as exc:  # the model's own checks (ConfigError) or missing measurements
