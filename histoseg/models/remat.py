@@ -9,6 +9,18 @@ Why not ``keras.RematScope``: with the TensorFlow backend it cannot run inside
 and per-layer remat saves little (it recomputes inside one layer, not across a block).
 :class:`RematBlock` instead hands ``keras.remat`` a closure that takes tensors only and has
 ``training`` baked in, and keeps batch norm from updating its moving statistics twice.
+
+Recomputation order (TensorFlow backend): ``keras.remat`` is ``tf.recompute_grad`` there,
+which does not order the recomputations: the next block's recomputation may start before
+the current block's weight gradients are done, so several blocks' recomputed tensors are
+alive at once and the step peak varied from trace to trace (a 4-block test model peaked at
+14 to 36 feature maps). On TensorFlow :class:`RematBlock` therefore uses its own
+``tf.custom_gradient``: the backward pass recomputes the block only once the incoming
+gradient exists (a control dependency on it), and hands its input gradient back to the
+previous block only once all of the block's weight gradients exist, so the recomputed
+tensors of one block die before the next block is recomputed (the one-block-at-a-time
+order :mod:`histoseg.memory.estimate` assumes; the same model then peaked at 14-15 maps on
+every trace). Other backends keep ``keras.remat``, which has no such ordering hooks.
 """
 
 from __future__ import annotations
@@ -38,8 +50,9 @@ REMAT_MODES: tuple[str, ...] = tuple(REMAT_PARTS)
 class RematBlock(keras.layers.Layer):
     """Run a functional block so that its activations are recomputed in the backward pass.
 
-    In training mode the block runs through ``keras.remat``: the forward pass keeps only
-    the block's inputs; the backward pass runs the block again (under
+    In training mode the forward pass keeps only the block's inputs; the backward pass
+    runs the block again (on TensorFlow through a sequenced ``tf.custom_gradient``, see
+    the module docstring; elsewhere through ``keras.remat``; both under
     :func:`histoseg.models.layers.recomputing`, so batch norm uses the batch moments
     without updating its moving statistics a second time) and backpropagates through
     the recomputed activations. In inference mode it is the plain block.
@@ -62,6 +75,8 @@ class RematBlock(keras.layers.Layer):
         if not training:
             return self.block(inputs, training=training)
         tensors = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if keras.backend.backend() == "tensorflow":
+            return _sequenced_remat(self.block, tensors)
         traces: list[bool] = []
 
         def forward(*args):
@@ -85,6 +100,53 @@ class RematBlock(keras.layers.Layer):
         config = dict(config)
         config["block"] = keras.saving.deserialize_keras_object(config["block"])
         return cls(**config)
+
+
+def _sequenced_remat(block: keras.Model, tensors: list):
+    """Apply ``block`` in training mode, recomputing it in order in the backward pass.
+
+    TensorFlow only. ``tf.custom_gradient`` records the trainable variables the forward
+    pass reads and hands them to the gradient function as ``variables``, which must return
+    one gradient per variable (``None`` where the block's output does not depend on it).
+    """
+    import tensorflow as tf  # only on the TensorFlow backend
+
+    many = len(tensors) > 1
+
+    @tf.custom_gradient
+    def run(*xs):
+        outputs = block(list(xs) if many else xs[0], training=True)
+
+        def grad(*output_grads, variables=None):
+            variables = list(variables or [])
+            present = [g for g in output_grads if g is not None]
+            # Recompute only once the incoming gradient exists, i.e. after the blocks
+            # above have finished their backward pass.
+            with tf.control_dependencies(present):
+                xs_again = [tf.identity(x) for x in xs]
+            with tf.GradientTape() as tape:
+                tape.watch(xs_again)
+                with recomputing():
+                    outputs_again = block(list(xs_again) if many else xs_again[0], training=True)
+            grads = tape.gradient(
+                outputs_again,
+                xs_again + variables,
+                output_gradients=list(output_grads)
+                if isinstance(outputs_again, (list, tuple))
+                else output_grads[0],
+            )
+            input_grads, variable_grads = grads[: len(xs)], grads[len(xs) :]
+            # Release the input gradient (what the block below waits for) only after all
+            # weight gradients: this block's recomputed tensors die before the next
+            # recomputation starts.
+            done = [g for g in variable_grads if g is not None]
+            with tf.control_dependencies(done):
+                input_grads = [None if g is None else tf.identity(g) for g in input_grads]
+            return input_grads, variable_grads
+
+        return outputs, grad
+
+    return run(*tensors)
 
 
 def apply_block(build: Callable, inputs, *, name: str, remat: bool):
