@@ -52,7 +52,7 @@ def test_remat_step_peak_is_the_same_on_every_trace_and_below_no_remat():
     plain = step_peak_bytes(remat=False)
     # Unordered recomputation (keras.remat = tf.recompute_grad) peaked at 14 to 15 maps on
     # this model here and at 14 to 36 on a 128 px, 64-channel one; the sequenced one gave
-    # 14.0 maps on every trace (36.0 without remat).
+    # 14.0 maps on every trace (36.0 without remat) in a fresh process, 15.6 after other
+    # tests' models (the same on every trace), so the bound is relative to no remat.
     assert max(peaks) - min(peaks) <= MAP_BYTES // 4, [p / MAP_BYTES for p in peaks]
-    assert max(peaks) <= 14.5 * MAP_BYTES, [p / MAP_BYTES for p in peaks]
-    assert max(peaks) < plain, (peaks, plain)
+    assert max(peaks) < plain / 2, (peaks, plain)
