@@ -11,6 +11,9 @@ from typing import Any
 
 from histoseg.errors import ConfigError
 
+# Mirrors of histoseg.models' registries, kept here so that expanding a sweep does not import
+# TensorFlow; tests/memory/test_memory_units.py checks that they agree.
+BACKBONES = ("xception65", "mobilenetv2", "resnet50")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 REMAT_MODES = ("none", "blocks", "full")
 DEVICES = ("cpu", "gpu")
@@ -73,6 +76,7 @@ class BenchConfig:
                 f"{self.output_stride}"
             )
         choices = {
+            "backbone": BACKBONES,
             "precision": PRECISIONS,
             "remat": REMAT_MODES,
             "device": DEVICES,

@@ -23,7 +23,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import PRECISIONS, REMAT_MODES, BenchConfig, default_threads, expand_sweep
+from bench.config import (
+    BACKBONES,
+    PRECISIONS,
+    REMAT_MODES,
+    BenchConfig,
+    default_threads,
+    expand_sweep,
+)
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.memory.devices import available_bytes, format_bytes, parse_size
@@ -83,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--sizes", type=int, nargs="+", default=[256, 704, 1024, 2048], help="patch sizes, px")
     add("--batch-sizes", type=int, nargs="+", default=[1], help="patches per step")
-    add("--backbone", nargs="+", default=["xception65"], help="backbone name(s)")
+    add("--backbone", nargs="+", default=["xception65"], choices=BACKBONES)
     add(
         "--backbone-option",
         action="append",

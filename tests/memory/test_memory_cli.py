@@ -66,7 +66,11 @@ def test_a_failing_worker_becomes_an_error_row_naming_why():
     from bench.config import BenchConfig
     from bench.memory import run_worker
 
-    row = run_worker(BenchConfig(patch_size=64, backbone="no_such_backbone", steps=1))
+    # A backbone option the builder refuses: the config is well-formed, the worker fails.
+    config = BenchConfig(
+        patch_size=64, backbone="mobilenetv2", backbone_options=(("no_such_option", 1),), steps=1
+    )
+    row = run_worker(config)
     assert row["status"] == "error"
-    assert "worker exited with 2" in row["reason"] and "no_such_backbone" in row["reason"]
-    assert row["config"]["backbone"] == "no_such_backbone"
+    assert "worker exited with 2" in row["reason"] and "no_such_option" in row["reason"]
+    assert row["config"]["backbone_options"] == {"no_such_option": 1}

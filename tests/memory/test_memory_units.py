@@ -120,3 +120,19 @@ def test_summary_table_marks_predicted_rows_and_lists_reasons():
     table = summary_table(rows)
     assert "predicted" in table and "26.50" in table
     assert "predicted 26.5 GB > 21.9 GB free" in table
+
+
+def test_bench_config_choices_mirror_the_model_registries():
+    from bench import config
+    from histoseg import models
+
+    assert tuple(models.BACKBONES) == config.BACKBONES
+    assert tuple(models.PRECISIONS) == config.PRECISIONS
+    assert tuple(models.REMAT_MODES) == config.REMAT_MODES
+
+
+def test_an_unknown_backbone_is_a_config_error():
+    from bench.config import BenchConfig
+
+    with pytest.raises(ConfigError, match="backbone 'foo' is not one of xception65"):
+        BenchConfig(backbone="foo")
