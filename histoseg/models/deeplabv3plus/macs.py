@@ -61,14 +61,7 @@ def count_macs(
     Example:
         >>> round(count_macs("xception65", 513, 21, 16) / 1e9, 1)  # zoo: 54.17
     """
-    model = build_deeplabv3plus(
-        backbone,
-        (input_size_px, input_size_px, 3),
-        num_classes,
-        output_stride,
-        allow_any_size=True,
-        **backbone_kwargs,
-    )
+    model = _square_model(backbone, input_size_px, num_classes, output_stride, backbone_kwargs)
     return model_macs(model)
 
 
@@ -80,7 +73,13 @@ def count_params(
     **backbone_kwargs,
 ) -> int:
     """Trainable parameters of DeepLabV3+ (batch-norm moving statistics excluded)."""
-    model = build_deeplabv3plus(
+    model = _square_model(backbone, input_size_px, num_classes, output_stride, backbone_kwargs)
+    return sum(math.prod(v.shape) for v in model.trainable_weights)
+
+
+def _square_model(backbone, input_size_px, num_classes, output_stride, backbone_kwargs):
+    """The model the counts walk: square input, any size (ceil feature maps if needed)."""
+    return build_deeplabv3plus(
         backbone,
         (input_size_px, input_size_px, 3),
         num_classes,
@@ -88,4 +87,3 @@ def count_params(
         allow_any_size=True,
         **backbone_kwargs,
     )
-    return sum(math.prod(v.shape) for v in model.trainable_weights)
