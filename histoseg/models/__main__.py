@@ -20,7 +20,7 @@ EPILOG = """Examples:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from histoseg.models import BACKBONES, OUTPUT_STRIDES, PRECISIONS, REMAT_MODES
+    from histoseg.models.cli_options import add_model_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m histoseg.models",
@@ -28,13 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backbone", default="xception65", choices=tuple(BACKBONES))
-    parser.add_argument("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
+    add_model_arguments(parser)
     parser.add_argument("--input-size", type=int, default=513, help="square input side in px")
-    parser.add_argument("--num-classes", type=int, default=2)
-    parser.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES)
-    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
-    parser.add_argument("--remat", default="none", choices=REMAT_MODES)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 

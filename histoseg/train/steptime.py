@@ -25,7 +25,7 @@ EPILOG = """Examples:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from histoseg.models import BACKBONES, OUTPUT_STRIDES, PRECISIONS, REMAT_MODES
+    from histoseg.models.cli_options import add_model_arguments
     from histoseg.train.step import OPTIMIZERS
 
     parser = argparse.ArgumentParser(
@@ -34,14 +34,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--backbone", default="xception65", choices=tuple(BACKBONES))
-    parser.add_argument("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
+    add_model_arguments(parser)
     parser.add_argument("--patch-size", type=int, default=512, help="square patch side in px")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--num-classes", type=int, default=2)
-    parser.add_argument("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES)
-    parser.add_argument("--precision", default="float32", choices=PRECISIONS)
-    parser.add_argument("--remat", default="none", choices=REMAT_MODES)
     parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--seed", type=int, default=0)
