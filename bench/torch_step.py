@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BACKBONES, PRECISIONS, REMAT_MODES, BenchConfig, expand_sweep
+from bench.results_readme import command_line
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.memory.devices import format_bytes
@@ -214,8 +215,11 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
     return measured
 
 
-def run_config(config: BenchConfig) -> dict[str, Any]:
-    """Measure ``config`` here and return its results row ("oom" rows instead of raising)."""
+def run_config(config: BenchConfig, command: str | None = None) -> dict[str, Any]:
+    """Measure ``config`` here and return its results row ("oom" rows instead of raising).
+
+    ``command`` (the sweep's command line) is kept in the row's ``extra.command``.
+    """
     torch = use_torch_backend()
     from histoseg.memory.estimate import estimate_model
 
@@ -228,10 +232,15 @@ def run_config(config: BenchConfig) -> dict[str, Any]:
         "mask_dtype": "uint8",
         "image_dtype": "uint8",
     }
+    if command:
+        extra["command"] = command
     try:
         measured = measure(config)
     except torch.cuda.OutOfMemoryError as exc:
-        reason = str(exc).strip().splitlines()[0][:200]
+        # Keras wraps the error and puts "Exception encountered when calling ..." first.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        found = [line for line in lines if "out of memory" in line.lower()]
+        reason = (found or lines or ["CUDA out of memory"])[0][:200]
         return make_row("memory", config.as_dict(), status="oom", reason=reason, extra=extra)
     finally:
         gc.collect()
@@ -313,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key in done and not args.force:
             print(f"{label}: already in {args.out}, skipped", file=sys.stderr)
             continue
-        row = run_config(config)
+        row = run_config(config, command=command_line("bench.torch_step", argv))
         new.append(row)
         rows = merge_rows(rows, [row])
         write_rows(args.out, rows)
