@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import statistics
 import sys
 import time
@@ -44,6 +45,8 @@ from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.memory.devices import format_bytes
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
 
+#: Terminal colour codes Keras puts into the messages of errors it re-raises.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 DEFAULT_OUT = Path("results/memory_torch_gpu.json")
 
 EPILOG = """\
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--steps", type=int, default=3, help="timed steps after the warm-up step (default 3)")
     add("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     add("--force", action="store_true", help="re-measure configs already in --out")
+    add("--show", action="store_true", help="print the summary table of --out; run nothing")
     return parser
 
 
@@ -240,7 +244,7 @@ def run_config(config: BenchConfig, command: str | None = None) -> dict[str, Any
         # Keras wraps the error and puts "Exception encountered when calling ..." first.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         found = [line for line in lines if "out of memory" in line.lower()]
-        reason = (found or lines or ["CUDA out of memory"])[0][:200]
+        reason = _ANSI.sub("", (found or lines or ["CUDA out of memory"])[0])[:200]
         return make_row("memory", config.as_dict(), status="oom", reason=reason, extra=extra)
     finally:
         gc.collect()
@@ -284,6 +288,12 @@ def _summary(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.show:
+        rows = load_rows_if_exists(args.out)
+        if not rows:
+            raise ConfigError(f"{args.out} holds no rows yet; run a sweep first")
+        print(_summary(rows))
+        return 0
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
     torch = use_torch_backend()

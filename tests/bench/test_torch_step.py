@@ -11,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from histoseg.memory.devices import nvml_memory
 
+ROOT = Path(__file__).resolve().parents[2]
 TORCH = importlib.util.find_spec("torch") is not None
 TINY = ["--backbone", "mobilenetv2", "--backbone-option", "alpha=0.35", "--steps", "2"]
 
@@ -52,6 +54,16 @@ def test_without_torch_says_so_in_one_line(tmp_path):
         "TensorFlow harness is python -m bench.memory)"
     ]
     assert not (tmp_path / "t.json").exists()
+
+
+def test_show_prints_the_committed_gpu_rows_without_torch():
+    out = _run("--show", "--out", str(ROOT / "results" / "memory_torch_gpu.json"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["patch", "batch", "backbone"]
+    assert any(
+        line.split()[:6] == ["2048", "1", "xception65", "float32", "none", "ok"] for line in lines
+    )
 
 
 @pytest.mark.gpu
