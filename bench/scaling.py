@@ -43,6 +43,11 @@ def worker_main(spec: dict[str, Any]) -> int:
     """One rank: build the model, train a fixed batch, time each step, write rank<r>.json."""
     threads = int(spec["threads"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from histoseg.train.launch import local_rank_from_env, pin_to_cores
+
+    # Each rank on its own block of cores, as the study pinned one process per socket; done
+    # before TensorFlow starts its thread pools so that every one of its threads inherits it.
+    cores = pin_to_cores(local_rank_from_env(), threads) if spec.get("pin", True) else None
     import numpy as np
     import tensorflow as tf
 
@@ -101,6 +106,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
         "allreduce_probe": probe,
         "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+        "cores": cores,
     }
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record))
@@ -215,6 +221,7 @@ def run_point(
             "threads": args.threads_per_worker,
             "steps": args.steps,
             "warmup": args.warmup,
+            "pin": not args.no_pin,
             "out_dir": tmp,
         }
         code, tail = launch(spec, workers, args.timeout_s)
@@ -237,6 +244,7 @@ def run_point(
             "steps": args.steps,
             "warmup": args.warmup,
             "horovod_cycle_time_ms": records[0].get("horovod_cycle_time_ms"),
+            "cores": [r.get("cores") for r in sorted(records, key=lambda r: r["rank"])],
         },
     )
 
@@ -400,6 +408,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute threads per worker (default: cores // largest worker count)",
     )
     p.add_argument("--timeout-s", type=float, default=900.0, help="per launch")
+    p.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave workers unpinned (default: each rank on its own block of cores)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results (default {DEFAULT_OUT})")
     proj = p.add_argument_group("projection (histoseg.scaling)")
     proj.add_argument("--project-size", type=int, default=2048, help="patch size, px")
@@ -435,7 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for size in args.sizes
         for compression in args.compression
         for workers in sorted(args.workers)
-        if not (workers == 1 and compression != args.compression[0])
+        # compression only matters where gradients travel: N > 1 ranks of a real engine
+        if not ((workers == 1 or engine == "none") and compression != args.compression[0])
     ]
     rows: list[dict] = []
     for i, (engine, size, compression, workers) in enumerate(points, 1):
