@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic-size", default="8000x6000", help="WIDTHxHEIGHT of each synthetic slide"
     )
     data.add_argument(
+        "--synthetic-seed", type=int, default=0, help="seed of the synthetic slides (default 0)"
+    )
+    data.add_argument(
         "--split", choices=SPLITS, default="auto", help="by slide or CAMELYON17 centre"
     )
     data.add_argument("--val-fraction", type=float, default=1 / 3, help="slides to validate on")
@@ -155,6 +158,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         synthetic_dir=args.synthetic_dir,
         synthetic_slides=args.synthetic_slides,
         synthetic_size_px=parse_size(args.synthetic_size),
+        synthetic_seed=args.synthetic_seed,
         split=args.split,
         val_fraction=args.val_fraction,
         val_centres=tuple(args.val_centres),

@@ -468,6 +468,9 @@ class TrainOptions:
     synthetic_dir: str = "data/synthetic"
     synthetic_slides: int = 6
     synthetic_size_px: tuple[int, int] = (8000, 6000)
+    # The slides' own seed, apart from the training seed: runs with different training
+    # seeds train on the same synthetic slides (and share one folder of them).
+    synthetic_seed: int = 0
     split: str = "auto"
     val_fraction: float = 1 / 3
     val_centres: tuple[int, ...] = ()
@@ -530,7 +533,7 @@ def _data(options: TrainOptions, engine: Engine) -> list[tuple[Path, Path | None
             options.synthetic_dir,
             options.synthetic_slides,
             options.synthetic_size_px,
-            seed=options.seed,
+            seed=options.synthetic_seed,
             progress=options.progress and engine.is_chief,
         )
 
@@ -747,6 +750,8 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
     }
     if options.alpha is not None:
         config["alpha"] = options.alpha
+    if not options.slides and options.synthetic_seed:
+        config["synthetic_seed"] = options.synthetic_seed
     row = make_row(
         "accuracy",
         config,

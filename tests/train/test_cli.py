@@ -47,6 +47,20 @@ def test_bad_flags_are_one_line_errors(flags, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
+def _tensorboard_scalars(folder):
+    """{tag: [(step, value)]} of the scalars-plugin summaries in ``folder``'s event files."""
+    import tensorflow as tf
+
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                assert value.metadata.plugin_data.plugin_name == "scalars", value.tag
+                number = float(tf.make_ndarray(value.tensor))
+                scalars.setdefault(value.tag, []).append((event.step, number))
+    return scalars
+
+
 def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     data, run = tmp_path / "slides", tmp_path / "run"
     common = [*TINY, "--synthetic-dir", str(data), "--run-dir", str(run)]
@@ -61,7 +75,9 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     assert 0 < row["metrics"]["val_patches"] <= 8
     assert row["extra"]["bn_recalibration_batches"] == 2
     assert (run / "results.csv").exists()
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    scalars = _tensorboard_scalars(run / "tensorboard")
+    assert {"train/loss", "val/miou", "val/auc"} <= set(scalars)
+    assert scalars["val/miou"] == [(2, pytest.approx(row["metrics"]["miou"], abs=1e-6))]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.npz"]
     assert "validation (" in capsys.readouterr().out
 
