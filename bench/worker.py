@@ -12,6 +12,8 @@ What a row measures (after one warm-up step, on the config's device):
 - ``activation_bytes``: allocator bytes after the forward pass minus before the step;
 - ``gradient_bytes``: allocator bytes after the gradients minus before the step;
 - ``peak_bytes``: the allocator's peak over one whole step (stats reset before it);
+- ``constant_bytes``: allocator bytes the warm-up step left allocated for good (the
+  constants TensorFlow's graph optimizer folded into the compiled step);
 - ``rss_peak_bytes``: the process's peak RSS; ``gpu_used_bytes``: NVML, on a GPU;
 - ``step_s``: median wall time of ``steps`` steps; ``patches_per_s``, ``megapixels_per_s``;
 - per-patch and per-megapixel figures of the activation and peak bytes.
@@ -109,7 +111,11 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
         optimizer = make_optimizer(config.optimizer, 1e-3)
         step = make_train_step(model, optimizer, num_classes=num_classes, memory_device=device)
         images, masks = _synthetic_batch(config, num_classes)
+        before_warmup = probe.snapshot().allocator_current_bytes
         step(images, masks)["loss"].numpy()  # warm-up: trace, build, first allocations
+        # What the first step leaves allocated for good: the constants Grappler folded
+        # into the compiled step (the estimate's ``constant_bytes``).
+        after_warmup = probe.snapshot().allocator_current_bytes
         # The allocator peak spans the timed steps; memory is the same in each, so the
         # in-step reads are taken from the first.
         probe.reset_peak()
@@ -136,6 +142,9 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
         "gradient_bytes": int(out["bytes_after_gradients"]) - before,
         "peak_bytes": peak,
         "before_step_bytes": before,
+        "constant_bytes": (
+            None if before_warmup is None or after_warmup is None else after_warmup - before_warmup
+        ),
         "rss_peak_bytes": final.rss_peak_bytes,
         "gpu_used_bytes": final.gpu_used_bytes,
         "step_s": step_s,

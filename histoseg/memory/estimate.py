@@ -44,10 +44,12 @@ OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "adamw": 2, "sgd": 1, "sgd_nomomen
 #: (TF 2.21, oneDNN on); see the module docstring and docs/memory-harness.md.
 TRANSIENT_FACTORS: dict[str, float] = {
     "batchnorm": 2.0,  # unfused Keras BN: x - mean and x * inv are full-size float32
-    # Its gradient: the output gradient times inv, the input gradient's terms, and the
-    # product with x for the scale's gradient, all full-size float32.
-    "batchnorm_backward": 3.0,
-    "loss": 1.0,  # int32 labels + float32 per-pixel losses (8 bytes per pixel) at the loss
+    # Its gradient: two full-size float32 buffers at a time beside the output gradient and
+    # the kept input (the broadcast moment terms, then the products with the scale),
+    # read off the allocator's trace of xception65 steps (TensorFlow's profiler). Below
+    # float32 the output gradient is first cast to float32 (see _make_op).
+    "batchnorm_backward": 2.0,
+    "loss": 1.0,  # float32 per-pixel losses (4 bytes per pixel) while the loss runs
 }
 
 _DTYPE_BYTES = {
@@ -87,6 +89,9 @@ class _Op:
     block: str | None  # remat block this op belongs to (recomputed in the backward pass)
     param_sizes: tuple[int, ...] = ()  # bytes of each trainable weight (gradients alike)
     weight_copy_sizes: tuple[int, ...] = ()  # mixed precision: weights cast to compute dtype
+    # Bytes of constants that Grappler folds out of this op's gradient: they are made when
+    # the step function is first run and stay allocated for as long as it exists.
+    constant_bytes: int = 0
     needs_backward: bool = True
 
 
@@ -100,6 +105,10 @@ class MemoryGraph:
         inputs: ids of the model's input tensors (made inside the step from the uint8
             batch; they get no gradient).
         outputs: ids of the model's output tensors (the logits).
+        constants: ``(what, bytes per sample)`` of the constants the compiled step holds
+            for its whole life (see :func:`_step_constants`).
+        loss_scaled: some layer computes in float16, so the step scales the loss (its
+            gradient seed is then a variable, not a constant).
         notes: layer types the rules do not know (handled conservatively).
     """
 
@@ -109,6 +118,8 @@ class MemoryGraph:
     outputs: list[int]
     output_elements: int = 0
     output_pixels: int = 0
+    constants: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    loss_scaled: bool = False
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -122,6 +133,8 @@ class MemoryEstimate:
     activation_bytes: int
     peak_bytes: int
     input_bytes: int
+    #: Constants the compiled step holds for its life (in ``peak_bytes``, in no activation).
+    constant_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The estimate as the ``predicted`` section of a results row."""
@@ -242,6 +255,10 @@ def trace_model(model: Any) -> MemoryGraph:
     graph.output_elements = sum(math.prod(t.shape[1:]) for t in _flat(model.outputs))
     graph.output_pixels = sum(math.prod(t.shape[1:-1]) for t in _flat(model.outputs))
     _mark_backward(graph)
+    graph.loss_scaled = any(
+        getattr(layer, "compute_dtype", None) == "float16" for layer in model._flatten_layers()
+    )
+    graph.constants = _step_constants(graph)
     return graph
 
 
@@ -270,6 +287,7 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
 
     saved: list[int] = []
     temp = (0, 0.0, 0.0)
+    constant = 0
     if kind == "conv" and _atrous_depthwise(layer):
         # tf.nn.depthwise_conv2d runs an atrous depthwise conv on a space-to-batch copy of
         # its input, padded to a multiple of the rate; that copy is what its gradient reads.
@@ -285,7 +303,11 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
         # Keras BN upcasts to float32 and its gradient reads that copy of the input.
         f32 = _nbytes(ins[0].shape, "float32")
         saved = [in_ids[0] if dtype_bytes(ins[0].dtype) == 4 else new_tensor(f32)]
-        temp = (f32, TRANSIENT_FACTORS["batchnorm"], TRANSIENT_FACTORS["batchnorm_backward"])
+        # Below float32 the output gradient is cast to float32 and the original dies: one
+        # more float32 map, less the output gradient's own bytes.
+        cast_grad = 1.0 - dtype_bytes(outs[0].dtype) / 4
+        backward = TRANSIENT_FACTORS["batchnorm_backward"] + cast_grad
+        temp = (f32, TRANSIENT_FACTORS["batchnorm"], backward)
     elif kind == "relu" or (
         kind == "activation" and getattr(layer.activation, "__name__", "") in _KEEP_OUTPUT
     ):
@@ -297,7 +319,21 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
         saved = list(in_ids) + list(out_ids)
     elif kind == "dropout":
         saved = [new_tensor(_nbytes(ins[0].shape, "bool"))]
-    elif kind in ("resize", "multiply", "unknown"):
+    elif kind == "resize":
+        # ResizeBilinearGrad reads the resize's input (in the compute dtype).
+        saved = [as_compute(ins[0], in_ids[0])]
+        if dtype_bytes(compute) != 4:
+            # Below float32, Keras resizes in float32 (tf.image.resize returns float32) and
+            # casts back through clip_by_value: the clip's Minimum and Maximum gradients
+            # read the float32 resize output and the Minimum's output; the clip's output
+            # is a float32 buffer alive until the cast. The gradient's zeros_like of the
+            # float32 output has a static shape, so Grappler folds it into a constant.
+            f32 = _nbytes(outs[0].shape, "float32")
+            saved += [new_tensor(f32), new_tensor(f32)]
+            # Backward: the cast's float32 gradient and one clip gradient at a time.
+            temp = (f32, 1.0, 2.0)
+            constant = f32
+    elif kind in ("multiply", "unknown"):
         saved = list(in_ids)
     return _Op(
         name=layer.name,
@@ -311,6 +347,7 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
             math.prod(v.shape) * dtype_bytes(v.dtype) for v in layer.trainable_weights
         ),
         weight_copy_sizes=_weight_copies(layer, kind, compute),
+        constant_bytes=constant,
     )
 
 
@@ -363,8 +400,73 @@ def _mark_backward(graph: MemoryGraph) -> None:
         op.needs_backward = has_weights or any(t in depends for t in op.inputs)
         if not op.needs_backward:
             op.saved = []
+            op.constant_bytes = 0
         if op.needs_backward:
             depends.update(op.outputs)
+
+
+def _step_constants(graph: MemoryGraph) -> list[tuple[str, int]]:
+    """Constants the compiled step holds for its whole life, as ``(what, bytes per sample)``.
+
+    TensorFlow's graph optimizer (Grappler) turns some gradient ops into constants when
+    their shapes are static; the executor allocates a constant when the step function is
+    first run and keeps it until the function is deleted, so it sits in the allocator
+    before, during and after every step (in ``before_step_bytes`` and ``peak_bytes``, in
+    no activation figure). Read off the optimised step graph (TensorFlow 2.21's run
+    metadata) and the allocations that outlive the first step (its profiler):
+
+    - the gradient of the mean loss: the seed is a constant 1 (without loss scaling) and
+      the mean's gradient broadcasts 1/N to every pixel, so the whole per-pixel float32
+      gradient folds into a constant (``.../SparseSoftmaxCrossEntropyWithLogits/
+      ExpandDims/_0__cf__0``): 4 bytes per output pixel;
+    - the ``zeros_like`` of each mixed-precision resize's clip gradient (see
+      :func:`_make_op`).
+
+    The accumulator Grappler may add is :func:`_accumulator_bytes`.
+    """
+    constants = [
+        (f"{op.name}: zeros of the float32 clip gradient", op.constant_bytes)
+        for op in graph.ops
+        if op.constant_bytes
+    ]
+    if not graph.loss_scaled:
+        constants.append(("loss: per-pixel gradient of the mean", graph.output_pixels * 4))
+    return constants
+
+
+def _accumulator_bytes(graph: MemoryGraph) -> int:
+    """Bytes per sample of the zeros constant of Grappler's gradient accumulator, if made.
+
+    Grappler's memory optimizer rewrites a sum of more than two gradients whose terms are
+    alive at its static estimate of the step's memory peak into a temporary variable
+    started from ``zeros_like(first term)`` (constant folding then makes that a
+    constant), but only when that estimate exceeds 80% of the device's memory limit. The
+    unfused batch norm's input gradient sums three terms. When no tensor between the batch
+    norm nearest the loss and the loss is larger than that norm's float32 input (as in
+    DeepLabV3+, whose head ends in a 1x1 conv to two classes), the start of the backward
+    pass, where that sum runs, is the peak: one float32 constant the size of its input.
+    Seen for xception65 at every patch size, precision and remat mode measured; a model
+    that widens after its last batch norm (a toy stack with an upsampling there) has its
+    peak elsewhere and gets no such constant.
+    """
+    norms = [i for i, op in enumerate(graph.ops) if op.kind == "batchnorm" and op.needs_backward]
+    if not norms:
+        return 0
+    norm = graph.ops[norms[-1]]
+    accumulator = int(norm.temp_bytes[0])
+    later = [t for op in graph.ops[norms[-1] + 1 :] for t in op.outputs]
+    if any(graph.tensor_bytes[t] > accumulator for t in later):
+        return 0
+    return accumulator
+
+
+#: Grappler's memory optimizer rewrites gradient sums only when its estimate of the peak
+#: exceeds this fraction of the device's memory limit (``SchedulingPass``, TF 2.21).
+GRAPPLER_REWRITE_FRACTION = 0.8
+
+#: The memory limit TensorFlow's CPU device reports to Grappler: 256 MiB, whatever the RAM
+#: (``device_lib.list_local_devices()``), so every step bigger than a toy's is rewritten.
+CPU_DEVICE_MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- simulation
@@ -405,6 +507,10 @@ def simulate_step(
         return sum(tracked(b) for b in op.weight_copy_sizes)
 
     start = sum(copy_bytes(op) * (2 if op.block is not None else 1) for op in ops)
+    # The int32 labels are cast from the uint8 masks: that depends on nothing else, so it
+    # also runs first, and the labels live until the loss has read them.
+    labels = tracked(graph.output_pixels * 4 * batch_size)
+    start += labels
     sim.alloc_bytes(start)
     sim.alloc(graph.inputs)
     blocks: dict[str, list[_Op]] = {}
@@ -436,9 +542,12 @@ def simulate_step(
     # logits themselves die once the loss is computed.
     loss_keep = tracked(graph.output_elements * 4 * batch_size)
     sim.alloc_bytes(loss_keep)
-    # While the loss runs: int32 labels cast from the masks and float32 per-pixel losses.
-    sim.spike(int(TRANSIENT_FACTORS["loss"] * 2 * tracked(graph.output_pixels * 4 * batch_size)))
+    # While the loss runs: its float32 per-pixel losses; then the labels die.
+    sim.spike(int(TRANSIENT_FACTORS["loss"] * tracked(graph.output_pixels * 4 * batch_size)))
+    sim.alloc_bytes(-labels)
     sim.free(graph.outputs)
+    # The step's first allocator read comes after the copies and the labels, the read
+    # after the forward pass after the labels died: the activation figure is net of both.
     activation = sim.live - start
 
     # Backward: an op reads the gradients of its outputs and what it saved, makes the
@@ -461,7 +570,11 @@ def simulate_step(
         if op.block is not None and op.block not in recomputed:
             recomputed.add(op.block)
             members = blocks[op.block]
-            sim.forward(members, keep={t for m in members for t in m.saved} | kept, temp=op_temp)
+            # Keep what the block's backward reads and what other ops still need, but not
+            # the block's own outputs again (their forward copies died long ago).
+            produced = {t for m in members for t in m.outputs}
+            keep = {t for m in members for t in m.saved} | (kept - produced)
+            sim.forward(members, keep=keep, temp=op_temp)
         # The weight gradient reads the saved tensors first, which then die; the input
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
         # the output gradient, so they allocate nothing.
@@ -481,7 +594,8 @@ def simulate_step(
     return {
         "activation_bytes": int(activation),
         "peak_delta_bytes": int(sim.peak),
-        "weight_copy_bytes": int(start),
+        "weight_copy_bytes": int(start - labels),
+        "labels_bytes": int(labels),
     }
 
 
@@ -646,15 +760,23 @@ def estimate_model(
     pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
     batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
-    # Mixed-precision weight copies are inside the simulated step's peak; they exist before
-    # the step's first read and are gone by the time gradients are read.
-    copies = sim["weight_copy_bytes"]
+    # Mixed-precision weight copies and the labels are inside the simulated step's peak;
+    # they exist before the step's first read and are gone by the time gradients are read.
+    copies = sim["weight_copy_bytes"] + sim["labels_bytes"]
+    constants = tracked(b * batch_size for _, b in facts.graph.constants)
     peak = (
         tracked(facts.weight_sizes)
         + slots * tracked(facts.trainable_sizes)
         + tracked(batch)
+        + constants
         + sim["peak_delta_bytes"]
     )
+    # A GPU's limit is its memory: the rewrite only comes near the card's capacity, where
+    # the estimate cannot know the card, so it is left out there.
+    if device == "cpu" and peak > GRAPPLER_REWRITE_FRACTION * CPU_DEVICE_MEMORY_LIMIT_BYTES:
+        accumulator = tracked([_accumulator_bytes(facts.graph) * batch_size])
+        constants += accumulator
+        peak += accumulator
     return MemoryEstimate(
         weights_bytes=sum(facts.weight_sizes),
         optimizer_bytes=slots * sum(facts.trainable_sizes),
@@ -662,6 +784,7 @@ def estimate_model(
         activation_bytes=sim["activation_bytes"],
         peak_bytes=int(peak),
         input_bytes=pixels * batch_bytes_per_pixel,
+        constant_bytes=constants,
     )
 
 

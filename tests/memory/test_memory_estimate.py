@@ -91,3 +91,39 @@ def test_largest_patch_is_the_last_size_that_fits():
     assert best is not None and best % 16 == 0
     assert _mnv2(patch_size=best).peak_bytes <= budget
     assert _mnv2(patch_size=best + 16).peak_bytes > budget
+
+
+def _upsampling_stack(side):
+    """conv/BN/ReLU twice, then a bilinear upsampling x2 and float32 logits."""
+    from histoseg.models.layers import ResizeBilinear
+
+    inputs = keras.Input((side, side, 3), name="images")
+    x = keras.layers.Conv2D(CHANNELS, 3, padding="same", use_bias=False)(inputs)
+    x = conv_bn(x, CHANNELS, 3, name="unit0")
+    x = conv_bn(x, CHANNELS, 3, name="unit1")
+    x = ResizeBilinear(2 * side, 2 * side, name="up")(x)
+    x = keras.layers.Conv2D(2, 1, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, x)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_constants_of_the_compiled_step_match_what_the_first_step_leaves(precision):
+    # Under mixed precision the resize's clip gradient has a zeros_like that Grappler folds
+    # into a float32 constant of the resize's output (4 MiB here); float32 has none above
+    # the CPU allocator's floor.
+    keras.mixed_precision.set_dtype_policy(precision)
+    try:
+        model = _upsampling_stack(SIDE)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    step = make_train_step(model, make_optimizer("adam", 1e-3), memory_device="CPU:0")
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (1, SIDE, SIDE, 3), dtype=np.uint8))
+    masks = tf.constant(rng.integers(0, 2, (1, 2 * SIDE, 2 * SIDE), dtype=np.uint8))
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    step(images, masks)
+    left = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
+    predicted = estimate_model(model, batch_size=1).constant_bytes
+    expected = 4 * (2 * SIDE) ** 2 * CHANNELS if precision == "mixed_bfloat16" else 0
+    assert predicted == expected
+    assert left == pytest.approx(predicted, abs=64 * 1024)
