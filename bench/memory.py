@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold an exclusive flock on this file while each worker runs (shared machines)",
     )
     add(
+        "--allocator-trace",
+        action="store_true",
+        help="profile one more step per config and record the allocator's chunk waste",
+    )
+    add(
         "--refresh-predictions",
         action="store_true",
         help="recompute the predicted section of rows already in --out, measuring nothing new",
@@ -222,13 +227,19 @@ def _locked(path: Path | None):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_worker(config: BenchConfig, timeout_s: float | None = None) -> dict[str, Any]:
+def run_worker(
+    config: BenchConfig, timeout_s: float | None = None, allocator_trace: bool = False
+) -> dict[str, Any]:
     """Run ``config`` in a fresh ``bench.worker`` process and return its row.
 
     A worker that dies (a signal such as the out-of-memory killer's SIGKILL, a non-zero
-    exit, no JSON on stdout, a timeout) becomes an "oom" or "error" row naming why.
+    exit, no JSON on stdout, a timeout) becomes an "oom" or "error" row naming why. With
+    ``allocator_trace`` the worker profiles one more step and records the allocator's
+    chunk waste in ``extra.allocator_trace`` (see ``bench.worker.allocator_chunk_waste``).
     """
     cmd = [sys.executable, "-m", "bench.worker", "--config", config.to_json()]
+    if allocator_trace:
+        cmd.append("--allocator-trace")
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     root = Path(__file__).resolve().parent.parent
@@ -276,6 +287,7 @@ def sweep(
     lock_file: Path | None = None,
     note: str | None = None,
     command: str | None = None,
+    allocator_trace: bool = False,
 ) -> list[dict[str, Any]]:
     """Predict, fit-check and measure each config; write ``out`` after every one.
 
@@ -296,7 +308,12 @@ def sweep(
             mine.append(old)
             continue
         row = _one(
-            config, predict_only=predict_only, force=force, timeout_s=timeout_s, lock=lock_file
+            config,
+            predict_only=predict_only,
+            force=force,
+            timeout_s=timeout_s,
+            lock=lock_file,
+            allocator_trace=allocator_trace,
         )
         if note:
             row.setdefault("extra", {})["note"] = note
@@ -322,6 +339,7 @@ def _one(
     force: bool,
     timeout_s: float | None,
     lock: Path | None = None,
+    allocator_trace: bool = False,
 ) -> dict[str, Any]:
     cfg = config.as_dict()
     if config.device == "gpu" and not _gpu_visible():
@@ -343,7 +361,7 @@ def _one(
             return make_row(
                 "memory", cfg, status="skipped", reason=why_not, predicted=predicted, extra=extra
             )
-        row = run_worker(config, timeout_s)
+        row = run_worker(config, timeout_s, allocator_trace=allocator_trace)
     row.setdefault("predicted", predicted)
     return row
 
@@ -539,6 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock_file=args.lock_file,
         note=args.note,
         command=_command(argv),
+        allocator_trace=args.allocator_trace,
     )
     print(summary_table(rows))
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")

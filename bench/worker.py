@@ -82,11 +82,93 @@ def build_model(config: BenchConfig, num_classes: int = 2):
     )
 
 
-def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
+def allocator_chunk_waste(logdir: str, reads: dict[str, int]) -> dict[str, int] | None:
+    """Chunk waste of TF's allocator in one profiled step, from the profiler's trace.
+
+    TensorFlow's BFC allocator hands a request a whole free chunk when the chunk is less
+    than twice the request (it splits only larger ones), and its statistics count the
+    whole chunk. The trace records, for every allocation of the step, the bytes requested
+    and the chunk given; the waste is their difference summed over the step's buffers
+    alive at a point. Points: the step's first read (``bytes_before_step``), its read
+    after the forward pass, and the step's peak (matched by the allocator's running total,
+    which the trace records after each event).
+
+    Returns:
+        ``activation_chunk_waste_bytes`` (waste alive after the forward pass less that at
+        the first read), ``peak_chunk_waste_bytes`` (waste alive at the peak) and
+        ``traced_peak_bytes``; None when the reads cannot be found in the trace.
+    """
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    files = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
+    if not files:
+        return None
+    space = xplane_pb2.XSpace()
+    with open(files[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    events = []
+    for plane in space.planes:
+        meta, stat_meta = plane.event_metadata, plane.stat_metadata
+        for line in plane.lines:
+            for ev in line.events:
+                kind = meta[ev.metadata_id].name
+                if kind not in ("MemoryAllocation", "MemoryDeallocation"):
+                    continue
+                stats = {
+                    stat_meta[st.metadata_id].name: st.int64_value or st.uint64_value
+                    for st in ev.stats
+                }
+                events.append((line.timestamp_ns * 1000 + ev.offset_ps, kind, stats))
+    events.sort(key=lambda e: e[0])
+    live: dict[int, int] = {}
+    waste_after: list[int] = []
+    for _, kind, stats in events:
+        if kind == "MemoryAllocation":
+            live[stats["addr"]] = stats["allocation_bytes"] - stats["requested_bytes"]
+        else:
+            live.pop(stats["addr"], None)
+        waste_after.append(sum(live.values()))
+    totals = [stats["bytes_allocated"] for _, _, stats in events]
+    try:
+        first = totals.index(reads["bytes_before_step"])
+        forward = totals.index(reads["bytes_after_forward"], first)
+    except ValueError:
+        return None
+    peak = max(range(len(totals)), key=totals.__getitem__)
+    return {
+        "activation_chunk_waste_bytes": waste_after[forward] - waste_after[first],
+        "peak_chunk_waste_bytes": waste_after[peak],
+        "traced_peak_bytes": totals[peak],
+    }
+
+
+def _traced_step(step, images, masks) -> dict[str, int] | None:
+    """Run one more step under TensorFlow's profiler; see :func:`allocator_chunk_waste`."""
+    import tempfile
+
+    import tensorflow as tf
+
+    options = tf.profiler.experimental.ProfilerOptions(
+        host_tracer_level=3, python_tracer_level=0, device_tracer_level=0
+    )
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir, options=options)
+        try:
+            result = step(images, masks)
+            reads = {k: int(v) for k, v in result.items() if k.startswith("bytes_")}
+        finally:
+            tf.profiler.experimental.stop()
+        return allocator_chunk_waste(logdir, reads)
+
+
+def measure(config: BenchConfig, num_classes: int = 2, trace: bool = False) -> dict[str, Any]:
     """Train ``config`` for 1 + ``steps`` steps here and return the ``measured`` section.
 
     One warm-up step (tracing, optimizer state, first allocations), then ``steps`` timed
-    steps over which the allocator peak is taken.
+    steps over which the allocator peak is taken; with ``trace``, one more step under the
+    profiler for :func:`allocator_chunk_waste` (key ``"_trace"``).
 
     Also returns the model (for the estimate) under the key ``"_model"``.
     """
@@ -127,6 +209,7 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
             outs.append({k: int(v) for k, v in result.items() if k.startswith("bytes_")})
         after = probe.snapshot()
+        traced = _traced_step(step, images, masks) if trace else None
     out = outs[0]
     before = int(out["bytes_before_step"])
     step_s = statistics.median(times)
@@ -156,6 +239,7 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
         "activation_bytes_per_megapixel": activation / megapixels,
         "peak_bytes_per_megapixel": peak / megapixels,
         "_model": model,
+        "_trace": traced,
     }
 
 
@@ -175,7 +259,7 @@ def widen_for_demo(config: BenchConfig) -> BenchConfig:
     return config.replace(backbone_options=tuple(options.items()))
 
 
-def run_config(config: BenchConfig) -> dict[str, Any]:
+def run_config(config: BenchConfig, trace: bool = False) -> dict[str, Any]:
     """Measure ``config`` in this process and return its results row (never raises on OOM)."""
     from histoseg.memory.devices import tensorflow_sees_gpu
     from histoseg.results import make_row
@@ -191,12 +275,15 @@ def run_config(config: BenchConfig) -> dict[str, Any]:
 
     run = widen_for_demo(config)
     try:
-        measured = measure(run)
+        measured = measure(run, trace=trace)
     except tf.errors.ResourceExhaustedError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "OOM"
         return make_row("memory", row_config, status="oom", reason=f"out of memory: {first}")
     model = measured.pop("_model")
+    traced = measured.pop("_trace")
     extra = {"steps": config.steps, "mask_dtype": "uint8", "image_dtype": "uint8"}
+    if traced is not None:
+        extra["allocator_trace"] = traced
     try:
         predicted = estimate_model(
             model, batch_size=config.batch_size, optimizer=config.optimizer, device=config.device
@@ -227,10 +314,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="the config as JSON (BenchConfig keys)")
+    parser.add_argument(
+        "--allocator-trace",
+        action="store_true",
+        help="profile one more step and record the allocator's chunk waste in extra",
+    )
     args = parser.parse_args(argv)
     config = BenchConfig.from_json(args.config)
     configure_threads(config.threads)
-    row = run_config(config)
+    row = run_config(config, trace=args.allocator_trace)
     sys.stdout.write(json.dumps(row, default=str) + "\n")
     sys.stdout.flush()
     return 0
