@@ -498,25 +498,40 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines + (["", "not measured:", *notes] if notes else []))
 
 
+def _net_of_waste(measured: Any, waste: Any) -> Any:
+    return None if measured is None or waste is None else measured - waste
+
+
 def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """Measured vs predicted activation and peak bytes (GB) as a Markdown table."""
+    """Measured vs predicted activation and peak bytes (GB) as a Markdown table.
+
+    Rows measured with ``--allocator-trace`` also get the error against the measurement
+    net of the allocator's chunk waste ("net err"): the bytes the tensors asked for.
+    """
     lines = [
         "| patch px | batch | backbone | precision | remat | status | activations GB "
-        "measured | predicted | error | step peak GB measured | predicted | error | "
-        "RSS peak GB | step s | MP/s |",
+        "measured | predicted | error | net err | step peak GB measured | predicted | "
+        "error | net err | RSS peak GB | step s | MP/s |",
         "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
-        "---: | ---: | ---: |",
+        "---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
+        trace = (r.get("extra") or {}).get("allocator_trace") or {}
+        act_net = _net_of_waste(
+            m.get("activation_bytes"), trace.get("activation_chunk_waste_bytes")
+        )
+        peak_net = _net_of_waste(m.get("peak_bytes"), trace.get("peak_chunk_waste_bytes"))
         status = "predicted" if r["status"] == "skipped" and p else r["status"]
         lines.append(
             f"| {c['patch_size']} | {c['batch_size']} | {c['backbone']} | {c['precision']} | "
             f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)} | "
             f"{_num(p.get('activation_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
+            f"{_pct(act_net, p.get('activation_bytes'))} | "
             f"{_num(m.get('peak_bytes'), 1e9, 3)} | {_num(p.get('peak_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('peak_bytes'), p.get('peak_bytes'))} | "
+            f"{_pct(peak_net, p.get('peak_bytes'))} | "
             f"{_num(m.get('rss_peak_bytes'), 1e9)} | {_num(m.get('step_s'), 1)} | "
             f"{_num(m.get('megapixels_per_s'), 1, 3)} |"
         )

@@ -7,22 +7,28 @@ norm a float32 copy of its input, an addition nothing, ...). A simulated step th
 layers in order, allocating outputs and freeing what no later layer or backward pass
 needs, then walks back through them allocating gradients and freeing what was kept.
 Recomputed (remat) blocks keep only their inputs in the forward pass and are simulated
-forward again just before their backward pass. The simulation gives:
+forward again, one block at a time, just before their backward pass. The simulation gives:
 
-- ``activation_bytes``: bytes alive after the forward pass beyond what existed before the
-  step (what the harness measures as allocator bytes after forward minus before);
-- ``peak_bytes``: weights + optimizer state + input batch + the largest number of bytes the
+- ``activation_bytes``: bytes alive after the forward pass beyond what existed at the
+  step's first allocator read (what the harness measures as allocator bytes after forward
+  minus before);
+- ``peak_bytes``: weights + optimizer state + input batch + the constants the compiled step
+  holds (``constant_bytes``, see :func:`_step_constants`) + the largest number of bytes the
   simulated step has alive at once;
 - ``weights_bytes``, ``optimizer_bytes`` (Adam two slots per trainable weight, SGD with
   momentum one), ``gradient_bytes`` (one float32 gradient per trainable weight).
 
 Tensor sizes come straight from the graph's shapes and dtypes, so patch size, batch size
-and precision enter exactly. The only calibrated constants are the batch-norm working
-buffers in :data:`TRANSIENT_FACTORS` and the CPU allocator's untracked-size floor
-:data:`CPU_UNTRACKED_BELOW_BYTES` (``docs/memory-harness.md`` says how each was measured).
-The simulation recomputes one remat block at a time; TensorFlow's executor does not always
-keep to that order with ``keras.remat`` (see the docs), so measured remat peaks can exceed
-the prediction.
+and precision enter exactly. The rules were read off TensorFlow 2.21's gradient functions,
+its optimised step graph (run metadata) and the allocator's trace of whole xception65
+steps (TensorFlow's profiler records every allocation with the bytes requested): for the
+configurations traced the simulation matches the bytes the step *requests* to within a
+few MB. What it does not model is TensorFlow's BFC allocator handing a request a larger
+free chunk that it does not split (its statistics count the whole chunk): that waste is
+what remains between prediction and measurement (``python -m bench.memory
+--allocator-trace`` measures it; ``docs/memory-harness.md`` has the figures). The only
+calibrated constants are the batch-norm working buffers in :data:`TRANSIENT_FACTORS` and
+the CPU allocator's untracked-size floor :data:`CPU_UNTRACKED_BELOW_BYTES`.
 """
 
 from __future__ import annotations
