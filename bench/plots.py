@@ -796,6 +796,14 @@ def projection_from_model(
     return curve, line
 
 
+def _engine_label(engine: str, compression: str) -> str:
+    """Legend text of one (engine, compression) line of the weak-scaling plot."""
+    if engine == "none":  # bench.scaling's control: N processes that never communicate
+        return "no communication (independent processes)"
+    kind = "uncompressed" if compression == "none" else f"{compression}-compressed"
+    return f"{engine}, {kind} allreduce"
+
+
 def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """Weak-scaling efficiency and total throughput against workers, per engine and compression.
 
@@ -965,7 +973,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
                 [],
                 color=colour_of[c],
                 lw=6,
-                label=f"{c[0]}, {'uncompressed' if c[1] == 'none' else c[1] + '-compressed'} allreduce",
+                label=_engine_label(*c),
             )
             for c in combos
         ]
