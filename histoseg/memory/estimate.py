@@ -93,8 +93,12 @@ class _Op:
     # buffers alive only while the op (or its gradient) runs.
     temp_bytes: tuple[int, float, float]
     block: str | None  # remat block this op belongs to (recomputed in the backward pass)
-    param_sizes: tuple[int, ...] = ()  # bytes of each trainable weight (gradients alike)
+    param_sizes: tuple[int, ...] = ()  # bytes of each trainable weight
     weight_copy_sizes: tuple[int, ...] = ()  # mixed precision: weights cast to compute dtype
+    # Bytes of each weight's gradient as it waits for the update: a weight read through a
+    # cast gets its gradient in the compute dtype (Grappler's arithmetic optimizer moves
+    # the cast back to float32 past the step's identities, into the update).
+    grad_sizes: tuple[int, ...] = ()
     # Bytes of constants that Grappler folds out of this op's gradient: they are made when
     # the step function is first run and stay allocated for as long as it exists.
     constant_bytes: int = 0
@@ -353,6 +357,10 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
             math.prod(v.shape) * dtype_bytes(v.dtype) for v in layer.trainable_weights
         ),
         weight_copy_sizes=_weight_copies(layer, kind, compute),
+        grad_sizes=tuple(
+            math.prod(v.shape) * dtype_bytes(compute if kind in ("conv", "separable") else v.dtype)
+            for v in layer.trainable_weights
+        ),
         constant_bytes=constant,
     )
 
@@ -451,9 +459,10 @@ def _accumulator_bytes(graph: MemoryGraph) -> int:
     norm nearest the loss and the loss is larger than that norm's float32 input (as in
     DeepLabV3+, whose head ends in a 1x1 conv to two classes), the start of the backward
     pass, where that sum runs, is the peak: one float32 constant the size of its input.
-    Seen for xception65 at every patch size, precision and remat mode measured; a model
-    that widens after its last batch norm (a toy stack with an upsampling there) has its
-    peak elsewhere and gets no such constant.
+    Seen for xception65 at every config measured but the smallest step (256 px, batch 1,
+    remat blocks), where Grappler's own peak estimate stays under the threshold (a 4 MB
+    constant); a model that widens after its last batch norm (a toy stack with an
+    upsampling there) has its peak elsewhere and gets no such constant.
     """
     norms = [i for i, op in enumerate(graph.ops) if op.kind == "batchnorm" and op.needs_backward]
     if not norms:
@@ -585,7 +594,7 @@ def simulate_step(
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
         # the output gradient, so they allocate nothing.
         sim.spike(op_temp_backward(op))
-        sim.alloc_bytes(sum(tracked(b) for b in op.param_sizes) - copy_bytes(op))
+        sim.alloc_bytes(sum(tracked(b) for b in op.grad_sizes) - copy_bytes(op))
         last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
             last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
@@ -602,6 +611,7 @@ def simulate_step(
         "peak_delta_bytes": int(sim.peak),
         "weight_copy_bytes": int(start - labels),
         "labels_bytes": int(labels),
+        "weight_gradient_bytes": sum(tracked(b) for op in ops for b in op.grad_sizes),
     }
 
 
@@ -786,7 +796,7 @@ def estimate_model(
     return MemoryEstimate(
         weights_bytes=sum(facts.weight_sizes),
         optimizer_bytes=slots * sum(facts.trainable_sizes),
-        gradient_bytes=tracked(facts.trainable_sizes) - copies,
+        gradient_bytes=sim["weight_gradient_bytes"] - copies,
         activation_bytes=sim["activation_bytes"],
         peak_bytes=int(peak),
         input_bytes=pixels * batch_bytes_per_pixel,
