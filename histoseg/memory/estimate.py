@@ -301,7 +301,11 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> _Op:
     if kind == "conv" and _atrous_depthwise(layer):
         # tf.nn.depthwise_conv2d runs an atrous depthwise conv on a space-to-batch copy of
         # its input, padded to a multiple of the rate; that copy is what its gradient reads.
-        saved = [new_tensor(_space_to_batch_bytes(layer, ins[0].shape, compute))]
+        # The gradient of the input comes out in that layout too (as large as the copy)
+        # before BatchToSpaceND brings it back.
+        space_to_batch = _space_to_batch_bytes(layer, ins[0].shape, compute)
+        saved = [new_tensor(space_to_batch)]
+        temp = (space_to_batch, 0.0, 1.0)
     elif kind == "conv":
         saved = [as_compute(kt, tid) for kt, tid in zip(ins, in_ids, strict=True)]
     elif kind == "separable":
