@@ -644,6 +644,25 @@ def draw_memory_vs_patch_size(rows: Sequence[dict], out_dir: Path) -> PlotOutcom
     if not memory_rows:
         outcome.notes.append("no memory rows (kind 'memory'); run python -m bench.memory")
         return outcome
+    # One framework per plot: rows of bench.torch_step (Keras on PyTorch) have their own
+    # allocator and tensors kept, and would read as TensorFlow GPU rows here.
+    torch_rows = [r for r in memory_rows if (r.get("extra") or {}).get("backend") == "torch"]
+    if len(torch_rows) < len(memory_rows):
+        memory_rows = [r for r in memory_rows if r not in torch_rows]
+        if torch_rows:
+            outcome.notes.append(
+                f"{len(torch_rows)} rows of Keras's torch backend left out "
+                "(docs/torch-backend.md draws them as a table)"
+            )
+    # Batch 1 only, where there is any: more batch sizes make the plot unreadable, and
+    # memory per patch is near-linear in the batch (the table in results/ has them all).
+    batch_one = [r for r in memory_rows if r.get("config", {}).get("batch_size") == 1]
+    if batch_one and len(batch_one) < len(memory_rows):
+        outcome.notes.append(
+            f"{len(memory_rows) - len(batch_one)} rows of batch size > 1 left out "
+            "(python -m bench.memory --show lists them)"
+        )
+        memory_rows = batch_one
 
     series_keys = ("backbone", "batch_size", "output_stride", "device", "precision", "remat")
     varying = _varying_keys([r.get("config", {}) for r in memory_rows], series_keys)
