@@ -44,9 +44,11 @@ def rss_peak_bytes() -> int:
     """The process's peak resident set size since it started (getrusage ``ru_maxrss``).
 
     psutil has no portable peak; ``ru_maxrss`` is kilobytes on Linux and bytes on macOS.
+    Linux counts RSS per thread and folds the counts in lazily, so ``ru_maxrss`` can trail
+    psutil's current RSS by a few hundred KB; the peak is at least the current RSS.
     """
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    return max(int(peak if sys.platform == "darwin" else peak * 1024), rss_bytes())
 
 
 @dataclasses.dataclass(frozen=True)
