@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+def parse_backbone_options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """``--backbone-option NAME=VALUE`` items as sorted pairs (values parsed as JSON if they can)."""
     options = {}
     for item in items:
         name, sep, value = item.partition("=")
@@ -166,7 +167,9 @@ def _parse_options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
     """The sweep the command line asks for, one :class:`BenchConfig` per point."""
-    base = BenchConfig(steps=args.steps, backbone_options=_parse_options(args.backbone_option))
+    base = BenchConfig(
+        steps=args.steps, backbone_options=parse_backbone_options(args.backbone_option)
+    )
     return expand_sweep(
         base,
         backbone=args.backbone,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BACKBONES, PRECISIONS, REMAT_MODES, BenchConfig, expand_sweep
+from bench.memory import parse_backbone_options
 from bench.results_readme import command_line
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
@@ -84,21 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--force", action="store_true", help="re-measure configs already in --out")
     add("--show", action="store_true", help="print the summary table of --out; run nothing")
     return parser
-
-
-def _options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
-    import json
-
-    options = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--backbone-option {item!r} is not NAME=VALUE (e.g. alpha=0.35)")
-        try:
-            options[name] = json.loads(value)
-        except json.JSONDecodeError:
-            options[name] = value
-    return tuple(sorted(options.items()))
 
 
 def use_torch_backend():
@@ -306,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         threads=1,
         steps=args.steps,
         optimizer=args.optimizer,
-        backbone_options=_options(args.backbone_option),
+        backbone_options=parse_backbone_options(args.backbone_option),
     )
     configs = expand_sweep(
         base,
