@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BACKBONES, PRECISIONS, REMAT_MODES, BenchConfig, expand_sweep
-from bench.memory import parse_backbone_options
+from bench.memory import parse_backbone_options, summary_table
 from bench.results_readme import command_line
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
@@ -247,38 +247,13 @@ def run_config(config: BenchConfig, command: str | None = None) -> dict[str, Any
     return make_row("memory", config.as_dict(), measured=measured, predicted=predicted, extra=extra)
 
 
-def _summary(rows: Sequence[dict[str, Any]]) -> str:
-    head = (
-        f"{'patch':>5} {'batch':>5} {'backbone':<12} {'precision':<14} {'remat':<6} "
-        f"{'status':<7} {'act GB':>7} {'peak GB':>8} {'pred':>7} {'err':>7} {'step s':>7} "
-        f"{'MP/s':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for row in rows:
-        c, m, p = row["config"], row.get("measured") or {}, row.get("predicted") or {}
-        peak, pred = m.get("peak_bytes"), p.get("peak_bytes")
-        err = f"{(pred - peak) / peak:+.1%}" if peak and pred else "-"
-
-        def gb(n: float | None) -> str:
-            return "-" if n is None else f"{n / 1e9:.2f}"
-
-        step = f"{m['step_s']:.3f}" if "step_s" in m else "-"
-        mps = f"{m['megapixels_per_s']:.2f}" if "megapixels_per_s" in m else "-"
-        lines.append(
-            f"{c['patch_size']:>5} {c['batch_size']:>5} {c['backbone']:<12} {c['precision']:<14} "
-            f"{c['remat']:<6} {row['status']:<7} {gb(m.get('activation_bytes')):>7} "
-            f"{gb(peak):>8} {gb(pred):>7} {err:>7} {step:>7} {mps:>7}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.show:
         rows = load_rows_if_exists(args.out)
         if not rows:
             raise ConfigError(f"{args.out} holds no rows yet; run a sweep first")
-        print(_summary(rows))
+        print(summary_table(rows))
         return 0
     if args.steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {args.steps}")
@@ -324,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_rows(args.out, rows)
         peak = (row.get("measured") or {}).get("peak_bytes")
         print(f"{label}: {row['status']} peak {format_bytes(peak)}", file=sys.stderr, flush=True)
-    print(_summary(new or rows))
+    print(summary_table(new or rows))
     print(f"rows written to {args.out}")
     return 0
 

@@ -61,9 +61,8 @@ def test_show_prints_the_committed_gpu_rows_without_torch():
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:3] == ["patch", "batch", "backbone"]
-    assert any(
-        line.split()[:6] == ["2048", "1", "xception65", "float32", "none", "ok"] for line in lines
-    )
+    row = ["2048", "1", "xception65", "float32", "none", "gpu", "ok"]
+    assert any(line.split()[:7] == row for line in lines)
 
 
 @pytest.mark.gpu
