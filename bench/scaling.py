@@ -30,6 +30,7 @@ from typing import Any
 
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
+from histoseg.train.engines.base import DEFAULT_STEP_MODE, STEP_MODES
 
 DEFAULT_OUT = Path("results/scaling.json")
 # "none" with N workers runs N independent processes (no communication at all): the
@@ -68,7 +69,11 @@ def worker_main(spec: dict[str, Any]) -> int:
     kwargs = {"alpha": spec["alpha"]} if spec.get("alpha") is not None else {}
     model = build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
     step = DistributedStep(
-        model, make_optimizer("adam", 1e-4), engine, compression=spec["compression"]
+        model,
+        make_optimizer("adam", 1e-4),
+        engine,
+        compression=spec["compression"],
+        step_mode=spec["step"],
     )
     engine.broadcast_variables(all_variables(model, step.optimizer))
     # this rank's fixed patches: weak scaling keeps the work per worker constant
@@ -81,6 +86,16 @@ def worker_main(spec: dict[str, Any]) -> int:
         t = step(images, masks)
         if i >= int(spec["warmup"]):
             times.append(t)
+    local = []
+    if step.step_mode == "overlap" and engine.size > 1:
+        # The same compiled step without its collective, on every rank at once (as the
+        # no-communication control runs): overlapped step time minus this one is the
+        # communication the overlapped step still exposes.
+        engine.barrier()
+        for i in range(int(spec["warmup"]) + int(spec["steps"])):
+            seconds = step.local_step(images, masks)
+            if i >= int(spec["warmup"]):
+                local.append(seconds)
     probe = {}
     engine.barrier()  # probes time the collective alone, with the ranks in step
     if engine.size > 1:
@@ -97,10 +112,12 @@ def worker_main(spec: dict[str, Any]) -> int:
     record = {
         "rank": rank,
         "size": engine.size,
+        "step_mode": step.step_mode,
         "compute_s": [t.compute_s for t in times],
         "allreduce_s": [t.allreduce_s for t in times],
         "apply_s": [t.apply_s for t in times],
         "step_s": [t.step_s for t in times],
+        "local_step_s": local,
         "loss": [t.loss for t in times],
         "gradient_bytes": gradient_bytes(model),
         "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
@@ -160,14 +177,43 @@ def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> tuple[int, s
     return max(codes, key=abs), tail
 
 
+#: What ``allreduce_s`` is in each step mode (kept in ``measured.allreduce_timing``).
+ALLREDUCE_TIMING = {
+    "separate": "the collective, timed around the call between gradients and update",
+    "overlap": "exposed: overlapped step minus the same ranks' step without the collective",
+}
+
+
 def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -> dict[str, Any]:
-    """Measured figures of one launch from its ranks' records (medians over steps)."""
+    """Measured figures of one launch from its ranks' records (medians over steps).
+
+    ``allreduce_s`` is the step time the communication costs. A separate step times its
+    collective around the call. An overlapped step cannot (the collective runs inside the
+    compiled step, beside the backward pass): there it is the exposed communication, the
+    overlapped step time minus the same ranks' time for the same compiled step without
+    the collective (``local_step_s``), clamped at zero; the unclamped difference is kept
+    as ``allreduce_exposed_s`` (launch-to-launch noise can make it slightly negative).
+    ``compute_s`` is then the step without the collective, update included.
+    """
     med = statistics.median
     # ranks step in lockstep; the slowest rank's median sets the pace
     step_s = max(med(r["step_s"]) for r in records)
-    compute_s = max(med(r["compute_s"]) for r in records)
-    allreduce_s = med([med(r["allreduce_s"]) for r in records])
-    apply_s = med([med(r["apply_s"]) for r in records])
+    mode = records[0].get("step_mode", "separate")
+    extra: dict[str, Any] = {"allreduce_timing": ALLREDUCE_TIMING[mode]}
+    if mode == "overlap":
+        local = [r["local_step_s"] for r in records if r.get("local_step_s")]
+        # one worker (or the no-communication control) has no collective: all is compute
+        compute_s = max(med(steps) for steps in local) if local else step_s
+        exposed_s = step_s - compute_s
+        allreduce_s = max(0.0, exposed_s)
+        apply_s = None
+        extra["allreduce_exposed_s"] = exposed_s
+        if local:
+            extra["local_step_s"] = compute_s
+    else:
+        compute_s = max(med(r["compute_s"]) for r in records)
+        allreduce_s = med([med(r["allreduce_s"]) for r in records])
+        apply_s = med([med(r["apply_s"]) for r in records])
     workers = len(records)
     per_worker = batch_size / step_s
     probe: dict[str, float] = {}
@@ -186,13 +232,14 @@ def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -
         "parameters": records[0]["parameters"],
         "allreduce_probe": probe,
         "per_rank_step_s": [med(r["step_s"]) for r in sorted(records, key=lambda r: r["rank"])],
+        **extra,
     }
 
 
 def run_point(
-    args: argparse.Namespace, engine: str, size: int, compression: str, workers: int
+    args: argparse.Namespace, engine: str, size: int, compression: str, step: str, workers: int
 ) -> dict:
-    """Launch one (engine, size, compression, workers) point; returns its row."""
+    """Launch one (engine, size, compression, step mode, workers) point; returns its row."""
     from histoseg.results import make_row
 
     config = {
@@ -207,12 +254,13 @@ def run_point(
         "engine": engine,
         "workers": workers,
         "compression": compression,
+        "step": step,
     }
     if args.alpha is not None:
         config["alpha"] = args.alpha
     launches = []
     for _ in range(args.repeats):
-        result = _launch_once(args, engine, size, compression, workers)
+        result = _launch_once(args, engine, size, compression, step, workers)
         if isinstance(result, str):  # a failed launch: the point's row says why
             status, reason = result.split(":", 1)
             return make_row("scaling", config, status=status, reason=reason.strip())
@@ -240,7 +288,7 @@ def run_point(
 
 
 def _launch_once(
-    args: argparse.Namespace, engine: str, size: int, compression: str, workers: int
+    args: argparse.Namespace, engine: str, size: int, compression: str, step: str, workers: int
 ) -> tuple[dict, list[dict]] | str:
     """One launch of a point: (summary, rank records), or "status: reason" when it failed."""
     with tempfile.TemporaryDirectory(prefix="histoseg-scaling-") as tmp:
@@ -251,6 +299,7 @@ def _launch_once(
             "backbone": args.backbone,
             "alpha": args.alpha,
             "compression": compression,
+            "step": step,
             "threads": args.threads_per_worker,
             "steps": args.steps,
             "warmup": args.warmup,
@@ -268,17 +317,18 @@ def _launch_once(
 
 
 def add_efficiency(rows: list[dict]) -> None:
-    """efficiency = throughput(N) / (N x throughput(1)) against the same engine/size/compression."""
+    """efficiency = throughput(N) / (N x throughput(1)) against the same engine, size,
+    compression and step mode (one worker runs the same compiled step, minus the collective)."""
     base = {}
     for r in rows:
         c = r["config"]
         if r["status"] == "ok" and c["workers"] == 1:
-            base[(c["engine"], c["patch_size"], c["compression"])] = r
+            base[(c["engine"], c["patch_size"], c["compression"], c.get("step"))] = r
     for r in rows:
         c = r["config"]
         # the 1-worker baseline never allreduces, so its compression does not matter
-        ref = base.get((c["engine"], c["patch_size"], c["compression"])) or base.get(
-            (c["engine"], c["patch_size"], "none")
+        ref = base.get((c["engine"], c["patch_size"], c["compression"], c.get("step"))) or base.get(
+            (c["engine"], c["patch_size"], "none", c.get("step"))
         )
         if r["status"] != "ok" or ref is None:
             continue
@@ -366,9 +416,36 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
     return text, projection_rows
 
 
+def kept_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
+    """``old`` rows less those made before step modes existed that ``new`` measures again.
+
+    Rows without ``config.step`` came from the three-call step, but their config key cannot
+    tell them from a row of either mode; left beside new rows of the same point they would
+    be read as a second measurement of it.
+    """
+    from histoseg.results import config_key
+
+    remeasured = {
+        config_key({k: v for k, v in r["config"].items() if k != "step"})
+        for r in new
+        if r.get("kind") == "scaling"
+    }
+    return [
+        r
+        for r in old
+        if not (
+            r.get("kind") == "scaling"
+            and "step" not in r.get("config", {})
+            and r.get("config", {}).get("engine") != "projection"
+            and config_key(r["config"]) in remeasured
+        )
+    ]
+
+
 def summary_table(rows: Sequence[dict]) -> str:
     head = (
-        f"{'engine':<8} {'px':>5} {'comp':>5} {'workers':>7} {'step_s':>8} {'allreduce':>10} "
+        f"{'engine':<8} {'px':>5} {'comp':>5} {'step':>8} {'workers':>7} {'step_s':>8} "
+        f"{'allreduce':>10} "
         f"{'share':>6} {'patch/s/worker':>14} {'total/s':>8} {'efficiency':>10}"
     )
     lines = [head, "-" * len(head)]
@@ -378,15 +455,16 @@ def summary_table(rows: Sequence[dict]) -> str:
             continue
         if r["status"] != "ok":
             lines.append(
-                f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} {c['workers']:>7}"
+                f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} "
+                f"{c.get('step', '-'):>8} {c['workers']:>7}"
                 f"  {r['status']}: {r.get('reason', '')[:70]}"
             )
             continue
         m, s = r["measured"], r["scaling"]
         eff = s.get("efficiency")
         lines.append(
-            f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} {c['workers']:>7} "
-            f"{m['step_s']:>8.3f} {m['allreduce_s']:>10.4f} {100 * m['allreduce_share']:>5.1f}% "
+            f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} "
+            f"{c.get('step', '-'):>8} {c['workers']:>7} {m['step_s']:>8.3f} {m['allreduce_s']:>10.4f} {100 * m['allreduce_share']:>5.1f}% "
             f"{s['throughput_per_worker']:>14.3f} {m['patches_per_s']:>8.3f} "
             f"{'' if eff is None else f'{100 * eff:.1f}%':>10}"
         )
@@ -415,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="none = N independent processes, the no-communication control",
     )
     p.add_argument("--compression", nargs="+", choices=("none", "fp16"), default=["none"])
+    p.add_argument(
+        "--step",
+        nargs="+",
+        choices=STEP_MODES,
+        default=[DEFAULT_STEP_MODE],
+        help="train step mode(s): overlap (one compiled step, allreduce overlapping the "
+        "backward pass; allreduce_s = the exposed part) or separate (three calls, "
+        f"allreduce timed around the collective); default {DEFAULT_STEP_MODE}",
+    )
     p.add_argument("--backbone", default="mobilenetv2")
     p.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier")
     p.add_argument("--batch-size", type=int, default=1, help="patches per worker per step")
@@ -469,20 +556,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     from histoseg.results import load_rows_if_exists, merge_rows, write_rows
 
     points = [
-        (engine, size, compression, workers)
+        (engine, size, compression, step, workers)
         for engine in args.engine
         for size in args.sizes
+        for step in args.step
         for compression in args.compression
         for workers in sorted(args.workers)
         # compression only matters where gradients travel: N > 1 ranks of a real engine
         if not ((workers == 1 or engine == "none") and compression != args.compression[0])
     ]
     rows: list[dict] = []
-    for i, (engine, size, compression, workers) in enumerate(points, 1):
-        head = f"[{i}/{len(points)}] {engine} {size} px {compression} x{workers}"
+    for i, (engine, size, compression, step, workers) in enumerate(points, 1):
+        head = f"[{i}/{len(points)}] {engine} {size} px {compression} {step} x{workers}"
         print(f"{head}: running ({args.threads_per_worker} thread(s) per worker)", flush=True)
         started = time.monotonic()
-        row = run_point(args, engine, size, compression, workers)
+        row = run_point(args, engine, size, compression, step, workers)
         rows.append(row)
         add_efficiency(rows)
         m = row.get("measured", {})
@@ -493,9 +581,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             else f"{row['status']}: {row.get('reason', '')[:200]}"
         )
         print(f"{head}: {done} [{time.monotonic() - started:.0f} s]", flush=True)
-        write_rows(args.out, merge_rows(load_rows_if_exists(args.out), rows))
+        write_rows(args.out, merge_rows(kept_rows(load_rows_if_exists(args.out), rows), rows))
     text, projection_rows = attach_projection(rows, args)
-    write_rows(args.out, merge_rows(load_rows_if_exists(args.out), rows + projection_rows))
+    old = load_rows_if_exists(args.out)
+    kept = kept_rows(old, rows)
+    if len(kept) < len(old):
+        print(
+            f"{args.out}: replaced {len(old) - len(kept)} row(s) made before step modes "
+            "existed (no config.step) by this run's rows of the same points",
+            flush=True,
+        )
+    write_rows(args.out, merge_rows(kept, rows + projection_rows))
     print()
     print(summary_table(rows))
     print()

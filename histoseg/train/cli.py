@@ -43,7 +43,7 @@ Examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from histoseg.train.engines import ENGINE_NAMES
+    from histoseg.train.engines import DEFAULT_STEP_MODE, ENGINE_NAMES, STEP_MODES
 
     p = argparse.ArgumentParser(
         prog="python -m histoseg.train",
@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     dist = p.add_argument_group("distribution")
     dist.add_argument("--engine", choices=ENGINE_NAMES, default="none")
     dist.add_argument("--fp16-allreduce", action="store_true", help="gradients travel as float16")
+    dist.add_argument(
+        "--step",
+        choices=STEP_MODES,
+        default=DEFAULT_STEP_MODE,
+        help="overlap: one compiled step, each gradient's allreduce overlapping the rest of "
+        "the backward pass; separate: gradients, allreduce, update as three calls, the "
+        f"allreduce timed on its own (default {DEFAULT_STEP_MODE})",
+    )
     dist.add_argument("--threads", type=int, help="compute threads of this process")
     dist.add_argument(
         "--pin-cores",
@@ -182,6 +190,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         steps=steps,
         epochs=args.epochs,
         fp16_allreduce=args.fp16_allreduce,
+        step_mode=args.step,
         run_dir=args.run_dir,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,

@@ -1,9 +1,12 @@
 """The pieces of a data-parallel training run, each usable alone (the CLI and bench.scaling
 share them): the engine-aware step, the warm-up schedule, checkpoints, validation, the split.
 
-A step is three calls: gradients on this rank's batch (compiled), the engine's allreduce of
-the gradients, and the optimizer update (compiled). Keeping the collective between two
-compiled functions makes its time measurable around the call, on every engine.
+A step runs in one of two modes. "overlap" (the default): one compiled function computes
+the gradients, averages each one across the ranks inside the graph (the engine's collective
+starts as soon as the backward pass has produced that gradient, while the rest of the
+backward pass goes on) and applies them. "separate": three calls, gradients (compiled), the
+engine's allreduce of all gradients, the update (compiled); the collective never overlaps
+the backward pass, but its time is measurable around the call.
 """
 
 from __future__ import annotations
@@ -23,9 +26,20 @@ import numpy as np
 import tensorflow as tf
 
 from histoseg.errors import ConfigError
-from histoseg.train.engines import Engine, check_compression
+from histoseg.train.engines import (
+    DEFAULT_STEP_MODE,
+    Engine,
+    check_compression,
+    check_step_mode,
+)
 from histoseg.train.metrics import PixelMetrics
-from histoseg.train.step import apply_gradients, compute_gradients, prepare_images, uses_float16
+from histoseg.train.step import (
+    apply_gradients,
+    compute_gradients,
+    pixel_loss,
+    prepare_images,
+    uses_float16,
+)
 
 SCHEDULES = ("constant", "poly", "cosine")
 SPLITS = ("auto", "slide", "centre")
@@ -34,16 +48,27 @@ SPLITS = ("auto", "slide", "centre")
 # ----------------------------------------------------------------------------- the step
 @dataclasses.dataclass
 class StepTimes:
-    """One step: the loss on this rank's batch and where the time went, seconds."""
+    """One step: the loss on this rank's batch and where the time went, seconds.
+
+    In "separate" mode the step is split into ``compute_s`` (gradients), ``allreduce_s``
+    (the collective, timed around the call) and ``apply_s`` (update). In "overlap" mode the
+    three run as one compiled call and cannot be timed apart: ``compute_s`` holds the whole
+    step and ``allreduce_s`` / ``apply_s`` are None (see ``bench.scaling`` for how the
+    exposed communication is measured there).
+    """
 
     loss: float
     compute_s: float
-    allreduce_s: float
-    apply_s: float
+    allreduce_s: float | None
+    apply_s: float | None
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.allreduce_s + self.apply_s
+        return self.compute_s + (self.allreduce_s or 0.0) + (self.apply_s or 0.0)
+
+    @property
+    def overlapped(self) -> bool:
+        return self.allreduce_s is None
 
 
 class DistributedStep:
@@ -58,6 +83,12 @@ class DistributedStep:
         bn_training: run batch normalisation in training mode (batch statistics). False
             uses the moving statistics, which makes a step independent of how the batch
             is split across ranks (used by the engine self-check).
+        step_mode: "overlap" (one compiled call, communication overlapping the backward
+            pass) or "separate" (three calls, the collective timed on its own); None
+            takes :data:`DEFAULT_STEP_MODE`.
+
+    Raises:
+        ConfigError: an unknown compression or step mode.
     """
 
     def __init__(
@@ -68,41 +99,48 @@ class DistributedStep:
         *,
         compression: str = "none",
         bn_training: bool = True,
+        step_mode: str | None = None,
     ) -> None:
         self.model = model
         self.engine = engine
         self.compression = check_compression(compression)
+        self.step_mode = check_step_mode(step_mode or DEFAULT_STEP_MODE)
         if uses_float16(model) and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         self.optimizer = optimizer
         variables = model.trainable_variables
         optimizer.build(variables)
 
-        if bn_training:
-
-            @tf.function
-            def gradients(images: Any, masks: Any) -> Any:
+        def loss_and_gradients(images: Any, masks: Any) -> Any:
+            if bn_training:
                 return compute_gradients(model, images, masks, optimizer=optimizer)
+            with tf.GradientTape() as tape:
+                logits = model(prepare_images(images), training=False)
+                loss = pixel_loss(masks, logits)
+                scaled = optimizer.scale_loss(loss)
+            return loss, tape.gradient(scaled, variables)
 
-        else:
-            from histoseg.train.step import pixel_loss
-
-            @tf.function
-            def gradients(images: Any, masks: Any) -> Any:
-                with tf.GradientTape() as tape:
-                    logits = model(prepare_images(images), training=False)
-                    loss = pixel_loss(masks, logits)
-                    scaled = optimizer.scale_loss(loss)
-                return loss, tape.gradient(scaled, variables)
+        def whole_step(images: Any, masks: Any, communicate: bool) -> Any:
+            loss, grads = loss_and_gradients(images, masks)
+            if communicate:
+                grads = engine.allreduce_gradients_in_graph(list(grads), self.compression)
+            apply_gradients(optimizer, grads, variables)
+            return loss
 
         @tf.function
         def apply(grads: Any) -> None:
             apply_gradients(optimizer, grads, variables)
 
-        self._gradients = gradients
+        self._gradients = tf.function(loss_and_gradients)
         self._apply = apply
+        self._overlapped = tf.function(lambda i, m: whole_step(i, m, True))
+        self._local = tf.function(lambda i, m: whole_step(i, m, False))
 
     def __call__(self, images: Any, masks: Any) -> StepTimes:
+        if self.step_mode == "overlap":
+            t0 = time.perf_counter()
+            loss = float(self._overlapped(images, masks))  # waits for the whole step
+            return StepTimes(loss, time.perf_counter() - t0, None, None)
         t0 = time.perf_counter()
         loss, grads = self._gradients(images, masks)
         loss = float(loss)  # waits for the compiled gradients
@@ -117,6 +155,16 @@ class DistributedStep:
         _ = self.optimizer.iterations.numpy()
         t3 = time.perf_counter()
         return StepTimes(loss, t1 - t0, t2 - t1, t3 - t2)
+
+    def local_step(self, images: Any, masks: Any) -> float:
+        """The overlapped step's compiled function without its collective; returns seconds.
+
+        It trains this rank alone (the ranks' weights drift apart), so it is only for timing:
+        overlapped step time minus this one is the communication the step still exposes.
+        """
+        t0 = time.perf_counter()
+        float(self._local(images, masks))
+        return time.perf_counter() - t0
 
 
 def gradient_bytes(model: keras.Model) -> int:
@@ -494,6 +542,7 @@ class TrainOptions:
     steps: int | None = 100
     epochs: float | None = None
     fp16_allreduce: bool = False
+    step_mode: str = DEFAULT_STEP_MODE
     run_dir: str = "runs/train"
     checkpoint_every: int = 50
     resume: str | None = None
@@ -655,7 +704,9 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
     optimizer = make_optimizer(options.optimizer, peak_lr, momentum=options.momentum)
     optimizer.learning_rate = WarmupSchedule(peak_lr, total_steps, warmup, options.schedule)
     compression = "fp16" if options.fp16_allreduce else "none"
-    step = DistributedStep(model, optimizer, engine, compression=compression)
+    step = DistributedStep(
+        model, optimizer, engine, compression=compression, step_mode=options.step_mode
+    )
 
     start_step = 0
     if options.resume and chief:
@@ -694,15 +745,14 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
                 if hasattr(step.optimizer.learning_rate, "numpy")
                 else peak_lr
             )
-            summaries.scalars(
-                i + 1,
-                {
-                    "train/loss": times.loss,
-                    "train/learning_rate": lr,
-                    "train/patches_per_s": global_batch / times.step_s,
-                    "train/allreduce_share": times.allreduce_s / times.step_s,
-                },
-            )
+            scalars = {
+                "train/loss": times.loss,
+                "train/learning_rate": lr,
+                "train/patches_per_s": global_batch / times.step_s,
+            }
+            if times.allreduce_s is not None:  # only a separate step times its collective
+                scalars["train/allreduce_share"] = times.allreduce_s / times.step_s
+            summaries.scalars(i + 1, scalars)
         if chief and options.checkpoint_every and (i + 1) % options.checkpoint_every == 0:
             last_checkpoint = save_checkpoint(run_dir / "checkpoints", i + 1, model, step.optimizer)
     train_s = time.perf_counter() - started
@@ -729,7 +779,10 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
 
     steady = history[min(2, len(history) - 1) :] if history else []
     step_s = float(np.median([t.step_s for t in steady])) if steady else math.nan
-    allreduce_s = float(np.median([t.allreduce_s for t in steady])) if steady else math.nan
+    timed = [t.allreduce_s for t in steady if t.allreduce_s is not None]
+    # an overlapped step cannot time its collective apart (bench.scaling measures what it
+    # exposes): None then, unless there is no communication at all
+    allreduce_s = float(np.median(timed)) if timed else (0.0 if size == 1 else None)
     config = {
         "patch_size": options.patch_size,
         "batch_size": options.batch_size,
@@ -742,6 +795,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         "engine": engine.name,
         "workers": size,
         "compression": compression,
+        "step": step.step_mode,
         "optimizer": options.optimizer,
         "learning_rate": options.learning_rate,
         "steps": total_steps,

@@ -10,7 +10,15 @@ from __future__ import annotations
 import importlib
 
 from histoseg.errors import ConfigError
-from histoseg.train.engines.base import COMPRESSIONS, Engine, check_compression, unwrap_variables
+from histoseg.train.engines.base import (
+    COMPRESSIONS,
+    DEFAULT_STEP_MODE,
+    STEP_MODES,
+    Engine,
+    check_compression,
+    check_step_mode,
+    unwrap_variables,
+)
 
 ENGINE_NAMES = ("none", "horovod", "tf")
 
@@ -48,9 +56,12 @@ def horovod_available() -> bool:
 
 __all__ = [
     "COMPRESSIONS",
+    "DEFAULT_STEP_MODE",
     "ENGINE_NAMES",
+    "STEP_MODES",
     "Engine",
     "check_compression",
+    "check_step_mode",
     "get_engine",
     "horovod_available",
     "unwrap_variables",

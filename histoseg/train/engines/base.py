@@ -16,6 +16,15 @@ from typing import Any
 from histoseg.errors import ConfigError
 
 COMPRESSIONS = ("none", "fp16")
+#: How a train step runs (histoseg.train.loop.DistributedStep). "overlap": one compiled
+#: function (gradients, the engine's per-gradient allreduce inside the graph, update), so a
+#: gradient's collective starts as soon as the backward pass has made it and runs while the
+#: rest of the backward pass computes. "separate": three calls (compiled gradients, the
+#: engine's allreduce of all gradients, compiled update): the collective is timed on its own
+#: but never overlaps the backward pass.
+STEP_MODES = ("overlap", "separate")
+#: Chosen by measurement: see docs/cluster.md, "What two cores can show".
+DEFAULT_STEP_MODE = "overlap"
 
 
 def check_compression(compression: str) -> str:
@@ -25,6 +34,13 @@ def check_compression(compression: str) -> str:
             f"gradient compression {compression!r} is not one of {', '.join(COMPRESSIONS)}"
         )
     return compression
+
+
+def check_step_mode(step_mode: str) -> str:
+    """Return ``step_mode`` if allowed, else raise ConfigError naming the allowed values."""
+    if step_mode not in STEP_MODES:
+        raise ConfigError(f"step mode {step_mode!r} is not one of {', '.join(STEP_MODES)}")
+    return step_mode
 
 
 def unwrap_variables(variables: Sequence[Any]) -> list[Any]:
@@ -93,6 +109,32 @@ class Engine(abc.ABC):
         Returns:
             The averaged gradients, same order, shapes and dtypes.
         """
+
+    def allreduce_gradients_in_graph(
+        self, grads: Sequence[Any], compression: str = "none"
+    ) -> list[Any]:
+        """Average ``grads`` over all workers from inside a ``tf.function`` (while tracing).
+
+        Called by the overlapped train step between the backward pass and the update, in the
+        same compiled function. Implementations issue one collective per gradient (or per
+        small group of gradients), last variable first, so that each starts as soon as the
+        backward pass (which produces gradients in reverse variable order) has made it, and
+        runs while the rest of the backward pass computes.
+
+        Args:
+            grads: one symbolic tensor (or None) per trainable variable.
+            compression: as in :meth:`allreduce_gradients`.
+
+        Returns:
+            The averaged gradients, same order, shapes and dtypes.
+
+        Raises:
+            ConfigError: this engine cannot communicate inside a compiled step.
+        """
+        raise ConfigError(
+            f"engine {self.name!r} cannot allreduce inside a compiled step; "
+            "use step mode 'separate' (--step separate)"
+        )
 
     @abc.abstractmethod
     def allreduce_sum(self, values: Sequence[Any]) -> list[Any]:

@@ -88,6 +88,29 @@ class HorovodEngine(Engine):
             out[i] = r
         return out
 
+    def allreduce_gradients_in_graph(
+        self, grads: Sequence[Any], compression: str = "none"
+    ) -> list[Any]:
+        hvd_compression = self._compression(compression)
+        out = list(grads)
+        if self.size == 1:
+            return out
+        # One allreduce op per gradient, last variable first (the order the backward pass
+        # makes them). Horovod's ops are asynchronous kernels and not stateful, so the
+        # tf.function adds no control edges between them: each is handed to Horovod's
+        # background thread the moment its gradient exists, the thread fuses whatever is
+        # ready each cycle into one ring allreduce, and the executor goes on with the
+        # backward pass meanwhile. The tests check that no op is chained to another.
+        for i in reversed(range(len(out))):
+            if out[i] is not None:
+                out[i] = self._hvd.allreduce(
+                    out[i],
+                    op=self._hvd.Average,
+                    compression=hvd_compression,
+                    name=f"histoseg_grad_{i}",
+                )
+        return out
+
     def allreduce_sum(self, values: Sequence[Any]) -> list[Any]:
         import tensorflow as tf
 

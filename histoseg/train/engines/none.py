@@ -34,6 +34,12 @@ class NoneEngine(Engine):
         check_compression(compression)
         return list(grads)
 
+    def allreduce_gradients_in_graph(
+        self, grads: Sequence[Any], compression: str = "none"
+    ) -> list[Any]:
+        check_compression(compression)
+        return list(grads)
+
     def allreduce_sum(self, values: Sequence[Any]) -> list[Any]:
         return list(values)
 

@@ -57,6 +57,24 @@ def fp16_bound(grads_per_rank_mean_abs: np.ndarray) -> np.ndarray:
     return 2.0**-10 * grads_per_rank_mean_abs + 2.0**-23
 
 
+def collective_ops(step, images, masks) -> tuple[int, int]:
+    """(collective ops, those with a control input) in the overlapped step's graph.
+
+    A control input would make a collective wait for an earlier op to finish rather than
+    only for its gradient, serialising the communication (tf.function adds such edges
+    between stateful ops in program order). Zero and zero outside "overlap" mode.
+    """
+    if step.step_mode != "overlap":
+        return 0, 0
+    graph = step._overlapped.get_concrete_function(images, masks).graph
+    ops = [
+        op
+        for op in graph.get_operations()
+        if op.type.startswith(("HorovodAllreduce", "CollectiveReduce"))
+    ]
+    return len(ops), sum(1 for op in ops if op.control_inputs)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m histoseg.train.engines.selfcheck",
@@ -79,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--step",
+        choices=("overlap", "separate"),
+        help="step mode of histoseg.train.loop.DistributedStep (default: its default)",
+    )
     args = parser.parse_args(argv)
 
     engine = get_engine(args.engine)
@@ -101,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keras.utils.set_random_seed(1 + rank)  # deliberately different until the broadcast
     model = build_deeplabv3plus("mobilenetv2", (args.patch_size, args.patch_size, 3), alpha=0.35)
     optimizer = make_optimizer(args.optimizer, args.learning_rate)
-    step = DistributedStep(model, optimizer, engine, bn_training=False)
+    step = DistributedStep(model, optimizer, engine, bn_training=False, step_mode=args.step)
     engine.broadcast_variables(all_variables(model, step.optimizer), root_rank=0)
 
     # fp16 compression on this rank's real gradients at the initial weights
@@ -128,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         total = engine.allreduce_sum([tf.constant([times.loss], tf.float64)])[0]
         losses.append(float(total.numpy()[0]) / size)
     engine.barrier()
+    ops, chained = collective_ops(step, images[mine], masks[mine])
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -140,12 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             size=np.array(size),
             fp16_max_ratio=np.array(max(ratios)),
             fp16_max_abs_diff=np.array(max_diff),
+            step_mode=np.array(step.step_mode),
+            collective_ops=np.array(ops),
+            chained_collective_ops=np.array(chained),
             **weights,
         )
     os.replace(tmp, out / f"rank{rank}.npz")
     if engine.is_chief:
         print(
-            f"selfcheck {args.engine}: {size} rank(s), losses {np.round(losses, 6).tolist()}, "
+            f"selfcheck {args.engine} ({step.step_mode} step): {size} rank(s), losses {np.round(losses, 6).tolist()}, "
             f"fp16 allreduce error <= {max(ratios):.3f} x fp16 rounding bound",
             file=sys.stdout,
         )
