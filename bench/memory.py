@@ -508,8 +508,9 @@ def _net_of_waste(measured: Any, waste: Any) -> Any:
 def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """Measured vs predicted activation and peak bytes (GB) as a Markdown table.
 
-    Rows measured with ``--allocator-trace`` also get the error against the measurement
-    net of the allocator's chunk waste ("net err"): the bytes the tensors asked for.
+    Rows measured with ``--allocator-trace`` also get "net err": the prediction of the
+    bytes the tensors ask for (``requested_*``) against the measurement net of the
+    allocator's chunk waste, i.e. the request model checked apart from the allocator model.
     """
     lines = [
         "| patch px | batch | backbone | precision | remat | status | activations GB "
@@ -531,10 +532,10 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)} | "
             f"{_num(p.get('activation_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
-            f"{_pct(act_net, p.get('activation_bytes'))} | "
+            f"{_pct(act_net, p.get('requested_activation_bytes'))} | "
             f"{_num(m.get('peak_bytes'), 1e9, 3)} | {_num(p.get('peak_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('peak_bytes'), p.get('peak_bytes'))} | "
-            f"{_pct(peak_net, p.get('peak_bytes'))} | "
+            f"{_pct(peak_net, p.get('requested_peak_bytes'))} | "
             f"{_num(m.get('rss_peak_bytes'), 1e9)} | {_num(m.get('step_s'), 1)} | "
             f"{_num(m.get('megapixels_per_s'), 1, 3)} |"
         )

@@ -82,6 +82,46 @@ def build_model(config: BenchConfig, num_classes: int = 2):
     )
 
 
+def allocator_events(logdir: str) -> list[tuple[str, dict[str, Any]]]:
+    """Every allocation and free TensorFlow's profiler recorded in ``logdir``, in order.
+
+    Returns:
+        ``(kind, stats)`` pairs: kind ``"MemoryAllocation"`` or ``"MemoryDeallocation"``;
+        stats as the profiler names them (``addr``, ``requested_bytes``,
+        ``allocation_bytes`` (the chunk given), ``bytes_allocated`` (the allocator's
+        running total after the event), ``tf_op``, ``allocator_name``, ...). Empty when
+        the profiler wrote nothing.
+    """
+    import glob
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    files = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
+    if not files:
+        return []
+    space = xplane_pb2.XSpace()
+    with open(files[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    events = []
+    for plane in space.planes:
+        meta, stat_meta = plane.event_metadata, plane.stat_metadata
+        for line in plane.lines:
+            for ev in line.events:
+                kind = meta[ev.metadata_id].name
+                if kind not in ("MemoryAllocation", "MemoryDeallocation"):
+                    continue
+                stats = {}
+                for st in ev.stats:
+                    field = st.WhichOneof("value") or "int64_value"
+                    value = getattr(st, field)
+                    if field == "ref_value":  # an interned string (the allocator's name)
+                        value = stat_meta[value].name
+                    stats[stat_meta[st.metadata_id].name] = value
+                events.append((line.timestamp_ns * 1000 + ev.offset_ps, kind, stats))
+    events.sort(key=lambda e: e[0])
+    return [(kind, stats) for _, kind, stats in events]
+
+
 def allocator_chunk_waste(logdir: str, reads: dict[str, int]) -> dict[str, int] | None:
     """Chunk waste of TF's allocator in one profiled step, from the profiler's trace.
 
@@ -98,39 +138,16 @@ def allocator_chunk_waste(logdir: str, reads: dict[str, int]) -> dict[str, int] 
         the first read), ``peak_chunk_waste_bytes`` (waste alive at the peak) and
         ``traced_peak_bytes``; None when the reads cannot be found in the trace.
     """
-    import glob
-
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
-    files = sorted(glob.glob(os.path.join(logdir, "plugins", "profile", "*", "*.xplane.pb")))
-    if not files:
-        return None
-    space = xplane_pb2.XSpace()
-    with open(files[-1], "rb") as f:
-        space.ParseFromString(f.read())
-    events = []
-    for plane in space.planes:
-        meta, stat_meta = plane.event_metadata, plane.stat_metadata
-        for line in plane.lines:
-            for ev in line.events:
-                kind = meta[ev.metadata_id].name
-                if kind not in ("MemoryAllocation", "MemoryDeallocation"):
-                    continue
-                stats = {
-                    stat_meta[st.metadata_id].name: st.int64_value or st.uint64_value
-                    for st in ev.stats
-                }
-                events.append((line.timestamp_ns * 1000 + ev.offset_ps, kind, stats))
-    events.sort(key=lambda e: e[0])
+    events = allocator_events(logdir)
     live: dict[int, int] = {}
     waste_after: list[int] = []
-    for _, kind, stats in events:
+    for kind, stats in events:
         if kind == "MemoryAllocation":
             live[stats["addr"]] = stats["allocation_bytes"] - stats["requested_bytes"]
         else:
             live.pop(stats["addr"], None)
         waste_after.append(sum(live.values()))
-    totals = [stats["bytes_allocated"] for _, _, stats in events]
+    totals = [stats["bytes_allocated"] for _, stats in events]
     try:
         first = totals.index(reads["bytes_before_step"])
         forward = totals.index(reads["bytes_after_forward"], first)

@@ -9,12 +9,12 @@ needs, then walks back through them allocating gradients and freeing what was ke
 Recomputed (remat) blocks keep only their inputs in the forward pass and are simulated
 forward again, one block at a time, just before their backward pass. The simulation gives:
 
-- ``activation_bytes``: bytes alive after the forward pass beyond what existed at the
+- ``activation_bytes``: allocator bytes after the forward pass beyond those at the
   step's first allocator read (what the harness measures as allocator bytes after forward
   minus before);
-- ``peak_bytes``: weights + optimizer state + input batch + the constants the compiled step
-  holds (``constant_bytes``, see :func:`_step_constants`) + the largest number of bytes the
-  simulated step has alive at once;
+- ``peak_bytes``: the allocator's peak over the step: weights, optimizer state, input
+  batch, the constants the compiled step holds (``constant_bytes``, see
+  :func:`_step_constants`) and the most the simulated step has alive at once;
 - ``weights_bytes``, ``optimizer_bytes`` (Adam two slots per trainable weight, SGD with
   momentum one), ``gradient_bytes`` (one float32 gradient per trainable weight).
 
@@ -23,12 +23,18 @@ and precision enter exactly. The rules were read off TensorFlow 2.21's gradient 
 its optimised step graph (run metadata) and the allocator's trace of whole xception65
 steps (TensorFlow's profiler records every allocation with the bytes requested): for the
 configurations traced the simulation matches the bytes the step *requests* to within a
-few MB. What it does not model is TensorFlow's BFC allocator handing a request a larger
-free chunk that it does not split (its statistics count the whole chunk): that waste is
-what remains between prediction and measurement (``python -m bench.memory
---allocator-trace`` measures it; ``docs/memory-harness.md`` has the figures). The only
-calibrated constants are the batch-norm working buffers in :data:`TRANSIENT_FACTORS` and
-the CPU allocator's untracked-size floor :data:`CPU_UNTRACKED_BELOW_BYTES`.
+few MB (``requested_activation_bytes``, ``requested_peak_bytes``).
+
+TensorFlow's statistics count more than that: its BFC allocator hands a request a whole
+free chunk when the chunk is under twice the request. So the simulated step's buffers,
+each allocated and freed on its own in the step's order, are replayed through a model of
+that allocator (:mod:`histoseg.memory.bfc`), after the process's weights, optimizer slots,
+input batch and a warm-up step, as the harness runs it; ``activation_bytes`` and
+``peak_bytes`` are what that allocator counts. Element-wise layers write into an input
+that dies with them (TensorFlow's buffer forwarding), which decides which chunks come
+free. The only calibrated constants are the batch-norm working buffers in
+:data:`TRANSIENT_FACTORS` and the CPU allocator's untracked-size floor
+:data:`CPU_UNTRACKED_BELOW_BYTES`.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from histoseg.errors import ConfigError
+from histoseg.memory.bfc import BFCAllocator
 
 #: Optimizer slots per trainable weight (Keras 3: Adam keeps m and v; SGD with momentum
 #: keeps one velocity; plain SGD none).
@@ -145,6 +152,10 @@ class MemoryEstimate:
     input_bytes: int
     #: Constants the compiled step holds for its life (in ``peak_bytes``, in no activation).
     constant_bytes: int = 0
+    #: What the step's tensors ask for (``activation_bytes`` and ``peak_bytes`` are what the
+    #: allocator counts: whole chunks, see :mod:`histoseg.memory.bfc`).
+    requested_activation_bytes: int = 0
+    requested_peak_bytes: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The estimate as the ``predicted`` section of a results row."""
@@ -402,6 +413,7 @@ def _space_to_batch_bytes(layer: Any, shape: Any, dtype: Any) -> int:
 
 
 _IN_PLACE_GRAD = frozenset({"relu", "free", "activation"})
+_IN_PLACE_FORWARD = frozenset({"batchnorm", "relu", "activation", "free"})
 _KEEP_OUTPUT = frozenset({"relu", "relu6", "sigmoid", "tanh", "softmax", "elu"})
 
 
@@ -492,20 +504,32 @@ CPU_DEVICE_MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
 
 
 def simulate_step(
-    graph: MemoryGraph, batch_size: int = 1, untracked_below_bytes: int = 0
+    graph: MemoryGraph,
+    batch_size: int = 1,
+    untracked_below_bytes: int = 0,
+    allocator: BFCAllocator | None = None,
 ) -> dict[str, int]:
     """Walk a train step through ``graph`` and return the bytes it keeps and peaks at.
+
+    Every buffer of the step is allocated and freed on its own, in the order the step
+    makes and drops it, so that an allocator model can be fed the same sequence.
 
     Args:
         graph: From :func:`trace_model`.
         batch_size: Patches per step (every tensor scales with it).
         untracked_below_bytes: Buffers smaller than this are not counted, as the
             allocator being predicted does not count them (see :func:`untracked_below`).
+        allocator: Also replay every buffer through this allocator model; the step leaves
+            it as it found it (all its buffers freed) and the result gains its figures
+            (``allocator_*``, the chunk bytes its statistics would count).
 
     Returns:
         ``activation_bytes`` (alive after the forward pass, beyond the step's inputs) and
         ``peak_delta_bytes`` (the most bytes alive at once during the step beyond what
-        existed before it, i.e. beyond weights, optimizer state and the input batch).
+        existed before it, i.e. beyond weights, optimizer state and the input batch), both
+        as requested by the step's tensors; with ``allocator``, also
+        ``allocator_activation_bytes`` and ``allocator_peak_bytes`` (its peak over the
+        step, everything it held before included).
     """
 
     # The step makes the float32 model input from the uint8 batch, so the input tensor is
@@ -514,7 +538,7 @@ def simulate_step(
         return int(nbytes) if nbytes >= untracked_below_bytes else 0
 
     sizes = {t: tracked(b * batch_size) for t, b in graph.tensor_bytes.items()}
-    sim = _Timeline(sizes, graph.inputs)
+    sim = _Timeline(sizes, graph.inputs, allocator)
     ops = graph.ops
 
     # Mixed precision: each conv reads its float32 kernel through a cast. The casts depend
@@ -522,15 +546,20 @@ def simulate_step(
     # before its first allocator read (seen with TF 2.21). A remat block's layers are cast
     # twice (once for the forward pass, once for the recomputation); the forward copy dies
     # when the layer has run, the other when its backward pass has.
-    def copy_bytes(op: _Op) -> int:
-        return sum(tracked(b) for b in op.weight_copy_sizes)
+    def copies(op: _Op) -> list[int]:
+        return [tracked(b) for b in op.weight_copy_sizes]
 
-    start = sum(copy_bytes(op) * (2 if op.block is not None else 1) for op in ops)
+    for i, op in enumerate(ops):
+        sim.take(("copy", i), copies(op))
+    for i, op in enumerate(ops):
+        if op.block is not None:
+            sim.take(("copy again", i), copies(op))
     # The int32 labels are cast from the uint8 masks: that depends on nothing else, so it
     # also runs first, and the labels live until the loss has read them.
     labels = tracked(graph.output_pixels * 4 * batch_size)
-    start += labels
-    sim.alloc_bytes(start)
+    sim.take("labels", [labels])
+    start = sim.live
+    first_read = sim.allocator_bytes()
     sim.alloc(graph.inputs)
     blocks: dict[str, list[_Op]] = {}
     for op in ops:
@@ -547,27 +576,41 @@ def simulate_step(
     kept.update(t for name in blocks for t in block_inputs[name])
     final = set(graph.outputs)
 
-    def op_temp(op: _Op) -> int:
+    def buffers(nbytes: float, count: float) -> list[int]:
+        # ``count`` buffers of ``nbytes`` (a fraction: one smaller buffer).
+        whole = int(count)
+        out = [tracked(nbytes * batch_size)] * whole
+        if count > whole:
+            out.append(tracked((count - whole) * nbytes * batch_size))
+        return out
+
+    def op_temp(op: _Op) -> list[int]:
         nbytes, count, _ = op.temp_bytes
-        return int(count * tracked(nbytes * batch_size))
+        return buffers(nbytes, count)
 
-    def op_temp_backward(op: _Op) -> int:
+    def op_temp_backward(op: _Op) -> list[int]:
         nbytes, _, count = op.temp_bytes
-        return int(count * tracked(nbytes * batch_size))
+        return buffers(nbytes, count)
 
-    sim.forward(ops, keep=kept | final, temp=op_temp, after=_free_remat_copy(sim, copy_bytes))
+    index = {id(op): i for i, op in enumerate(ops)}
+
+    def forward_copy_dies(op: _Op) -> None:
+        if op.block is not None:
+            sim.give_back(("copy", index[id(op)]))
+
+    sim.forward(ops, keep=kept | final, temp=op_temp, after=forward_copy_dies)
 
     # The loss: softmax cross-entropy keeps a float32 backprop tensor per logit, and the
     # logits themselves die once the loss is computed.
-    loss_keep = tracked(graph.output_elements * 4 * batch_size)
-    sim.alloc_bytes(loss_keep)
+    sim.take("loss backprop", [tracked(graph.output_elements * 4 * batch_size)])
     # While the loss runs: its float32 per-pixel losses; then the labels die.
-    sim.spike(int(TRANSIENT_FACTORS["loss"] * tracked(graph.output_pixels * 4 * batch_size)))
-    sim.alloc_bytes(-labels)
+    sim.spike(buffers(graph.output_pixels * 4, TRANSIENT_FACTORS["loss"]))
+    sim.give_back("labels")
     sim.free(graph.outputs)
     # The step's first allocator read comes after the copies and the labels, the read
     # after the forward pass after the labels died: the activation figure is net of both.
     activation = sim.live - start
+    allocator_activation = sim.allocator_bytes() - first_read
 
     # Backward: an op reads the gradients of its outputs and what it saved, makes the
     # gradients of its inputs and of its weights, then frees both. A remat block is run
@@ -580,7 +623,7 @@ def simulate_step(
             for t in block_inputs[op.block]:
                 first_saver[t] = min(first_saver.get(t, i), i)
     sim.grad(graph.outputs)
-    sim.alloc_bytes(-loss_keep)
+    sim.give_back("loss backprop")
     recomputed: set[str] = set()
     for i in range(len(ops) - 1, -1, -1):
         op = ops[i]
@@ -596,61 +639,77 @@ def simulate_step(
             sim.forward(members, keep=keep, temp=op_temp)
         # The weight gradient reads the saved tensors first, which then die; the input
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
-        # the output gradient, so they allocate nothing.
+        # the output gradient, so they allocate nothing. A weight gradient replaces the
+        # weight's compute-dtype copy and lives until the update.
         sim.spike(op_temp_backward(op))
-        sim.alloc_bytes(sum(tracked(b) for b in op.grad_sizes) - copy_bytes(op))
+        sim.take(("weight gradient", i), [tracked(b) for b in op.grad_sizes])
+        sim.give_back(("copy again", i) if op.block is not None else ("copy", i))
         last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
             last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
         if op.kind in _IN_PLACE_GRAD:
-            sim.ungrad(op.outputs)
-            sim.grad(op.inputs)
+            sim.pass_grad(op.outputs, op.inputs)
             sim.free(last)
         else:
             sim.free(last)
             sim.grad(op.inputs)
             sim.ungrad(op.outputs)
-    return {
+    result = {
         "activation_bytes": int(activation),
         "peak_delta_bytes": int(sim.peak),
         "weight_copy_bytes": int(start - labels),
         "labels_bytes": int(labels),
         "weight_gradient_bytes": sum(tracked(b) for op in ops for b in op.grad_sizes),
     }
-
-
-def _free_remat_copy(sim: _Timeline, copy_bytes: Any) -> Any:
-    def after(op: _Op) -> None:
-        if op.block is not None:
-            sim.alloc_bytes(-copy_bytes(op))
-
-    return after
+    if allocator is not None:
+        # The update consumes the weight gradients; nothing of the step outlives it.
+        sim.release_all()
+        result["allocator_activation_bytes"] = int(allocator_activation)
+        result["allocator_peak_bytes"] = int(allocator.peak_bytes)
+    return result
 
 
 class _Timeline:
-    """Bytes alive during a simulated step: activations, their gradients, other buffers."""
+    """Buffers alive during a simulated step: activations, their gradients, other buffers.
 
-    def __init__(self, size: dict[int, int], no_grad: Iterable[int]):
+    Counts the bytes requested (``live``, ``grad_bytes``, ``peak``) and, given an
+    allocator model, replays every allocation and free through it in the same order.
+    """
+
+    def __init__(
+        self, size: dict[int, int], no_grad: Iterable[int], allocator: BFCAllocator | None
+    ):
         self.size = size
         self.no_grad = set(no_grad)
         self.alive: set[int] = set()
         self.grads: set[int] = set()
+        self.buffers: dict[Any, list[int]] = {}  # named buffers (copies, labels, ...)
         self.live = 0  # activations and other non-gradient buffers
         self.grad_bytes = 0
         self.peak = 0
+        self.allocator = allocator
 
-    def _bump(self, extra: int = 0) -> None:
-        self.peak = max(self.peak, self.live + self.grad_bytes + extra)
+    def _bump(self) -> None:
+        self.peak = max(self.peak, self.live + self.grad_bytes)
+
+    def _allocate(self, key: Any, nbytes: int) -> None:
+        if self.allocator is not None and nbytes > 0:
+            self.allocator.allocate(key, nbytes)
+
+    def _free(self, key: Any, nbytes: int) -> None:
+        if self.allocator is not None and nbytes > 0:
+            self.allocator.free(key)
+
+    def allocator_bytes(self) -> int:
+        """Bytes the allocator model counts as in use now (0 without one)."""
+        return self.allocator.in_use_bytes if self.allocator is not None else 0
 
     def alloc(self, tids: Iterable[int]) -> None:
         for t in tids:
             if t not in self.alive:
                 self.alive.add(t)
                 self.live += self.size[t]
-        self._bump()
-
-    def alloc_bytes(self, n: int) -> None:
-        self.live += n
+                self._allocate(("tensor", t), self.size[t])
         self._bump()
 
     def free(self, tids: Iterable[int]) -> None:
@@ -658,15 +717,32 @@ class _Timeline:
             if t in self.alive:
                 self.alive.remove(t)
                 self.live -= self.size[t]
+                self._free(("tensor", t), self.size[t])
 
-    def spike(self, extra: int) -> None:
-        self._bump(extra)
+    def take(self, key: Any, sizes: list[int]) -> None:
+        """Allocate the buffers ``sizes`` under ``key`` (freed by :meth:`give_back`)."""
+        self.buffers[key] = sizes
+        for j, nbytes in enumerate(sizes):
+            self.live += nbytes
+            self._allocate((key, j), nbytes)
+        self._bump()
+
+    def give_back(self, key: Any) -> None:
+        for j, nbytes in enumerate(self.buffers.pop(key, [])):
+            self.live -= nbytes
+            self._free((key, j), nbytes)
+
+    def spike(self, sizes: list[int]) -> None:
+        """Working buffers alive only while an op runs."""
+        self.take("temporary", sizes)
+        self.give_back("temporary")
 
     def grad(self, tids: Iterable[int]) -> None:
         for t in tids:
             if t not in self.grads and t not in self.no_grad:
                 self.grads.add(t)
                 self.grad_bytes += self.size[t]
+                self._allocate(("gradient", t), self.size[t])
         self._bump()
 
     def ungrad(self, tids: Iterable[int]) -> None:
@@ -674,6 +750,37 @@ class _Timeline:
             if t in self.grads:
                 self.grads.remove(t)
                 self.grad_bytes -= self.size[t]
+                self._free(("gradient", t), self.size[t])
+
+    def pass_grad(self, outputs: list[int], inputs: list[int]) -> None:
+        """An element-wise gradient: the first input's gradient takes over the buffer of
+        the output's gradient when they are the same size; others are new buffers."""
+        out = next((t for t in outputs if t in self.grads), None)
+        new = [t for t in inputs if t not in self.grads and t not in self.no_grad]
+        if out is not None and new and self.size[new[0]] == self.size[out]:
+            self.grads.remove(out)
+            self.grads.add(new[0])
+            if self.allocator is not None and self.size[out] > 0:
+                self.allocator.rename(("gradient", out), ("gradient", new[0]))
+            self.grad(new[1:])
+            self.ungrad(outputs)
+        else:
+            self.ungrad(outputs)
+            self.grad(inputs)
+
+    def _rename(self, old: int, new: int) -> None:
+        self.alive.remove(old)
+        self.alive.add(new)
+        self.live += self.size[new] - self.size[old]
+        if self.allocator is not None and self.size[old] > 0:
+            self.allocator.rename(("tensor", old), ("tensor", new))
+
+    def release_all(self) -> None:
+        """Free everything the step still holds (its end: the update has run)."""
+        for key in list(self.buffers):
+            self.give_back(key)
+        self.free(list(self.alive))
+        self.ungrad(list(self.grads))
 
     def forward(self, ops: list[_Op], keep: set[int], temp: Any, after: Any = None) -> None:
         """Run ``ops`` forward: allocate outputs and saved copies, free what dies."""
@@ -682,6 +789,21 @@ class _Timeline:
             for t in op.inputs:
                 last_use[t] = i
         for i, op in enumerate(ops):
+            if op.kind in _IN_PLACE_FORWARD and len(op.outputs) == 1:
+                # TensorFlow's element-wise kernels write into an input that dies with
+                # them (buffer forwarding): the output takes over that input's buffer.
+                out = op.outputs[0]
+                dying = [
+                    t
+                    for t in op.inputs
+                    if t in self.alive
+                    and last_use.get(t, -1) <= i
+                    and t not in keep
+                    and t not in op.saved
+                    and self.size[t] == self.size[out]
+                ]
+                if dying and out not in self.alive:
+                    self._rename(dying[0], out)
             self.alloc(op.outputs + op.saved)
             self.spike(temp(op))
             touched = set(op.inputs) | set(op.outputs) | set(op.saved)
@@ -793,19 +915,71 @@ def estimate_model(
     )
     # A GPU's limit is its memory: the rewrite only comes near the card's capacity, where
     # the estimate cannot know the card, so it is left out there.
+    accumulator = 0
     if device == "cpu" and peak > GRAPPLER_REWRITE_FRACTION * CPU_DEVICE_MEMORY_LIMIT_BYTES:
         accumulator = tracked([_accumulator_bytes(facts.graph) * batch_size])
         constants += accumulator
         peak += accumulator
+    allocator_activation, allocator_peak = _allocator_figures(
+        facts,
+        batch_size=batch_size,
+        slots=slots,
+        batch=[tracked([b]) for b in batch],
+        constants=[tracked([b * batch_size]) for _, b in facts.graph.constants]
+        + ([accumulator] if accumulator else []),
+        untracked_below_bytes=floor,
+    )
     return MemoryEstimate(
         weights_bytes=sum(facts.weight_sizes),
         optimizer_bytes=slots * sum(facts.trainable_sizes),
         gradient_bytes=sim["weight_gradient_bytes"] - copies,
-        activation_bytes=sim["activation_bytes"],
-        peak_bytes=int(peak),
+        activation_bytes=allocator_activation,
+        peak_bytes=allocator_peak,
+        requested_activation_bytes=sim["activation_bytes"],
+        requested_peak_bytes=int(peak),
         input_bytes=pixels * batch_bytes_per_pixel,
         constant_bytes=constants,
     )
+
+
+def _allocator_figures(
+    facts: ModelFacts,
+    *,
+    batch_size: int,
+    slots: int,
+    batch: list[int],
+    constants: list[int],
+    untracked_below_bytes: int,
+) -> tuple[int, int]:
+    """Replay the process through TensorFlow's allocator rules (:mod:`histoseg.memory.bfc`).
+
+    What the process holds before its first step goes in as it is made: each weight (a
+    random initial value is drawn, scaled and shifted: three buffers, the last kept), the
+    optimizer's slots (one of each kind per weight, in turn), the input batch and the
+    step's constants. Then one warm-up step, and the measured step: the allocator's peak
+    is reset between them, as the harness does.
+
+    Returns:
+        The activation bytes and the step peak the allocator's statistics would show.
+    """
+    bfc = BFCAllocator()
+    tracked = [b for b in facts.weight_sizes if b >= untracked_below_bytes and b > 0]
+    for i, nbytes in enumerate(tracked):
+        bfc.allocate(("draw", i), nbytes)
+        bfc.allocate(("scale", i), nbytes)
+        bfc.allocate(("weight", i), nbytes)
+        bfc.free(("scale", i))
+        bfc.free(("draw", i))
+    for i, nbytes in enumerate(facts.trainable_sizes):
+        for slot in range(slots):
+            if nbytes >= untracked_below_bytes and nbytes > 0:
+                bfc.allocate(("slot", slot, i), nbytes)
+    for i, nbytes in enumerate(b for b in batch + constants if b > 0):
+        bfc.allocate(("held", i), nbytes)
+    simulate_step(facts.graph, batch_size, untracked_below_bytes, allocator=bfc)
+    bfc.reset_peak()
+    sim = simulate_step(facts.graph, batch_size, untracked_below_bytes, allocator=bfc)
+    return sim["allocator_activation_bytes"], sim["allocator_peak_bytes"]
 
 
 @functools.lru_cache(maxsize=64)

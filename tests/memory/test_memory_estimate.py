@@ -66,8 +66,11 @@ def _mnv2(**kwargs):
 def test_activations_scale_with_pixels_and_batch():
     small, big = _mnv2(patch_size=128), _mnv2(patch_size=256)
     # Not quite 4x: the padding of atrous convs' space-to-batch copies does not scale.
-    assert 3.3 < big.activation_bytes / small.activation_bytes <= 4.0
-    assert _mnv2(patch_size=128, batch_size=2).activation_bytes == 2 * small.activation_bytes
+    assert 3.3 < big.requested_activation_bytes / small.requested_activation_bytes <= 4.0
+    double = _mnv2(patch_size=128, batch_size=2)
+    assert double.requested_activation_bytes == 2 * small.requested_activation_bytes
+    # What the allocator counts adds its chunk waste, which follows no such rule.
+    assert 1.8 < double.activation_bytes / small.activation_bytes < 2.2
     assert big.weights_bytes == small.weights_bytes
 
 
