@@ -2,11 +2,17 @@
 
 Weak scaling: every worker trains the same fixed batch of patches per step whatever the
 number of workers, with the same threads per worker (default: cores // the largest worker
-count, so no count oversubscribes the cores). For each engine, patch size and compression,
-each worker count runs as fresh processes (``horovodrun --gloo`` on localhost for Horovod,
-``histoseg.train.launch`` for tf.distribute); every rank times its steps split into
-gradients, allreduce (timed around the collective) and update. Efficiency is
-throughput(N) / (N x throughput(1)).
+count, so no count oversubscribes the cores). For each engine, patch size, step mode and
+compression, each worker count runs as fresh processes (``horovodrun --gloo`` on localhost
+for Horovod, ``histoseg.train.launch`` for tf.distribute). Efficiency is
+throughput(N) / (N x throughput(1)), one worker running the same step mode.
+
+``allreduce_s`` is the step time the communication costs. A "separate" step times its
+collective around the call (gradients, allreduce, update are three calls). An "overlap" step
+runs them as one compiled call, so the collective cannot be timed on its own: after its
+timed steps every rank runs the same compiled step without the collective for as many
+steps, and ``allreduce_s`` = overlapped step - that step (the exposed communication,
+``measured.allreduce_timing`` says which).
 
 Rows are kind "scaling" (``scaling.efficiency``, ``scaling.throughput_per_worker``,
 ``scaling.allreduce_s``), merged into ``--out`` atomically. Then the ring-allreduce model of
@@ -281,6 +287,7 @@ def run_point(
             "steps": args.steps,
             "warmup": args.warmup,
             "launches_step_s": [launch[0]["step_s"] for launch in launches],
+            "command": getattr(args, "command", None),
             "horovod_cycle_time_ms": records[0].get("horovod_cycle_time_ms"),
             "cores": [r.get("cores") for r in sorted(records, key=lambda r: r["rank"])],
         },
@@ -542,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
+    from bench.results_readme import command_line
+
+    args.command = command_line("bench.scaling", argv)
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
     if any(w < 1 for w in args.workers) or any(s < 16 or s % 16 for s in args.sizes):

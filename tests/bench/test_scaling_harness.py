@@ -1,11 +1,15 @@
-"""bench.scaling end to end: real worker processes on tiny patches (the no-communication
-control, so the test needs neither Horovod nor free ports)."""
+"""bench.scaling: end to end with real worker processes on tiny patches (the no-communication
+control, so the test needs neither Horovod nor free ports), and how a launch's figures are
+summarised in each step mode."""
 
 from __future__ import annotations
 
 import json
 
-from bench.scaling import main
+import pytest
+
+from bench.scaling import kept_rows, main, summarise
+from histoseg.results import make_row
 
 
 def test_weak_scaling_rows_with_repeats_pinning_and_efficiency(tmp_path, capsys):
@@ -18,6 +22,10 @@ def test_weak_scaling_rows_with_repeats_pinning_and_efficiency(tmp_path, capsys)
     assert sorted(r["config"]["workers"] for r in rows) == [1, 2]
     for row in rows:
         assert row["status"] == "ok"
+        assert row["config"]["step"] == "overlap"  # the default step mode, in the config key
+        assert row["extra"]["command"].startswith("python -m bench.scaling --workers 1 2")
+        # independent processes never communicate: nothing exposed
+        assert row["measured"]["allreduce_s"] == 0.0
         launches = row["extra"]["launches_step_s"]
         assert len(launches) == 2 and launches == sorted(launches)
         assert row["measured"]["step_s"] == launches[0]  # the median of two is the lower
@@ -31,3 +39,48 @@ def test_weak_scaling_rows_with_repeats_pinning_and_efficiency(tmp_path, capsys)
         assert efficiency == 1.0 if workers == 1 else efficiency > 0
     assert out.with_suffix(".csv").exists()
     assert "efficiency" in capsys.readouterr().out.lower()
+
+
+def _record(rank, step_s, mode="overlap", local=None):
+    return {
+        "rank": rank,
+        "step_mode": mode,
+        "step_s": step_s,
+        "compute_s": step_s,
+        "allreduce_s": [None] * len(step_s),
+        "apply_s": [None] * len(step_s),
+        "local_step_s": local or [],
+        "gradient_bytes": 400,
+        "parameters": 100,
+    }
+
+
+def test_overlapped_step_reports_the_exposed_communication():
+    records = [
+        _record(0, [1.0, 1.2, 1.1], local=[0.9, 1.0, 0.95]),
+        _record(1, [1.1, 1.1, 1.1], local=[1.0, 1.0, 1.0]),
+    ]
+    m = summarise(records, batch_size=1, patch_size=64)
+    # the slowest rank's median step against the slowest rank's step without the collective
+    assert m["step_s"] == 1.1 and m["compute_s"] == 1.0
+    assert m["allreduce_s"] == pytest.approx(0.1) == m["allreduce_exposed_s"]
+    assert m["allreduce_share"] == pytest.approx(0.1 / 1.1)
+    assert m["allreduce_timing"].startswith("exposed")
+    # noise can make the difference negative: kept as measured, clamped in allreduce_s
+    records = [_record(0, [1.0], local=[1.02]), _record(1, [1.0], local=[1.01])]
+    m = summarise(records, batch_size=1, patch_size=64)
+    assert m["allreduce_exposed_s"] == pytest.approx(-0.02) and m["allreduce_s"] == 0.0
+    # one worker: no collective, all of the step is compute
+    m = summarise([_record(0, [0.5, 0.7, 0.6])], batch_size=1, patch_size=64)
+    assert (m["compute_s"], m["allreduce_s"], m["allreduce_exposed_s"]) == (0.6, 0.0, 0.0)
+
+
+def test_rows_from_before_step_modes_are_retired_only_where_remeasured():
+    config = {"engine": "horovod", "patch_size": 512, "compression": "none", "workers": 2}
+    legacy = make_row("scaling", config, measured={"step_s": 1.0})
+    other = make_row("scaling", {**config, "patch_size": 1024}, measured={"step_s": 4.0})
+    projection = make_row("scaling", {"engine": "projection", "workers": 512})
+    new = make_row("scaling", {**config, "step": "overlap"}, measured={"step_s": 0.9})
+    kept = kept_rows([legacy, other, projection], [new])
+    assert kept == [other, projection]
+    assert kept_rows([new], [new]) == [new]  # rows of a step mode are merge_rows' business

@@ -70,6 +70,8 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     row = rows[0]
     assert row["kind"] == "accuracy" and row["status"] == "ok"
     assert row["config"]["workers"] == 1 and row["config"]["engine"] == "none"
+    assert row["config"]["step"] == "overlap"  # the default step mode
+    assert row["measured"]["allreduce_s"] == 0.0  # one worker: nothing to communicate
     for key in ("accuracy", "miou", "auc", "val_patches", "baseline_miou"):
         assert key in row["metrics"]
     assert 0 < row["metrics"]["val_patches"] <= 8

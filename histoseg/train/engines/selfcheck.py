@@ -2,9 +2,10 @@
 
 Each rank builds the same small DeepLabV3+ from a *different* seed (so the initial broadcast
 has something to fix), takes its slice of a fixed global batch every step, and trains a few
-steps through :class:`histoseg.train.loop.DistributedStep`. It writes what the comparison
-needs to ``--out/rank<r>.npz``: the final weights, the loss of every step averaged over the
-ranks, and how far an fp16-compressed allreduce of real gradients lands from the fp32 one.
+steps through :class:`histoseg.train.loop.DistributedStep` in either step mode (``--step``).
+It writes what the comparison needs to ``--out/rank<r>.npz``: the final weights, the loss of
+every step averaged over the ranks, how far an fp16-compressed allreduce of real gradients
+lands from the fp32 one, and how the overlapped step's graph holds its collectives.
 
 Batch normalisation runs in inference mode (moving statistics) here on purpose: in training
 mode each rank normalises with the statistics of its own slice, so N ranks would compute
@@ -165,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fp16_max_ratio=np.array(max(ratios)),
             fp16_max_abs_diff=np.array(max_diff),
             step_mode=np.array(step.step_mode),
+            trainable_variables=np.array(len(model.trainable_variables)),
             collective_ops=np.array(ops),
             chained_collective_ops=np.array(chained),
             **weights,
