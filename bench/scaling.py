@@ -130,11 +130,28 @@ def worker_main(spec: dict[str, Any]) -> int:
         "allreduce_probe": probe,
         "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
         "cores": cores,
+        "cpu_s": _own_cpu_s(),
     }
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record))
     engine.shutdown()
     return 0
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds this process has used so far, all its threads."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -287,6 +304,8 @@ def run_point(
             "steps": args.steps,
             "warmup": args.warmup,
             "launches_step_s": [launch[0]["step_s"] for launch in launches],
+            # CPU used outside the ranks during each launch, in cores (same order)
+            "launches_other_cpu_cores": [launch[0]["other_cpu_cores"] for launch in launches],
             "command": getattr(args, "command", None),
             "horovod_cycle_time_ms": records[0].get("horovod_cycle_time_ms"),
             "cores": [r.get("cores") for r in sorted(records, key=lambda r: r["rank"])],
@@ -313,14 +332,21 @@ def _launch_once(
             "pin": not args.no_pin,
             "out_dir": tmp,
         }
+        busy0, wall0 = _busy_cpu_s(), time.monotonic()
         code, tail = launch(spec, workers, args.timeout_s)
+        busy_s, wall_s = _busy_cpu_s() - busy0, time.monotonic() - wall0
         files = sorted(Path(tmp).glob("rank*.json"))
         if code != 0 or len(files) != workers:
             status = "skipped" if code == 127 else "error"
             last = " | ".join(line for line in tail.strip().splitlines()[-3:])
             return f"{status}: exit {code}: {last[-400:]}"
         records = [json.loads(f.read_text()) for f in files]
-    return summarise(records, args.batch_size, size), records
+    measured = summarise(records, args.batch_size, size)
+    # Cores' worth of CPU that processes other than the ranks (the launcher included) used
+    # during the launch: on a shared machine, what tells a disturbed launch from a clean one.
+    ranks_cpu_s = sum(r.get("cpu_s", 0.0) for r in records)
+    measured["other_cpu_cores"] = max(0.0, busy_s - ranks_cpu_s) / wall_s
+    return measured, records
 
 
 def add_efficiency(rows: list[dict]) -> None:

@@ -29,6 +29,8 @@ def test_weak_scaling_rows_with_repeats_pinning_and_efficiency(tmp_path, capsys)
         launches = row["extra"]["launches_step_s"]
         assert len(launches) == 2 and launches == sorted(launches)
         assert row["measured"]["step_s"] == launches[0]  # the median of two is the lower
+        others = row["extra"]["launches_other_cpu_cores"]
+        assert len(others) == 2 and all(c >= 0 for c in others)
         workers = row["config"]["workers"]
         # each rank pinned to its own core, where the machine has enough of them
         cores = row["extra"]["cores"]
