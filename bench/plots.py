@@ -837,6 +837,17 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         return outcome
     projection_rows = [r for r in scaling_rows if r.get("config", {}).get("engine") == "projection"]
     measured_rows = [r for r in scaling_rows if r not in projection_rows]
+    # One train-step mode per figure (bench.scaling --step): the default where measured.
+    # Rows without config.step predate the modes and ran the three-call ("separate") step.
+    from histoseg.train.engines.base import DEFAULT_STEP_MODE
+
+    def step_of(row: dict) -> str:
+        return str(row.get("config", {}).get("step", "separate"))
+
+    modes = sorted({step_of(r) for r in measured_rows})
+    shown_mode = DEFAULT_STEP_MODE if DEFAULT_STEP_MODE in modes or not modes else modes[0]
+    other_modes = [r for r in measured_rows if step_of(r) != shown_mode]
+    measured_rows = [r for r in measured_rows if step_of(r) == shown_mode]
 
     # (engine, compression, size) -> [(workers, efficiency, throughput per worker)]
     points: dict[tuple, list[tuple[int, float | None, float | None]]] = {}
@@ -1027,6 +1038,11 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
             machines_line(plotted),
             *projection_inputs,
         ]
+        if other_modes:
+            caption.append(
+                f"train step: {shown_mode}; {len(other_modes)} row(s) of other step modes "
+                f"({', '.join(m for m in modes if m != shown_mode)}) not drawn (see the CSV)"
+            )
         caption += [f"missing: {n}" for n in outcome.notes]
         outcome.paths = _save(fig, out_dir, outcome.name, _caption(caption))
     return outcome
