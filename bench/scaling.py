@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -504,6 +505,63 @@ def summary_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(rows: Sequence[dict]) -> str:
+    """The 2-worker figures of measured rows as a Markdown table (``--show``).
+
+    One line per engine, step mode and patch size; fp32 / fp16 allreduce side by side.
+    "vs control" divides the efficiency by the no-communication control's (engine "none",
+    same patch size and step mode): the share of what two independent processes reach.
+    """
+
+    def pair(values: list[float | None], fmt: str) -> str:
+        shown = [fmt.format(v) for v in values if v is not None and not math.isnan(v)]
+        return " / ".join(shown) if shown else "-"
+
+    measured = [
+        r
+        for r in rows
+        if r.get("kind") == "scaling"
+        and r.get("status") == "ok"
+        and r["config"].get("engine") != "projection"
+        and r["config"].get("workers") == 2
+    ]
+    by_point: dict[tuple, dict[str, dict]] = {}
+    for r in measured:
+        c = r["config"]
+        point = (c["engine"], c.get("step", "separate"), c["patch_size"])
+        by_point.setdefault(point, {})[c.get("compression", "none")] = r
+    control = {(s, px): rs.get("none") for (e, s, px), rs in by_point.items() if e == "none"}
+    lines = [
+        "| engine | step | patch px | efficiency fp32 / fp16 | vs control fp32 / fp16 "
+        "| allreduce share fp32 / fp16 | step s fp32 / fp16 | other CPU, cores |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    order = {"none": 0, "horovod": 1, "tf": 2}
+    for (engine, step, px), rs in sorted(
+        by_point.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1], kv[0][2])
+    ):
+        variants = [rs.get(c) for c in ("none", "fp16") if rs.get(c)]
+        effs = [r["scaling"].get("efficiency") for r in variants]
+        ref = control.get((step, px))
+        ref_eff = ref["scaling"].get("efficiency") if ref else None
+        rel = [e / ref_eff if e is not None and ref_eff else None for e in effs]
+        if engine == "none":
+            rel = [None]
+        shares = [r["measured"]["allreduce_share"] for r in variants]
+        # the most any launch of the point saw (rows before this field: none recorded)
+        others = [
+            max(r.get("extra", {}).get("launches_other_cpu_cores") or [math.nan]) for r in variants
+        ]
+        lines.append(
+            f"| {engine} | {step} | {px} | {pair([100 * e for e in effs if e], '{:.1f}%')} "
+            f"| {pair([100 * v for v in rel if v], '{:.1f}%')} "
+            f"| {'-' if engine == 'none' else pair([100 * v for v in shares], '{:.1f}%')} "
+            f"| {pair([r['measured']['step_s'] for r in variants], '{:.3f}')} "
+            f"| {pair(others, '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.scaling",
@@ -558,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave workers unpinned (default: each rank on its own block of cores)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--show",
+        action="store_true",
+        help="measure nothing: print the 2-worker table of the rows in --out (Markdown)",
+    )
     proj = p.add_argument_group("projection (histoseg.scaling)")
     proj.add_argument("--project-size", type=int, default=2048, help="patch size, px")
     proj.add_argument("--nodes", type=int, default=256)
@@ -580,6 +643,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = command_line("bench.scaling", argv)
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
+    if args.show:
+        from histoseg.results import load_rows
+
+        if not args.out.exists():
+            raise ConfigError(f"--show: no results file {args.out}; run a sweep first")
+        print(markdown_table(load_rows(args.out)))
+        return 0
     if any(w < 1 for w in args.workers) or any(s < 16 or s % 16 for s in args.sizes):
         raise ConfigError("--workers must be >= 1 and --sizes multiples of 16")
     if args.repeats < 1:

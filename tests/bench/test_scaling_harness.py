@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from bench.scaling import kept_rows, main, summarise
+from bench.scaling import kept_rows, main, markdown_table, summarise
 from histoseg.results import make_row
 
 
@@ -86,3 +86,22 @@ def test_rows_from_before_step_modes_are_retired_only_where_remeasured():
     kept = kept_rows([legacy, other, projection], [new])
     assert kept == [other, projection]
     assert kept_rows([new], [new]) == [new]  # rows of a step mode are merge_rows' business
+
+
+def test_show_table_puts_each_engine_beside_the_control():
+    def row(engine, workers, compression, efficiency, share=0.0):
+        config = {"engine": engine, "patch_size": 512, "compression": compression}
+        return make_row(
+            "scaling",
+            {**config, "workers": workers, "step": "overlap"},
+            measured={"step_s": 1.0, "allreduce_share": share},
+            scaling={"efficiency": efficiency},
+            extra={"launches_other_cpu_cores": [0.01, 0.03]},
+        )
+
+    rows = [row("horovod", 2, "none", 0.9, 0.01), row("horovod", 2, "fp16", 0.92, 0.02)]
+    rows += [row("none", 2, "none", 0.95), row("none", 1, "none", 1.0)]
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| none | overlap | 512 | 95.0% |")
+    assert "| 90.0% / 92.0% | 94.7% / 96.8% | 1.0% / 2.0% |" in lines[3]
+    assert lines[3].endswith("| 0.03 / 0.03 |")
