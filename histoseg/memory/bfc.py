@@ -55,13 +55,20 @@ class BFCAllocator:
         in_use_bytes: bytes of the chunks handed out now (``get_memory_info()["current"]``).
         peak_bytes: the most ``in_use_bytes`` has been since the last :meth:`reset_peak`.
         requested_bytes: bytes asked for by the allocations alive now.
+        peak_requested_bytes: the most ``requested_bytes`` has been since the last reset.
         reserved_bytes: bytes of all regions reserved so far.
+
+    The model allocator has room to grow (as TensorFlow's with memory growth, the way the
+    harness runs it, far from its limit): a region that would pass ``memory_limit_bytes``
+    raises ``MemoryError``; TensorFlow's freeing of empty regions to retry near its limit is
+    not modelled.
 
     Example:
         >>> bfc = BFCAllocator()
-        >>> bfc.allocate("a", 3 << 20); bfc.free("a")
-        >>> bfc.allocate("b", 2 << 20)  # the freed 3 MiB chunk is under twice 2 MiB: no split
-        3145728
+        >>> bfc.allocate("a", 1 << 20)  # the first 2 MiB region, split in two
+        1048576
+        >>> bfc.allocate("b", 768 << 10)  # the free 1 MiB rest is under twice 768 KiB
+        1048576
     """
 
     def __init__(self, memory_limit_bytes: int = 1 << 46) -> None:
@@ -74,6 +81,7 @@ class BFCAllocator:
         self.in_use_bytes = 0
         self.peak_bytes = 0
         self.requested_bytes = 0
+        self.peak_requested_bytes = 0
         self.reserved_bytes = 0
 
     # ---------------------------------------------------------------- free-chunk index
@@ -100,8 +108,9 @@ class BFCAllocator:
         if not grew:
             self._next_region_bytes *= 2
         # Regions are separate system allocations (a gap keeps their chunks from merging),
-        # each below the last, as mmap hands out large blocks top-down on Linux: the address
-        # decides which of two equal free chunks a request gets.
+        # each below the last, as mmap hands out large blocks top-down on Linux (checked
+        # against the CPU allocator's trace; a GPU's driver may order them otherwise): the
+        # address decides which of two equal free chunks a request gets.
         self._next_addr -= size + MIN_ALLOCATION_BYTES
         chunk = _Chunk(addr=self._next_addr, size=size, region=self._next_addr)
         self._chunks[chunk.addr] = chunk
@@ -109,7 +118,12 @@ class BFCAllocator:
         self.reserved_bytes += size
 
     def allocate(self, key: object, nbytes: int) -> int:
-        """Allocate ``nbytes`` under ``key``; return the size of the chunk it got."""
+        """Allocate ``nbytes`` under ``key``; return the size of the chunk it got.
+
+        Zero bytes get no chunk (TensorFlow returns null for them) and are not remembered.
+        """
+        if nbytes <= 0:
+            return 0
         if key in self._live:
             raise KeyError(f"allocation {key!r} is already alive")
         need = rounded_bytes(nbytes)
@@ -133,6 +147,7 @@ class BFCAllocator:
         self.in_use_bytes += chunk.size
         self.requested_bytes += int(nbytes)
         self.peak_bytes = max(self.peak_bytes, self.in_use_bytes)
+        self.peak_requested_bytes = max(self.peak_requested_bytes, self.requested_bytes)
         return chunk.size
 
     def free(self, key: object) -> int:
@@ -164,8 +179,9 @@ class BFCAllocator:
         self._live[new_key] = self._live.pop(key)
 
     def reset_peak(self) -> None:
-        """Start a new peak from the bytes in use now (``reset_memory_stats``)."""
+        """Start new peaks from the bytes in use now (``reset_memory_stats``)."""
         self.peak_bytes = self.in_use_bytes
+        self.peak_requested_bytes = self.requested_bytes
 
     def __contains__(self, key: object) -> bool:
         return key in self._live

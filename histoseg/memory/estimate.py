@@ -528,8 +528,8 @@ def simulate_step(
         ``peak_delta_bytes`` (the most bytes alive at once during the step beyond what
         existed before it, i.e. beyond weights, optimizer state and the input batch), both
         as requested by the step's tensors; with ``allocator``, also
-        ``allocator_activation_bytes`` and ``allocator_peak_bytes`` (its peak over the
-        step, everything it held before included).
+        ``allocator_activation_bytes`` and ``allocator_peak_bytes`` (its peak since its
+        last ``reset_peak``, everything it held before the step included).
     """
 
     # The step makes the float32 model input from the uint8 batch, so the input tensor is
@@ -577,11 +577,14 @@ def simulate_step(
     final = set(graph.outputs)
 
     def buffers(nbytes: float, count: float) -> list[int]:
-        # ``count`` buffers of ``nbytes`` (a fraction: one smaller buffer).
+        # ``count`` buffers of ``nbytes``. A fraction stands for a difference of two real
+        # buffers (batch norm's float32 cast of a bfloat16 gradient, which then dies): one
+        # smaller buffer, counted when the full-size buffer would be.
         whole = int(count)
-        out = [tracked(nbytes * batch_size)] * whole
-        if count > whole:
-            out.append(tracked((count - whole) * nbytes * batch_size))
+        size = tracked(nbytes * batch_size)
+        out = [size] * whole
+        if count > whole and size:
+            out.append(int((count - whole) * size))
         return out
 
     def op_temp(op: _Op) -> list[int]:
@@ -643,7 +646,6 @@ def simulate_step(
         # weight's compute-dtype copy and lives until the update.
         sim.spike(op_temp_backward(op))
         sim.take(("weight gradient", i), [tracked(b) for b in op.grad_sizes])
-        sim.give_back(("copy again", i) if op.block is not None else ("copy", i))
         last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
             last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
@@ -654,6 +656,8 @@ def simulate_step(
             sim.free(last)
             sim.grad(op.inputs)
             sim.ungrad(op.outputs)
+        # The input gradient reads the weight's compute-dtype copy: it dies after it.
+        sim.give_back(("copy again", i) if op.block is not None else ("copy", i))
     result = {
         "activation_bytes": int(activation),
         "peak_delta_bytes": int(sim.peak),
@@ -684,7 +688,7 @@ class _Timeline:
         self.alive: set[int] = set()
         self.grads: set[int] = set()
         self.buffers: dict[Any, list[int]] = {}  # named buffers (copies, labels, ...)
-        self.live = 0  # activations and other non-gradient buffers
+        self.live = 0  # everything but activation gradients (weight gradients included)
         self.grad_bytes = 0
         self.peak = 0
         self.allocator = allocator
@@ -753,8 +757,9 @@ class _Timeline:
                 self._free(("gradient", t), self.size[t])
 
     def pass_grad(self, outputs: list[int], inputs: list[int]) -> None:
-        """An element-wise gradient: the first input's gradient takes over the buffer of
-        the output's gradient when they are the same size; others are new buffers."""
+        """An element-wise gradient: the first input that has no gradient yet takes over
+        the buffer of the output's gradient when they are the same size; the other inputs'
+        gradients are new buffers."""
         out = next((t for t in outputs if t in self.grads), None)
         new = [t for t in inputs if t not in self.grads and t not in self.no_grad]
         if out is not None and new and self.size[new[0]] == self.size[out]:
@@ -870,8 +875,10 @@ def estimate_model(
     """Predict one train step's memory for a built Keras model at its input size.
 
     ``weights_bytes`` and ``optimizer_bytes`` are the full sizes of the variables; the
-    activation, gradient and peak figures are what the device's allocator will count
-    (on the CPU, buffers under :data:`CPU_UNTRACKED_BELOW_BYTES` are not counted).
+    activation and peak figures are what the device's allocator statistics will show
+    (whole chunks, replayed through :mod:`histoseg.memory.bfc`), the gradient and constant
+    figures the bytes requested; on the CPU, buffers under
+    :data:`CPU_UNTRACKED_BELOW_BYTES` are not counted.
 
     Args:
         model: Functional model with a fixed input shape (batch aside), or its

@@ -30,9 +30,10 @@ def _stack(kind):
     return keras.Model(inputs, x)
 
 
-# The separable stack includes an atrous depthwise conv, whose padded space-to-batch copy
-# may land in a larger free chunk of TF's BFC allocator that is not split (the allocator
-# then counts the whole chunk): hence the looser bound there.
+# The estimate replays a fresh process through the allocator model; this test measures in
+# the pytest process, whose allocator holds whatever earlier tests left, so chunks may be
+# placed otherwise (the separable stack's atrous space-to-batch copy most of all): hence
+# the tolerances. Run alone, both stacks matched to the byte.
 @pytest.mark.parametrize(
     ("kind", "tolerance"), [("conv_bn_relu", 0.02), ("separable_atrous", 0.07)]
 )
