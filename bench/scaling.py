@@ -147,6 +147,19 @@ def _own_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _wait_for_quiet(max_cores: float, timeout_s: float = 120.0) -> None:
+    """Before a launch, wait (up to ``timeout_s``) until the machine's busy cores, sampled
+    over 2 s, fall to ``max_cores`` or fewer: other jobs' start-ups and tests pass by."""
+    if max_cores >= (os.cpu_count() or 1):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy0, wall0 = _busy_cpu_s(), time.monotonic()
+        time.sleep(2.0)
+        if (_busy_cpu_s() - busy0) / (time.monotonic() - wall0) <= max_cores:
+            return
+
+
 def _busy_cpu_s() -> float:
     """CPU seconds the whole machine has spent busy since boot (all cores)."""
     import psutil
@@ -282,12 +295,20 @@ def run_point(
     }
     if args.alpha is not None:
         config["alpha"] = args.alpha
-    launches = []
+    launches, discarded = [], []
     for _ in range(args.repeats):
-        result = _launch_once(args, engine, size, compression, step, workers)
-        if isinstance(result, str):  # a failed launch: the point's row says why
-            status, reason = result.split(":", 1)
-            return make_row("scaling", config, status=status, reason=reason.strip())
+        for attempt in range(args.retries + 1):
+            _wait_for_quiet(args.max_other_cpu)
+            result = _launch_once(args, engine, size, compression, step, workers)
+            if isinstance(result, str):  # a failed launch: the point's row says why
+                status, reason = result.split(":", 1)
+                return make_row("scaling", config, status=status, reason=reason.strip())
+            # Other jobs on a shared machine take the ranks' cores: a launch during which
+            # they used more than --max-other-cpu cores is run again (up to --retries
+            # times; the last try is kept whatever it saw), and the discarded one recorded.
+            if result[0]["other_cpu_cores"] <= args.max_other_cpu or attempt == args.retries:
+                break
+            discarded.append(result[0])
         launches.append(result)
     # Launches of one point differ by up to a third here (two shared cores in a VM); the
     # median launch by step time is the point's figure, and every launch's time is kept.
@@ -307,6 +328,9 @@ def run_point(
             "launches_step_s": [launch[0]["step_s"] for launch in launches],
             # CPU used outside the ranks during each launch, in cores (same order)
             "launches_other_cpu_cores": [launch[0]["other_cpu_cores"] for launch in launches],
+            "discarded_launches": [
+                {"step_s": m["step_s"], "other_cpu_cores": m["other_cpu_cores"]} for m in discarded
+            ],
             "command": getattr(args, "command", None),
             "horovod_cycle_time_ms": records[0].get("horovod_cycle_time_ms"),
             "cores": [r.get("cores") for r in sorted(records, key=lambda r: r["rank"])],
@@ -610,6 +634,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute threads per worker (default: cores // largest worker count)",
     )
     p.add_argument("--timeout-s", type=float, default=900.0, help="per launch")
+    p.add_argument(
+        "--max-other-cpu",
+        type=float,
+        default=0.3,
+        help="a launch during which other processes (launcher included) used more CPU than "
+        "this many cores is run again (default 0.3); each launch first waits for the "
+        "machine to be this quiet",
+    )
+    p.add_argument(
+        "--retries", type=int, default=2, help="extra tries of a disturbed launch (default 2)"
+    )
     p.add_argument(
         "--no-pin",
         action="store_true",
