@@ -21,8 +21,9 @@ from histoseg.train.engines.base import Engine, check_compression, unwrap_variab
 #: 25 ms), stolen from the compute threads. In the separate step one fused allreduce per step
 #: waits at most one cycle. In the overlapped step the gradients reach the thread during the
 #: backward pass and each cycle sends what is ready, so only the last cycle's gradients (the
-#: first layers', made last) can wait: measured here, the overlapped step exposed ~6 ms of
-#: communication at 512 px. Set HOROVOD_CYCLE_TIME (or horovodrun --cycle-time-ms) to override.
+#: first layers', made last) wait for a cycle after the backward pass (docs/cluster.md has
+#: what the overlapped step exposes here). Set HOROVOD_CYCLE_TIME (or horovodrun
+#: --cycle-time-ms) to override.
 DEFAULT_CYCLE_TIME_MS = "20"
 
 
