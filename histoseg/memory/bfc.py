@@ -39,7 +39,6 @@ def rounded_bytes(nbytes: int) -> int:
 class _Chunk:
     addr: int
     size: int
-    region: int
     free: bool = True
     prev: _Chunk | None = None
     next: _Chunk | None = None
@@ -112,7 +111,7 @@ class BFCAllocator:
         # against the CPU allocator's trace; a GPU's driver may order them otherwise): the
         # address decides which of two equal free chunks a request gets.
         self._next_addr -= size + MIN_ALLOCATION_BYTES
-        chunk = _Chunk(addr=self._next_addr, size=size, region=self._next_addr)
+        chunk = _Chunk(addr=self._next_addr, size=size)
         self._chunks[chunk.addr] = chunk
         self._insert_free(chunk)
         self.reserved_bytes += size
@@ -134,7 +133,7 @@ class BFCAllocator:
         size, addr = self._free.pop(i)
         chunk = self._chunks[addr]
         if size >= 2 * need or size - need >= MAX_INTERNAL_FRAGMENTATION_BYTES:
-            rest = _Chunk(addr=addr + need, size=size - need, region=chunk.region)
+            rest = _Chunk(addr=addr + need, size=size - need)
             rest.prev, rest.next = chunk, chunk.next
             if chunk.next is not None:
                 chunk.next.prev = rest

@@ -931,9 +931,8 @@ def estimate_model(
         facts,
         batch_size=batch_size,
         slots=slots,
-        batch=[tracked([b]) for b in batch],
-        constants=[tracked([b * batch_size]) for _, b in facts.graph.constants]
-        + ([accumulator] if accumulator else []),
+        batch=batch,
+        constants=[b * batch_size for _, b in facts.graph.constants] + [accumulator],
         untracked_below_bytes=floor,
     )
     return MemoryEstimate(
@@ -963,25 +962,28 @@ def _allocator_figures(
     What the process holds before its first step goes in as it is made: each weight (a
     random initial value is drawn, scaled and shifted: three buffers, the last kept), the
     optimizer's slots (one of each kind per weight, in turn), the input batch and the
-    step's constants. Then one warm-up step, and the measured step: the allocator's peak
-    is reset between them, as the harness does.
+    step's constants (buffers under ``untracked_below_bytes`` left out). Then one warm-up
+    step, and the measured step: the allocator's peak is reset between them, as the
+    harness does.
 
     Returns:
         The activation bytes and the step peak the allocator's statistics would show.
     """
+
+    def tracked(sizes: Iterable[int]) -> list[int]:
+        return [b for b in sizes if b >= untracked_below_bytes and b > 0]
+
     bfc = BFCAllocator()
-    tracked = [b for b in facts.weight_sizes if b >= untracked_below_bytes and b > 0]
-    for i, nbytes in enumerate(tracked):
+    for i, nbytes in enumerate(tracked(facts.weight_sizes)):
         bfc.allocate(("draw", i), nbytes)
         bfc.allocate(("scale", i), nbytes)
         bfc.allocate(("weight", i), nbytes)
         bfc.free(("scale", i))
         bfc.free(("draw", i))
-    for i, nbytes in enumerate(facts.trainable_sizes):
+    for i, nbytes in enumerate(tracked(facts.trainable_sizes)):
         for slot in range(slots):
-            if nbytes >= untracked_below_bytes and nbytes > 0:
-                bfc.allocate(("slot", slot, i), nbytes)
-    for i, nbytes in enumerate(b for b in batch + constants if b > 0):
+            bfc.allocate(("slot", slot, i), nbytes)
+    for i, nbytes in enumerate(tracked(batch + constants)):
         bfc.allocate(("held", i), nbytes)
     simulate_step(facts.graph, batch_size, untracked_below_bytes, allocator=bfc)
     bfc.reset_peak()
