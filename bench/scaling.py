@@ -90,9 +90,12 @@ def worker_main(spec: dict[str, Any]) -> int:
     images, masks = tf.constant(images), tf.constant(masks)
     times = []
     for i in range(int(spec["warmup"]) + int(spec["steps"])):
+        if i == int(spec["warmup"]):
+            threads_before = thread_cpu_s()
         t = step(images, masks)
         if i >= int(spec["warmup"]):
             times.append(t)
+    thread_cpu = _per_step(threads_before, thread_cpu_s(), len(times))
     local = []
     if step.step_mode == "overlap" and engine.size > 1:
         # The same compiled step without its collective, on every rank at once (as the
@@ -132,6 +135,7 @@ def worker_main(spec: dict[str, Any]) -> int:
         "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
         "cores": cores,
         "cpu_s": _own_cpu_s(),
+        "thread_cpu_s_per_step": thread_cpu,
     }
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record))
@@ -145,6 +149,47 @@ def _own_cpu_s() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+#: TensorFlow names the threads of its inter-op pool, where the step's kernels run with one
+#: intra-op thread, "tf_Compute"; the rest of a rank's threads are the engine's (Horovod's
+#: background thread, Gloo's or gRPC's transport threads) and Python's main thread.
+COMPUTE_THREAD_PREFIX = "tf_Compute"
+
+
+def thread_cpu_s() -> dict[str, float] | None:
+    """CPU seconds this process's threads have used: ``{"compute": .., "other": ..}``.
+
+    On one core per rank the communication's own CPU work (fusion copies, sums, socket I/O,
+    the engine's polling) runs on the compute core, so an overlapped step cannot hide it:
+    "other" is what it costs. None where /proc/self/task is not there (not Linux).
+    """
+    totals = {"compute": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            # fields after the ")" that closes the name: utime and stime are the 12th, 13th
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended between the listing and the read
+            continue
+        kind = "compute" if name.startswith(COMPUTE_THREAD_PREFIX) else "other"
+        totals[kind] += (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def _per_step(
+    before: dict[str, float] | None, after: dict[str, float] | None, steps: int
+) -> dict[str, float] | None:
+    """CPU seconds per step of each kind of thread between two :func:`thread_cpu_s` reads."""
+    if before is None or after is None or steps < 1:
+        return None
+    # a thread that ended in between takes its time with it: never report less than zero
+    return {k: max(0.0, after[k] - before[k]) / steps for k in after}
 
 
 def _wait_for_quiet(max_cores: float, timeout_s: float = 120.0) -> None:
@@ -231,6 +276,8 @@ def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -
     the collective (``local_step_s``), clamped at zero; the unclamped difference is kept
     as ``allreduce_exposed_s`` (launch-to-launch noise can make it slightly negative).
     ``compute_s`` is then the step without the collective, update included.
+    ``compute_thread_cpu_s`` / ``other_thread_cpu_s``: CPU a rank's compute threads and its
+    other threads (engine, transport, Python) used per timed step, mean over ranks.
     """
     med = statistics.median
     # ranks step in lockstep; the slowest rank's median sets the pace
@@ -253,6 +300,11 @@ def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -
         apply_s = med([med(r["apply_s"]) for r in records])
     workers = len(records)
     per_worker = batch_size / step_s
+    threads = [r["thread_cpu_s_per_step"] for r in records if r.get("thread_cpu_s_per_step")]
+    if len(threads) == len(records):
+        # what a rank's compute threads and its other threads used per timed step (mean)
+        extra["compute_thread_cpu_s"] = statistics.fmean(t["compute"] for t in threads)
+        extra["other_thread_cpu_s"] = statistics.fmean(t["other"] for t in threads)
     probe: dict[str, float] = {}
     for r in records:
         for b, s in r.get("allreduce_probe", {}).items():
@@ -535,6 +587,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
     One line per engine, step mode and patch size; fp32 / fp16 allreduce side by side.
     "vs control" divides the efficiency by the no-communication control's (engine "none",
     same patch size and step mode): the share of what two independent processes reach.
+    "non-compute threads" is the CPU a rank's threads other than TensorFlow's compute pool
+    (the engine's and its transport's, Python's) used per step: with one core per rank,
+    communication work that no overlap can hide.
     """
 
     def pair(values: list[float | None], fmt: str) -> str:
@@ -557,8 +612,9 @@ def markdown_table(rows: Sequence[dict]) -> str:
     control = {(s, px): rs.get("none") for (e, s, px), rs in by_point.items() if e == "none"}
     lines = [
         "| engine | step | patch px | efficiency fp32 / fp16 | vs control fp32 / fp16 "
-        "| allreduce share fp32 / fp16 | step s fp32 / fp16 | other CPU, cores |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| allreduce share fp32 / fp16 | step s fp32 / fp16 | non-compute threads, ms/step "
+        "| other CPU, cores |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     order = {"none": 0, "horovod": 1, "tf": 2}
     for (engine, step, px), rs in sorted(
@@ -576,11 +632,19 @@ def markdown_table(rows: Sequence[dict]) -> str:
         others = [
             max(r.get("extra", {}).get("launches_other_cpu_cores") or [math.nan]) for r in variants
         ]
+        # rows made before the field have none: shown as "-"
+        threads_ms = [
+            1e3 * r["measured"]["other_thread_cpu_s"]
+            if "other_thread_cpu_s" in r["measured"]
+            else None
+            for r in variants
+        ]
         lines.append(
             f"| {engine} | {step} | {px} | {pair([100 * e for e in effs if e], '{:.1f}%')} "
             f"| {pair([100 * v for v in rel if v], '{:.1f}%')} "
             f"| {'-' if engine == 'none' else pair([100 * v for v in shares], '{:.1f}%')} "
             f"| {pair([r['measured']['step_s'] for r in variants], '{:.3f}')} "
+            f"| {pair(threads_ms, '{:.0f}')} "
             f"| {pair(others, '{:.2f}')} |"
         )
     return "\n".join(lines)

@@ -4,11 +4,15 @@ summarised in each step mode."""
 
 from __future__ import annotations
 
+import ctypes
 import json
+import sys
+import threading
+import time
 
 import pytest
 
-from bench.scaling import kept_rows, main, markdown_table, summarise
+from bench.scaling import kept_rows, main, markdown_table, summarise, thread_cpu_s
 from histoseg.results import make_row
 
 
@@ -34,6 +38,9 @@ def test_weak_scaling_rows_with_repeats_pinning_and_efficiency(tmp_path, capsys)
         others = row["extra"]["launches_other_cpu_cores"]
         assert len(others) == 2 and all(c >= 0 for c in others)
         assert row["extra"]["discarded_launches"] == []
+        if sys.platform.startswith("linux"):  # per-thread CPU of the timed steps, per rank
+            assert row["measured"]["compute_thread_cpu_s"] > 0
+            assert row["measured"]["other_thread_cpu_s"] >= 0
         workers = row["config"]["workers"]
         # each rank pinned to its own core, where the machine has enough of them
         cores = row["extra"]["cores"]
@@ -75,9 +82,47 @@ def test_overlapped_step_reports_the_exposed_communication():
     records = [_record(0, [1.0], local=[1.02]), _record(1, [1.0], local=[1.01])]
     m = summarise(records, batch_size=1, patch_size=64)
     assert m["allreduce_exposed_s"] == pytest.approx(-0.02) and m["allreduce_s"] == 0.0
+    # what each rank's threads used per step: mean over ranks
+    records[0]["thread_cpu_s_per_step"] = {"compute": 0.9, "other": 0.04}
+    records[1]["thread_cpu_s_per_step"] = {"compute": 1.0, "other": 0.06}
+    m = summarise(records, batch_size=1, patch_size=64)
+    assert m["compute_thread_cpu_s"] == pytest.approx(0.95)
+    assert m["other_thread_cpu_s"] == pytest.approx(0.05)
     # one worker: no collective, all of the step is compute
     m = summarise([_record(0, [0.5, 0.7, 0.6])], batch_size=1, patch_size=64)
     assert (m["compute_s"], m["allreduce_s"], m["allreduce_exposed_s"]) == (0.6, 0.0, 0.0)
+
+
+def test_thread_cpu_counts_compute_threads_apart_from_the_rest():
+    """A thread named as TensorFlow names its compute pool counts as compute; this (main)
+    thread's work as other."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread CPU comes from /proc/self/task (Linux only)")
+
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    spun, done = threading.Event(), threading.Event()
+
+    def compute():
+        # PR_SET_NAME (15): the thread's name as /proc shows it
+        ctypes.CDLL(None).prctl(15, b"tf_Compute_t", 0, 0, 0)
+        spin(0.3)
+        spun.set()
+        done.wait()  # stay alive: an ended thread's time leaves /proc with it
+
+    before = thread_cpu_s()
+    worker = threading.Thread(target=compute)
+    worker.start()
+    spin(0.2)
+    spun.wait()
+    after = thread_cpu_s()
+    done.set()
+    worker.join()
+    assert after["compute"] - before["compute"] >= 0.25
+    assert 0.15 <= after["other"] - before["other"] < 0.25
 
 
 def test_rows_from_before_step_modes_are_retired_only_where_remeasured():
@@ -97,7 +142,7 @@ def test_show_table_puts_each_engine_beside_the_control():
         return make_row(
             "scaling",
             {**config, "workers": workers, "step": "overlap"},
-            measured={"step_s": 1.0, "allreduce_share": share},
+            measured={"step_s": 1.0, "allreduce_share": share, "other_thread_cpu_s": 0.05},
             scaling={"efficiency": efficiency},
             extra={"launches_other_cpu_cores": [0.01, 0.03]},
         )
@@ -107,4 +152,4 @@ def test_show_table_puts_each_engine_beside_the_control():
     lines = markdown_table(rows).splitlines()
     assert len(lines) == 4 and lines[2].startswith("| none | overlap | 512 | 95.0% |")
     assert "| 90.0% / 92.0% | 94.7% / 96.8% | 1.0% / 2.0% |" in lines[3]
-    assert lines[3].endswith("| 0.03 / 0.03 |")
+    assert lines[3].endswith("| 50 / 50 | 0.03 / 0.03 |")
