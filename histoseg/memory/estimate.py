@@ -16,7 +16,9 @@ forward again, one block at a time, just before their backward pass. The simulat
   batch, the constants the compiled step holds (``constant_bytes``, see
   :func:`_step_constants`) and the most the simulated step has alive at once;
 - ``weights_bytes``, ``optimizer_bytes`` (Adam two slots per trainable weight, SGD with
-  momentum one), ``gradient_bytes`` (one float32 gradient per trainable weight).
+  momentum one), ``gradient_bytes`` (what the harness measures: bytes after all gradients
+  less those at the step's first read, i.e. the weight gradients less the mixed-precision
+  weight copies and labels that have died by then; negative under ``mixed_bfloat16``).
 
 Tensor sizes come straight from the graph's shapes and dtypes, so patch size, batch size
 and precision enter exactly. The rules were read off TensorFlow 2.21's gradient functions,
