@@ -2,7 +2,8 @@
 
 ``results/baseline/memory_baseline.json`` holds measured rows for a few small configs, made
 by ``python -m bench.memory --baseline``. Each is measured again here in a fresh
-``bench.worker`` process (allocator figures are deterministic; time is never asserted).
+``bench.worker`` process (the baseline configs are float32, whose allocator figures repeat
+closely from process to process, see docs/memory-harness.md; time is never asserted).
 The test fails when activation or peak bytes per patch grew by more than 5%, and warns
 when they shrank by more than 5%, so that the baseline is refreshed on purpose.
 

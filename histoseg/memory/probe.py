@@ -1,7 +1,8 @@
 """Measured memory: TF allocator bytes (CPU:0 / GPU:0), process RSS, and NVML on a GPU.
 
-The allocator figures are deterministic from run to run and are what histoseg compares
-with its estimate; RSS and NVML sit beside them because they are what the operating system
+The allocator figures repeat from run to run (float32 activations to the byte, peaks
+within 0.5%; docs/memory-harness.md says where bfloat16 differs) and are what histoseg
+compares with its estimate; RSS and NVML sit beside them because they are what the operating system
 and the card see (libraries, graph, allocator caching on top of live tensors).
 """
 
