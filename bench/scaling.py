@@ -88,7 +88,7 @@ def worker_main(spec: dict[str, Any]) -> int:
     rank = engine.rank if engine.size > 1 else int(os.environ.get("HISTOSEG_LOCAL_RANK", "0"))
     images, masks = global_batch(rank, int(spec["batch_size"]), size_px, seed=99)
     images, masks = tf.constant(images), tf.constant(masks)
-    times = []
+    times, threads_before = [], None
     for i in range(int(spec["warmup"]) + int(spec["steps"])):
         if i == int(spec["warmup"]):
             threads_before = thread_cpu_s()

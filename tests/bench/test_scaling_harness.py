@@ -109,20 +109,21 @@ def test_thread_cpu_counts_compute_threads_apart_from_the_rest():
     def compute():
         # PR_SET_NAME (15): the thread's name as /proc shows it
         ctypes.CDLL(None).prctl(15, b"tf_Compute_t", 0, 0, 0)
-        spin(0.3)
+        spin(0.4)
         spun.set()
         done.wait()  # stay alive: an ended thread's time leaves /proc with it
 
     before = thread_cpu_s()
     worker = threading.Thread(target=compute)
     worker.start()
-    spin(0.2)
+    spin(0.1)
     spun.wait()
     after = thread_cpu_s()
     done.set()
     worker.join()
-    assert after["compute"] - before["compute"] >= 0.25
-    assert 0.15 <= after["other"] - before["other"] < 0.25
+    assert after["compute"] - before["compute"] >= 0.35
+    # the spin, and whatever this test process's other threads did meanwhile (not 0.4 s)
+    assert 0.05 <= after["other"] - before["other"] < 0.3
 
 
 def test_rows_from_before_step_modes_are_retired_only_where_remeasured():
