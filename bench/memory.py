@@ -73,6 +73,7 @@ Examples:
   python -m bench.memory --sizes 256 512 --batch-sizes 1 2 --precision float32 mixed_bfloat16 \\
       --remat none blocks --steps 2
   python -m bench.memory --sizes 1024 2048 4096 --predict-only --device-memory 24GB
+  python -m bench.memory --sizes 256 --precision mixed_bfloat16 --remat blocks --repeats 3
   python -m bench.memory --baseline       # refresh results/baseline/memory_baseline.json
 """
 
@@ -123,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="hold an exclusive flock on this file while each worker runs (shared machines)",
+    )
+    add(
+        "--repeats",
+        type=int,
+        default=1,
+        help="fresh worker processes per config (default 1): the row is the process with the "
+        "median activation bytes, every process's allocator figures in extra.repeats "
+        "(bfloat16 figures vary from process to process)",
     )
     add(
         "--allocator-trace",
@@ -291,8 +300,10 @@ def sweep(
     note: str | None = None,
     command: str | None = None,
     allocator_trace: bool = False,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
-    """Predict, fit-check and measure each config; write ``out`` after every one.
+    """Predict, fit-check and measure each config (in ``repeats`` fresh processes, see
+    :func:`median_process`); write ``out`` after every one.
 
     Returns:
         The rows of this sweep, in config order (old rows kept for configs not re-run).
@@ -317,6 +328,7 @@ def sweep(
             timeout_s=timeout_s,
             lock=lock_file,
             allocator_trace=allocator_trace,
+            repeats=repeats,
         )
         if note:
             row.setdefault("extra", {})["note"] = note
@@ -343,6 +355,7 @@ def _one(
     timeout_s: float | None,
     lock: Path | None = None,
     allocator_trace: bool = False,
+    repeats: int = 1,
 ) -> dict[str, Any]:
     cfg = config.as_dict()
     if config.device == "gpu" and not _gpu_visible():
@@ -364,8 +377,42 @@ def _one(
             return make_row(
                 "memory", cfg, status="skipped", reason=why_not, predicted=predicted, extra=extra
             )
-        row = run_worker(config, timeout_s, allocator_trace=allocator_trace)
+        rows = [run_worker(config, timeout_s, allocator_trace=allocator_trace)]
+        # a config that failed once fails again: only measured ones are repeated
+        while rows[0]["status"] == "ok" and len(rows) < repeats:
+            rows.append(run_worker(config, timeout_s, allocator_trace=allocator_trace))
+    row = median_process(rows) if len(rows) > 1 else rows[0]
     row.setdefault("predicted", predicted)
+    return row
+
+
+#: What each process of a repeated config keeps in ``extra.repeats``.
+REPEAT_FIGURES = ("activation_bytes", "peak_bytes", "gradient_bytes", "before_step_bytes")
+
+
+def median_process(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a config measured in several fresh processes.
+
+    TensorFlow casts the weights to bfloat16 in an order that changes from process to
+    process, and which chunks the activations then land in changes with it: a small
+    bfloat16 config's activation figure can differ by tens of percent between processes
+    (docs/memory-harness.md). The row kept is the process with the median activation bytes
+    (the lower middle of an even count), whole, so its figures come from one process; the
+    allocator figures of every process go in ``extra.repeats``, and the first failure, if
+    any, in ``extra.failed_repeat``.
+    """
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return rows[0]
+    ok = sorted(ok, key=lambda r: r["measured"]["activation_bytes"])
+    row = ok[(len(ok) - 1) // 2]
+    extra = row.setdefault("extra", {})
+    extra["repeats"] = [
+        {k: r["measured"].get(k) for k in REPEAT_FIGURES} for r in rows if r["status"] == "ok"
+    ]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        extra["failed_repeat"] = f"{failed[0]['status']}: {failed[0].get('reason', '')}"
     return row
 
 
@@ -505,12 +552,22 @@ def _net_of_waste(measured: Any, waste: Any) -> Any:
     return None if measured is None or waste is None else measured - waste
 
 
+def _activation_range(row: dict[str, Any]) -> str:
+    """ " (min–max, N runs)" of a row measured in several processes, else ""."""
+    runs = [r["activation_bytes"] for r in (row.get("extra") or {}).get("repeats") or []]
+    if len(runs) < 2:
+        return ""
+    return f" ({_num(min(runs), 1e9, 3)}–{_num(max(runs), 1e9, 3)}, {len(runs)} runs)"
+
+
 def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """Measured vs predicted activation and peak bytes (GB) as a Markdown table.
 
     Rows measured with ``--allocator-trace`` also get "net err": the prediction of the
     bytes the tensors ask for (``requested_*``) against the measurement net of the
     allocator's chunk waste, i.e. the request model checked apart from the allocator model.
+    Rows measured in several processes (``--repeats``) show the range of their activation
+    figures beside the median process's.
     """
     lines = [
         "| patch px | batch | backbone | precision | remat | status | activations GB "
@@ -529,8 +586,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         status = "predicted" if r["status"] == "skipped" and p else r["status"]
         lines.append(
             f"| {c['patch_size']} | {c['batch_size']} | {c['backbone']} | {c['precision']} | "
-            f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)} | "
-            f"{_num(p.get('activation_bytes'), 1e9, 3)} | "
+            f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)}"
+            f"{_activation_range(r)} | {_num(p.get('activation_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
             f"{_pct(act_net, p.get('requested_activation_bytes'))} | "
             f"{_num(m.get('peak_bytes'), 1e9, 3)} | {_num(p.get('peak_bytes'), 1e9, 3)} | "
@@ -553,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out = BASELINE_OUT
     else:
         configs = configs_from_args(args)
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be at least 1, got {args.repeats}")
     memory = parse_size(args.device_memory) if args.device_memory else None
     if args.show:
         from histoseg.results import load_rows
@@ -577,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         note=args.note,
         command=_command(argv),
         allocator_trace=args.allocator_trace,
+        repeats=args.repeats,
     )
     print(summary_table(rows))
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")

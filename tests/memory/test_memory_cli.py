@@ -74,3 +74,41 @@ def test_a_failing_worker_becomes_an_error_row_naming_why():
     assert row["status"] == "error"
     assert "worker exited with 2" in row["reason"] and "no_such_option" in row["reason"]
     assert row["config"]["backbone_options"] == {"no_such_option": 1}
+
+
+def test_repeated_config_keeps_the_median_process_and_every_figure(tmp_path, capsys):
+    """--repeats: several fresh worker processes, the median one's row, all their figures."""
+    out = tmp_path / "m.json"
+    argv = [*ARGS, "--sizes", "64", "--steps", "1", "--repeats", "3", "--out", str(out)]
+    assert main(argv) == 0
+    (row,) = load_rows(out)
+    assert row["status"] == "ok" and row["predicted"]["peak_bytes"] > 0
+    repeats = row["extra"]["repeats"]
+    assert len(repeats) == 3 and all(r["activation_bytes"] > 0 for r in repeats)
+    middle = sorted(r["activation_bytes"] for r in repeats)[1]
+    assert row["measured"]["activation_bytes"] == middle
+    capsys.readouterr()
+    assert main(["--show", "--markdown", "--out", str(out)]) == 0
+    assert ", 3 runs) |" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--repeats must be at least 1"):
+        main([*argv, "--repeats", "0"])
+
+
+def test_the_median_process_is_one_whole_row_and_failures_are_kept():
+    from bench.memory import median_process
+    from histoseg.results import make_row
+
+    def measured(act, peak):
+        return make_row(
+            "memory", {"patch_size": 64}, measured={"activation_bytes": act, "peak_bytes": peak}
+        )
+
+    rows = [measured(30, 300), measured(10, 100), measured(20, 250), measured(40, 400)]
+    rows.append(make_row("memory", {"patch_size": 64}, status="oom", reason="killed"))
+    row = median_process(rows)
+    # four measured: the lower middle, its own peak beside it
+    assert (row["measured"]["activation_bytes"], row["measured"]["peak_bytes"]) == (20, 250)
+    assert [r["activation_bytes"] for r in row["extra"]["repeats"]] == [30, 10, 20, 40]
+    assert row["extra"]["failed_repeat"] == "oom: killed"
+    failed = make_row("memory", {"patch_size": 64}, status="error", reason="bad")
+    assert median_process([failed]) is failed
