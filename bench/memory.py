@@ -553,7 +553,8 @@ def _net_of_waste(measured: Any, waste: Any) -> Any:
 
 
 def _activation_range(row: dict[str, Any]) -> str:
-    """ " (min–max, N runs)" of a row measured in several processes, else ""."""
+    """The activation range of a row measured in several processes, as
+    ``" (min–max, N runs)"`` in GB; ``""`` for a row of one process."""
     runs = [r["activation_bytes"] for r in (row.get("extra") or {}).get("repeats") or []]
     if len(runs) < 2:
         return ""
