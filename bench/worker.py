@@ -28,10 +28,12 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from bench.config import BenchConfig
 from histoseg.cli import run_main
+from histoseg.errors import ConfigError
 
 #: Environment variable read by :func:`widen_for_demo`: a test-only knob that widens the
 #: model (see docs/memory-harness.md, "Showing that the regression check bites").
@@ -321,6 +323,31 @@ def run_config(config: BenchConfig, trace: bool = False) -> dict[str, Any]:
     )
 
 
+def _profiled(run: Any, out: Path) -> Any:
+    """``run()`` under TensorFlow's profiler; its allocator events go to ``out`` as JSON."""
+    import shutil
+    import tempfile
+
+    import tensorflow as tf
+
+    from histoseg.results import atomic_write_text
+
+    options = tf.profiler.experimental.ProfilerOptions(
+        host_tracer_level=3, python_tracer_level=0, device_tracer_level=0
+    )
+    logdir = tempfile.mkdtemp(prefix="histoseg-events-")
+    try:
+        tf.profiler.experimental.start(logdir, options=options)
+        try:
+            result = run()
+        finally:
+            tf.profiler.experimental.stop()
+        atomic_write_text(out, json.dumps(allocator_events(logdir)))
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.worker",
@@ -338,10 +365,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="profile one more step and record the allocator's chunk waste in extra",
     )
+    parser.add_argument(
+        "--allocator-events",
+        type=Path,
+        metavar="JSON",
+        help="profile the whole run (model build, warm-up and measured steps) and write every "
+        "allocation and free of TensorFlow's allocators to JSON, in order: compare two "
+        "processes' allocation order",
+    )
     args = parser.parse_args(argv)
+    if args.allocator_events and args.allocator_trace:
+        raise ConfigError("--allocator-events and --allocator-trace: one profiler at a time")
     config = BenchConfig.from_json(args.config)
     configure_threads(config.threads)
-    row = run_config(config, trace=args.allocator_trace)
+    if args.allocator_events:
+        row = _profiled(lambda: run_config(config), args.allocator_events)
+    else:
+        row = run_config(config, trace=args.allocator_trace)
     sys.stdout.write(json.dumps(row, default=str) + "\n")
     sys.stdout.flush()
     return 0

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -117,28 +116,17 @@ def test_rename_keeps_the_chunk():
     assert bfc.free("b") == 1 * MiB
 
 
-_TRACE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, tempfile
-    from bench.worker import allocator_events, configure_threads
-    configure_threads(1)
-    import tensorflow as tf
-    from histoseg.models import build_deeplabv3plus
-    from histoseg.train.step import make_optimizer, make_train_step
-    logdir = tempfile.mkdtemp()
-    options = tf.profiler.experimental.ProfilerOptions(host_tracer_level=3)
-    tf.profiler.experimental.start(logdir, options=options)
-    with tf.device("CPU:0"):
-        model = build_deeplabv3plus("mobilenetv2", (128, 128, 3), alpha=0.35, remat="blocks")
-        step = make_train_step(model, make_optimizer("adam", 1e-3))
-        images = tf.zeros([2, 128, 128, 3], tf.uint8)
-        masks = tf.ones([2, 128, 128], tf.uint8)
-        for _ in range(2):
-            step(images, masks)["loss"].numpy()
-    tf.profiler.experimental.stop()
-    json.dump(allocator_events(logdir), open(sys.argv[1], "w"))
-    """
-)
+#: A small remat model, trained in a fresh process under TensorFlow's profiler from the first
+#: allocation on (``python -m bench.worker --allocator-events``).
+_TRACED_CONFIG = {
+    "patch_size": 128,
+    "batch_size": 2,
+    "backbone": "mobilenetv2",
+    "backbone_options": {"alpha": 0.35},
+    "remat": "blocks",
+    "threads": 1,
+    "steps": 1,
+}
 
 
 def test_replaying_tensorflows_trace_gives_every_request_the_chunk_tensorflow_gave(tmp_path):
@@ -147,7 +135,8 @@ def test_replaying_tensorflows_trace_gives_every_request_the_chunk_tensorflow_ga
     the model: each request must get a chunk of the size TensorFlow gave it, and the
     running totals must agree at every event."""
     out = tmp_path / "events.json"
-    subprocess.run([sys.executable, "-c", _TRACE_SCRIPT, str(out)], check=True, timeout=300)
+    command = [sys.executable, "-m", "bench.worker", "--config", json.dumps(_TRACED_CONFIG)]
+    subprocess.run([*command, "--allocator-events", str(out)], check=True, timeout=300)
     events = json.loads(out.read_text())
     allocs = [s for kind, s in events if kind == "MemoryAllocation"]
     assert len(allocs) > 100

@@ -112,3 +112,12 @@ def test_the_median_process_is_one_whole_row_and_failures_are_kept():
     assert row["extra"]["failed_repeat"] == "oom: killed"
     failed = make_row("memory", {"patch_size": 64}, status="error", reason="bad")
     assert median_process([failed]) is failed
+
+
+def test_the_worker_runs_one_profiler_at_a_time(tmp_path, capsys):
+    from bench.worker import main as worker_main
+
+    argv = ["--config", "{}", "--allocator-trace", "--allocator-events", str(tmp_path / "e.json")]
+    assert run_main(worker_main, argv) == 2
+    assert "one profiler at a time" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
