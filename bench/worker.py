@@ -376,6 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.allocator_events and args.allocator_trace:
         raise ConfigError("--allocator-events and --allocator-trace: one profiler at a time")
+    if args.allocator_events and not args.allocator_events.parent.is_dir():
+        # checked before the run, not after minutes of training
+        raise ConfigError(f"--allocator-events {args.allocator_events}: no such folder")
     config = BenchConfig.from_json(args.config)
     configure_threads(config.threads)
     if args.allocator_events:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -136,7 +137,8 @@ def test_replaying_tensorflows_trace_gives_every_request_the_chunk_tensorflow_ga
     running totals must agree at every event."""
     out = tmp_path / "events.json"
     command = [sys.executable, "-m", "bench.worker", "--config", json.dumps(_TRACED_CONFIG)]
-    subprocess.run([*command, "--allocator-events", str(out)], check=True, timeout=300)
+    root = Path(__file__).resolve().parents[2]  # where ``bench`` imports from
+    subprocess.run([*command, "--allocator-events", str(out)], check=True, timeout=300, cwd=root)
     events = json.loads(out.read_text())
     allocs = [s for kind, s in events if kind == "MemoryAllocation"]
     assert len(allocs) > 100

@@ -121,3 +121,6 @@ def test_the_worker_runs_one_profiler_at_a_time(tmp_path, capsys):
     assert run_main(worker_main, argv) == 2
     assert "one profiler at a time" in capsys.readouterr().err
     assert not (tmp_path / "e.json").exists()
+    argv = ["--config", "{}", "--allocator-events", str(tmp_path / "missing" / "e.json")]
+    assert run_main(worker_main, argv) == 2
+    assert "no such folder" in capsys.readouterr().err
