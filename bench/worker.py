@@ -167,6 +167,17 @@ def allocator_chunk_waste(logdir: str, reads: dict[str, int]) -> dict[str, int] 
 
 def _traced_step(step, images, masks) -> dict[str, int] | None:
     """Run one more step under TensorFlow's profiler; see :func:`allocator_chunk_waste`."""
+
+    def reads() -> dict[str, int]:
+        # read inside the profiled window: the step has finished when its reads are numbers
+        return {k: int(v) for k, v in step(images, masks).items() if k.startswith("bytes_")}
+
+    return _profiled(reads, allocator_chunk_waste)
+
+
+def _profiled(run: Any, read: Any) -> Any:
+    """``run()`` under TensorFlow's profiler (host ops and allocator events); returns
+    ``read(logdir, run's result)``, called once the profiler has written its trace."""
     import tempfile
 
     import tensorflow as tf
@@ -174,14 +185,13 @@ def _traced_step(step, images, masks) -> dict[str, int] | None:
     options = tf.profiler.experimental.ProfilerOptions(
         host_tracer_level=3, python_tracer_level=0, device_tracer_level=0
     )
-    with tempfile.TemporaryDirectory() as logdir:
+    with tempfile.TemporaryDirectory(prefix="histoseg-profile-") as logdir:
         tf.profiler.experimental.start(logdir, options=options)
         try:
-            result = step(images, masks)
-            reads = {k: int(v) for k, v in result.items() if k.startswith("bytes_")}
+            result = run()
         finally:
             tf.profiler.experimental.stop()
-        return allocator_chunk_waste(logdir, reads)
+        return read(logdir, result)
 
 
 def measure(config: BenchConfig, num_classes: int = 2, trace: bool = False) -> dict[str, Any]:
@@ -323,31 +333,6 @@ def run_config(config: BenchConfig, trace: bool = False) -> dict[str, Any]:
     )
 
 
-def _profiled(run: Any, out: Path) -> Any:
-    """``run()`` under TensorFlow's profiler; its allocator events go to ``out`` as JSON."""
-    import shutil
-    import tempfile
-
-    import tensorflow as tf
-
-    from histoseg.results import atomic_write_text
-
-    options = tf.profiler.experimental.ProfilerOptions(
-        host_tracer_level=3, python_tracer_level=0, device_tracer_level=0
-    )
-    logdir = tempfile.mkdtemp(prefix="histoseg-events-")
-    try:
-        tf.profiler.experimental.start(logdir, options=options)
-        try:
-            result = run()
-        finally:
-            tf.profiler.experimental.stop()
-        atomic_write_text(out, json.dumps(allocator_events(logdir)))
-    finally:
-        shutil.rmtree(logdir, ignore_errors=True)
-    return result
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.worker",
@@ -382,7 +367,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = BenchConfig.from_json(args.config)
     configure_threads(config.threads)
     if args.allocator_events:
-        row = _profiled(lambda: run_config(config), args.allocator_events)
+        from histoseg.results import atomic_write_text
+
+        def write_events(logdir: str, row: dict[str, Any]) -> dict[str, Any]:
+            atomic_write_text(args.allocator_events, json.dumps(allocator_events(logdir)))
+            return row
+
+        row = _profiled(lambda: run_config(config), write_events)
     else:
         row = run_config(config, trace=args.allocator_trace)
     sys.stdout.write(json.dumps(row, default=str) + "\n")

@@ -2,8 +2,9 @@
 
 The allocator figures repeat from run to run (float32 activations to the byte, peaks
 within 0.5%; docs/memory-harness.md says where bfloat16 differs) and are what histoseg
-compares with its estimate; RSS and NVML sit beside them because they are what the operating system
-and the card see (libraries, graph, allocator caching on top of live tensors).
+compares with its estimate; RSS and NVML sit beside them because they are what the
+operating system and the card see (libraries, graph, allocator caching on top of live
+tensors).
 """
 
 from __future__ import annotations

@@ -124,3 +124,18 @@ def test_the_worker_runs_one_profiler_at_a_time(tmp_path, capsys):
     argv = ["--config", "{}", "--allocator-events", str(tmp_path / "missing" / "e.json")]
     assert run_main(worker_main, argv) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_allocator_trace_records_the_chunk_waste_of_a_profiled_step():
+    from bench.config import BenchConfig
+    from bench.memory import run_worker
+
+    # Large enough that the step's allocator reads show up as totals in the trace (at 64 px
+    # with alpha 0.35 they do not, and the row gets no allocator_trace).
+    config = BenchConfig(patch_size=256, backbone="mobilenetv2", steps=1)
+    row = run_worker(config, allocator_trace=True)
+    assert row["status"] == "ok", row.get("reason")
+    trace = row["extra"]["allocator_trace"]
+    assert trace["activation_chunk_waste_bytes"] >= 0 and trace["peak_chunk_waste_bytes"] >= 0
+    # the traced step's peak is one of the allocator's totals: never above its step peak
+    assert 0 < trace["traced_peak_bytes"] <= row["measured"]["peak_bytes"] * 1.01
