@@ -838,11 +838,8 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     projection_rows = [r for r in scaling_rows if r.get("config", {}).get("engine") == "projection"]
     measured_rows = [r for r in scaling_rows if r not in projection_rows]
     # One train-step mode per figure (bench.scaling --step): the default where measured.
-    # Rows without config.step predate the modes and ran the three-call ("separate") step.
+    from bench.scaling import step_mode_of as step_of
     from histoseg.train.engines.base import DEFAULT_STEP_MODE
-
-    def step_of(row: dict) -> str:
-        return str(row.get("config", {}).get("step", "separate"))
 
     modes = sorted({step_of(r) for r in measured_rows})
     shown_mode = DEFAULT_STEP_MODE if DEFAULT_STEP_MODE in modes or not modes else modes[0]

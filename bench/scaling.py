@@ -526,6 +526,14 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
     return text, projection_rows
 
 
+def step_mode_of(row: dict) -> str:
+    """The train-step mode a scaling row ran (``config.step``).
+
+    Rows without it predate the modes and ran the three-call ("separate") step.
+    """
+    return str(row.get("config", {}).get("step", "separate"))
+
+
 def kept_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
     """``old`` rows less those made before step modes existed that ``new`` measures again.
 
@@ -607,7 +615,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
     by_point: dict[tuple, dict[str, dict]] = {}
     for r in measured:
         c = r["config"]
-        point = (c["engine"], c.get("step", "separate"), c["patch_size"])
+        point = (c["engine"], step_mode_of(r), c["patch_size"])
         by_point.setdefault(point, {})[c.get("compression", "none")] = r
     control = {(s, px): rs.get("none") for (e, s, px), rs in by_point.items() if e == "none"}
     lines = [

@@ -130,12 +130,26 @@ def test_allocator_trace_records_the_chunk_waste_of_a_profiled_step():
     from bench.config import BenchConfig
     from bench.memory import run_worker
 
-    # Large enough that the step's allocator reads show up as totals in the trace (at 64 px
-    # with alpha 0.35 they do not, and the row gets no allocator_trace).
+    # Large enough that the step's allocator reads show up as totals in the trace.
     config = BenchConfig(patch_size=256, backbone="mobilenetv2", steps=1)
     row = run_worker(config, allocator_trace=True)
     assert row["status"] == "ok", row.get("reason")
+    assert "allocator_trace_note" not in row["extra"]
     trace = row["extra"]["allocator_trace"]
     assert trace["activation_chunk_waste_bytes"] >= 0 and trace["peak_chunk_waste_bytes"] >= 0
     # the traced step's peak is one of the allocator's totals: never above its step peak
     assert 0 < trace["traced_peak_bytes"] <= row["measured"]["peak_bytes"] * 1.01
+
+
+def test_a_trace_that_cannot_be_placed_is_a_row_note_not_a_silence():
+    from bench.config import BenchConfig
+    from bench.memory import run_worker
+
+    # At 64 px with alpha 0.35 the step's reads are not among the trace's running totals.
+    config = BenchConfig(
+        patch_size=64, backbone="mobilenetv2", backbone_options=(("alpha", 0.35),), steps=1
+    )
+    row = run_worker(config, allocator_trace=True)
+    assert row["status"] == "ok", row.get("reason")
+    assert "allocator_trace" not in row["extra"]
+    assert row["extra"]["allocator_trace_note"].startswith("not recorded: ")
