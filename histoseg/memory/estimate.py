@@ -546,14 +546,16 @@ def simulate_step(
     # Mixed precision: each conv reads its float32 kernel through a cast. The casts depend
     # on nothing but the weights, so the executor runs them at the very start of the step,
     # before its first allocator read (seen with TF 2.21). A remat block's layers are cast
-    # again for the recomputation, when it starts (RematBlock puts the recomputation's
-    # weight reads behind the incoming gradient); the forward copy dies when the layer has
-    # run, the recomputation's when the layer's backward pass has.
+    # twice (once for the forward pass, once for the recomputation); the forward copy dies
+    # when the layer has run, the other when its backward pass has.
     def copies(op: _Op) -> list[int]:
         return [tracked(b) for b in op.weight_copy_sizes]
 
     for i, op in enumerate(ops):
         sim.take(("copy", i), copies(op))
+    for i, op in enumerate(ops):
+        if op.block is not None:
+            sim.take(("copy again", i), copies(op))
     # The int32 labels are cast from the uint8 masks: that depends on nothing else, so it
     # also runs first, and the labels live until the loss has read them.
     labels = tracked(graph.output_pixels * 4 * batch_size)
@@ -639,9 +641,6 @@ def simulate_step(
             # the block's own outputs again (their forward copies died long ago).
             produced = {t for m in members for t in m.outputs}
             keep = {t for m in members for t in m.saved} | (kept - produced)
-            # The block's casts wait only for the incoming gradient: all run first.
-            for m in members:
-                sim.take(("copy again", index[id(m)]), copies(m))
             sim.forward(members, keep=keep, temp=op_temp)
         # The weight gradient reads the saved tensors first, which then die; the input
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of

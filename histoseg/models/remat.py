@@ -20,12 +20,7 @@ gradient exists (a control dependency on it), and hands its input gradient back 
 previous block only once all of the block's weight gradients exist, so the recomputed
 tensors of one block die before the next block is recomputed (the one-block-at-a-time
 order :mod:`histoseg.memory.estimate` assumes; the same model then peaked at 14-15 maps on
-every trace). The recomputation's weight reads wait for the incoming gradient too: under
-mixed precision each read is a cast of the float32 weight to a compute-dtype copy, which
-TensorFlow otherwise runs at the start of the step (it depends on nothing the step
-computes), keeping a bfloat16 copy of every recomputed weight alive through the whole
-forward pass (docs/memory-harness.md gives what that cost). Other backends keep
-``keras.remat``, which has no such ordering hooks.
+every trace). Other backends keep ``keras.remat``, which has no such ordering hooks.
 """
 
 from __future__ import annotations
@@ -126,19 +121,13 @@ def _sequenced_remat(block: keras.Model, tensors: list):
             variables = list(variables or [])
             present = [g for g in output_grads if g is not None]
             # Recompute only once the incoming gradient exists, i.e. after the blocks
-            # above have finished their backward pass. The whole recomputation sits under
-            # the control dependency, its weight reads included: under mixed precision
-            # each read is a cast to a compute-dtype copy, which TensorFlow would
-            # otherwise run at the start of the step (it depends on nothing else) and
-            # keep alive through the whole forward pass.
+            # above have finished their backward pass.
             with tf.control_dependencies(present):
                 xs_again = [tf.identity(x) for x in xs]
-                with tf.GradientTape() as tape:
-                    tape.watch(xs_again)
-                    with recomputing():
-                        outputs_again = block(
-                            list(xs_again) if many else xs_again[0], training=True
-                        )
+            with tf.GradientTape() as tape:
+                tape.watch(xs_again)
+                with recomputing():
+                    outputs_again = block(list(xs_again) if many else xs_again[0], training=True)
             grads = tape.gradient(
                 outputs_again,
                 xs_again + variables,

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import keras
 import numpy as np
 import pytest
@@ -60,58 +56,3 @@ def test_remat_step_peak_is_the_same_on_every_trace_and_below_no_remat():
     # tests' models (the same on every trace), so the bound is relative to no remat.
     assert max(peaks) - min(peaks) <= MAP_BYTES // 4, [p / MAP_BYTES for p in peaks]
     assert max(peaks) < plain / 2, (peaks, plain)
-
-
-WIDE_CHANNELS = 384  # a bfloat16 pointwise kernel of 384 x 384 is 288 KiB, above the CPU floor
-
-
-def bytes_at_first_read(remat: bool) -> int:
-    """Allocator bytes at the step's first read, for wide bfloat16 toy blocks."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(3)
-    policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    try:
-        inputs = keras.Input((16, 16, 3))
-        x = keras.layers.Conv2D(WIDE_CHANNELS, 1, use_bias=False)(inputs)
-        for b in range(BLOCKS):
-
-            def build(t, b=b):
-                t = separable_conv_bn(t, WIDE_CHANNELS, name=f"w{b}s1")
-                return separable_conv_bn(t, WIDE_CHANNELS, name=f"w{b}s2")
-
-            x = apply_block(build, x, name=f"wide{b}", remat=remat)
-        model = keras.Model(inputs, keras.layers.Conv2D(2, 1, dtype="float32")(x))
-    finally:
-        keras.config.set_dtype_policy(policy)
-    step = make_train_step(model, make_optimizer("adam", 1e-3), memory_device="CPU:0")
-    images = tf.zeros((1, 16, 16, 3), tf.uint8)
-    masks = tf.zeros((1, 16, 16), tf.uint8)
-    step(images, masks)
-    return int(step(images, masks)["bytes_before_step"])
-
-
-def _in_a_fresh_process(remat: bool) -> int:
-    # The allocator of a process that built models before holds their leftovers, which
-    # move the first read; each figure comes from a process of its own.
-    code = (
-        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-        "from test_remat_order import bytes_at_first_read; "
-        f"print(bytes_at_first_read(remat={remat}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
-    )
-    return int(out.stdout.split()[-1])
-
-
-@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow ordering")
-def test_the_recomputation_casts_its_weights_when_it_runs_not_at_the_step_start():
-    # Under mixed precision every conv reads its kernel through a cast to bfloat16. Casts
-    # depend on nothing the step computes, so TensorFlow would run the recomputation's at
-    # the step's start and hold a second bfloat16 copy of every remat block's kernels
-    # through the forward pass: 8 pointwise kernels of 288 KiB here (2.25 MiB more at the
-    # first read before RematBlock held them back; the same bytes as without remat since).
-    copy = WIDE_CHANNELS * WIDE_CHANNELS * 2
-    extra = _in_a_fresh_process(remat=True) - _in_a_fresh_process(remat=False)
-    assert extra < copy, f"{extra / copy:.1f} recomputation kernel copies made up front"
