@@ -41,6 +41,7 @@ free. The only calibrated constants are the batch-norm working buffers in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -120,7 +121,7 @@ class MemoryGraph:
 
     Attributes:
         tensor_bytes: bytes of each tensor for one sample, by tensor id.
-        ops: layer applications in forward execution order.
+        ops: layer applications in forward execution order (see :func:`_ready_first`).
         inputs: ids of the model's input tensors (made inside the step from the uint8
             batch; they get no gradient).
         outputs: ids of the model's output tensors (the logits).
@@ -277,12 +278,46 @@ def trace_model(model: Any) -> MemoryGraph:
     graph.outputs = [tensor_of(t) for t in _flat(model.outputs)]
     graph.output_elements = sum(math.prod(t.shape[1:]) for t in _flat(model.outputs))
     graph.output_pixels = sum(math.prod(t.shape[1:-1]) for t in _flat(model.outputs))
+    graph.ops = _ready_first(graph.ops, graph.inputs)
     _mark_backward(graph)
     graph.loss_scaled = any(
         getattr(layer, "compute_dtype", None) == "float16" for layer in model._flatten_layers()
     )
     graph.constants = _step_constants(graph)
     return graph
+
+
+def _ready_first(ops: list[_Op], inputs: Iterable[int]) -> list[_Op]:
+    """``ops`` in the order TensorFlow's executor runs them: each once its inputs exist,
+    the first to become ready first.
+
+    Keras lists a functional model's layers by depth (distance from the outputs), so a
+    branch that joins late runs late: DeepLabV3+'s low-level decoder branch after ASPP.
+    TensorFlow's executor, with one inter-op thread as the harness runs it, runs an op as
+    soon as its inputs are there, in the order they became ready: that branch right after
+    the entry flow (seen in the allocator's trace). Which tensors are alive together, and
+    so which free chunks a request finds, follows this order.
+    """
+    consumers: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        for t in op.inputs:
+            consumers.setdefault(t, []).append(i)
+    produced = set(inputs)
+    ready = collections.deque(i for i, op in enumerate(ops) if set(op.inputs) <= produced)
+    queued = set(ready)
+    order: list[int] = []
+    while ready:
+        i = ready.popleft()
+        order.append(i)
+        produced.update(ops[i].outputs)
+        for t in ops[i].outputs:
+            for j in consumers.get(t, []):
+                if j not in queued and set(ops[j].inputs) <= produced:
+                    ready.append(j)
+                    queued.add(j)
+    if len(order) != len(ops):  # an op fed by something no op makes: keep Keras's order
+        return ops
+    return [ops[i] for i in order]
 
 
 def _nbytes(shape: Iterable[Any], dtype: Any) -> int:
@@ -546,14 +581,14 @@ def simulate_step(
     # Mixed precision: each conv reads its float32 kernel through a cast. The casts depend
     # on nothing but the weights, so the executor runs them at the very start of the step,
     # before its first allocator read (seen with TF 2.21). A remat block's layers are cast
-    # twice (once for the forward pass, once for the recomputation); the forward copy dies
-    # when the layer has run, the other when its backward pass has.
+    # twice, back to back (once for the forward pass, once for the recomputation); the
+    # forward copy dies when the layer has run, the other when its backward pass has, so
+    # the forward pass leaves holes the size of one copy between live copies.
     def copies(op: _Op) -> list[int]:
         return [tracked(b) for b in op.weight_copy_sizes]
 
     for i, op in enumerate(ops):
         sim.take(("copy", i), copies(op))
-    for i, op in enumerate(ops):
         if op.block is not None:
             sim.take(("copy again", i), copies(op))
     # The int32 labels are cast from the uint8 masks: that depends on nothing else, so it

@@ -10,6 +10,7 @@ from histoseg.memory.estimate import (
     estimate,
     estimate_model,
     largest_patch,
+    trace_model,
 )
 from histoseg.models.layers import conv_bn, separable_conv_bn
 from histoseg.train.step import make_optimizer, make_train_step
@@ -131,3 +132,19 @@ def test_constants_of_the_compiled_step_match_what_the_first_step_leaves(precisi
     expected = 4 * (2 * SIDE) ** 2 * CHANNELS if precision == "mixed_bfloat16" else 0
     assert predicted == expected
     assert left == pytest.approx(predicted, abs=64 * 1024)
+
+
+def test_ops_run_in_the_order_they_become_ready_not_in_keras_depth_order():
+    # A branch that leaves early and joins late (DeepLabV3+'s low-level decoder branch):
+    # Keras lists it by depth, next to the join; TensorFlow's executor runs it as soon as
+    # its input exists, and what is alive together follows that order.
+    conv = keras.layers.Conv2D
+    inputs = keras.Input((16, 16, 3))
+    a = conv(8, 3, padding="same", name="a")(inputs)
+    deep = conv(8, 3, padding="same", name="b3")(
+        conv(8, 3, padding="same", name="b2")(conv(8, 3, padding="same", name="b1")(a))
+    )
+    side = conv(8, 1, name="side")(a)
+    model = keras.Model(inputs, keras.layers.Concatenate(name="join")([deep, side]))
+    names = [op.name for op in trace_model(model).ops]
+    assert names == ["a", "b1", "side", "b2", "b3", "join"]
