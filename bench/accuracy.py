@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError, HistosegError
 
 DEFAULT_SIZES = (256, 704, 1024, 2048)
@@ -549,7 +549,7 @@ def summary_table(rows: Sequence[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.accuracy",
         description="Train each patch size on the same budget of pixels seen and evaluate it on "
         "held-out slides (pixel accuracy, mIoU, ROC AUC); rows of kind 'accuracy'.",

@@ -22,7 +22,7 @@ import os
 import time
 from collections.abc import Sequence
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
 
 EPILOG = """Examples:
@@ -74,7 +74,7 @@ def measure(kernel: str, processes: int, seconds: float) -> list[float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.cores",
         description=__doc__.splitlines()[0].split(": ", 1)[1],
         epilog=EPILOG,

@@ -31,7 +31,7 @@ from bench.config import (
     default_threads,
     expand_sweep,
 )
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.memory.devices import available_bytes, format_bytes, parse_size
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
@@ -79,7 +79,7 @@ Examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.memory",
         description=(
             "Measure (and predict) the memory and speed of a DeepLabV3+ train step per patch "

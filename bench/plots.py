@@ -38,7 +38,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from bench import reference
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ResultsError
 
 PLOT_NAMES = ("memory_vs_accuracy", "memory_vs_patch_size", "weak_scaling")
@@ -1085,7 +1085,7 @@ def report_lines(outcomes: Sequence[PlotOutcome]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.plots",
         description="Draw memory_vs_accuracy, memory_vs_patch_size and weak_scaling (PNG + SVG) "
         "from histoseg.result/1 rows, and refresh the results README.",

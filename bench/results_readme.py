@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 
 PLOTS_COMMAND = "python -m bench.plots --results results/ --out results/"
 
@@ -197,7 +197,7 @@ def write_readme(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.results_readme",
         description="Regenerate the results folder's README.md from its rows and plots.",
         epilog="Examples:\n  python -m bench.results_readme\n  python -m bench.results_readme --results results/",

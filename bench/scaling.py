@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.train.engines.base import DEFAULT_STEP_MODE, STEP_MODES
 
@@ -659,7 +659,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m bench.scaling",
         description="Weak scaling of the DeepLabV3+ train step over workers (Horovod, tf.distribute).",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BenchConfig
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
 
 #: Environment variable read by :func:`widen_for_demo`: a test-only knob that widens the
@@ -340,7 +340,7 @@ def run_config(config: BenchConfig, trace: bool = False) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m bench.worker",
         description="Measure one benchmark config in this process; print its row as JSON.",
         epilog=(

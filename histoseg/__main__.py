@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Dispatch ``argv[0]`` to its command module's ``main``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print(_usage())
+        # asked for: stdout, exit 0; no command at all is a usage error: stderr, exit 2
+        print(_usage(), file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     name, rest = args[0], args[1:]
     if name not in COMMANDS:

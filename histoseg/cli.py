@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from histoseg.errors import HistosegError
+from histoseg.errors import ConfigError, HistosegError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ``argparse.ArgumentParser`` whose usage errors are a :class:`ConfigError`.
+
+    Through :func:`run_main` a bad option is then one line on stderr (exit 2) naming the
+    option, not argparse's whole usage block; ``--help`` is unchanged.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

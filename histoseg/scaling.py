@@ -31,7 +31,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
 
 #: The study's network: 100 Gb/s Intel OmniPath, 2 processes per dual-socket node.
@@ -315,7 +315,7 @@ def _fmt(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m histoseg.scaling",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,

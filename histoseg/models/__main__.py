@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Sequence
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 
 EPILOG = """Examples:
   python -m histoseg.models --backbone xception65 --input-size 513 --num-classes 21 --output-stride 16
@@ -22,7 +22,7 @@ EPILOG = """Examples:
 def main(argv: Sequence[str] | None = None) -> int:
     from histoseg.models.cli_options import add_model_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m histoseg.models",
         description=__doc__.splitlines()[0],
         epilog=EPILOG,

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
 
 # Environment variables that fix a worker's thread pools before TensorFlow starts.
@@ -275,7 +275,7 @@ def pin_to_cores(local_rank: int, threads: int) -> list[int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m histoseg.train.launch",
         description="Run a command as N local workers of the tf or horovod engine.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
 
 EPILOG = """Examples:
@@ -28,7 +28,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     from histoseg.models.cli_options import add_model_arguments
     from histoseg.train.step import OPTIMIZERS
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m histoseg.train.steptime",
         description=__doc__.splitlines()[0],
         epilog=EPILOG,
@@ -42,8 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise ConfigError(f"--steps={args.steps} and --batch-size={args.batch_size} must be >= 1")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     return args
 
 

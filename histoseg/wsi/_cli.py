@@ -1,15 +1,5 @@
-"""argparse that reports bad arguments as a ConfigError (one line on stderr, exit 2)."""
+"""argparse that reports bad arguments as a ConfigError (see :class:`histoseg.cli.ArgumentParser`)."""
 
-from __future__ import annotations
+from histoseg.cli import ArgumentParser
 
-import argparse
-from typing import NoReturn
-
-from histoseg.errors import ConfigError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors go through ``histoseg.cli.run_main``."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ConfigError(f"{self.prog}: {message} (see --help)")
+__all__ = ["ArgumentParser"]

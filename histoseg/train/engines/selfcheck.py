@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
 from histoseg.train.engines import ENGINE_NAMES, get_engine
 
@@ -77,7 +77,7 @@ def collective_ops(step, images, masks) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m histoseg.train.engines.selfcheck",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
