@@ -362,14 +362,19 @@ def save_patches(path: str | Path, refs: Sequence[PatchRef]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for ref in refs:
-            row = asdict(ref)
-            row["annotations_path"] = row["annotations_path"] or ""
-            writer.writerow(row)
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            for ref in refs:
+                row = asdict(ref)
+                row["annotations_path"] = row["annotations_path"] or ""
+                writer.writerow(row)
+        os.replace(tmp, path)
+    except BaseException:
+        # Nothing half-written: a failed write or rename must not leave the .part behind.
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -434,9 +439,50 @@ def draw_preview(
         colour = (0, 200, 255) if a.label == 0 else (0, 60, 255)
         draw.line([*points, points[0]], fill=colour, width=2)
     path = Path(path)
+    fmt = preview_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    # Atomic: draw into a sibling temporary file, rename when complete, remove on failure.
+    tmp = path.with_name(path.name + ".part")
+    try:
+        image.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+# Formats PIL writes an RGB image to with no extra options (others need a mode or plugin).
+PREVIEW_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+}
+
+
+def preview_format(path: str | Path) -> str:
+    """The PIL format a preview at ``path`` is written in, from its extension.
+
+    Raises:
+        ConfigError: ``path`` is a directory, or its extension is not one of
+            :data:`PREVIEW_FORMATS` that this PIL can write.
+    """
+    from PIL import Image, features
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"preview {path} is a directory; give a file such as p.png")
+    fmt = PREVIEW_FORMATS.get(path.suffix.lower())
+    Image.init()
+    # WEBP needs PIL built with libwebp; check so the failure comes before any work.
+    if fmt is None or fmt not in Image.SAVE or (fmt == "WEBP" and not features.check("webp")):
+        allowed = ", ".join(e for e, f in PREVIEW_FORMATS.items() if f in Image.SAVE)
+        raise ConfigError(f"preview {path}: unsupported image extension (use one of {allowed})")
+    return fmt
 
 
 # --- CLI -------------------------------------------------------------------------------
@@ -457,7 +503,7 @@ def parse_label_map(text: str) -> dict[str, int | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from histoseg.wsi._cli import ArgumentParser
+    from histoseg.cli import ArgumentParser
 
     parser = ArgumentParser(
         prog="python -m histoseg.wsi.patches",
@@ -488,8 +534,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     for out in (args.out, args.preview):
+        # A directory can never be overwritten by a file, --force or not.
+        if out is not None and out.is_dir():
+            raise ConfigError(f"{out} is a directory; give a file path")
         if out is not None and out.exists() and not args.force:
             raise ConfigError(f"{out} exists; pass --force to overwrite")
+    if args.preview is not None:
+        preview_format(args.preview)  # fail on an unwritable format before any work
     if args.annotations is not None and not args.annotations.is_file():
         raise ConfigError(f"annotation file not found: {args.annotations}")
     with warnings.catch_warnings(record=True) as caught:
@@ -505,7 +556,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     total = count_grid(slide, args.patch_size, args.level, args.stride)
     save_patches(args.out, refs)
     if args.preview is not None:
-        draw_preview(slide, refs, annotations, args.preview)
+        try:
+            draw_preview(slide, refs, annotations, args.preview)
+        except BaseException:
+            # The command failed: do not leave its CSV behind as if it had succeeded.
+            args.out.unlink(missing_ok=True)
+            raise
     n_tumor = sum(r.is_tumor for r in refs)
     print(
         f"{args.slide}: kept {len(refs)} patches ({n_tumor} with tumour), dropped "

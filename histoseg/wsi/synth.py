@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +23,11 @@ import numpy as np
 from scipy import ndimage
 
 from histoseg.cli import run_main
-from histoseg.errors import ConfigError
+from histoseg.errors import ConfigError, SlideError
 from histoseg.wsi.annotations import write_asap_xml
 from histoseg.wsi.pyramid import write_pyramid_tiff
 from histoseg.wsi.raster import fill_polygons
+from histoseg.wsi.slide import open_slide
 
 # Stain palette (RGB). Normal tissue: pink eosin stroma, small violet nuclei. Tumour: a
 # bluer, darker stroma with large, crowded, darker nuclei, so a model has signal to learn.
@@ -432,23 +434,54 @@ def ensure_synthetic_dataset(
             done = json.loads(manifest_path.read_text()).get("slides", {})
         except (ValueError, AttributeError):
             done = {}
+        if not isinstance(done, dict):
+            done = {}
     out: list[tuple[Path, Path | None]] = []
     for i, (name, has_tumor) in enumerate(synthetic_slide_names(n_slides)):
         tif = folder / name
         xml = tif.with_suffix(".xml")
-        if done.get(name) == recipe and tif.exists() and (xml.exists() or not has_tumor):
-            out.append((tif, xml if has_tumor else None))
-            continue
+        entry = dict(done[name]) if isinstance(done.get(name), dict) else {}
+        recorded_bytes = entry.pop("bytes", None)
+        if entry == recipe and tif.exists() and (xml.exists() or not has_tumor):
+            if _slide_is_sound(tif, recorded_bytes, size_px):
+                out.append((tif, xml if has_tumor else None))
+                continue
+            # Say so: a silent rewrite of a multi-GB slide would look like a hang.
+            print(
+                f"warning: {tif} is damaged (truncated or unreadable); regenerating it",
+                file=sys.stderr,
+            )
         out.append(
             write_synthetic_slide(
                 tif, size_px, seed * 1000 + i, tile_px, mpp, tumor=has_tumor, progress=progress
             )
         )
-        done[name] = recipe
+        # The byte count lets the next run spot a truncated slide without decoding it.
+        done[name] = {**recipe, "bytes": tif.stat().st_size}
         tmp = manifest_path.with_suffix(".json.part")
         tmp.write_text(json.dumps({"slides": done}, indent=1, sort_keys=True))
         os.replace(tmp, manifest_path)
     return out
+
+
+def _slide_is_sound(tif: Path, recorded_bytes: object, size_px: tuple[int, int]) -> bool:
+    """Cheap check that a slide on disk is whole: the size the manifest recorded, and
+    OpenSlide opens it at the expected size and decodes a tile at its far corner.
+
+    Reading one small level-0 region costs milliseconds, so reuse stays cheap.
+    """
+    if recorded_bytes is not None and tif.stat().st_size != recorded_bytes:
+        return False
+    width_px, height_px = (int(v) for v in size_px)
+    try:
+        with open_slide(tif) as slide:
+            if slide.dimensions != (width_px, height_px):
+                return False
+            corner = min(32, width_px, height_px)
+            slide.read_region((width_px - corner, height_px - corner), 0, (corner, corner))
+    except SlideError:
+        return False
+    return True
 
 
 # --- CLI -------------------------------------------------------------------------------
@@ -466,7 +499,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from histoseg.wsi._cli import ArgumentParser
+    from histoseg.cli import ArgumentParser
 
     parser = ArgumentParser(
         prog="python -m histoseg.wsi.synth",

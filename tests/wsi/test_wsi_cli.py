@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -195,3 +196,80 @@ def test_acceptance_slide_20000x16000(tmp_path):
     with open_slide(tif) as slide:
         assert slide.dimensions == (20000, 16000) and max(slide.level_dimensions[-1]) < 1000
     assert xml is not None and xml.exists()
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_patches_cli_out_is_a_directory_fails_cleanly(tmp_path, synthetic_slides, capsys):
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    argv = ["--slide", synthetic_slides.tumor_tif, "--patch-size", 256, "--out", folder]
+    code, _, err = _run(patches.main, [*argv, "--force"], capsys)
+    assert code == 2 and str(folder) in _one_error_line(err)
+    assert folder.is_dir() and not list(tmp_path.glob("*.part"))
+
+
+def test_save_patches_removes_its_temporary_file_on_failure(tmp_path):
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    ref = patches.PatchRef(slide_path="s.tif", x=0, y=0, level=0, patch_size=256)
+    with pytest.raises(OSError):
+        patches.save_patches(folder, [ref])
+    assert folder.is_dir() and not list(tmp_path.glob("*.part"))
+
+
+def test_patches_cli_bad_preview_path_fails_before_any_output(tmp_path, synthetic_slides, capsys):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    out = tmp_path / "o.csv"
+    for preview in (tmp_path / "u.xyz", folder):
+        argv = ["--slide", synthetic_slides.tumor_tif, "--patch-size", 256, "--out", out]
+        code, _, err = _run(patches.main, [*argv, "--preview", preview, "--force"], capsys)
+        assert code == 2 and str(preview) in _one_error_line(err), err
+        assert not out.exists() and not list(tmp_path.glob("*.part"))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pics"]
+
+
+def test_patches_draw_preview_is_atomic(tmp_path, synthetic_slides, monkeypatch):
+    from PIL import Image
+
+    from histoseg.wsi import open_slide
+    from histoseg.wsi.annotations import Annotations
+
+    def broken_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with open_slide(synthetic_slides.normal_tif) as slide, pytest.raises(OSError):
+        patches.draw_preview(slide, [], Annotations.from_xml(None), tmp_path / "p.png")
+    assert not list(tmp_path.iterdir())
+
+
+def test_synth_regenerates_a_truncated_slide(tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "s"
+    argv = ["--out", folder, "--slides", 1, "--size", "640x480", "--tile", 256, "--no-progress"]
+    assert _run(synth.main, argv, capsys)[0] == 0
+    tif = folder / "slide_000.tif"
+    whole = tif.read_bytes()
+    manifest = folder / "synthetic.json"
+    for old_manifest in (False, True):
+        if old_manifest:  # written before sizes were recorded: the read check must catch it
+            data = json.loads(manifest.read_text())
+            del data["slides"]["slide_000.tif"]["bytes"]
+            manifest.write_text(json.dumps(data))
+        tif.write_bytes(whole[: len(whole) // 2])
+        code, stdout, err = _run(synth.main, argv, capsys)
+        assert code == 0, err
+        assert "regenerating" in err and str(tif) in err, (old_manifest, err)
+        assert tif.read_bytes() == whole and str(tif) in stdout
+    # A sound slide is reused untouched and silently.
+    stamp = tif.stat().st_mtime_ns
+    code, _, err = _run(synth.main, argv, capsys)
+    assert code == 0 and "regenerating" not in err and tif.stat().st_mtime_ns == stamp
