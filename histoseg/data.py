@@ -14,14 +14,16 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from histoseg.errors import ConfigError
+from histoseg import errors
+from histoseg.errors import ConfigError, HistosegError
 from histoseg.wsi.annotations import Annotations
 from histoseg.wsi.patches import PatchRef, load_patches
 from histoseg.wsi.slide import Slide, open_slide
@@ -175,3 +177,47 @@ def make_dataset(
     ds = ds.map(load_tf, num_parallel_calls=num_parallel_reads, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# A HistosegError raised inside tf.numpy_function (a corrupt tile, a bad XML) reaches the
+# consumer of the dataset as a tf.errors.OpError whose message holds "SlideError: <text>"
+# among TensorFlow's node names and the Python traceback; this finds that line again.
+_WRAPPED_ERROR_RE = re.compile(r"\b([A-Z]\w*Error): ([^\n]+)")
+
+
+def unwrap_histoseg_error(exc: tf.errors.OpError) -> HistosegError | None:
+    """The project error wrapped in a TensorFlow error from a dataset read, or None.
+
+    Args:
+        exc: what TensorFlow raised while producing a batch.
+
+    Returns:
+        A new error of the same HistosegError subclass with the original one-line message
+        (naming the slide or XML file), or None when ``exc`` wraps no project error.
+    """
+    for name, message in _WRAPPED_ERROR_RE.findall(exc.message or ""):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, HistosegError):
+            return cls(message.strip())
+    return None
+
+
+def iterate_batches(batches: Iterable[tuple[tf.Tensor, tf.Tensor]]) -> Iterator[tuple]:
+    """Iterate over ``batches`` (a make_dataset dataset or iterator) with readable errors.
+
+    A slide or annotation error raised while reading a patch is re-raised as that
+    HistosegError (one line through ``histoseg.cli.run_main``) instead of TensorFlow's
+    wrapped error with a traceback; other TensorFlow errors propagate unchanged.
+    """
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as exc:
+            error = unwrap_histoseg_error(exc)
+            if error is None:
+                raise
+            raise error from exc
+        yield batch

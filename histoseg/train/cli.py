@@ -12,8 +12,9 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from histoseg.cli import run_main
+from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
 
 # Kept here (not imported from histoseg.train.loop) so that --help does not start TensorFlow;
@@ -45,7 +46,8 @@ Examples:
 def build_parser() -> argparse.ArgumentParser:
     from histoseg.train.engines import DEFAULT_STEP_MODE, ENGINE_NAMES, STEP_MODES
 
-    p = argparse.ArgumentParser(
+    # histoseg's ArgumentParser: a bad flag is one ConfigError line, not argparse's usage block
+    p = ArgumentParser(
         prog="python -m histoseg.train",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -159,6 +161,10 @@ def options_from_args(args: argparse.Namespace) -> object:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.epochs is not None and args.epochs <= 0:
         raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
+    # 0 would otherwise read as "unset" in configure_threads and silently use the default
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    check_output_paths(args.run_dir, args.results)
     steps = args.steps if args.steps is not None else (None if args.epochs else 100)
     return TrainOptions(
         slides=args.slides,
@@ -203,13 +209,53 @@ def options_from_args(args: argparse.Namespace) -> object:
     )
 
 
+def _existing_non_folder(path: Path) -> Path | None:
+    """The nearest existing one of ``path`` and its parents when it is not a folder."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
+def check_output_paths(run_dir: str, results: str | None) -> None:
+    """Reject a run folder or results file that cannot be written, before any training.
+
+    Raises:
+        ConfigError: ``run_dir`` (or a parent) is an existing file; ``results`` is a folder,
+            does not end in .json, or has a file where its folder should be.
+        ResultsError: the results file (``results``, else ``run_dir``/results.json) exists
+            but is not a readable results file.
+    """
+    blocker = _existing_non_folder(Path(run_dir))
+    if blocker is not None:
+        raise ConfigError(f"--run-dir {run_dir} must be a folder, but {blocker} is a file")
+    path = Path(results) if results is not None else Path(run_dir) / "results.json"
+    if results is not None:
+        if path.is_dir():
+            raise ConfigError(f"--results {results} is a folder; it must be a .json file path")
+        if path.suffix != ".json":
+            raise ConfigError(f"--results {results} must be a .json file path")
+        blocker = _existing_non_folder(path.parent)
+        if blocker is not None:
+            raise ConfigError(f"--results {results}: {blocker} is a file, not a folder")
+    if path.is_file():
+        from histoseg.results import load_rows
+
+        load_rows(path)  # the new row is merged in after training: a bad file must fail now
+
+
 def configure_threads(threads: int | None, pin: bool) -> int | None:
     """Fix this process's threads (and optionally its cores) before TensorFlow starts."""
     from histoseg.train.launch import local_rank_from_env, pin_to_cores, thread_env
 
-    threads = threads or (
-        int(os.environ["HISTOSEG_THREADS"]) if "HISTOSEG_THREADS" in os.environ else None
-    )
+    if threads is None and "HISTOSEG_THREADS" in os.environ:
+        text = os.environ["HISTOSEG_THREADS"]
+        try:
+            threads = int(text)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            raise ConfigError(f"HISTOSEG_THREADS must be an integer >= 1, got {text!r}")
     if threads is not None:
         os.environ.update(thread_env(threads))
         if pin:

@@ -333,10 +333,13 @@ def recalibrate_batch_norm(
     ]
     if not layers or num_batches <= 0:
         return 0
+    from histoseg.data import iterate_batches
+
     saved = [layer.momentum for layer in layers]
     used = 0
     try:
-        for images, _ in batches:
+        # iterate_batches: a corrupt slide is a one-line SlideError, not a wrapped TF error
+        for images, _ in iterate_batches(batches):
             used += 1
             for layer in layers:
                 # moving = (k-1)/k * moving + 1/k * batch: the running mean of k batches
@@ -368,8 +371,11 @@ def evaluate(
         logits = model(prepare_images(images), training=False)
         return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
 
+    from histoseg.data import iterate_batches
+
     metrics = PixelMetrics()
-    for images, masks in batches:
+    # iterate_batches: a corrupt slide is a one-line SlideError, not a wrapped TF error
+    for images, masks in iterate_batches(batches):
         metrics.update(np.asarray(masks), tumour_probability(images).numpy())
     return metrics.reduce(engine)
 
@@ -653,7 +659,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
 
     Only the chief logs, writes TensorBoard summaries, checkpoints and the results file.
     """
-    from histoseg.data import make_dataset
+    from histoseg.data import iterate_batches, make_dataset
     from histoseg.models import build_deeplabv3plus
     from histoseg.results import load_rows_if_exists, make_row, merge_rows, write_rows
     from histoseg.train.metrics import constant_background_metrics
@@ -723,7 +729,9 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
     dataset = make_dataset(
         my_train, options.batch_size, shuffle=True, seed=options.seed + start_step, augment=True
     )
-    batches = iter(dataset)
+    # a patch read fails inside tf.numpy_function; iterate_batches turns TensorFlow's wrapped
+    # error back into the SlideError naming the file (one line, no traceback)
+    batches = iterate_batches(dataset)
     bar = None
     if chief and options.progress:
         from tqdm import tqdm

@@ -121,3 +121,96 @@ def test_warmup_then_poly_decay():
     values = np.array([float(schedule(s)) for s in (0, 4, 9, 10, 60, 110)])
     np.testing.assert_allclose(values, [0.04, 0.2, 0.4, 0.4, 0.2, 0.0], atol=1e-6)
     assert WarmupSchedule.from_config(schedule.get_config()).get_config() == schedule.get_config()
+
+
+def _one_error_line(capsys) -> str:
+    """stderr of a failed run_main: exactly one line, starting with "error:"."""
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1, err
+    return err
+
+
+def test_argparse_errors_are_one_line(capsys):
+    assert run_main(main, ["--optimizer", "rmsprop"]) == 2
+    err = _one_error_line(capsys)
+    assert "rmsprop" in err and "usage:" not in err
+
+
+def test_zero_threads_is_rejected(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert run_main(main, ["--threads", "0", "--run-dir", str(run)]) == 2
+    assert "--threads must be >= 1, got 0" in _one_error_line(capsys)
+    assert not run.exists()
+
+
+def test_run_dir_that_is_a_file_is_rejected(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.write_text("not a folder")
+    assert run_main(main, ["--run-dir", str(run), "--synthetic-dir", str(tmp_path / "s")]) == 2
+    err = _one_error_line(capsys)
+    assert str(run) in err and "must be a folder" in err
+    assert run.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no slides made
+
+
+@pytest.mark.parametrize("kind", ["folder", "suffix"])
+def test_results_must_be_a_json_file(tmp_path, capsys, kind):
+    results = tmp_path / "out" if kind == "folder" else tmp_path / "results.txt"
+    if kind == "folder":
+        results.mkdir()
+    run = tmp_path / "run"
+    argv = ["--results", str(results), "--run-dir", str(run)]
+    assert run_main(main, [*argv, "--synthetic-dir", str(tmp_path / "s")]) == 2
+    err = _one_error_line(capsys)
+    assert str(results) in err and ".json file path" in err
+    assert not run.exists() and not (tmp_path / "s").exists()  # failed before any work
+
+
+def _corrupt_level0_tiles(tif):
+    """Overwrite every full-resolution tile of ``tif`` with random bytes (header intact)."""
+    import tifffile
+
+    with tifffile.TiffFile(tif) as t:
+        page = t.pages[0]
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+    rng = np.random.default_rng(0)
+    with open(tif, "r+b") as f:
+        for offset, count in spans:
+            f.seek(offset)
+            f.write(rng.integers(0, 256, count, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def corrupt_slides(tmp_path_factory):
+    """Two tiny synthetic slides whose level-0 tiles are garbage (lower levels still read)."""
+    from histoseg.wsi.synth import write_synthetic_slide
+
+    folder = tmp_path_factory.mktemp("corrupt")
+    for i, tumor in enumerate((True, False)):
+        tif, _ = write_synthetic_slide(
+            folder / f"slide_{i:03d}.tif", (1024, 1024), seed=i, tile_px=256, tumor=tumor,
+            progress=False,
+        )  # fmt: skip
+        _corrupt_level0_tiles(tif)
+    return folder
+
+
+def test_corrupt_slide_is_one_line_error_in_training(corrupt_slides, tmp_path, capsys):
+    argv = [*TINY, "--slides", str(corrupt_slides), "--run-dir", str(tmp_path / "run")]
+    assert run_main(main, [*argv, "--steps", "1", "--bn-recalibration-batches", "0"]) == 2
+    err = _one_error_line(capsys)
+    assert "slide_00" in err and ".tif" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_corrupt_slide_is_slide_error_in_validation_batches(corrupt_slides):
+    # evaluate and recalibrate_batch_norm read batches through the same iterate_batches
+    from histoseg.data import iterate_batches, make_dataset
+    from histoseg.errors import SlideError
+    from histoseg.wsi.patches import grid_patches
+
+    tif = corrupt_slides / "slide_001.tif"
+    refs = grid_patches(tif, 64, 0, 0.0)[:2]
+    batches = make_dataset(refs, 2, shuffle=False, repeat=False, drop_remainder=False)
+    with pytest.raises(SlideError, match=r"slide_001\.tif"):
+        list(iterate_batches(batches))
