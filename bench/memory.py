@@ -33,7 +33,7 @@ from bench.config import (
 )
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError, HistosegError
-from histoseg.memory.devices import available_bytes, format_bytes, parse_size
+from histoseg.memory.devices import fit_problem, format_bytes, parse_size
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
 
 DEFAULT_OUT = Path("results/memory.json")
@@ -61,9 +61,6 @@ BASELINE_CONFIGS: tuple[BenchConfig, ...] = (
 REGRESSION_TOLERANCE = 0.05
 #: The figures the CI regression compares.
 REGRESSION_METRICS = ("activation_bytes_per_patch", "peak_bytes_per_patch")
-#: Process memory beyond the allocator peak on the CPU: libraries, the traced graph and
-#: malloc caching (measured 1.3 GB for xception65 at 256 px; see docs/memory-harness.md).
-CPU_PROCESS_OVERHEAD_BYTES = 1_500_000_000
 #: Row statuses that count as "already measured" when a sweep is re-run.
 DONE_STATUSES = ("ok", "oom")
 
@@ -212,15 +209,7 @@ def predict(config: BenchConfig) -> dict[str, int]:
 
 def fit_check(config: BenchConfig, predicted: dict[str, int]) -> str | None:
     """Why ``config`` cannot run here (as a row reason), or None when it should fit."""
-    free = available_bytes(config.device)
-    if free is None:
-        return f"no {config.device.upper()} memory information (NVML sees no GPU)"
-    needed = predicted["peak_bytes"]
-    overhead = CPU_PROCESS_OVERHEAD_BYTES if config.device == "cpu" else 0
-    if needed + overhead > free:
-        extra = f" (+{format_bytes(overhead)} process overhead)" if overhead else ""
-        return f"predicted {format_bytes(needed)}{extra} > {format_bytes(free)} free"
-    return None
+    return fit_problem(predicted["peak_bytes"], config.device)
 
 
 @contextlib.contextmanager

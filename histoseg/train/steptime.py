@@ -15,12 +15,15 @@ import time
 from collections.abc import Sequence
 
 from histoseg.cli import ArgumentParser, run_main
-from histoseg.errors import ConfigError
+from histoseg.errors import ConfigError, OutOfMemoryError
 
 EPILOG = """Examples:
   python -m histoseg.train.steptime --backbone xception65 --patch-size 512 --batch-size 1 \\
       --precision float32 --remat blocks --steps 5
   python -m histoseg.train.steptime --backbone mobilenetv2 --alpha 0.35 --patch-size 128 --json
+
+A configuration whose predicted step peak (histoseg.memory.estimate) does not fit the
+device's free memory is refused before anything is built, unless --force.
 """
 
 
@@ -41,11 +44,44 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--force", action="store_true", help="run even when the step is predicted not to fit"
+    )
     args = parser.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
     return args
+
+
+def check_fit(args: argparse.Namespace, device: str) -> None:
+    """Refuse a configuration whose predicted step peak does not fit ``device`` ("cpu" or
+    "gpu") now: an out-of-memory kill would end the process without a word.
+
+    Raises:
+        OutOfMemoryError: with the prediction and the free memory, unless ``--force``.
+    """
+    from histoseg.memory.devices import fit_problem
+    from histoseg.memory.estimate import estimate
+
+    predicted = estimate(
+        patch_size=args.patch_size,
+        batch_size=args.batch_size,
+        backbone=args.backbone,
+        output_stride=args.output_stride,
+        precision=args.precision,
+        remat=args.remat,
+        optimizer=args.optimizer,
+        device=device,
+        backbone_options={} if args.alpha is None else {"alpha": args.alpha},
+        num_classes=args.num_classes,
+    )
+    problem = fit_problem(predicted.peak_bytes, device)
+    if problem is not None:
+        raise OutOfMemoryError(
+            f"{args.backbone} at {args.patch_size} px, batch {args.batch_size}, "
+            f"{args.precision}, remat {args.remat}: {problem} (--force runs it anyway)"
+        )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -58,6 +94,9 @@ def run(args: argparse.Namespace) -> dict:
     from histoseg.train.step import make_optimizer, make_train_step
 
     kwargs = {} if args.alpha is None else {"alpha": args.alpha}
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    if not args.force:
+        check_fit(args, "gpu" if gpu else "cpu")
     keras.utils.set_random_seed(args.seed)
     model = build_deeplabv3plus(
         args.backbone,
@@ -68,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
         args.remat,
         **kwargs,
     )
-    device = "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
+    device = "GPU:0" if gpu else "CPU:0"
     step = make_train_step(
         model, make_optimizer(args.optimizer), num_classes=args.num_classes, memory_device=device
     )
