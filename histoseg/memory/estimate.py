@@ -1008,11 +1008,11 @@ def cast_orders(graph: MemoryGraph) -> list[list[int] | None]:
     graph's node order, and that order differs from process to process (two allocator
     traces of xception65, 256 px, remat blocks: the same 124 casts in two different
     orders). Which chunks the copies take, and so what the forward pass wastes around
-    them, differs with it: the harness's repeats of a small bfloat16 config differ by up
-    to ~10% in activation bytes. So the prediction is the median over
-    :data:`CAST_ORDERS` orders, shuffled with fixed seeds (the same every run), as the
-    harness reports the median over its repeats. Without weight copies (float32) the
-    order changes nothing and the ops' order is the one order.
+    them, differs with it: fresh processes of xception65 at 256 px, batch 1, bfloat16,
+    remat blocks measured 19.2 to 26.7 MB of activations (docs/memory-harness.md). So the
+    prediction is the median over :data:`CAST_ORDERS` orders, shuffled with fixed seeds
+    (the same every run), as the harness reports the median over its repeats. Without
+    weight copies (float32) the order changes nothing and the ops' order is the one order.
     """
     if not any(op.weight_copy_sizes for op in graph.ops):
         return [None]

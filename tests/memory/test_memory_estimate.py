@@ -1,6 +1,9 @@
 """The analytic memory model against TF's allocator, and its scaling rules."""
 
+import json
 import statistics
+import subprocess
+import sys
 from unittest import mock
 
 import keras
@@ -25,6 +28,7 @@ from histoseg.train.step import make_optimizer, make_train_step
 
 SIDE, CHANNELS = 64, 64
 TENSOR = SIDE * SIDE * CHANNELS * 4  # one float32 feature map: 1 MiB, above the CPU floor
+TOLERANCE = 0.01
 
 
 def _stack(kind):
@@ -39,14 +43,8 @@ def _stack(kind):
     return keras.Model(inputs, x)
 
 
-# The estimate replays a fresh process through the allocator model; this test measures in
-# the pytest process, whose allocator holds whatever earlier tests left, so chunks may be
-# placed otherwise (the separable stack's atrous space-to-batch copy most of all): hence
-# the tolerances. Run alone, both stacks matched to the byte.
-@pytest.mark.parametrize(
-    ("kind", "tolerance"), [("conv_bn_relu", 0.02), ("separable_atrous", 0.07)]
-)
-def test_estimate_matches_the_allocator_on_small_stacks(kind, tolerance):
+def _measure_small_stack(kind: str) -> dict[str, int]:
+    """Activation bytes of one train step of ``_stack(kind)`` here, and their prediction."""
     model = _stack(kind)
     step = make_train_step(model, make_optimizer("adam", 1e-3), memory_device="CPU:0")
     rng = np.random.default_rng(0)
@@ -54,10 +52,25 @@ def test_estimate_matches_the_allocator_on_small_stacks(kind, tolerance):
     masks = tf.constant(rng.integers(0, 2, (1, SIDE, SIDE), dtype=np.uint8))
     step(images, masks)
     out = step(images, masks)
-    measured = int(out["bytes_after_forward"]) - int(out["bytes_before_step"])
-    predicted = estimate_model(model, batch_size=1).activation_bytes
-    assert measured > 5 * TENSOR
-    assert predicted == pytest.approx(measured, rel=tolerance)
+    return {
+        "measured": int(out["bytes_after_forward"]) - int(out["bytes_before_step"]),
+        "predicted": estimate_model(model, batch_size=1).activation_bytes,
+    }
+
+
+# The estimate replays a fresh process through the allocator model, so the step is
+# measured in a fresh process too: in the pytest process the allocator holds whatever
+# earlier tests left and places chunks otherwise (up to 7% off for the separable stack).
+# In fresh processes both stacks matched to the byte (7,340,032 and 15,728,640 bytes).
+@pytest.mark.parametrize("kind", ["conv_bn_relu", "separable_atrous"])
+def test_estimate_matches_the_allocator_on_small_stacks(kind):
+    out = subprocess.run(
+        [sys.executable, __file__, kind], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert figures["measured"] > 5 * TENSOR
+    assert figures["predicted"] == pytest.approx(figures["measured"], rel=TOLERANCE)
 
 
 def test_small_buffers_are_not_counted_on_the_cpu_but_are_on_a_gpu():
@@ -190,3 +203,7 @@ def test_mixed_precision_figures_are_the_median_over_fixed_cast_orders():
 def test_float32_has_no_casts_to_order():
     model = build_deeplabv3plus("mobilenetv2", (64, 64, 3), num_classes=2, alpha=0.35)
     assert cast_orders(model_facts(model).graph) == [None]
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure_small_stack(sys.argv[1])))
