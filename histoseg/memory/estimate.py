@@ -1176,8 +1176,9 @@ def largest_patch(
     """The largest square patch (a multiple of ``step_px``) whose predicted peak fits.
 
     Peaks grow with the patch area, so the search fits ``peak = a + b * P^2`` from two
-    symbolic builds, jumps to the predicted answer and checks it (and its neighbours)
-    with exact builds.
+    symbolic builds and jumps to the predicted answer; from there it brackets the answer
+    with exact builds, doubling its stride, and bisects the bracket (each build takes
+    seconds for xception65, so a dozen of them rather than one per ``step_px``).
 
     Args:
         memory_bytes: Memory of the device (e.g. 24e9 for a 24 GB card).
@@ -1190,8 +1191,12 @@ def largest_patch(
     """
     step = int(step_px or config.get("output_stride", 16))
 
+    peaks: dict[int, int] = {}
+
     def peak(p: int) -> int:
-        return estimate(patch_size=p, **config).peak_bytes
+        if p not in peaks:
+            peaks[p] = estimate(patch_size=p, **config).peak_bytes
+        return peaks[p]
 
     def fits(p: int) -> bool:
         return peak(p) <= memory_bytes
@@ -1203,9 +1208,29 @@ def largest_patch(
     b = (y2 - y1) / (p2**2 - p1**2)
     a = y1 - b * p1**2
     guess = int(math.sqrt(max(memory_bytes - a, 0) / b)) // step * step if b > 0 else step
-    guess = min(max(guess, step), max_patch_size)
-    while guess > step and not fits(guess):
-        guess -= step
-    while guess + step <= max_patch_size and fits(guess + step):
-        guess += step
-    return guess
+    top = max_patch_size // step * step
+    guess = min(max(guess, step), top)
+    # Bracket: ``fits`` holds at ``lo`` and not at ``hi`` (None: nothing above lo to try).
+    stride = step
+    if fits(guess):
+        lo, hi = guess, None
+        while lo < top:
+            probe = min(lo + stride, top)
+            if not fits(probe):
+                hi = probe
+                break
+            lo, stride = probe, stride * 2
+        if hi is None:
+            return lo
+    else:
+        hi = guess
+        while True:  # ends: fits(step) holds
+            probe = max(hi - stride, step)
+            if fits(probe):
+                lo = probe
+                break
+            hi, stride = probe, stride * 2
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

@@ -207,3 +207,19 @@ def test_float32_has_no_casts_to_order():
 
 if __name__ == "__main__":
     print(json.dumps(_measure_small_stack(sys.argv[1])))
+
+
+def test_largest_patch_brackets_and_bisects_when_the_quadratic_guess_is_far_off():
+    # A peak linear in the patch side: the area fit from 128 and 256 px guesses far too
+    # small for a big budget. The answer is the last multiple of 16 under the budget, and
+    # the search gets there in a few dozen estimates, not one per 16 px.
+    calls = []
+
+    def fake_estimate(*, patch_size, **config):
+        calls.append(patch_size)
+        return mock.Mock(peak_bytes=1_000_000 * patch_size)
+
+    with mock.patch.object(estimate_module, "estimate", fake_estimate):
+        best = largest_patch(9_000_000_000, backbone="mobilenetv2")
+    assert best == 8992
+    assert len(calls) < 30, len(calls)
