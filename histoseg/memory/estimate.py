@@ -1178,7 +1178,7 @@ def largest_patch(
     Peaks grow with the patch area, so the search fits ``peak = a + b * P^2`` from two
     symbolic builds and jumps to the predicted answer; from there it brackets the answer
     with exact builds, doubling its stride, and bisects the bracket (each build takes
-    seconds for xception65, so a dozen of them rather than one per ``step_px``).
+    seconds for xception65: a few dozen builds at most, rather than one per ``step_px``).
 
     Args:
         memory_bytes: Memory of the device (e.g. 24e9 for a 24 GB card).
