@@ -1048,55 +1048,37 @@ def _allocator_figures(
     Returns:
         The activation bytes and the step peak the allocator's statistics would show.
     """
-    figures = [
-        _replay_process(
-            facts,
-            batch_size=batch_size,
-            slots=slots,
-            batch=batch,
-            constants=constants,
-            untracked_below_bytes=untracked_below_bytes,
-            cast_order=order,
-        )
-        for order in cast_orders(facts.graph)
-    ]
-    activation = statistics.median_low(a for a, _ in figures)
-    peak = statistics.median_low(p for _, p in figures)
-    return activation, peak
-
-
-def _replay_process(
-    facts: ModelFacts,
-    *,
-    batch_size: int,
-    slots: int,
-    batch: list[int],
-    constants: list[int],
-    untracked_below_bytes: int,
-    cast_order: Sequence[int] | None,
-) -> tuple[int, int]:
-    """One process of :func:`_allocator_figures`, its casts run in ``cast_order``."""
 
     def tracked(sizes: Iterable[int]) -> list[int]:
         return [b for b in sizes if b >= untracked_below_bytes and b > 0]
 
-    bfc = BFCAllocator()
-    for i, nbytes in enumerate(tracked(facts.weight_sizes)):
-        bfc.allocate(("draw", i), nbytes)
-        bfc.allocate(("scale", i), nbytes)
-        bfc.allocate(("weight", i), nbytes)
-        bfc.free(("scale", i))
-        bfc.free(("draw", i))
-    for i, nbytes in enumerate(tracked(facts.trainable_sizes)):
-        for slot in range(slots):
-            bfc.allocate(("slot", slot, i), nbytes)
-    for i, nbytes in enumerate(tracked(batch + constants)):
-        bfc.allocate(("held", i), nbytes)
-    # The warm-up step and the measured one run the same compiled graph: one cast order.
-    simulate_step(facts.graph, batch_size, untracked_below_bytes, bfc, cast_order)
-    bfc.reset_peak()
-    sim = simulate_step(facts.graph, batch_size, untracked_below_bytes, bfc, cast_order)
-    return sim["allocator_activation_bytes"], sim["allocator_peak_bytes"]
+    weights = tracked(facts.weight_sizes)
+    trainable = tracked(facts.trainable_sizes)
+    held = tracked(batch + constants)
+
+    def replay(cast_order: Sequence[int] | None) -> tuple[int, int]:
+        bfc = BFCAllocator()
+        for i, nbytes in enumerate(weights):
+            bfc.allocate(("draw", i), nbytes)
+            bfc.allocate(("scale", i), nbytes)
+            bfc.allocate(("weight", i), nbytes)
+            bfc.free(("scale", i))
+            bfc.free(("draw", i))
+        for i, nbytes in enumerate(trainable):
+            for slot in range(slots):
+                bfc.allocate(("slot", slot, i), nbytes)
+        for i, nbytes in enumerate(held):
+            bfc.allocate(("held", i), nbytes)
+        # The warm-up step and the measured one run the same compiled graph: one cast order.
+        simulate_step(facts.graph, batch_size, untracked_below_bytes, bfc, cast_order)
+        bfc.reset_peak()
+        sim = simulate_step(facts.graph, batch_size, untracked_below_bytes, bfc, cast_order)
+        return sim["allocator_activation_bytes"], sim["allocator_peak_bytes"]
+
+    figures = [replay(order) for order in cast_orders(facts.graph)]
+    activation = statistics.median_low(a for a, _ in figures)
+    peak = statistics.median_low(p for _, p in figures)
+    return activation, peak
 
 
 @functools.lru_cache(maxsize=64)
