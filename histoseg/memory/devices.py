@@ -77,22 +77,36 @@ def available_bytes(device: str) -> int | None:
 CPU_PROCESS_OVERHEAD_BYTES = 1_500_000_000
 
 
+#: The error band every memory prediction is planned with: a prediction may be this much
+#: below the measurement (tests/memory/test_error_band.py holds every measured row in
+#: results/ to it), so a config is only called a fit when the prediction plus this share
+#: fits.
+PEAK_ERROR_BAND = 0.05
+
+
+def planned_bytes(peak_bytes: int) -> int:
+    """The bytes to plan for a predicted peak: the peak plus :data:`PEAK_ERROR_BAND`."""
+    return round(peak_bytes * (1 + PEAK_ERROR_BAND))
+
+
 def fit_problem(peak_bytes: int, device: str) -> str | None:
     """Why a train step predicted to peak at ``peak_bytes`` cannot run on ``device`` now.
 
-    Compares the peak (plus :data:`CPU_PROCESS_OVERHEAD_BYTES` on the CPU) with
-    :func:`available_bytes`.
+    Compares the peak plus its error band (:func:`planned_bytes`; plus
+    :data:`CPU_PROCESS_OVERHEAD_BYTES` on the CPU) with :func:`available_bytes`.
 
     Returns:
-        A reason such as ``"predicted 26.5 GB (+1.5 GB process overhead) > 21.9 GB free"``,
-        or None when it should fit.
+        A reason such as ``"predicted 26.5 GB (+1.3 GB error band, +1.5 GB process
+        overhead) > 21.9 GB free"``, or None when it should fit.
     """
     free = available_bytes(device)
     if free is None:
         return f"no {device.upper()} memory information (NVML sees no GPU)"
+    band = planned_bytes(peak_bytes) - peak_bytes
     overhead = CPU_PROCESS_OVERHEAD_BYTES if device == "cpu" else 0
-    if peak_bytes + overhead > free:
-        extra = f" (+{format_bytes(overhead)} process overhead)" if overhead else ""
+    if peak_bytes + band + overhead > free:
+        extra = f" (+{format_bytes(band)} error band"
+        extra += f", +{format_bytes(overhead)} process overhead)" if overhead else ")"
         return f"predicted {format_bytes(peak_bytes)}{extra} > {format_bytes(free)} free"
     return None
 

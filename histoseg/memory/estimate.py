@@ -54,10 +54,18 @@ from typing import Any
 
 from histoseg.errors import ConfigError
 from histoseg.memory.bfc import BFCAllocator
+from histoseg.memory.devices import planned_bytes
 
 #: Optimizer slots per trainable weight (Keras 3: Adam keeps m and v; SGD with momentum
 #: keeps one velocity; plain SGD none).
 OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "adamw": 2, "sgd": 1, "sgd_nomomentum": 0}
+
+#: Weight-sized float32 buffers per trainable weight that the optimizer's update computes
+#: from its own state alone, so that the executor runs them at the step's start and holds
+#: them until the gradient arrives. Keras 3's SGD with momentum updates
+#: ``m = m * momentum - g * lr``: ``m * momentum`` reads only the slot. Adam's terms all
+#: read the gradient (its ``sqrt(v)`` reads ``v`` after the gradient's update of it).
+OPTIMIZER_EARLY_BUFFERS: dict[str, int] = {"adam": 0, "adamw": 0, "sgd": 1, "sgd_nomomentum": 0}
 
 #: Transient working buffers per layer type, as multiples of the layer's float32 output
 #: size, alive only while the layer (or its gradient) runs. Calibrated on this machine
@@ -164,9 +172,10 @@ class MemoryEstimate:
     requested_activation_bytes: int = 0
     requested_peak_bytes: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        """The estimate as the ``predicted`` section of a results row."""
-        return dataclasses.asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        """The estimate as the ``predicted`` section of a results row (``method``: the
+        route that made it, "analytic"; see :mod:`histoseg.memory.calibrate`)."""
+        return {**dataclasses.asdict(self), "method": "analytic"}
 
 
 # --------------------------------------------------------------------------- graph walk
@@ -556,6 +565,7 @@ def simulate_step(
     untracked_below_bytes: int = 0,
     allocator: BFCAllocator | None = None,
     cast_order: Sequence[int] | None = None,
+    early_update_sizes: Sequence[int] = (),
 ) -> dict[str, int]:
     """Walk a train step through ``graph`` and return the bytes it keeps and peaks at.
 
@@ -573,6 +583,8 @@ def simulate_step(
         cast_order: Under mixed precision, the order in which the step's weight casts
             run, as indices into ``graph.ops`` (default: the ops' order); see
             :func:`cast_orders`.
+        early_update_sizes: Bytes of the buffers the optimizer's update makes at the
+            step's start and holds until the update (:data:`OPTIMIZER_EARLY_BUFFERS`).
 
     Returns:
         ``activation_bytes`` (alive after the forward pass, beyond the step's inputs) and
@@ -606,6 +618,10 @@ def simulate_step(
         sim.take(("copy", i), copies(op))
         if op.block is not None:
             sim.take(("copy again", i), copies(op))
+    # The optimizer's terms that read only its state run at the start too; the update,
+    # at the step's end, consumes them.
+    early = [tracked(b) for b in early_update_sizes]
+    sim.take("early update", early)
     # The int32 labels are cast from the uint8 masks: that depends on nothing else, so it
     # also runs first, and the labels live until the loss has read them.
     labels = tracked(graph.output_pixels * 4 * batch_size)
@@ -713,7 +729,7 @@ def simulate_step(
     result = {
         "activation_bytes": int(activation),
         "peak_delta_bytes": int(sim.peak),
-        "weight_copy_bytes": int(start - labels),
+        "weight_copy_bytes": int(start - labels - sum(early)),
         "labels_bytes": int(labels),
         "weight_gradient_bytes": sum(tracked(b) for op in ops for b in op.grad_sizes),
     }
@@ -956,8 +972,11 @@ def estimate_model(
     def tracked(sizes: Iterable[int]) -> int:
         return sum(b for b in sizes if b >= floor)
 
-    sim = simulate_step(facts.graph, batch_size, untracked_below_bytes=floor)
     slots = OPTIMIZER_SLOTS[optimizer]
+    early = OPTIMIZER_EARLY_BUFFERS[optimizer] * facts.trainable_sizes
+    sim = simulate_step(
+        facts.graph, batch_size, untracked_below_bytes=floor, early_update_sizes=early
+    )
     pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
     batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
@@ -983,6 +1002,7 @@ def estimate_model(
         facts,
         batch_size=batch_size,
         slots=slots,
+        early=early,
         batch=batch,
         constants=[b * batch_size for _, b in facts.graph.constants] + [accumulator],
         untracked_below_bytes=floor,
@@ -1029,6 +1049,7 @@ def _allocator_figures(
     *,
     batch_size: int,
     slots: int,
+    early: Sequence[int],
     batch: list[int],
     constants: list[int],
     untracked_below_bytes: int,
@@ -1069,10 +1090,16 @@ def _allocator_figures(
                 bfc.allocate(("slot", slot, i), nbytes)
         for i, nbytes in enumerate(held):
             bfc.allocate(("held", i), nbytes)
+
         # The warm-up step and the measured one run the same compiled graph: one cast order.
-        simulate_step(facts.graph, batch_size, untracked_below_bytes, bfc, cast_order)
+        def step() -> dict[str, int]:
+            return simulate_step(
+                facts.graph, batch_size, untracked_below_bytes, bfc, cast_order, early
+            )
+
+        step()
         bfc.reset_peak()
-        sim = simulate_step(facts.graph, batch_size, untracked_below_bytes, bfc, cast_order)
+        sim = step()
         return sim["allocator_activation_bytes"], sim["allocator_peak_bytes"]
 
     figures = [replay(order) for order in cast_orders(facts.graph)]
@@ -1155,7 +1182,8 @@ def largest_patch(
     max_patch_size: int = 16384,
     **config: Any,
 ) -> int | None:
-    """The largest square patch (a multiple of ``step_px``) whose predicted peak fits.
+    """The largest square patch (a multiple of ``step_px``) whose predicted peak, plus the
+    predictions' error band (:func:`histoseg.memory.devices.planned_bytes`), fits.
 
     Peaks grow with the patch area, so the search fits ``peak = a + b * P^2`` from two
     symbolic builds and jumps to the predicted answer; from there it brackets the answer
@@ -1181,7 +1209,7 @@ def largest_patch(
         return peaks[p]
 
     def fits(p: int) -> bool:
-        return peak(p) <= memory_bytes
+        return planned_bytes(peak(p)) <= memory_bytes
 
     if not fits(step):
         return None
