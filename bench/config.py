@@ -180,3 +180,63 @@ def expand_sweep(base: BenchConfig, **axes: Sequence[Any] | None) -> list[BenchC
         base.replace(**dict(zip(names, combo, strict=True)))
         for combo in itertools.product(*value_lists)
     ]
+
+
+#: Width multipliers a sampled MobileNetV2 takes (1.0 is the default network).
+SAMPLED_MOBILENET_ALPHAS = (1.0, 0.5, 0.35)
+
+
+def sample_configs(
+    count: int,
+    seed: int,
+    *,
+    sizes_px: Sequence[int] = tuple(range(128, 513, 32)),
+    max_batch_size: int = 4,
+    max_megapixels: float = 0.27,
+    steps: int = 1,
+) -> list[BenchConfig]:
+    """``count`` configs drawn from the whole config space, the same for the same seed.
+
+    Each categorical axis (backbone, MobileNetV2 width, output stride, optimizer,
+    precision, remat mode) is drawn as a shuffled repetition of its values, so every value
+    appears about equally often and every pair of axes is mixed at random; patch size and
+    batch size are drawn freely, batch size capped so a step sees at most
+    ``max_megapixels`` (small steps measure in seconds). The memory model is judged on
+    such draws, so that it cannot be fitted to a fixed list.
+    """
+    import random
+
+    if count < 1:
+        raise ConfigError(f"sample count must be a positive integer, got {count!r}")
+    rng = random.Random(seed)
+
+    def stratified(values: Sequence[Any]) -> list[Any]:
+        drawn = [values[i % len(values)] for i in range(count)]
+        rng.shuffle(drawn)
+        return drawn
+
+    axes = {
+        "backbone": stratified(BACKBONES),
+        "alpha": stratified(SAMPLED_MOBILENET_ALPHAS),
+        "output_stride": stratified((8, 16)),
+        "optimizer": stratified(OPTIMIZERS),
+        "precision": stratified(PRECISIONS),
+        "remat": stratified(REMAT_MODES),
+    }
+    configs = []
+    for i in range(count):
+        pick = {name: values[i] for name, values in axes.items()}
+        alpha = pick.pop("alpha")
+        options = (("alpha", alpha),) if pick["backbone"] == "mobilenetv2" and alpha != 1.0 else ()
+        size = rng.choice(list(sizes_px))
+        most = max(1, min(max_batch_size, int(max_megapixels * 1e6 // size**2)))
+        configs.append(
+            BenchConfig(
+                patch_size=size,
+                batch_size=rng.randint(1, most),
+                backbone_options=options,
+                steps=steps,
+                **pick,
+            )
+        )
+    return configs

@@ -30,9 +30,11 @@ from bench.config import (
     BenchConfig,
     default_threads,
     expand_sweep,
+    sample_configs,
 )
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError, HistosegError
+from histoseg.memory.calibrate import calibrated_prediction
 from histoseg.memory.devices import fit_problem, format_bytes, parse_size
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
 
@@ -72,6 +74,9 @@ Examples:
   python -m bench.memory --sizes 1024 2048 4096 --predict-only --device-memory 24GB
   python -m bench.memory --sizes 256 --precision mixed_bfloat16 --remat blocks --repeats 3
   python -m bench.memory --baseline       # refresh results/baseline/memory_baseline.json
+  python -m bench.memory --sample 48 --seed 0 --steps 1 --out results/memory_model_grid.json
+  python -m bench.memory --sizes 2048 --precision mixed_bfloat16 --remat full \\
+      --calibrate 256 384 512 --predict-only     # extrapolate 2048 px from measured small patches
 """
 
 
@@ -103,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     add("--threads", type=int, nargs="+", default=[default_threads()], help="intra-op threads")
     add("--optimizer", nargs="+", default=["adam"], choices=("adam", "sgd"))
     add("--steps", type=int, default=3, help="timed steps after the warm-up step (default 3)")
+    add(
+        "--sample",
+        type=int,
+        metavar="N",
+        help="instead of the product sweep, N configs drawn at random from the whole config "
+        "space (every backbone, stride, optimizer, precision, remat mode; 128-512 px, "
+        "batch 1-4): the memory model's out-of-sample check",
+    )
+    add("--seed", type=int, default=0, help="with --sample: the draw's seed (default 0)")
+    add(
+        "--calibrate",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="the measured route: measure each config at these (small) patch sizes too and "
+        "predict it by extrapolating in patch area (predicted.method 'calibrated'; the "
+        "analytic prediction is kept in extra.analytic), e.g. --calibrate 256 384 512",
+    )
     add("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     add("--predict-only", action="store_true", help="predict every config; train none")
     add(
@@ -290,43 +313,66 @@ def sweep(
     command: str | None = None,
     allocator_trace: bool = False,
     repeats: int = 1,
+    calibration_sizes: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
     """Predict, fit-check and measure each config (in ``repeats`` fresh processes, see
     :func:`median_process`); write ``out`` after every one.
+
+    With ``calibration_sizes`` each config is first measured at those patch sizes (rows
+    of their own, reused when ``out`` has them), and its prediction is the calibrated
+    route's (:mod:`histoseg.memory.calibrate`), the analytic one kept beside it.
 
     Returns:
         The rows of this sweep, in config order (old rows kept for configs not re-run).
     """
     from tqdm import tqdm
 
-    rows = load_rows_if_exists(out)
-    by_key = {config_key(r["config"]): r for r in rows if r.get("kind") == "memory"}
-    mine: list[dict[str, Any]] = []
-    bar = tqdm(configs, desc="bench.memory", unit="config", disable=not progress)
-    for config in bar:
-        bar.set_postfix_str(f"{config.backbone} {config.patch_size}px b{config.batch_size}")
+    def old_row(config: BenchConfig) -> dict[str, Any] | None:
         key = config_key(config.as_dict())
-        old = by_key.get(key)
-        if old is not None and not force and (old["status"] in DONE_STATUSES or predict_only):
-            mine.append(old)
-            continue
+        rows = [r for r in load_rows_if_exists(out) if r.get("kind") == "memory"]
+        return next((r for r in rows if config_key(r["config"]) == key), None)
+
+    def run(
+        config: BenchConfig,
+        calibration: dict[int, dict[str, Any]] | None = None,
+        only_predict: bool = predict_only,
+    ) -> dict[str, Any]:
+        old = old_row(config)
+        done = old is not None and (old["status"] in DONE_STATUSES or only_predict)
+        if done and not force and calibration is None:
+            return old
         row = _one(
             config,
-            predict_only=predict_only,
+            predict_only=only_predict,
             force=force,
             timeout_s=timeout_s,
             lock=lock_file,
             allocator_trace=allocator_trace,
             repeats=repeats,
+            calibration=calibration,
         )
         if note:
             row.setdefault("extra", {})["note"] = note
         if command:
             row.setdefault("extra", {})["command"] = command
         # Re-read before writing: another sweep may have added rows to the same file.
-        rows = merge_rows(load_rows_if_exists(out), [row])
-        write_rows(out, rows)
-        mine.append(row)
+        write_rows(out, merge_rows(load_rows_if_exists(out), [row]))
+        return row
+
+    mine: list[dict[str, Any]] = []
+    bar = tqdm(configs, desc="bench.memory", unit="config", disable=not progress)
+    for config in bar:
+        bar.set_postfix_str(f"{config.backbone} {config.patch_size}px b{config.batch_size}")
+        calibration = None
+        if calibration_sizes:
+            # measured even under --predict-only: they are what the prediction is made of
+            points = [
+                run(config.replace(patch_size=p), only_predict=False) for p in calibration_sizes
+            ]
+            calibration = {
+                r["config"]["patch_size"]: r["measured"] for r in points if r["status"] == "ok"
+            }
+        mine.append(run(config, calibration))
     return mine
 
 
@@ -345,15 +391,19 @@ def _one(
     lock: Path | None = None,
     allocator_trace: bool = False,
     repeats: int = 1,
+    calibration: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     cfg = config.as_dict()
     if config.device == "gpu" and not _gpu_visible():
         return make_row("memory", cfg, status="skipped", reason="no GPU visible to TensorFlow")
+    extra: dict[str, Any] = {"steps": config.steps}
     try:
         predicted = predict(config)
+        if calibration is not None:
+            extra["analytic"] = predicted
+            predicted = calibrated_prediction(calibration, config.patch_size)
     except HistosegError as exc:
-        return make_row("memory", cfg, status="error", reason=str(exc))
-    extra = {"steps": config.steps}
+        return make_row("memory", cfg, status="error", reason=str(exc), extra=extra)
     if predict_only:
         reason = "predicted only (--predict-only), not measured"
         return make_row(
@@ -371,6 +421,10 @@ def _one(
         while rows[0]["status"] == "ok" and len(rows) < repeats:
             rows.append(run_worker(config, timeout_s, allocator_trace=allocator_trace))
     row = median_process(rows) if len(rows) > 1 else rows[0]
+    if calibration is not None:
+        # the worker's own prediction is the analytic one of the model it built
+        row.setdefault("extra", {})["analytic"] = row.pop("predicted", extra["analytic"])
+        row["predicted"] = predicted
     row.setdefault("predicted", predicted)
     return row
 
@@ -418,7 +472,11 @@ def refresh_predictions(out: Path) -> list[dict[str, Any]]:
         if row.get("kind") != "memory":
             continue
         try:
-            row["predicted"] = predict(BenchConfig.from_dict(row["config"]))
+            analytic = predict(BenchConfig.from_dict(row["config"]))
+            if row.get("predicted", {}).get("method") == "calibrated":
+                row.setdefault("extra", {})["analytic"] = analytic
+            else:
+                row["predicted"] = analytic
         except HistosegError as exc:
             row.setdefault("extra", {})["predict_error"] = str(exc)
     write_rows(out, rows)
@@ -598,6 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.force = True
         if args.out == DEFAULT_OUT:
             args.out = BASELINE_OUT
+    elif args.sample is not None:
+        configs = sample_configs(args.sample, args.seed, steps=args.steps)
     else:
         configs = configs_from_args(args)
     if args.repeats < 1:
@@ -627,6 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command=_command(argv),
         allocator_trace=args.allocator_trace,
         repeats=args.repeats,
+        calibration_sizes=args.calibrate or (),
     )
     print(summary_table(rows))
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")
