@@ -77,6 +77,8 @@ Examples:
   python -m bench.memory --sample 48 --seed 0 --steps 1 --out results/memory_model_grid.json
   python -m bench.memory --sizes 2048 --precision mixed_bfloat16 --remat full \\
       --calibrate 256 384 512 --predict-only     # extrapolate 2048 px from measured small patches
+  python -m bench.memory --refresh-predictions --calibrate 512 1024 \\
+      --out results/memory_torch_gpu.json        # re-predict rows from their own small patches
 """
 
 
@@ -124,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PX",
         help="the measured route: measure each config at these (small) patch sizes too and "
         "predict it by extrapolating in patch area (predicted.method 'calibrated'; the "
-        "analytic prediction is kept in extra.analytic), e.g. --calibrate 256 384 512",
+        "analytic prediction is kept in extra.analytic), e.g. --calibrate 256 384 512; with "
+        "--refresh-predictions, from the rows --out already holds at those sizes",
     )
     add("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     add("--predict-only", action="store_true", help="predict every config; train none")
@@ -459,28 +462,49 @@ def median_process(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def refresh_predictions(out: Path) -> list[dict[str, Any]]:
+def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Recompute the ``predicted`` section of every memory row in ``out`` (no training).
 
     The estimate is deterministic code, so after changing it the predictions of an
-    existing sweep can be brought up to date without measuring again.
+    existing sweep can be brought up to date without measuring again. With
+    ``calibration_sizes`` (or for a row already calibrated, its own sizes) a row whose
+    config was measured at those patch sizes in ``out`` is predicted by the calibrated
+    route from those rows (a file of GPU rows measured elsewhere is re-predicted so), the
+    analytic estimate kept in ``extra.analytic``.
     """
     from histoseg.results import load_rows
 
     rows = load_rows(out)
-    for row in rows:
-        if row.get("kind") != "memory":
-            continue
+    memory = [r for r in rows if r.get("kind") == "memory"]
+    measured = {
+        config_key(r["config"]): r["measured"]
+        for r in memory
+        if r["status"] == "ok" and r.get("measured")
+    }
+
+    def calibration_for(row: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
+        sizes = calibration_sizes or (row.get("predicted") or {}).get("calibration_sizes_px")
+        if not sizes:
+            return None
+        found = {p: measured.get(config_key({**row["config"], "patch_size": p})) for p in sizes}
+        return None if None in found.values() else found
+
+    for row in memory:
+        extra = row.setdefault("extra", {})
         try:
             analytic = predict(BenchConfig.from_dict(row["config"]))
-            if row.get("predicted", {}).get("method") == "calibrated":
-                row.setdefault("extra", {})["analytic"] = analytic
-            else:
-                row["predicted"] = analytic
         except HistosegError as exc:
-            row.setdefault("extra", {})["predict_error"] = str(exc)
+            extra["predict_error"] = str(exc)
+            continue
+        calibration = calibration_for(row)
+        if calibration is None:
+            row["predicted"] = analytic
+            extra.pop("analytic", None)
+        else:
+            row["predicted"] = calibrated_prediction(calibration, row["config"]["patch_size"])
+            extra["analytic"] = analytic
     write_rows(out, rows)
-    return [r for r in rows if r.get("kind") == "memory"]
+    return memory
 
 
 def compare_to_baseline(
@@ -551,12 +575,30 @@ def _pct(measured: Any, predicted: Any) -> str:
     return f"{100 * (predicted - measured) / measured:+.1f}%"
 
 
+def config_label(config: dict[str, Any]) -> str:
+    """A config's model and step in a few characters: ``mobilenetv2@0.35 os8 sgd``."""
+    alpha = (config.get("backbone_options") or {}).get("alpha")
+    backbone = config["backbone"] + (f"@{alpha:g}" if alpha else "")
+    return f"{backbone} os{config['output_stride']} {config.get('optimizer', 'adam')}"
+
+
+def spread(row: dict[str, Any], figure: str) -> float | None:
+    """(max - min) / median of ``figure`` over the processes of a repeated row, or None."""
+    runs = [r[figure] for r in (row.get("extra") or {}).get("repeats") or [] if r.get(figure)]
+    if len(runs) < 2:
+        return None
+    runs.sort()
+    return (runs[-1] - runs[0]) / runs[(len(runs) - 1) // 2]
+
+
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table of a sweep's rows: memory measured vs predicted, speed, status.
 
     Memory columns are in GB when any peak reaches 1 GB, else in MB. "err" is
-    (predicted - measured) / measured. Status "predicted" marks a row that was predicted
-    but not measured (it would not fit, or --predict-only); the reason is listed below.
+    (predicted - measured) / measured; "by" the route of the prediction (a: analytic,
+    c: calibrated); "spread" the activation and peak spread over a repeated row's
+    processes. Status "predicted" marks a row that was predicted but not measured (it
+    would not fit, or --predict-only); the reason is listed below.
     """
     peaks = [
         r.get(section, {}).get("peak_bytes") or 0
@@ -565,30 +607,35 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     unit, scale = ("GB", 1e9) if max(peaks, default=0) >= 1e9 else ("MB", 1e6)
     head = (
-        f"{'patch':>5} {'batch':>5} {'backbone':<12} {'precision':<14} {'remat':<6} {'dev':<3} "
+        f"{'patch':>5} {'batch':>5} {'model':<25} {'precision':<14} {'remat':<6} {'dev':<3} "
         f"{'status':<9} {'act ' + unit:>7} {'pred':>7} {'err':>6} {'peak ' + unit:>7} "
-        f"{'pred':>7} {'err':>6} {'rss ' + unit:>7} {'step s':>7} {'patch/s':>7} {'MP/s':>6}"
+        f"{'pred':>7} {'err':>6} {'by':>2} {'spread':>9} {'rss ' + unit:>7} {'step s':>7} "
+        f"{'MP/s':>6}"
     )
     lines = [head, "-" * len(head)]
     notes = []
     for r in rows:
         c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
         status = "predicted" if r["status"] == "skipped" and p else r["status"]
+        act_spread, peak_spread = spread(r, "activation_bytes"), spread(r, "peak_bytes")
+        spreads = (
+            "-" if act_spread is None else f"{100 * act_spread:.1f}/{100 * (peak_spread or 0):.1f}%"
+        )
         lines.append(
-            f"{c['patch_size']:>5} {c['batch_size']:>5} {c['backbone']:<12} "
+            f"{c['patch_size']:>5} {c['batch_size']:>5} {config_label(c):<25} "
             f"{c['precision']:<14} {c['remat']:<6} {c['device']:<3} {status:<9} "
             f"{_num(m.get('activation_bytes'), scale):>7} "
             f"{_num(p.get('activation_bytes'), scale):>7} "
             f"{_pct(m.get('activation_bytes'), p.get('activation_bytes')):>6} "
             f"{_num(m.get('peak_bytes'), scale):>7} {_num(p.get('peak_bytes'), scale):>7} "
             f"{_pct(m.get('peak_bytes'), p.get('peak_bytes')):>6} "
+            f"{str(p.get('method', 'analytic'))[0] if p else '-':>2} {spreads:>9} "
             f"{_num(m.get('rss_peak_bytes'), scale):>7} "
-            f"{_num(m.get('step_s'), 1):>7} {_num(m.get('patches_per_s'), 1, 3):>7} "
-            f"{_num(m.get('megapixels_per_s'), 1, 3):>6}"
+            f"{_num(m.get('step_s'), 1):>7} {_num(m.get('megapixels_per_s'), 1, 3):>6}"
         )
         if r["status"] != "ok":
             what = (
-                f"{c['patch_size']} px batch {c['batch_size']} {c['backbone']} "
+                f"{c['patch_size']} px batch {c['batch_size']} {config_label(c)} "
                 f"{c['precision']} remat {c['remat']} {c['device']}"
             )
             notes.append(f"  {what}: {r['status']}: {r['reason']}")
@@ -618,11 +665,11 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     figures beside the median process's.
     """
     lines = [
-        "| patch px | batch | backbone | precision | remat | status | activations GB "
+        "| patch px | batch | model | precision | remat | status | activations GB "
         "measured | predicted | error | net err | step peak GB measured | predicted | "
-        "error | net err | RSS peak GB | step s | MP/s |",
+        "error | net err | route | RSS peak GB | step s | MP/s |",
         "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
-        "---: | ---: | ---: | ---: | ---: |",
+        "---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
         c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
@@ -633,7 +680,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         peak_net = _net_of_waste(m.get("peak_bytes"), trace.get("peak_chunk_waste_bytes"))
         status = "predicted" if r["status"] == "skipped" and p else r["status"]
         lines.append(
-            f"| {c['patch_size']} | {c['batch_size']} | {c['backbone']} | {c['precision']} | "
+            f"| {c['patch_size']} | {c['batch_size']} | {config_label(c)} | {c['precision']} | "
             f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)}"
             f"{_activation_range(r)} | {_num(p.get('activation_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
@@ -641,6 +688,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_num(m.get('peak_bytes'), 1e9, 3)} | {_num(p.get('peak_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('peak_bytes'), p.get('peak_bytes'))} | "
             f"{_pct(peak_net, p.get('requested_peak_bytes'))} | "
+            f"{p.get('method', 'analytic') if p else '-'} | "
             f"{_num(m.get('rss_peak_bytes'), 1e9)} | {_num(m.get('step_s'), 1)} | "
             f"{_num(m.get('megapixels_per_s'), 1, 3)} |"
         )
@@ -671,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     _hide_gpus_from_this_process()
     if args.refresh_predictions:
-        rows = refresh_predictions(args.out)
+        rows = refresh_predictions(args.out, args.calibrate or ())
         print(summary_table(rows))
         print(f"\n{len(rows)} rows re-predicted in {args.out}")
         return 0

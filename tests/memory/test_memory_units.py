@@ -136,3 +136,21 @@ def test_an_unknown_backbone_is_a_config_error():
 
     with pytest.raises(ConfigError, match="backbone 'foo' is not one of xception65"):
         BenchConfig(backbone="foo")
+
+
+def test_sampled_configs_cover_every_axis_and_repeat_for_a_seed():
+    from bench.config import BACKBONES, OPTIMIZERS, PRECISIONS, REMAT_MODES, sample_configs
+
+    configs = sample_configs(24, seed=3)
+    assert configs == sample_configs(24, seed=3)
+    assert configs != sample_configs(24, seed=4)
+    for axis, values in [
+        ("backbone", BACKBONES),
+        ("optimizer", OPTIMIZERS),
+        ("precision", PRECISIONS),
+        ("remat", REMAT_MODES),
+        ("output_stride", (8, 16)),
+    ]:
+        assert {getattr(c, axis) for c in configs} == set(values), axis
+    assert all(c.batch_size * c.patch_size**2 <= 0.27e6 or c.batch_size == 1 for c in configs)
+    assert {c.batch_size for c in configs} >= {1, 2}
