@@ -92,9 +92,15 @@ def _bad_inputs(tmp, slides):
             "larger than the slide",
         ),
         "bad level": ([*good, "--level", 9], "level 9 out of range"),
-        "bad min tissue": ([*good, "--min-tissue", 2], "min_tissue"),
-        "zero patch size": ([*good[:2], "--patch-size", 0, "--out", tmp / "o.csv"], "patch_size"),
-        "not a number": ([*good[:2], "--patch-size", "big", "--out", tmp / "o.csv"], "invalid int"),
+        "bad min tissue": ([*good, "--min-tissue", 2], "--min-tissue: must be a finite number"),
+        "zero patch size": (
+            [*good[:2], "--patch-size", 0, "--out", tmp / "o.csv"],
+            "--patch-size: must be a whole number >= 32, got '0'",
+        ),
+        "not a number": (
+            [*good[:2], "--patch-size", "big", "--out", tmp / "o.csv"],
+            "--patch-size: must be a whole number",
+        ),
         "missing argument": (["--slide", slides.tumor_tif], "required"),
         "existing output": ([*good[:4], "--out", existing], "--force"),
     }
