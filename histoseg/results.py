@@ -276,7 +276,7 @@ def _write_temporary(path: Path, text: str) -> str:
     """A complete, synced temporary file beside ``path`` holding ``text``; its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, new_file_mode())
         data = memoryview(text.encode("utf-8"))
         while data:
             data = data[os.write(fd, data) :]
@@ -287,6 +287,15 @@ def _write_temporary(path: Path, text: str) -> str:
         raise
     os.close(fd)
     return tmp
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask (0644 under 022).
+
+    For writers that go through ``tempfile.mkstemp`` (mode 0600): ``os.fchmod`` the
+    temporary file to this before renaming it into place.
+    """
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

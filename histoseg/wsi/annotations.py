@@ -437,8 +437,12 @@ def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]])
     lines.append("\t</AnnotationGroups>")
     lines.append("</ASAP_Annotations>")
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half an XML behind
+        raise
     return path
 
 

@@ -33,7 +33,13 @@ from histoseg.cli import (
     run_main,
 )
 from histoseg.errors import ConfigError
-from histoseg.wsi.annotations import Annotations
+from histoseg.wsi.annotations import (
+    MAX_FILE_BYTES,
+    MAX_POLYGONS,
+    MAX_VERTICES,
+    MAX_VERTICES_PER_POLYGON,
+    Annotations,
+)
 from histoseg.wsi.slide import Slide, open_slide
 from histoseg.wsi.tissue import (
     DEFAULT_TISSUE_DOWNSAMPLE,
@@ -633,7 +639,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  python -m histoseg.wsi.patches --slide S.tif --patch-size 256 --level 1 \\\n"
         "      --min-tissue 0.8 --out p.csv --preview p.png\n\n"
         f"A grid predicted to take more than {MAX_UNFORCED_S:g} s or more memory than is\n"
-        "free is refused with its estimate unless --force.",
+        "free is refused with its estimate unless --force. Annotation files are refused\n"
+        f"past {MAX_FILE_BYTES // 2**20} MiB, {MAX_POLYGONS:,} polygons, "
+        f"{MAX_VERTICES_PER_POLYGON:,} vertices per polygon\n"
+        f"or {MAX_VERTICES:,} vertices in all.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument

@@ -329,3 +329,21 @@ def test_a_zigzag_of_many_tall_edges_fills_in_memory_bounded_by_the_output():
     rows, cols = np.random.default_rng(3).integers(0, (400, 200), size=(300, 2)).T
     expected = MplPath(polygon).contains_points(np.stack([cols + 0.5, rows + 0.5], axis=1))
     assert (mask[rows, cols] != expected).mean() < 0.02
+
+
+def test_write_asap_xml_leaves_nothing_behind_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    path = write_asap_xml(tmp_path / "a.xml", {"_0": [np.array(SQUARE, dtype=float)]})
+    before = path.read_bytes()
+
+    def full(self, text, *args, **kwargs):
+        Path.write_bytes(self, text[:10].encode())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        write_asap_xml(path, {"_0": [np.array(SQUARE, dtype=float) * 2]})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.xml"]
