@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from histoseg.errors import ConfigError, HistosegError
@@ -30,8 +33,150 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     try:
         return main(argv)
     except HistosegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing left to say, and no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def printable(text: str | os.PathLike) -> str:
+    """``text`` (or a path) safe to print on any stream: undecodable bytes become ``\\xff``.
+
+    POSIX filenames may hold any bytes but NUL and ``/``; Python carries the ones that are
+    not UTF-8 as lone surrogates, which ``print`` refuses to encode.
+    """
+    text = os.fspath(text) if isinstance(text, os.PathLike) else text
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that did not come from a filename's bytes
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+# --- outputs -------------------------------------------------------------------------------
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (through links, ``..`` and hard links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Mapping[str, str | os.PathLike | None] | None = None,
+    force: bool = False,
+    option: str = "--out",
+) -> None:
+    """Refuse, before any work, an output that would destroy an input or cannot be written.
+
+    An output that is the same file as one of ``inputs`` (option name -> path, outputs
+    named earlier included) is refused even with ``force``; an existing file
+    needs ``force``; a folder is never replaced by a file; the nearest existing folder
+    must accept a new file (checked by creating and removing one, as permissions alone
+    miss read-only mounts and immutable folders, and root passes every ``access`` check).
+
+    Raises:
+        ConfigError: naming the option, the path and what to do instead.
+    """
+    shown = printable(path)
+    for name, source in (inputs or {}).items():
+        if source is not None and same_file(path, source):
+            raise ConfigError(f"{option} {shown} is the {name} file; give another path")
+    if os.path.isdir(path):
+        raise ConfigError(f"{option} {shown} is a directory; give a file path")
+    if os.path.lexists(path) and not force:
+        raise ConfigError(f"{option} {shown} exists; pass --force to overwrite")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{option} {shown}: {printable(folder)} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".histoseg-probe-", dir=folder)
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {shown}: cannot write in {printable(folder)} ({exc.strerror})"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# --- numeric options ---------------------------------------------------------------------
+# argparse ``type=`` callables that refuse, at parse time, what no command can use: NaN,
+# infinities and values out of range. Through ArgumentParser.error the refusal is one line
+# naming the option, the value and the allowed range.
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{_number(lo)}, {_number(hi)}]"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {_number(lo)}"
+    return f"<= {_number(hi)}" if hi is not None else "finite"
+
+
+def finite_float(
+    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+) -> Callable[[str], float]:
+    """An argparse type: a finite float in [lo, hi] (or (lo, hi] with ``lo_open``).
+
+    Example:
+        >>> finite_float(0, 1)("0.5")
+        0.5
+        >>> finite_float(0, 1)("nan")
+        Traceback (most recent call last):
+        ...
+        argparse.ArgumentTypeError: must be a finite number in [0, 1], got 'nan'
+    """
+    allowed = f"must be a finite number {_range_text(lo, hi, lo_open)}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}") from None
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        if not math.isfinite(value) or below or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_in_range(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number in [lo, hi] (no upper bound when ``hi`` is None).
+
+    Example:
+        >>> int_in_range(32, 4096)("256")
+        256
+    """
+    allowed = f"must be a whole number {_range_text(lo, hi, False)}"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = int_in_range(1)
+"""An argparse type: a whole number >= 1 (counts, steps, batch sizes)."""
+
+non_negative_int = int_in_range(0)
+"""An argparse type: a whole number >= 0 (levels, seeds)."""

@@ -161,22 +161,27 @@ def flatten(row: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Path:
+def write_rows(
+    path: str | os.PathLike, rows: Iterable[Mapping[str, Any]], *, force: bool = False
+) -> Path:
     """Write rows atomically as a JSON list at ``path`` and a flattened CSV beside it.
 
-    Each file is written to a temporary file in the same folder and renamed over the
-    target, so a crash never leaves half a results file behind.
+    Both files are written to temporary files in the same folder and renamed over the
+    targets only once both are complete, so a crash or a full disk never leaves half a
+    results file behind, nor a CSV that disagrees with its JSON. A JSON or CSV already
+    there that histoseg did not write is refused unless ``force`` (see
+    :func:`check_results_path`).
+
+    Raises:
+        ResultsError: a foreign file in the way, or the write failed (the message says
+            the previous files are unchanged).
 
     Returns:
         The JSON path.
     """
-    path = Path(path)
-    if path.suffix != ".json":
-        raise ResultsError(f"{path}: results files end in .json (a .csv is written beside it)")
+    path = check_results_path(path, force=force)
     rows = [validate_row(dict(r), f"row {i}") for i, r in enumerate(rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(rows, indent=2, default=str) + "\n")
-
     flat = [flatten(r) for r in rows]
     columns: list[str] = []
     for f in flat:
@@ -185,23 +190,126 @@ def write_rows(path: str | os.PathLike, rows: Iterable[Mapping[str, Any]]) -> Pa
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(flat)
-    atomic_write_text(path.with_suffix(".csv"), buf.getvalue())
+    _atomic_write_texts(
+        {
+            path: json.dumps(rows, indent=2, default=str) + "\n",
+            path.with_suffix(".csv"): buf.getvalue(),
+        }
+    )
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+def check_results_path(path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Refuse, before any work, a results path whose JSON or companion CSV is not ours.
+
+    A file is histoseg's when it is a JSON list of :data:`SCHEMA` rows, or a CSV whose
+    header starts with the row's first columns (``schema,kind,status``) or is empty.
+    Anything else (the user's own ``side.csv`` beside ``side.json``) is refused unless
+    ``force``; a folder in the way is refused always.
+
+    Returns:
+        ``path`` as a Path.
+    """
     path = Path(path)
+    if path.suffix != ".json":
+        raise ResultsError(f"{path}: results files end in .json (a .csv is written beside it)")
+    for target, ours in ((path, _is_results_json), (path.with_suffix(".csv"), _is_results_csv)):
+        if target.is_dir():
+            raise ResultsError(f"{target} is a directory; give another results path")
+        if target.exists() and not force and not ours(target):
+            raise ResultsError(
+                f"{target} exists and is not a {SCHEMA} results file; refusing to replace "
+                "it (move it away, or pass --force)"
+            )
+    return path
+
+
+def _is_results_json(path: Path) -> bool:
+    try:
+        load_rows(path)
+    except ResultsError:
+        return False
+    return True
+
+
+def _is_results_csv(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8") as f:
+            header = f.readline()
+            rest = f.read(1)
+    except (OSError, UnicodeDecodeError):
+        return False
+    return header.startswith("schema,kind,status") or (header.strip() == "" and not rest)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename.
+
+    The file gets the mode a plain ``open(path, "w")`` gives a new file, 0666 less the
+    user's umask (0644 under the usual 022), not the temporary file's 0600, so results
+    stay readable to the user's group and to a web server.
+
+    Raises:
+        ResultsError: the write failed (full disk, read-only folder); ``path`` is as it was.
+    """
+    _atomic_write_texts({Path(path): text})
+
+
+def _atomic_write_texts(texts: Mapping[Path, str]) -> None:
+    """Write every file to a temporary sibling, then rename them all; on failure, none."""
+    temps: dict[Path, str] = {}
+    target = next(iter(texts))
+    try:
+        for target, text in texts.items():
+            temps[target] = _write_temporary(target, text)
+        for target, tmp in temps.items():
+            os.replace(tmp, target)
+    except OSError as exc:
+        before = "the previous file is unchanged" if target.exists() else "nothing was written"
+        raise ResultsError(f"{target}: not written ({exc.strerror or exc}); {before}") from None
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _write_temporary(path: Path, text: str) -> str:
+    """A complete, synced temporary file beside ``path`` holding ``text``; its name."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.fchmod(fd, new_file_mode())
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(fd, data) :]
+        os.fsync(fd)
     except BaseException:
+        os.close(fd)
         Path(tmp).unlink(missing_ok=True)
         raise
+    os.close(fd)
+    return tmp
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask (0644 under 022).
+
+    For writers that go through ``tempfile.mkstemp`` (mode 0600): ``os.fchmod`` the
+    temporary file to this before renaming it into place.
+    """
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    # /proc reads it without changing it; os.umask must set it to read it.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @functools.lru_cache(maxsize=1)

@@ -64,3 +64,66 @@ def test_merge_replaces_same_config_and_keeps_order():
     assert [r["config"]["patch_size"] for r in merged] == [256, 512]
     assert merged[0]["measured"]["peak_bytes"] == 2
     assert config_key(a["config"]) == config_key(a2["config"])
+
+
+def _rows(peak_bytes: int = 1) -> list[dict]:
+    return [make_row("memory", CONFIG, measured={"peak_bytes": peak_bytes}, machine={})]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_results_files_get_the_users_umask_not_the_temporary_files_0600(tmp_path, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        write_rows(tmp_path / "r.json", _rows())
+        write_rows(tmp_path / "r.json", _rows(2))  # replacing keeps the same rule
+    finally:
+        os.umask(old)
+    for name in ("r.json", "r.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_a_full_disk_leaves_both_old_files_intact_and_says_so(tmp_path, monkeypatch, failing):
+    import errno
+    import os
+
+    path = write_rows(tmp_path / "r.json", _rows())
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = getattr(os, failing)
+    calls = []
+
+    def full(fd, *args):
+        calls.append(fd)
+        if len(calls) == 2:  # the JSON went through, the CSV does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, *args)
+
+    monkeypatch.setattr(os, failing, full)
+    with pytest.raises(ResultsError) as info:
+        write_rows(path, _rows(2))
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "\n" not in message and "No space left on device" in message
+    assert "r.csv: not written" in message and "previous file is unchanged" in message
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp left
+
+
+def test_a_foreign_json_or_companion_csv_is_refused_without_force(tmp_path):
+    from histoseg.results import check_results_path
+
+    path = tmp_path / "side.json"
+    (tmp_path / "side.csv").write_text("name,score\nalice,3\n")
+    with pytest.raises(ResultsError, match=r"side\.csv exists and is not a histoseg"):
+        write_rows(path, _rows())
+    assert not path.exists() and (tmp_path / "side.csv").read_text() == "name,score\nalice,3\n"
+    write_rows(path, _rows(), force=True)
+    write_rows(path, _rows(2))  # our own files are ours to replace
+    assert load_rows(path)[0]["measured"]["peak_bytes"] == 2
+    path.write_text('{"my": "notes"}')
+    with pytest.raises(ResultsError, match=r"side\.json exists and is not a histoseg"):
+        check_results_path(path)
+    (tmp_path / "d.json").mkdir()
+    with pytest.raises(ResultsError, match="is a directory"):
+        check_results_path(tmp_path / "d.json", force=True)

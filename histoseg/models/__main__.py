@@ -11,7 +11,12 @@ import json
 import math
 from collections.abc import Sequence
 
-from histoseg.cli import ArgumentParser, run_main
+from histoseg.cli import ArgumentParser, int_in_range, run_main
+
+# The smallest input whose stride-32 features are still a pixel; the largest keeps the
+# summary (a symbolic build) from asking for absurd shapes.
+MIN_INPUT_PX = 32
+MAX_INPUT_PX = 65536
 
 EPILOG = """Examples:
   python -m histoseg.models --backbone xception65 --input-size 513 --num-classes 21 --output-stride 16
@@ -29,7 +34,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--input-size", type=int, default=513, help="square input side in px")
+    parser.add_argument(
+        "--input-size",
+        type=int_in_range(MIN_INPUT_PX, MAX_INPUT_PX),
+        default=513,
+        help=f"square input side in px ({MIN_INPUT_PX} to {MAX_INPUT_PX})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import argparse
 
+from histoseg.cli import finite_float, int_in_range
 from histoseg.models.backbones import BACKBONES
 from histoseg.models.deeplabv3plus.builder import OUTPUT_STRIDES, PRECISIONS
 from histoseg.models.remat import REMAT_MODES
+
+# Keras ships MobileNetV2 widths 0.35 to 1.4; past a few the network is no longer "mobile".
+MAX_ALPHA = 4.0
+MAX_NUM_CLASSES = 1024
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --backbone, --alpha, --num-classes, --output-stride, --precision and --remat."""
     add = parser.add_argument
     add("--backbone", default="xception65", choices=tuple(BACKBONES))
-    add("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
-    add("--num-classes", type=int, default=2)
+    add(
+        "--alpha",
+        type=finite_float(0, MAX_ALPHA, lo_open=True),
+        default=None,
+        help=f"mobilenetv2 width multiplier, in (0, {MAX_ALPHA:g}]",
+    )
+    add(
+        "--num-classes",
+        type=int_in_range(1, MAX_NUM_CLASSES),
+        default=2,
+        help=f"1 to {MAX_NUM_CLASSES}",
+    )
     add("--output-stride", type=int, default=16, choices=OUTPUT_STRIDES)
     add("--precision", default="float32", choices=PRECISIONS)
     add("--remat", default="none", choices=REMAT_MODES)

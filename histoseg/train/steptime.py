@@ -14,8 +14,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-from histoseg.cli import ArgumentParser, run_main
-from histoseg.errors import ConfigError, OutOfMemoryError
+from histoseg.cli import ArgumentParser, int_in_range, positive_int, run_main
+from histoseg.errors import OutOfMemoryError
+
+# Below 32 px the stride-32 features vanish; above 16384 px no accelerator holds one step.
+MIN_PATCH_PX = 32
+MAX_PATCH_PX = 16384
 
 EPILOG = """Examples:
   python -m histoseg.train.steptime --backbone xception65 --patch-size 512 --batch-size 1 \\
@@ -38,20 +42,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
-    parser.add_argument("--patch-size", type=int, default=512, help="square patch side in px")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--patch-size",
+        type=int_in_range(MIN_PATCH_PX, MAX_PATCH_PX),
+        default=512,
+        help=f"square patch side in px ({MIN_PATCH_PX} to {MAX_PATCH_PX})",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--optimizer", default="adam", choices=OPTIMIZERS)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--steps", type=positive_int, default=5, help="timed steps after one warm-up step"
+    )
+    parser.add_argument("--seed", type=int_in_range(0, 2**32 - 1), default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--force", action="store_true", help="run even when the step is predicted not to fit"
     )
-    args = parser.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    return args
+    return parser.parse_args(argv)
 
 
 def check_fit(args: argparse.Namespace, device: str) -> None:

@@ -2,6 +2,18 @@
 
 The parser runs on the stdlib expat with no DTD, no entities and bounded depth and size,
 so hostile files (billion laughs, external entities) give an AnnotationError, never a hang.
+It streams the file and keeps 24 bytes per vertex, and refuses, in one line, a file over
+these limits (CAMELYON16/17 files are a few MB with at most tens of thousands of
+vertices per polygon):
+
+- :data:`MAX_FILE_BYTES` (256 MiB) per file,
+- :data:`MAX_POLYGONS` (100,000) annotations per file,
+- :data:`MAX_VERTICES_PER_POLYGON` (250,000) vertices per annotation,
+- :data:`MAX_VERTICES` (5,000,000) vertices per file,
+- :data:`MAX_DEPTH` (32) nested elements, coordinates within :data:`MAX_COORDINATE_PX`.
+
+Rasterisation time grows with edges x rows spanned, so the per-polygon limit also bounds
+the time of a hostile zigzag; its memory is bounded by the output (see ``raster``).
 """
 
 from __future__ import annotations
@@ -9,9 +21,11 @@ from __future__ import annotations
 import math
 import warnings
 import xml.parsers.expat
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
@@ -32,8 +46,10 @@ POLYGON_TYPES = {"polygon", "spline", "rectangle"}
 POINT_TYPES = {"dot", "pointset", "measurement"}
 MAX_COORDINATE_PX = 1e8  # CAMELYON level 0 is ~2e5 px; anything near 1e8 is garbage
 MAX_DEPTH = 32
-MAX_FILE_BYTES = 512 * 1024 * 1024
-MAX_VERTICES = 50_000_000
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_POLYGONS = 100_000
+MAX_VERTICES_PER_POLYGON = 250_000
+MAX_VERTICES = 5_000_000
 
 
 class AnnotationWarning(UserWarning):
@@ -107,8 +123,12 @@ class Annotations:
             raise AnnotationError(f"{path}: annotation path is not a file")
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
-            raise AnnotationError(f"{path}: {size} bytes is larger than {MAX_FILE_BYTES} allowed")
-        return cls.from_bytes(path.read_bytes(), label_map, source=str(path))
+            raise AnnotationError(
+                f"{path}: {size} bytes is larger than the {MAX_FILE_BYTES} bytes allowed"
+            )
+        with path.open("rb") as fh:
+            raw = _parse_asap(fh, str(path))
+        return cls._from_raw(raw, label_map, str(path))
 
     @classmethod
     def from_bytes(
@@ -118,8 +138,20 @@ class Annotations:
         source: str = "<bytes>",
     ) -> Annotations:
         """Parse ASAP XML held in memory (see :meth:`from_xml`)."""
+        if len(data) > MAX_FILE_BYTES:
+            raise AnnotationError(
+                f"{source}: {len(data)} bytes is larger than the {MAX_FILE_BYTES} bytes allowed"
+            )
+        return cls._from_raw(_parse_asap(data, source), label_map, source)
+
+    @classmethod
+    def _from_raw(
+        cls,
+        raw: list[_RawAnnotation],
+        label_map: Mapping[str, int | None] | None,
+        source: str,
+    ) -> Annotations:
         labels = dict(DEFAULT_LABELS if label_map is None else label_map)
-        raw = _parse_asap(data, source)
         annotations = []
         for index, (name, group, kind, coords) in enumerate(raw):
             where = f"{source}: annotation {name!r} (#{index}, group {group!r})"
@@ -141,11 +173,11 @@ class Annotations:
             label = labels[group]
             if label is None:
                 continue
-            if len(coords) < 3:
-                raise AnnotationError(f"{where}: polygon has {len(coords)} point(s), needs >= 3")
-            coords.sort(key=lambda c: c[0])
-            vertices = np.array([(x, y) for _, x, y in coords], dtype=np.float64)
-            annotations.append(Annotation(name, group, int(label), vertices))
+            if len(coords.order) < 3:
+                raise AnnotationError(
+                    f"{where}: polygon has {len(coords.order)} point(s), needs >= 3"
+                )
+            annotations.append(Annotation(name, group, int(label), coords.vertices()))
         return cls(annotations, source)
 
     # --- queries -------------------------------------------------------------------
@@ -252,12 +284,30 @@ class Annotations:
 
 
 # --- parsing ---------------------------------------------------------------------------
-def _parse_asap(
-    data: bytes, source: str
-) -> list[tuple[str, str, str, list[tuple[int, float, float]]]]:
-    """(name, group, type, [(order, x, y)]) per Annotation element, with expat made safe."""
+@dataclass
+class _Coordinates:
+    """One annotation's vertices as read: ``Order`` and (x, y), 24 bytes per vertex."""
+
+    order: array = field(default_factory=lambda: array("q"))
+    xy: array = field(default_factory=lambda: array("d"))
+
+    def vertices(self) -> np.ndarray:
+        """(N, 2) float64 in ``Order`` (stable for ties, as listed in the file)."""
+        xy = np.frombuffer(self.xy, dtype=np.float64).reshape(-1, 2)
+        order = np.frombuffer(self.order, dtype=np.int64)
+        return xy[np.argsort(order, kind="stable")]
+
+
+_RawAnnotation = tuple[str, str, str, _Coordinates]
+
+
+def _parse_asap(data: bytes | BinaryIO, source: str) -> list[_RawAnnotation]:
+    """(name, group, type, coordinates) per Annotation element, with expat made safe.
+
+    ``data`` is the XML or a binary file streamed through expat in blocks.
+    """
     parser = xml.parsers.expat.ParserCreate()
-    annotations: list[tuple[str, str, str, list[tuple[int, float, float]]]] = []
+    annotations: list[_RawAnnotation] = []
     state = {"depth": 0, "current": None, "root": None, "vertices": 0}
 
     def refuse(*_args: object) -> None:
@@ -274,36 +324,17 @@ def _parse_asap(
                     f"{source}: root element is <{tag[:40]}>, expected <ASAP_Annotations>"
                 )
         if tag == "Annotation":
+            if len(annotations) >= MAX_POLYGONS:
+                raise AnnotationError(
+                    f"{source}: more than {MAX_POLYGONS} annotations (the limit per file)"
+                )
             name = attrs.get("Name", f"#{len(annotations)}")
             group = attrs.get("PartOfGroup", "None")
-            current = (name, group, attrs.get("Type", "Polygon"), [])
+            current = (name, group, attrs.get("Type", "Polygon"), _Coordinates())
             annotations.append(current)
             state["current"] = current
         elif tag == "Coordinate":
-            current = state["current"]
-            if current is None:
-                raise AnnotationError(f"{source}: <Coordinate> outside an <Annotation>")
-            where = f"{source}: annotation {current[0]!r} (group {current[1]!r})"
-            try:
-                order = int(attrs.get("Order", len(current[3])))
-                x = float(attrs["X"].replace(",", "."))
-                y = float(attrs["Y"].replace(",", "."))
-            except KeyError as exc:
-                raise AnnotationError(f"{where}: <Coordinate> without {exc.args[0]}") from None
-            except ValueError:
-                raise AnnotationError(
-                    f"{where}: coordinate is not a number: {dict(list(attrs.items())[:3])!r}"[:300]
-                ) from None
-            if not (math.isfinite(x) and math.isfinite(y)):
-                raise AnnotationError(f"{where}: non-finite coordinate ({x}, {y})")
-            if abs(x) > MAX_COORDINATE_PX or abs(y) > MAX_COORDINATE_PX:
-                raise AnnotationError(
-                    f"{where}: coordinate ({x:.4g}, {y:.4g}) is beyond {MAX_COORDINATE_PX:.0e} px"
-                )
-            state["vertices"] += 1
-            if state["vertices"] > MAX_VERTICES:
-                raise AnnotationError(f"{source}: more than {MAX_VERTICES} vertices")
-            current[3].append((order, x, y))
+            _add_coordinate(state, attrs, source)
 
     def end(tag: str) -> None:
         state["depth"] -= 1
@@ -319,7 +350,10 @@ def _parse_asap(
     parser.StartElementHandler = start
     parser.EndElementHandler = end
     try:
-        parser.Parse(data, True)
+        if isinstance(data, bytes):
+            parser.Parse(data, True)
+        else:
+            parser.ParseFile(data)
     except xml.parsers.expat.ExpatError as exc:
         raise AnnotationError(f"{source}: malformed XML ({exc})") from None
     except RecursionError:
@@ -327,6 +361,41 @@ def _parse_asap(
     if state["root"] is None:
         raise AnnotationError(f"{source}: no XML element found")
     return annotations
+
+
+def _add_coordinate(state: dict, attrs: dict[str, str], source: str) -> None:
+    current = state["current"]
+    if current is None:
+        raise AnnotationError(f"{source}: <Coordinate> outside an <Annotation>")
+    where = f"{source}: annotation {current[0]!r} (group {current[1]!r})"
+    coords = current[3]
+    try:
+        order = int(attrs.get("Order", len(coords.order)))
+        x = float(attrs["X"].replace(",", "."))
+        y = float(attrs["Y"].replace(",", "."))
+    except KeyError as exc:
+        raise AnnotationError(f"{where}: <Coordinate> without {exc.args[0]}") from None
+    except ValueError:
+        raise AnnotationError(
+            f"{where}: coordinate is not a number: {dict(list(attrs.items())[:3])!r}"[:300]
+        ) from None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        raise AnnotationError(f"{where}: non-finite coordinate ({x}, {y})")
+    if abs(x) > MAX_COORDINATE_PX or abs(y) > MAX_COORDINATE_PX:
+        raise AnnotationError(
+            f"{where}: coordinate ({x:.4g}, {y:.4g}) is beyond {MAX_COORDINATE_PX:.0e} px"
+        )
+    if not -(2**63) <= order < 2**63:
+        raise AnnotationError(f"{where}: Order {order:.4g} is out of range")
+    if len(coords.order) >= MAX_VERTICES_PER_POLYGON:
+        raise AnnotationError(
+            f"{where}: more than {MAX_VERTICES_PER_POLYGON} vertices (the limit per polygon)"
+        )
+    state["vertices"] += 1
+    if state["vertices"] > MAX_VERTICES:
+        raise AnnotationError(f"{source}: more than {MAX_VERTICES} vertices (the limit per file)")
+    coords.order.append(order)
+    coords.xy.extend((x, y))
 
 
 # --- writing ---------------------------------------------------------------------------
@@ -368,8 +437,12 @@ def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]])
     lines.append("\t</AnnotationGroups>")
     lines.append("</ASAP_Annotations>")
     tmp = path.with_name(path.name + ".part")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave half an XML behind
+        raise
     return path
 
 

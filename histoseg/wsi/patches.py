@@ -17,17 +17,37 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from histoseg.cli import run_main
+from histoseg.cli import (
+    check_output,
+    finite_float,
+    int_in_range,
+    positive_int,
+    printable,
+    run_main,
+)
 from histoseg.errors import ConfigError
-from histoseg.wsi.annotations import Annotations
+from histoseg.wsi.annotations import (
+    MAX_FILE_BYTES,
+    MAX_POLYGONS,
+    MAX_VERTICES,
+    MAX_VERTICES_PER_POLYGON,
+    Annotations,
+)
 from histoseg.wsi.slide import Slide, open_slide
-from histoseg.wsi.tissue import CoverageGrid, annotation_grid, detect_tissue
+from histoseg.wsi.tissue import (
+    DEFAULT_TISSUE_DOWNSAMPLE,
+    MAX_MASK_PX,
+    CoverageGrid,
+    annotation_grid,
+    detect_tissue,
+)
 
 # Tumour fractions are counted on a grid this many cells across a patch: fine enough for
 # small metastases, coarse enough to stay cheap on a whole slide.
@@ -164,6 +184,7 @@ def grid_patches(
     stride: int | None = None,
     *,
     tissue: CoverageGrid | None = None,
+    progress: bool = False,
 ) -> list[PatchRef]:
     """All patches of a regular grid that hold at least ``min_tissue`` tissue.
 
@@ -175,25 +196,45 @@ def grid_patches(
         annotations: Annotations, an XML path, or None (no tumour).
         stride: grid step in pixels at ``level`` (default: ``patch_size``, no overlap).
         tissue: a precomputed tissue grid (default: :func:`detect_tissue`).
+        progress: show a progress bar over the grid positions on stderr.
 
     Returns:
         PatchRefs in row-major order; only whole patches inside the slide.
     """
     index = _index(slide, patch_size, level, min_tissue, annotations, tissue)
-    return _refs(index, *_grid_xy(index, stride), min_tissue)
+    refs: list[PatchRef] = []
+    chunks = _grid_xy(index, stride)
+    total = count_grid(index.slide, index.patch_size, index.level, stride)
+    with tqdm(total=total, unit="patch", disable=not progress, file=sys.stderr, leave=False) as bar:
+        for xs, ys in chunks:
+            refs.extend(_refs(index, xs, ys, min_tissue))
+            bar.update(len(xs))
+    return refs
 
 
-def _grid_xy(index: _SlideIndex, stride: int | None) -> tuple[np.ndarray, np.ndarray]:
+# Grid positions whose tissue and tumour fractions are computed at once: bounds the
+# float64 scratch (~40 arrays of this length) on fine grids over whole slides.
+POSITIONS_PER_CHUNK = 1 << 16
+
+
+def _grid_xy(index: _SlideIndex, stride: int | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Level-0 (xs, ys) of the grid in row-major order, a band of grid rows at a time."""
     stride = index.patch_size if stride is None else stride
     if not isinstance(stride, (int, np.integer)) or stride < 1:
         raise ConfigError(f"stride must be a positive integer (px), got {stride!r}")
+    return _grid_bands(index, stride)
+
+
+def _grid_bands(index: _SlideIndex, stride: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     width, height = index.slide.level_dimensions[index.level]
     cols = np.arange(0, width - index.patch_size + 1, stride)
     rows = np.arange(0, height - index.patch_size + 1, stride)
-    ys, xs = np.meshgrid(rows, cols, indexing="ij")
-    xs = np.round(xs.ravel() * index.downsample).astype(np.int64)
-    ys = np.round(ys.ravel() * index.downsample).astype(np.int64)
-    return xs, ys
+    band = max(1, POSITIONS_PER_CHUNK // max(len(cols), 1))
+    xs_row = np.round(cols * index.downsample).astype(np.int64)
+    for first in range(0, len(rows), band):
+        ys_band = np.round(rows[first : first + band] * index.downsample).astype(np.int64)
+        ys, xs = np.meshgrid(ys_band, xs_row, indexing="ij")
+        yield xs.ravel(), ys.ravel()
 
 
 def count_grid(slide: Slide, patch_size: int, level: int = 0, stride: int | None = None) -> int:
@@ -363,7 +404,8 @@ def save_patches(path: str | Path, refs: Sequence[PatchRef]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
     try:
-        with tmp.open("w", newline="") as fh:
+        # surrogateescape: a path holding non-UTF-8 bytes is written as those bytes.
+        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
             for ref in refs:
@@ -385,7 +427,7 @@ def load_patches(path: str | Path) -> list[PatchRef]:
         raise ConfigError(f"patch list not found: {path}")
     refs = []
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
             reader = csv.DictReader(fh)
             missing = [f for f in CSV_FIELDS[:5] if f not in (reader.fieldnames or [])]
             if missing:
@@ -485,6 +527,89 @@ def preview_format(path: str | Path) -> str:
     return fmt
 
 
+# --- work estimate ---------------------------------------------------------------------
+# The smallest patch the CLI lists: below it DeepLabV3+'s stride-32 features vanish, and a
+# whole-slide grid grows past hundreds of millions of rows.
+MIN_PATCH_SIZE_PX = 32
+# A grid predicted to take longer than this, or more memory than is free, needs --force.
+MAX_UNFORCED_S = 60.0
+# Costs measured on a 20000x16000 px synthetic slide at 32 px (312,500 positions, all
+# kept) on a 2-core machine: ~15 us and ~270 bytes per kept patch (a PatchRef, CSV write
+# included), ~18 bytes per cell of the whole-slide tumour grid (mask, summed-area table
+# and its scratch), and ~80 MB for the interpreter, OpenSlide and the tissue mask.
+SECONDS_PER_POSITION = 2e-5
+BYTES_PER_POSITION = 400
+BYTES_PER_TUMOR_CELL = 18
+BASE_BYTES = 100 * 2**20
+CSV_BYTES_PER_ROW = 40  # numbers and commas, beside the two paths
+
+
+@dataclass(frozen=True)
+class GridWork:
+    """What listing a grid will cost, predicted before any pixel is read.
+
+    Upper bounds: every position is counted as kept, as the tissue filter is not known yet.
+    """
+
+    positions: int
+    csv_bytes: int
+    memory_bytes: int
+    seconds: float
+    free_bytes: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.positions:,} grid positions; up to {_megabytes(self.csv_bytes)} of CSV, "
+            f"~{_megabytes(self.memory_bytes)} of memory, ~{self.seconds:,.0f} s"
+        )
+
+    def check(self, where: str, *, force: bool) -> None:
+        """Refuse work over :data:`MAX_UNFORCED_S` or over the free memory, unless ``force``."""
+        if force:
+            return
+        if self.seconds > MAX_UNFORCED_S or self.memory_bytes > self.free_bytes:
+            raise ConfigError(
+                f"{where}: {self} ({_megabytes(self.free_bytes)} free): more than "
+                f"{MAX_UNFORCED_S:g} s or the free memory; raise --patch-size or --stride, "
+                "or pass --force to run it anyway"
+            )
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.0f} MB" if n_bytes >= 1e6 else f"{n_bytes / 1e3:,.0f} kB"
+
+
+def estimate_grid_work(
+    slide: Slide,
+    patch_size: int,
+    level: int,
+    stride: int | None,
+    annotations: Annotations,
+) -> GridWork:
+    """Predict the count, CSV size, memory and time of :func:`grid_patches`."""
+    import psutil
+
+    positions = count_grid(slide, patch_size, level, stride)
+    width0, height0 = slide.dimensions
+    cells = 0
+    if annotations.has_tumor:  # the grid annotation_grid will allocate
+        extent = patch_size * slide.level_downsamples[level]
+        d = max(
+            min(DEFAULT_TISSUE_DOWNSAMPLE, extent / TUMOR_CELLS_PER_PATCH),
+            math.sqrt(width0 * height0 / MAX_MASK_PX),
+            1.0,
+        )
+        cells = math.ceil(width0 / d) * math.ceil(height0 / d)
+    paths = len(os.fsencode(slide.path)) + len(os.fsencode(annotations.source or ""))
+    return GridWork(
+        positions=positions,
+        csv_bytes=positions * (paths + CSV_BYTES_PER_ROW),
+        memory_bytes=BASE_BYTES + positions * BYTES_PER_POSITION + cells * BYTES_PER_TUMOR_CELL,
+        seconds=positions * SECONDS_PER_POSITION,
+        free_bytes=psutil.virtual_memory().available,
+    )
+
+
 # --- CLI -------------------------------------------------------------------------------
 def parse_label_map(text: str) -> dict[str, int | None]:
     """'metastases=1,normal=0,x=ignore' -> {'metastases': 1, 'normal': 0, 'x': None}."""
@@ -512,48 +637,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  python -m histoseg.wsi.patches --slide data/synthetic/slide_000.tif \\\n"
         "      --annotations data/synthetic/slide_000.xml --patch-size 1024 --out p.csv\n"
         "  python -m histoseg.wsi.patches --slide S.tif --patch-size 256 --level 1 \\\n"
-        "      --min-tissue 0.8 --out p.csv --preview p.png",
+        "      --min-tissue 0.8 --out p.csv --preview p.png\n\n"
+        f"A grid predicted to take more than {MAX_UNFORCED_S:g} s or more memory than is\n"
+        "free is refused with its estimate unless --force. Annotation files are refused\n"
+        f"past {MAX_FILE_BYTES // 2**20} MiB, {MAX_POLYGONS:,} polygons, "
+        f"{MAX_VERTICES_PER_POLYGON:,} vertices per polygon\n"
+        f"or {MAX_VERTICES:,} vertices in all.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--slide", required=True, type=Path, help="whole-slide image")
-    parser.add_argument("--annotations", type=Path, help="ASAP XML (none: tumour-free slide)")
-    parser.add_argument("--patch-size", required=True, type=int, help="side in px at --level")
-    parser.add_argument("--level", type=int, default=0, help="pyramid level (default 0)")
-    parser.add_argument("--min-tissue", type=float, default=0.5, help="tissue fraction to keep")
-    parser.add_argument(
-        "--stride", type=int, help="grid step in px at --level (default: patch size)"
+    add = parser.add_argument
+    add("--slide", required=True, type=Path, help="whole-slide image")
+    add("--annotations", type=Path, help="ASAP XML (none: tumour-free slide)")
+    add(
+        "--patch-size",
+        required=True,
+        type=int_in_range(MIN_PATCH_SIZE_PX),
+        help=f"side in px at --level (>= {MIN_PATCH_SIZE_PX})",
     )
-    parser.add_argument(
+    add("--level", type=int_in_range(0, 64), default=0, help="pyramid level (default 0)")
+    add("--min-tissue", type=finite_float(0, 1), default=0.5, help="tissue fraction to keep")
+    add("--stride", type=positive_int, help="grid step in px at --level (default: patch size)")
+    add(
         "--label-map",
         help="ASAP group labels, e.g. 'metastases=1,normal=0,other=ignore' "
         "(1 tumour, 0 exclusion; default: CAMELYON16 and CAMELYON17 names)",
     )
-    parser.add_argument("--out", required=True, type=Path, help="CSV patch list to write")
-    parser.add_argument("--preview", type=Path, help="also draw the patches on a thumbnail PNG")
-    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add("--out", required=True, type=Path, help="CSV patch list to write")
+    add("--preview", type=Path, help="also draw the patches on a thumbnail PNG")
+    add("--force", action="store_true", help="overwrite existing outputs; run a long grid")
+    add("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    for out in (args.out, args.preview):
-        # A directory can never be overwritten by a file, --force or not.
-        if out is not None and out.is_dir():
-            raise ConfigError(f"{out} is a directory; give a file path")
-        if out is not None and out.exists() and not args.force:
-            raise ConfigError(f"{out} exists; pass --force to overwrite")
+    inputs = {"--slide": args.slide, "--annotations": args.annotations}
+    check_output(args.out, inputs=inputs, force=args.force)
     if args.preview is not None:
+        inputs["--out"] = args.out
+        check_output(args.preview, inputs=inputs, force=args.force, option="--preview")
         preview_format(args.preview)  # fail on an unwritable format before any work
     if args.annotations is not None and not args.annotations.is_file():
-        raise ConfigError(f"annotation file not found: {args.annotations}")
+        raise ConfigError(f"annotation file not found: {printable(args.annotations)}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         slide = open_slide(args.slide)
+        level = slide.check_level(args.level)
         label_map = parse_label_map(args.label_map) if args.label_map else None
         annotations = Annotations.from_xml(args.annotations, label_map)
+        work = estimate_grid_work(slide, args.patch_size, level, args.stride, annotations)
+        print(f"{printable(args.slide)}: {work}", flush=True)
+        work.check(printable(args.slide), force=args.force)
         refs = grid_patches(
-            slide, args.patch_size, args.level, args.min_tissue, annotations, args.stride
+            slide,
+            args.patch_size,
+            level,
+            args.min_tissue,
+            annotations,
+            args.stride,
+            progress=not args.no_progress and sys.stderr.isatty(),
         )
     for warning in caught:  # suspicious but usable input: one line each, and go on
-        print(f"warning: {warning.message}", file=sys.stderr)
-    total = count_grid(slide, args.patch_size, args.level, args.stride)
+        print(f"warning: {printable(str(warning.message))}", file=sys.stderr)
     save_patches(args.out, refs)
     if args.preview is not None:
         try:
@@ -563,11 +705,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out.unlink(missing_ok=True)
             raise
     n_tumor = sum(r.is_tumor for r in refs)
+    preview = f", preview {printable(args.preview)}" if args.preview else ""
     print(
-        f"{args.slide}: kept {len(refs)} patches ({n_tumor} with tumour), dropped "
-        f"{total - len(refs)} with tissue < {args.min_tissue:g}, of {total} on the "
-        f"{args.patch_size} px grid at level {args.level} -> {args.out}"
-        + (f", preview {args.preview}" if args.preview else "")
+        f"{printable(args.slide)}: kept {len(refs)} patches ({n_tumor} with tumour), dropped "
+        f"{work.positions - len(refs)} with tissue < {args.min_tissue:g}, of {work.positions} "
+        f"on the {args.patch_size} px grid at level {level} -> {printable(args.out)}{preview}"
     )
     return 0
 

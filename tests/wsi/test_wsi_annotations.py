@@ -240,3 +240,110 @@ def test_dot_annotations_are_ignored_with_a_warning():
     with pytest.warns(AnnotationWarning, match="no area"):
         ann = Annotations.from_bytes(data)
     assert len(ann) == 1
+
+
+def test_vertices_follow_order_attribute_with_ties_in_file_order():
+    coords = "".join(
+        f'<Coordinate Order="{o}" X="{x}" Y="{y}" />'
+        for o, x, y in [(2, 50, 50), (0, 10, 10), (1, 50, 10), (2, 10, 50)]
+    )
+    body = f'<Annotation Name="A" PartOfGroup="_0"><Coordinates>{coords}</Coordinates></Annotation>'
+    (ann,) = Annotations.from_bytes(_xml(body)).annotations
+    np.testing.assert_array_equal(ann.vertices, [(10, 10), (50, 10), (50, 50), (10, 50)])
+
+
+@pytest.mark.parametrize(
+    ("limit", "value", "body", "message"),
+    [
+        (
+            "MAX_VERTICES_PER_POLYGON",
+            5,
+            _annotation("_0", SQUARE * 2),
+            "more than 5 vertices.*per polygon",
+        ),
+        ("MAX_POLYGONS", 2, _annotation("_0", SQUARE) * 3, "more than 2 annotations.*per file"),
+        ("MAX_VERTICES", 6, _annotation("_0", SQUARE) * 2, "more than 6 vertices.*per file"),
+        ("MAX_FILE_BYTES", 100, _annotation("_0", SQUARE), r"\d+ bytes is larger than the 100"),
+        ("MAX_COORDINATE_PX", 1e8, _annotation("_0", [(0, 0), (1, 1), (2, "1e30")]), "beyond"),
+    ],
+)
+def test_input_limits_are_refused_in_one_line(tmp_path, monkeypatch, limit, value, body, message):
+    import histoseg.wsi.annotations as module
+
+    monkeypatch.setattr(module, limit, value)
+    path = tmp_path / "big.xml"
+    path.write_bytes(_xml(body))
+    for parse in (
+        lambda: Annotations.from_xml(path),
+        lambda: Annotations.from_bytes(path.read_bytes(), source=str(path)),
+    ):
+        with pytest.raises(AnnotationError, match=message) as info:
+            parse()
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_documented_limits_are_those_enforced():
+    import histoseg.wsi.annotations as module
+
+    doc = module.__doc__
+    for name in ("MAX_FILE_BYTES", "MAX_POLYGONS", "MAX_VERTICES_PER_POLYGON", "MAX_VERTICES"):
+        value = getattr(module, name)
+        shown = f"{value // 2**20} MiB" if name == "MAX_FILE_BYTES" else f"{value:,}"
+        assert f":data:`{name}` ({shown})" in doc, name
+
+
+def _zigzag(n: int, height: float) -> np.ndarray:
+    xs = np.linspace(0.0, 200.0, n)
+    ys = np.where(np.arange(n) % 2 == 0, 0.0, height)
+    return np.stack([xs, ys], axis=1)
+
+
+@pytest.mark.parametrize("downsample", [1.0, 2.5])
+def test_chunked_crossings_give_the_same_mask(monkeypatch, downsample):
+    import histoseg.wsi.raster as raster
+
+    rng = np.random.default_rng(7)
+    polygons = [rng.uniform(-20, 220, size=(int(rng.integers(3, 40)), 2)) for _ in range(20)]
+    polygons.append(_zigzag(301, 180.0))
+    region = (-10.0, -10.0, 230.0, 200.0)
+    whole = [fill_polygons([p], region, downsample) for p in polygons]
+    monkeypatch.setattr(raster, "CROSSINGS_PER_CHUNK", 7)
+    monkeypatch.setattr(raster, "ROWS_PER_BAND", 3)
+    for polygon, expected in zip(polygons, whole, strict=True):
+        np.testing.assert_array_equal(fill_polygons([polygon], region, downsample), expected)
+    assert any(m.any() for m in whole) and not all(m.all() for m in whole)
+
+
+def test_a_zigzag_of_many_tall_edges_fills_in_memory_bounded_by_the_output():
+    import tracemalloc
+
+    polygon = _zigzag(20_001, 400.0)  # 20,000 edges x 400 rows = 8e6 crossings
+    tracemalloc.start()
+    try:
+        mask = fill_polygons([polygon], (0.0, 0.0, 200.0, 400.0))
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # A crossing costs ~60 bytes of scratch; all 8e6 at once would be ~500 MB.
+    assert peak_bytes < 64 * 2**20, peak_bytes
+    rows, cols = np.random.default_rng(3).integers(0, (400, 200), size=(300, 2)).T
+    expected = MplPath(polygon).contains_points(np.stack([cols + 0.5, rows + 0.5], axis=1))
+    assert (mask[rows, cols] != expected).mean() < 0.02
+
+
+def test_write_asap_xml_leaves_nothing_behind_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    path = write_asap_xml(tmp_path / "a.xml", {"_0": [np.array(SQUARE, dtype=float)]})
+    before = path.read_bytes()
+
+    def full(self, text, *args, **kwargs):
+        Path.write_bytes(self, text[:10].encode())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        write_asap_xml(path, {"_0": [np.array(SQUARE, dtype=float) * 2]})
+    monkeypatch.undo()
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["a.xml"]

@@ -92,9 +92,15 @@ def _bad_inputs(tmp, slides):
             "larger than the slide",
         ),
         "bad level": ([*good, "--level", 9], "level 9 out of range"),
-        "bad min tissue": ([*good, "--min-tissue", 2], "min_tissue"),
-        "zero patch size": ([*good[:2], "--patch-size", 0, "--out", tmp / "o.csv"], "patch_size"),
-        "not a number": ([*good[:2], "--patch-size", "big", "--out", tmp / "o.csv"], "invalid int"),
+        "bad min tissue": ([*good, "--min-tissue", 2], "--min-tissue: must be a finite number"),
+        "zero patch size": (
+            [*good[:2], "--patch-size", 0, "--out", tmp / "o.csv"],
+            "--patch-size: must be a whole number >= 32, got '0'",
+        ),
+        "not a number": (
+            [*good[:2], "--patch-size", "big", "--out", tmp / "o.csv"],
+            "--patch-size: must be a whole number",
+        ),
         "missing argument": (["--slide", slides.tumor_tif], "required"),
         "existing output": ([*good[:4], "--out", existing], "--force"),
     }
@@ -273,3 +279,43 @@ def test_synth_regenerates_a_truncated_slide(tmp_path, capsys):
     stamp = tif.stat().st_mtime_ns
     code, _, err = _run(synth.main, argv, capsys)
     assert code == 0 and "regenerating" not in err and tif.stat().st_mtime_ns == stamp
+
+
+def test_patches_cli_accepts_and_prints_a_path_with_non_utf8_bytes(
+    tmp_path, synthetic_slides, capsys
+):
+    import os
+
+    folder = os.fsencode(tmp_path)
+    slide = os.fsdecode(folder + b"/slide_\xff.tif")
+    xml = os.fsdecode(folder + b"/slide_\xff.xml")
+    out = os.fsdecode(folder + b"/out_\xfe.csv")
+    os.symlink(synthetic_slides.tumor_tif, slide)
+    os.symlink(synthetic_slides.tumor_xml, xml)
+    argv = ["--slide", slide, "--annotations", xml, "--patch-size", 256, "--out", out]
+    code, stdout, err = _run(patches.main, argv, capsys)
+    assert code == 0, err
+    assert "slide_\\xff.tif: kept" in stdout and "out_\\xfe.csv" in stdout
+    refs = patches.load_patches(out)
+    assert refs and refs[0].slide_path == slide and refs[0].annotations_path == xml
+    assert os.fsencode(refs[0].slide_path).endswith(b"slide_\xff.tif")
+
+
+def test_patches_cli_prints_its_estimate_before_the_work(tmp_path, synthetic_slides, capsys):
+    argv = ["--slide", synthetic_slides.normal_tif, "--patch-size", 256, "--out", tmp_path / "o"]
+    code, stdout, err = _run(patches.main, argv, capsys)
+    first, second = stdout.splitlines()
+    assert code == 0 and err == ""
+    assert "48 grid positions; up to" in first and "of memory" in first and "kept" in second
+
+
+def test_grid_in_bands_equals_grid_at_once_and_shows_progress(
+    synthetic_slides, monkeypatch, capsys
+):
+    kwargs = {"min_tissue": 0.0, "annotations": synthetic_slides.tumor_xml, "stride": 96}
+    whole = patches.grid_patches(synthetic_slides.tumor_tif, 128, **kwargs)
+    monkeypatch.setattr(patches, "POSITIONS_PER_CHUNK", 7)
+    banded = patches.grid_patches(synthetic_slides.tumor_tif, 128, progress=True, **kwargs)
+    assert banded == whole and len(whole) == 21 * 15
+    err = capsys.readouterr().err
+    assert f"0/{len(whole)}" in err and "patch/s" in err
