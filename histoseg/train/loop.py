@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from histoseg.errors import ConfigError
+from histoseg.models.norm import FrozenBatchNorm
 from histoseg.train.engines import (
     DEFAULT_STEP_MODE,
     Engine,
@@ -330,6 +331,7 @@ def recalibrate_batch_norm(
         layer
         for layer in model._flatten_layers()
         if isinstance(layer, keras.layers.BatchNormalization)
+        and not isinstance(layer, FrozenBatchNorm)  # never updates its statistics
     ]
     if not layers or num_batches <= 0:
         return 0
@@ -519,6 +521,7 @@ class TrainOptions:
 
     slides: str | None = None
     annotations: str | None = None
+    synthetic_task: str = "local"
     synthetic_dir: str = "data/synthetic"
     synthetic_slides: int = 6
     synthetic_size_px: tuple[int, int] = (8000, 6000)
@@ -539,6 +542,7 @@ class TrainOptions:
     output_stride: int = 16
     precision: str = "float32"
     remat: str = "none"
+    norm: str = "batch"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     momentum: float = 0.9
@@ -590,6 +594,7 @@ def _data(options: TrainOptions, engine: Engine) -> list[tuple[Path, Path | None
             options.synthetic_size_px,
             seed=options.synthetic_seed,
             progress=options.progress and engine.is_chief,
+            task=options.synthetic_task,
         )
 
     # the chief writes the slides, the others wait and then find them made
@@ -642,6 +647,31 @@ def _val_patches(options: TrainOptions, slides: Sequence[tuple[Path, Path | None
     if not refs:
         raise ConfigError(f"no validation patches of {options.patch_size} px with tissue")
     return refs
+
+
+def validation_ceiling(options: TrainOptions, val_refs: Sequence[Any]) -> dict | None:
+    """The Bayes ceiling (:mod:`histoseg.wsi.ceiling`) of the validation patches of a run
+    on synthetic level-0 slides, as plain numbers for the results row; None otherwise."""
+    if options.slides or options.level != 0:
+        return None
+    from histoseg.wsi.ceiling import bayes_ceiling
+    from histoseg.wsi.synth import dataset_designs
+
+    designs = dataset_designs(
+        options.synthetic_slides,
+        options.synthetic_size_px,
+        options.synthetic_seed,
+        options.synthetic_task,
+    )
+    names = sorted({Path(r.slide_path).name for r in val_refs})
+    origins = [[(r.x, r.y) for r in val_refs if Path(r.slide_path).name == n] for n in names]
+    ceiling = bayes_ceiling([designs[n] for n in names], options.patch_size, origins)
+    return {
+        "accuracy": ceiling.accuracy,
+        "miou": ceiling.miou,
+        "iou_tumour": ceiling.iou_tumour,
+        "decidable_fraction": ceiling.decidable_fraction,
+    }
 
 
 def _evenly(items: Sequence[Any], n: int) -> list[Any]:
@@ -701,6 +731,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         options.output_stride,
         options.precision,
         options.remat,
+        norm=options.norm,
         **backbone_kwargs,
     )
     peak_lr = options.learning_rate * (size if options.scale_lr else 1)
@@ -814,6 +845,11 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         config["alpha"] = options.alpha
     if not options.slides and options.synthetic_seed:
         config["synthetic_seed"] = options.synthetic_seed
+    # only when not the default, so rows made before these options keep their identity
+    if not options.slides and options.synthetic_task != "local":
+        config["synthetic_task"] = options.synthetic_task
+    if options.norm != "batch":
+        config["norm"] = options.norm
     row = make_row(
         "accuracy",
         config,
@@ -843,6 +879,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
             "schedule": options.schedule,
             "start_step": start_step,
             "bn_recalibration_batches": recalibrated,
+            "bayes_ceiling": validation_ceiling(options, val_refs),
             "run_dir": str(run_dir),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         },
