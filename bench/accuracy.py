@@ -18,6 +18,7 @@ Examples:
     python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8
     python -m bench.accuracy --backbone xception65 --slides data/c16/images --annotations data/c16/xml
     python -m bench.accuracy --synthetic-task context --batch-size 1 --sizes 256 512 1024
+    python -m bench.accuracy --data camelyon16=/data/camelyon16 --batch-size 1
 """
 
 from __future__ import annotations
@@ -253,6 +254,7 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
     options = TrainOptions(
         slides=data.get("slides"),
         annotations=data.get("annotations"),
+        data=data.get("data"),
         synthetic_task=data.get("synthetic_task") or "local",
         synthetic_dir=data.get("synthetic_dir") or "data/synthetic",
         synthetic_slides=int(data.get("synthetic_slides") or 6),
@@ -398,9 +400,12 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
         "workers": 1,
         "optimizer": args.optimizer,
         "learning_rate": args.learning_rate,
-        "data": f"synthetic {args.synthetic_slides}x{args.synthetic_size}"
-        if args.slides is None
-        else str(args.slides),
+        "data": args.data
+        or (
+            f"synthetic {args.synthetic_slides}x{args.synthetic_size}"
+            if args.slides is None
+            else str(args.slides)
+        ),
         "pixel_budget": float(args.pixel_budget),
         "steps": steps,
         "seed": args.seed,
@@ -410,7 +415,7 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
     if args.alpha is not None:
         config["backbone_options"] = {"alpha": args.alpha}
     # only when not the default, so the points already measured keep their keys
-    if args.slides is None and args.synthetic_task != "local":
+    if args.slides is None and args.data is None and args.synthetic_task != "local":
         config["synthetic_task"] = args.synthetic_task
     norm = resolve_norm(args.norm, args.batch_size)
     if norm != "batch":
@@ -425,6 +430,7 @@ def data_spec(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "slides": None if args.slides is None else str(args.slides),
         "annotations": None if args.annotations is None else str(args.annotations),
+        "data": args.data,
         "synthetic_task": args.synthetic_task,
         "synthetic_dir": str(args.synthetic_dir or default_synthetic_dir(args.synthetic_task)),
         "synthetic_slides": args.synthetic_slides,
@@ -612,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=_default_threads())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--data", metavar="NAME=DIR", help="camelyon16=DIR or camelyon17=DIR (published layout)"
+    )
+    parser.add_argument(
         "--slides", type=Path, default=None, help="folder of slides (default: synthetic)"
     )
     parser.add_argument(
@@ -672,6 +681,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise ConfigError(
             "give both --slides and --annotations (real data), or neither (synthetic slides)"
         )
+    if args.data is not None:
+        from histoseg.wsi.camelyon import parse_data_spec
+
+        parse_data_spec(args.data)
+        if args.slides is not None:
+            raise ConfigError("give --data or --slides/--annotations, not both")
     for folder in (args.slides, args.annotations):
         if folder is not None and not folder.is_dir():
             raise ConfigError(f"{folder} is not a folder")

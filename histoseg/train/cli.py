@@ -34,6 +34,10 @@ Examples:
   python -m histoseg.train --synthetic-task context --backbone mobilenetv2 --patch-size 512 \
       --batch-size 1 --steps 400
 
+  # the study's setup on the CAMELYON16 release (training/, testing/ as published)
+  python -m histoseg.train --data camelyon16=/data/camelyon16 --backbone xception65 \
+      --patch-size 1024 --batch-size 1 --steps 20000
+
   # the study's setup on your own slides (ASAP XML beside each slide or in --annotations)
   python -m histoseg.train --slides /data/camelyon16/images --annotations /data/camelyon16/xml \\
       --backbone xception65 --patch-size 1024 --batch-size 1 --optimizer adam --steps 20000
@@ -61,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        metavar="NAME=DIR",
+        help="a challenge's published folder: camelyon16=DIR or camelyon17=DIR",
+    )
     data.add_argument("--slides", help="folder of slides (default: synthetic slides)")
     data.add_argument("--annotations", help="folder of ASAP XML files (default: --slides)")
     data.add_argument(
@@ -189,11 +198,18 @@ def options_from_args(args: argparse.Namespace) -> object:
     # 0 would otherwise read as "unset" in configure_threads and silently use the default
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.data is not None:
+        from histoseg.wsi.camelyon import parse_data_spec
+
+        parse_data_spec(args.data)
+        if args.slides or args.annotations:
+            raise ConfigError("give --data or --slides/--annotations, not both")
     check_output_paths(args.run_dir, args.results)
     steps = args.steps if args.steps is not None else (None if args.epochs else 100)
     return TrainOptions(
         slides=args.slides,
         annotations=args.annotations,
+        data=args.data,
         synthetic_task=args.synthetic_task,
         synthetic_dir=args.synthetic_dir or default_synthetic_dir(args.synthetic_task),
         synthetic_slides=args.synthetic_slides,

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -521,6 +522,7 @@ class TrainOptions:
 
     slides: str | None = None
     annotations: str | None = None
+    data: str | None = None  # "camelyon16=DIR" or "camelyon17=DIR" (histoseg.wsi.camelyon)
     synthetic_task: str = "local"
     synthetic_dir: str = "data/synthetic"
     synthetic_slides: int = 6
@@ -603,6 +605,35 @@ def _data(options: TrainOptions, engine: Engine) -> list[tuple[Path, Path | None
     return pairs if pairs is not None else make()
 
 
+def _train_and_val_slides(options: TrainOptions, engine: Engine) -> tuple[list, list]:
+    """The (slide, XML) pairs to train on and to validate on."""
+    if not options.data:
+        return split_slides(
+            _data(options, engine),
+            how=options.split,
+            val_fraction=options.val_fraction,
+            val_centres=options.val_centres,
+        )
+    from histoseg.wsi.camelyon import read_dataset
+
+    dataset = read_dataset(options.data)
+    if dataset.left_out and engine.is_chief:
+        print(
+            f"{options.data}: left out {len(dataset.left_out)} positive slides without a "
+            f"lesion annotation (e.g. {dataset.left_out[0].name})",
+            file=sys.stderr,
+        )
+    if dataset.validation:
+        return dataset.training, dataset.validation
+    # the study validates on slides of every centre: split by slide unless told otherwise
+    return split_slides(
+        dataset.training,
+        how="slide" if options.split == "auto" else options.split,
+        val_fraction=options.val_fraction,
+        val_centres=options.val_centres,
+    )
+
+
 def _patches(
     options: TrainOptions, slides: Sequence[tuple[Path, Path | None]], n: int, seed: int
 ) -> list:
@@ -652,7 +683,7 @@ def _val_patches(options: TrainOptions, slides: Sequence[tuple[Path, Path | None
 def validation_ceiling(options: TrainOptions, val_refs: Sequence[Any]) -> dict | None:
     """The Bayes ceiling (:mod:`histoseg.wsi.ceiling`) of the validation patches of a run
     on synthetic level-0 slides, as plain numbers for the results row; None otherwise."""
-    if options.slides or options.level != 0:
+    if options.slides or options.data or options.level != 0:
         return None
     from histoseg.wsi.ceiling import bayes_ceiling
     from histoseg.wsi.synth import dataset_designs
@@ -698,10 +729,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
 
     rank, size, chief = engine.rank, engine.size, engine.is_chief
     run_dir = Path(options.run_dir)
-    pairs = _data(options, engine)
-    train_slides, val_slides = split_slides(
-        pairs, how=options.split, val_fraction=options.val_fraction, val_centres=options.val_centres
-    )
+    train_slides, val_slides = _train_and_val_slides(options, engine)
     global_batch = options.batch_size * size
     if options.epochs is not None:
         from histoseg.wsi.patches import grid_patches
@@ -838,15 +866,15 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         "optimizer": options.optimizer,
         "learning_rate": options.learning_rate,
         "steps": total_steps,
-        "data": options.slides or "synthetic",
+        "data": options.data or options.slides or "synthetic",
         "seed": options.seed,
     }
     if options.alpha is not None:
         config["alpha"] = options.alpha
-    if not options.slides and options.synthetic_seed:
+    if not (options.slides or options.data) and options.synthetic_seed:
         config["synthetic_seed"] = options.synthetic_seed
     # only when not the default, so rows made before these options keep their identity
-    if not options.slides and options.synthetic_task != "local":
+    if not (options.slides or options.data) and options.synthetic_task != "local":
         config["synthetic_task"] = options.synthetic_task
     if options.norm != "batch":
         config["norm"] = options.norm
