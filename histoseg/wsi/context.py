@@ -10,7 +10,9 @@ far its field of view reaches, which is what a patch-size benchmark needs to mea
 :mod:`histoseg.wsi.ceiling` turns this geometry into the best score a P x P patch allows.
 
 The labelled tumour region is the outline (interior plus the inner band), written as
-CAMELYON16 group ``_0``. Lesions sit wholly inside tissue and never touch each other.
+CAMELYON16 group ``_0``. Lesions lie inside the slide, centred on tissue, and never touch
+each other; where one reaches past the tissue field it is tissue all the same (normal
+texture inside, the capsule around it), so glass never borders a lesion's interior.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def draw_lesions(
     height_px: int,
     coarse_cell_px: int,
 ) -> list[Lesion]:
-    """Place 2-4 non-overlapping lesions wholly inside tissue (fewer if they do not fit).
+    """Place 2-4 non-overlapping lesions centred on tissue (fewer if they do not fit).
 
     Args:
         rng: the slide's generator (the lesions are a pure function of its state).
