@@ -235,8 +235,7 @@ def test_accuracy_panels_show_the_all_background_baseline(tmp_path, fixture_rows
 def test_tasks_and_norms_are_separate_series(tmp_path, fixture_rows):
     swept = [dict(r, config={**r["config"], "pixel_budget": 1e8}) for r in fixture_rows["accuracy"]]
     context = [
-        dict(r, config={**r["config"], "synthetic_task": "context", "norm": "group"})
-        for r in swept
+        dict(r, config={**r["config"], "synthetic_task": "context", "norm": "group"}) for r in swept
     ]
     plots.draw_memory_vs_accuracy([*swept, *context], tmp_path)
     svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
