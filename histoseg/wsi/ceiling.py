@@ -166,8 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "  python -m histoseg.wsi.ceiling --task local --slides 3 --size 4000x3000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", choices=TASKS, default=DEFAULT_TASK)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument(
+        "--task", choices=TASKS, default=DEFAULT_TASK, help="synthetic task (default local)"
+    )
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[256, 512, 1024, 2048],
+        metavar="PX",
+        help="patch sizes, level-0 px (default 256 512 1024 2048)",
+    )
     parser.add_argument("--slides", type=int, default=6, help="slides of the dataset (default 6)")
     parser.add_argument("--size", default="8000x6000", help="level-0 WIDTHxHEIGHT px per slide")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (as histoseg.wsi.synth)")
