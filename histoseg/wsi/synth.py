@@ -329,7 +329,8 @@ class TileRenderer:
         tissue_nodes = self._tissue_field[gy0:gy1, gx0:gx1]
         tumor, excluded = self._masks(x0, y0, t, t)
         any_tumor = bool(tumor.any())
-        if float(tissue_nodes.max()) <= 0 and not any_tumor:
+        near_margin = bool(_indices_hitting(self._outer_boxes, (x0, y0, t, t)))
+        if float(tissue_nodes.max()) <= 0 and not any_tumor and not near_margin:
             return None
         # Tumours (and the normal islands inside them) are tissue even where the smooth
         # tissue field says glass, so every annotated pixel carries a stain.
