@@ -257,8 +257,8 @@ def resolve_norm(norm: str, batch_size: int) -> str:
 
     At batch 1, batch norm trains with each patch's own moments (and normalises the ASPP
     image-pooling branch, a 1x1 map, to a constant) but infers with averages over many
-    patches, and the model predicts background everywhere; group norm is the same in
-    training and inference.
+    patches, so a model that fits its training patches can predict one class everywhere at
+    validation; group norm is the same in training and inference.
     """
     if norm not in NORM_CHOICES:
         raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORM_CHOICES)}")
