@@ -414,6 +414,8 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         "requested_precision",
         "requested_remat",
         "batch_size",
+        "synthetic_task",
+        "norm",
     )
     varying = _varying_keys([p["row"]["config"] for p in points], series_keys)
     series: dict[str, list[dict]] = {}

@@ -15,6 +15,7 @@ COMMANDS = {
     "steptime": ("histoseg.train.steptime", "time N train steps on random data"),
     "synth": ("histoseg.wsi.synth", "write synthetic pyramidal slides with ASAP annotations"),
     "patches": ("histoseg.wsi.patches", "list the patches a slide yields (CSV, preview)"),
+    "ceiling": ("histoseg.wsi.ceiling", "best score a patch size allows on a synthetic task"),
 }
 
 

@@ -2,7 +2,7 @@
 
 Public API: :func:`build_deeplabv3plus`, :func:`count_macs`, :func:`count_params`,
 :func:`model_macs` and the registries ``BACKBONES``, ``PRECISIONS``, ``REMAT_MODES``,
-``OUTPUT_STRIDES``.
+``OUTPUT_STRIDES``, ``NORMS``.
 """
 
 from histoseg.models.backbones import BACKBONES
@@ -14,10 +14,12 @@ from histoseg.models.deeplabv3plus import (
     count_params,
     model_macs,
 )
+from histoseg.models.norm import NORMS
 from histoseg.models.remat import REMAT_MODES
 
 __all__ = [
     "BACKBONES",
+    "NORMS",
     "OUTPUT_STRIDES",
     "PRECISIONS",
     "REMAT_MODES",

@@ -105,7 +105,9 @@ def conv_bn(
     epsilon: float = 1e-3,
     name: str,
 ):
-    """Conv2D (no bias) -> BatchNorm -> optional ReLU, 'same' padding."""
+    """Conv2D (no bias) -> normalisation (:mod:`histoseg.models.norm`) -> optional ReLU."""
+    from histoseg.models.norm import norm_layer  # norm.py imports this module
+
     x = keras.layers.Conv2D(
         filters,
         kernel_size,
@@ -115,7 +117,7 @@ def conv_bn(
         use_bias=False,
         name=f"{name}_conv",
     )(x)
-    x = BatchNorm(epsilon=epsilon, name=f"{name}_bn")(x)
+    x = norm_layer(epsilon=epsilon, name=f"{name}_bn")(x)
     if activation:
         x = keras.layers.ReLU(name=f"{name}_relu")(x)
     return x
@@ -139,6 +141,8 @@ def separable_conv_bn(
     residual units); with ``True`` a ReLU follows each BN (used in the exit flow's last
     unit, in ASPP and in the decoder).
     """
+    from histoseg.models.norm import norm_layer  # norm.py imports this module
+
     if not depth_activation:
         x = keras.layers.ReLU(name=f"{name}_prerelu")(x)
     x = keras.layers.DepthwiseConv2D(
@@ -149,11 +153,11 @@ def separable_conv_bn(
         use_bias=False,
         name=f"{name}_depthwise",
     )(x)
-    x = BatchNorm(epsilon=epsilon, name=f"{name}_depthwise_bn")(x)
+    x = norm_layer(epsilon=epsilon, name=f"{name}_depthwise_bn")(x)
     if depth_activation:
         x = keras.layers.ReLU(name=f"{name}_depthwise_relu")(x)
     x = keras.layers.Conv2D(filters, 1, padding="same", use_bias=False, name=f"{name}_pointwise")(x)
-    x = BatchNorm(epsilon=epsilon, name=f"{name}_pointwise_bn")(x)
+    x = norm_layer(epsilon=epsilon, name=f"{name}_pointwise_bn")(x)
     if depth_activation:
         x = keras.layers.ReLU(name=f"{name}_pointwise_relu")(x)
     return x

@@ -21,11 +21,22 @@ from histoseg.errors import ConfigError
 # loop.py validates the same names.
 SCHEDULES = ("constant", "poly", "cosine")
 SPLITS = ("auto", "slide", "centre")
+SYNTHETIC_TASKS = ("local", "context")
+NORMS = ("batch", "frozen", "group")
+NORM_CHOICES = ("auto", *NORMS)
 
 EPILOG = """\
 Examples:
   # quick run on synthetic slides (made on first use under data/synthetic)
   python -m histoseg.train --backbone mobilenetv2 --alpha 0.35 --patch-size 128 --steps 50
+
+  # the context task (lesions marked only by their margin) at batch 1 (group norm by default)
+  python -m histoseg.train --synthetic-task context --backbone mobilenetv2 --patch-size 512 \
+      --batch-size 1 --steps 400
+
+  # the study's setup on the CAMELYON16 release (training/, testing/ as published)
+  python -m histoseg.train --data camelyon16=/data/camelyon16 --backbone xception65 \
+      --patch-size 1024 --batch-size 1 --steps 20000
 
   # the study's setup on your own slides (ASAP XML beside each slide or in --annotations)
   python -m histoseg.train --slides /data/camelyon16/images --annotations /data/camelyon16/xml \\
@@ -54,9 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     data = p.add_argument_group("data")
+    data.add_argument(
+        "--data",
+        metavar="NAME=DIR",
+        help="a challenge's published folder: camelyon16=DIR or camelyon17=DIR",
+    )
     data.add_argument("--slides", help="folder of slides (default: synthetic slides)")
     data.add_argument("--annotations", help="folder of ASAP XML files (default: --slides)")
-    data.add_argument("--synthetic-dir", default="data/synthetic", help="where synthetic slides go")
+    data.add_argument(
+        "--synthetic-task",
+        choices=SYNTHETIC_TASKS,
+        default="local",
+        help="local: tumour has its own texture; context: lesions look like normal tissue "
+        "inside, only their margin marks them (default local)",
+    )
+    data.add_argument(
+        "--synthetic-dir",
+        help="where synthetic slides go (default data/synthetic, data/synthetic-context)",
+    )
     data.add_argument("--synthetic-slides", type=int, default=6, help="how many (default 6)")
     data.add_argument(
         "--synthetic-size", default="8000x6000", help="WIDTHxHEIGHT of each synthetic slide"
@@ -93,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision", default="float32", help="float32, mixed_bfloat16, mixed_float16"
     )
     model.add_argument("--remat", default="none", help="what to recompute in the backward pass")
+    model.add_argument(
+        "--norm",
+        choices=NORM_CHOICES,
+        default="auto",
+        help="normalisation in every conv block: batch, frozen (batch norm with fixed "
+        "statistics), group (per patch), or auto: group at --batch-size 1, where batch "
+        "norm's inference statistics never match training's, else batch (default auto)",
+    )
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
@@ -164,12 +198,20 @@ def options_from_args(args: argparse.Namespace) -> object:
     # 0 would otherwise read as "unset" in configure_threads and silently use the default
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.data is not None:
+        from histoseg.wsi.camelyon import parse_data_spec
+
+        parse_data_spec(args.data)
+        if args.slides or args.annotations:
+            raise ConfigError("give --data or --slides/--annotations, not both")
     check_output_paths(args.run_dir, args.results)
     steps = args.steps if args.steps is not None else (None if args.epochs else 100)
     return TrainOptions(
         slides=args.slides,
         annotations=args.annotations,
-        synthetic_dir=args.synthetic_dir,
+        data=args.data,
+        synthetic_task=args.synthetic_task,
+        synthetic_dir=args.synthetic_dir or default_synthetic_dir(args.synthetic_task),
         synthetic_slides=args.synthetic_slides,
         synthetic_size_px=parse_size(args.synthetic_size),
         synthetic_seed=args.synthetic_seed,
@@ -187,6 +229,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         output_stride=args.output_stride,
         precision=args.precision,
         remat=args.remat,
+        norm=resolve_norm(args.norm, args.batch_size),
         optimizer=args.optimizer,
         learning_rate=args.learning_rate,
         momentum=args.momentum,
@@ -207,6 +250,27 @@ def options_from_args(args: argparse.Namespace) -> object:
         progress=not args.no_progress,
         bn_recalibration_batches=args.bn_recalibration_batches,
     )
+
+
+def resolve_norm(norm: str, batch_size: int) -> str:
+    """The normalisation ``--norm`` names; "auto" is group norm at one patch per worker.
+
+    At batch 1, batch norm trains with each patch's own moments (and normalises the ASPP
+    image-pooling branch, a 1x1 map, to a constant) but infers with averages over many
+    patches, so a model that fits its training patches can predict one class everywhere at
+    validation; group norm is the same in training and inference.
+    """
+    if norm not in NORM_CHOICES:
+        raise ConfigError(f"--norm {norm!r} is not one of {', '.join(NORM_CHOICES)}")
+    if norm == "auto":
+        return "group" if batch_size == 1 else "batch"
+    return norm
+
+
+def default_synthetic_dir(task: str) -> str:
+    """Where a task's synthetic slides go by default: one folder per task, so switching
+    tasks never regenerates the other task's slides."""
+    return "data/synthetic" if task == "local" else f"data/synthetic-{task}"
 
 
 def _existing_non_folder(path: Path) -> Path | None:

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from histoseg.errors import ConfigError
+from histoseg.models.norm import FrozenBatchNorm
 from histoseg.train.engines import (
     DEFAULT_STEP_MODE,
     Engine,
@@ -330,6 +332,7 @@ def recalibrate_batch_norm(
         layer
         for layer in model._flatten_layers()
         if isinstance(layer, keras.layers.BatchNormalization)
+        and not isinstance(layer, FrozenBatchNorm)  # never updates its statistics
     ]
     if not layers or num_batches <= 0:
         return 0
@@ -519,6 +522,8 @@ class TrainOptions:
 
     slides: str | None = None
     annotations: str | None = None
+    data: str | None = None  # "camelyon16=DIR" or "camelyon17=DIR" (histoseg.wsi.camelyon)
+    synthetic_task: str = "local"
     synthetic_dir: str = "data/synthetic"
     synthetic_slides: int = 6
     synthetic_size_px: tuple[int, int] = (8000, 6000)
@@ -539,6 +544,7 @@ class TrainOptions:
     output_stride: int = 16
     precision: str = "float32"
     remat: str = "none"
+    norm: str = "batch"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     momentum: float = 0.9
@@ -590,12 +596,42 @@ def _data(options: TrainOptions, engine: Engine) -> list[tuple[Path, Path | None
             options.synthetic_size_px,
             seed=options.synthetic_seed,
             progress=options.progress and engine.is_chief,
+            task=options.synthetic_task,
         )
 
     # the chief writes the slides, the others wait and then find them made
     pairs = make() if engine.is_chief else None
     engine.barrier()
     return pairs if pairs is not None else make()
+
+
+def _train_and_val_slides(options: TrainOptions, engine: Engine) -> tuple[list, list]:
+    """The (slide, XML) pairs to train on and to validate on."""
+    if not options.data:
+        return split_slides(
+            _data(options, engine),
+            how=options.split,
+            val_fraction=options.val_fraction,
+            val_centres=options.val_centres,
+        )
+    from histoseg.wsi.camelyon import read_dataset
+
+    dataset = read_dataset(options.data)
+    if dataset.left_out and engine.is_chief:
+        print(
+            f"{options.data}: left out {len(dataset.left_out)} positive slides without a "
+            f"lesion annotation (e.g. {dataset.left_out[0].name})",
+            file=sys.stderr,
+        )
+    if dataset.validation:
+        return dataset.training, dataset.validation
+    # the study validates on slides of every centre: split by slide unless told otherwise
+    return split_slides(
+        dataset.training,
+        how="slide" if options.split == "auto" else options.split,
+        val_fraction=options.val_fraction,
+        val_centres=options.val_centres,
+    )
 
 
 def _patches(
@@ -644,6 +680,31 @@ def _val_patches(options: TrainOptions, slides: Sequence[tuple[Path, Path | None
     return refs
 
 
+def validation_ceiling(options: TrainOptions, val_refs: Sequence[Any]) -> dict | None:
+    """The Bayes ceiling (:mod:`histoseg.wsi.ceiling`) of the validation patches of a run
+    on synthetic level-0 slides, as plain numbers for the results row; None otherwise."""
+    if options.slides or options.data or options.level != 0:
+        return None
+    from histoseg.wsi.ceiling import bayes_ceiling
+    from histoseg.wsi.synth import dataset_designs
+
+    designs = dataset_designs(
+        options.synthetic_slides,
+        options.synthetic_size_px,
+        options.synthetic_seed,
+        options.synthetic_task,
+    )
+    names = sorted({Path(r.slide_path).name for r in val_refs})
+    origins = [[(r.x, r.y) for r in val_refs if Path(r.slide_path).name == n] for n in names]
+    ceiling = bayes_ceiling([designs[n] for n in names], options.patch_size, origins)
+    return {
+        "accuracy": ceiling.accuracy,
+        "miou": ceiling.miou,
+        "iou_tumour": ceiling.iou_tumour,
+        "decidable_fraction": ceiling.decidable_fraction,
+    }
+
+
 def _evenly(items: Sequence[Any], n: int) -> list[Any]:
     """``n`` items evenly spaced over ``items`` (all of them when there are fewer)."""
     if n >= len(items):
@@ -668,10 +729,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
 
     rank, size, chief = engine.rank, engine.size, engine.is_chief
     run_dir = Path(options.run_dir)
-    pairs = _data(options, engine)
-    train_slides, val_slides = split_slides(
-        pairs, how=options.split, val_fraction=options.val_fraction, val_centres=options.val_centres
-    )
+    train_slides, val_slides = _train_and_val_slides(options, engine)
     global_batch = options.batch_size * size
     if options.epochs is not None:
         from histoseg.wsi.patches import grid_patches
@@ -701,6 +759,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         options.output_stride,
         options.precision,
         options.remat,
+        norm=options.norm,
         **backbone_kwargs,
     )
     peak_lr = options.learning_rate * (size if options.scale_lr else 1)
@@ -807,13 +866,18 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         "optimizer": options.optimizer,
         "learning_rate": options.learning_rate,
         "steps": total_steps,
-        "data": options.slides or "synthetic",
+        "data": options.data or options.slides or "synthetic",
         "seed": options.seed,
     }
     if options.alpha is not None:
         config["alpha"] = options.alpha
-    if not options.slides and options.synthetic_seed:
+    if not (options.slides or options.data) and options.synthetic_seed:
         config["synthetic_seed"] = options.synthetic_seed
+    # only when not the default, so rows made before these options keep their identity
+    if not (options.slides or options.data) and options.synthetic_task != "local":
+        config["synthetic_task"] = options.synthetic_task
+    if options.norm != "batch":
+        config["norm"] = options.norm
     row = make_row(
         "accuracy",
         config,
@@ -843,6 +907,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
             "schedule": options.schedule,
             "start_step": start_step,
             "bn_recalibration_batches": recalibrated,
+            "bayes_ceiling": validation_ceiling(options, val_refs),
             "run_dir": str(run_dir),
             "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         },

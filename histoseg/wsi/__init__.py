@@ -2,6 +2,9 @@
 
 Layered like the flow of data: ``slide`` (pixels) -> ``annotations`` (labels) -> ``tissue``
 (where the tissue is) -> ``patches`` (which squares to train on) -> ``histoseg.data``.
+Beside them: ``synth`` and ``context`` (synthetic slides of the "local" and "context"
+tasks), ``ceiling`` (the best score a patch size allows on them) and ``camelyon`` (the
+challenges' published folder layouts).
 
 Names are imported lazily, so ``python -m histoseg.wsi.patches`` runs its module once.
 """

@@ -2,6 +2,9 @@
 
 A slide is an analytic description (tissue islands, tumour polygons, stain fields) that is
 evaluated tile by tile with vectorised numpy, so a gigapixel level 0 is never in memory.
+Two tasks share the tissue and stain model: ``local``, whose tumour has its own texture
+everywhere, and ``context`` (:mod:`histoseg.wsi.context`), whose lesions look like normal
+tissue inside and are marked only by their margin.
 :mod:`histoseg.wsi.pyramid` streams the tiles into a pyramidal TIFF OpenSlide reads, and
 the tumour polygons are written as ASAP XML with CAMELYON16 group names.
 
@@ -25,6 +28,12 @@ from scipy import ndimage
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError, SlideError
 from histoseg.wsi.annotations import write_asap_xml
+from histoseg.wsi.context import (
+    CAPSULE_STROMA_DARK,
+    CAPSULE_STROMA_LIGHT,
+    Lesion,
+    draw_lesions,
+)
 from histoseg.wsi.pyramid import write_pyramid_tiff
 from histoseg.wsi.raster import fill_polygons
 from histoseg.wsi.slide import open_slide
@@ -41,6 +50,8 @@ TUMOR_NUCLEUS = np.array([62.0, 30.0, 112.0], dtype=np.float32)
 
 COARSE_CELL_PX = 64  # level-0 px between nodes of the smooth tissue/stain fields
 NOISE_BANK_SIZE = 4
+TASKS = ("local", "context")
+DEFAULT_TASK = "local"
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class SlideDesign:
     tissue_field: np.ndarray  # coarse grid; tissue where > 0
     density_field: np.ndarray  # coarse grid in [0, 1]; stain intensity
     groups: dict[str, list[np.ndarray]] = field(default_factory=dict)  # ASAP group -> polygons
+    # context task only: the lesions whose margins mark the tumour polygons of ``groups``
+    lesions: list[Lesion] = field(default_factory=list)
 
     @property
     def tumor_polygons(self) -> list[np.ndarray]:
@@ -79,8 +92,23 @@ class SlideDesign:
 
 
 # --- the analytic description --------------------------------------------------------
-def make_design(width_px: int, height_px: int, seed: int, *, tumor: bool = True) -> SlideDesign:
-    """Draw tissue islands, stain fields and tumour polygons for one slide."""
+def check_task(task: str) -> str:
+    """``task`` if it is one of :data:`TASKS`, else a ConfigError naming the choices."""
+    if task not in TASKS:
+        raise ConfigError(f"synthetic task {task!r} is not one of {', '.join(TASKS)}")
+    return task
+
+
+def make_design(
+    width_px: int, height_px: int, seed: int, *, tumor: bool = True, task: str = DEFAULT_TASK
+) -> SlideDesign:
+    """Draw tissue islands, stain fields and tumour polygons for one slide.
+
+    ``task`` picks how tumour is drawn: "local" (textured tumours, one with a normal island
+    inside) or "context" (lesions marked only by their margin); tissue and stain fields
+    are the same for both.
+    """
+    check_task(task)
     rng = np.random.default_rng(seed)
     grid_w = math.ceil(width_px / COARSE_CELL_PX) + 2
     grid_h = math.ceil(height_px / COARSE_CELL_PX) + 2
@@ -108,7 +136,11 @@ def make_design(width_px: int, height_px: int, seed: int, *, tumor: bool = True)
     density = np.clip(0.5 + 0.25 * density, 0, 1).astype(np.float32)
 
     design = SlideDesign(width_px, height_px, seed, tissue, density)
-    if tumor:
+    if tumor and task == "context":
+        design.lesions = draw_lesions(rng, tissue, width_px, height_px, COARSE_CELL_PX)
+        if design.lesions:
+            design.groups = {"_0": [lesion.outline for lesion in design.lesions]}
+    elif tumor:
         design.groups = _draw_tumors(rng, tissue, width_px, height_px)
     return design
 
@@ -227,10 +259,52 @@ class TileRenderer:
         self._density_field = np.pad(design.density_field, pad, mode="edge")
         self._tumor_boxes = [_bbox(p) for p in design.tumor_polygons]
         self._exclusion_boxes = [_bbox(p) for p in design.exclusion_polygons]
+        self._inner = [lesion.inner for lesion in design.lesions]
+        self._outer = [lesion.outer for lesion in design.lesions]
+        self._outer_boxes = [_bbox(p) for p in self._outer]
 
     def tumor_mask(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """Level-0 tumour mask of a region: positive polygons minus exclusions."""
         return self._masks(x0, y0, w, h)[0]
+
+    def tissue_mask(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Level-0 mask of the stained pixels of a region inside the slide, by the rule
+        :meth:`render` paints with: the tissue field, plus every annotated or margin pixel."""
+        ay, gy0, gy1 = _interp_matrix(y0, h)
+        ax, gx0, gx1 = _interp_matrix(x0, w)
+        tissue = ay @ self._tissue_field[gy0:gy1, gx0:gx1] @ ax.T > 0
+        tumor, excluded = self._masks(x0, y0, w, h)
+        tissue |= tumor
+        if excluded is not None:
+            tissue |= excluded
+        if self.design.lesions:
+            tissue |= self._margins(x0, y0, w, h, tumor)[1]
+        return tissue
+
+    def evidence_mask(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
+        """Level-0 mask of the pixels whose texture is not normal tissue's.
+
+        "local": the tumour itself. "context": the two margin bands of each lesion; the
+        lesion interior is not evidence, it renders as normal tissue.
+        """
+        tumor = self.tumor_mask(x0, y0, w, h)
+        if not self.design.lesions:
+            return tumor
+        band, capsule = self._margins(x0, y0, w, h, tumor)
+        return band | capsule
+
+    def _margins(
+        self, x0: int, y0: int, w: int, h: int, tumor: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(inner tumour band, outer capsule) of the lesions in a region (context task)."""
+        region = (x0, y0, w, h)
+        hit = _indices_hitting(self._outer_boxes, region)
+        if not hit:
+            return tumor, np.zeros_like(tumor)
+        outer = [self._outer[i] for i in hit]
+        band = tumor & ~fill_polygons([self._inner[i] for i in hit], region)
+        capsule = fill_polygons(outer, region) & ~tumor
+        return band, capsule
 
     def _masks(self, x0: int, y0: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(tumour, excluded-or-None): excluded areas are normal tissue inside a tumour."""
@@ -255,13 +329,20 @@ class TileRenderer:
         tissue_nodes = self._tissue_field[gy0:gy1, gx0:gx1]
         tumor, excluded = self._masks(x0, y0, t, t)
         any_tumor = bool(tumor.any())
-        if float(tissue_nodes.max()) <= 0 and not any_tumor:
+        near_margin = bool(_indices_hitting(self._outer_boxes, (x0, y0, t, t)))
+        if float(tissue_nodes.max()) <= 0 and not any_tumor and not near_margin:
             return None
         # Tumours (and the normal islands inside them) are tissue even where the smooth
         # tissue field says glass, so every annotated pixel carries a stain.
         tissue = (ay @ tissue_nodes @ ax.T > 0) | tumor
         if excluded is not None:
             tissue |= excluded
+        # What each pixel looks like: the tumour itself ("local"), or only a lesion's inner
+        # band, with a capsule outside it ("context"; interiors look like normal tissue).
+        tumor_texture, capsule = tumor, None
+        if self.design.lesions:
+            tumor_texture, capsule = self._margins(x0, y0, t, t, tumor)
+            tissue |= capsule
         # Pixels beyond the slide stay background so the pyramid halves cleanly.
         if x0 + t > design.width_px:
             tissue[:, design.width_px - x0 :] = False
@@ -275,10 +356,12 @@ class TileRenderer:
 
         rgb = np.empty((t, t, 3), dtype=np.float32)
         rgb[:] = BACKGROUND_RGB
-        normal = tissue & ~tumor
+        normal = tissue & ~tumor_texture
+        if capsule is not None:
+            normal &= ~capsule
         for region, layer, light, dark, nucleus in (
             (normal, NORMAL_NUCLEI, NORMAL_STROMA_LIGHT, NORMAL_STROMA_DARK, NORMAL_NUCLEUS),
-            (tumor, TUMOR_NUCLEI, TUMOR_STROMA_LIGHT, TUMOR_STROMA_DARK, TUMOR_NUCLEUS),
+            (tumor_texture, TUMOR_NUCLEI, TUMOR_STROMA_LIGHT, TUMOR_STROMA_DARK, TUMOR_NUCLEUS),
         ):
             if not region.any():
                 continue
@@ -288,6 +371,11 @@ class TileRenderer:
             stroma = light + density[..., None] * (dark - light)
             colour = stroma + nuclei[..., None] * (nucleus - stroma)
             rgb[region] = colour[region]
+        if capsule is not None and capsule.any():
+            pale = CAPSULE_STROMA_LIGHT + density[..., None] * (
+                CAPSULE_STROMA_DARK - CAPSULE_STROMA_LIGHT
+            )
+            rgb[capsule] = pale[capsule]
         rgb += (3.0 * noise)[..., None]
         return np.clip(rgb, 0, 255).astype(np.uint8)
 
@@ -327,15 +415,19 @@ def _bbox(polygon: np.ndarray) -> tuple[float, float, float, float]:
     )
 
 
+def _indices_hitting(boxes: list[tuple[float, float, float, float]], region) -> list[int]:
+    x0, y0, w, h = region
+    return [
+        i
+        for i, (bx0, by0, bx1, by1) in enumerate(boxes)
+        if bx1 >= x0 - 1 and by1 >= y0 - 1 and bx0 <= x0 + w + 1 and by0 <= y0 + h + 1
+    ]
+
+
 def _polygons_hitting(
     polygons: list[np.ndarray], boxes: list[tuple[float, float, float, float]], region
 ) -> list[np.ndarray]:
-    x0, y0, w, h = region
-    return [
-        p
-        for p, (bx0, by0, bx1, by1) in zip(polygons, boxes, strict=True)
-        if bx1 >= x0 - 1 and by1 >= y0 - 1 and bx0 <= x0 + w + 1 and by0 <= y0 + h + 1
-    ]
+    return [polygons[i] for i in _indices_hitting(boxes, region)]
 
 
 def write_synthetic_slide(
@@ -348,6 +440,7 @@ def write_synthetic_slide(
     tumor: bool = True,
     progress: bool = True,
     threads: int | None = None,
+    task: str = DEFAULT_TASK,
 ) -> tuple[Path, Path | None]:
     """Write one synthetic pyramidal JPEG-tiled TIFF and its ASAP XML.
 
@@ -360,6 +453,7 @@ def write_synthetic_slide(
         tumor: False makes a "normal" slide: no tumour and no XML.
         progress: show a progress bar on stderr.
         threads: render threads (default: CPU count, at most 4).
+        task: "local" (textured tumour) or "context" (lesions marked only by a margin).
 
     Returns:
         (tif_path, xml_path), xml_path None for a normal slide.
@@ -370,7 +464,7 @@ def write_synthetic_slide(
     if tile_px <= 0 or tile_px % 32:
         raise ConfigError(f"tile_px must be a positive multiple of 32, got {tile_px}")
     path_tif = Path(path_tif)
-    design = make_design(width_px, height_px, seed, tumor=tumor)
+    design = make_design(width_px, height_px, seed, tumor=tumor, task=task)
     renderer = TileRenderer(design, tile_px)
     write_pyramid_tiff(
         path_tif,
@@ -393,6 +487,22 @@ def write_synthetic_slide(
     return path_tif, None
 
 
+def slide_seed(dataset_seed: int, index: int) -> int:
+    """The design seed of slide ``index`` of a synthetic dataset made with ``dataset_seed``."""
+    return dataset_seed * 1000 + index
+
+
+def dataset_designs(
+    n_slides: int, size_px: tuple[int, int], seed: int = 0, task: str = DEFAULT_TASK
+) -> dict[str, SlideDesign]:
+    """File name -> design of each slide :func:`ensure_synthetic_dataset` makes (no pixels)."""
+    width_px, height_px = (int(v) for v in size_px)
+    return {
+        name: make_design(width_px, height_px, slide_seed(seed, i), tumor=tumor, task=task)
+        for i, (name, tumor) in enumerate(synthetic_slide_names(n_slides))
+    }
+
+
 def synthetic_slide_names(n_slides: int) -> list[tuple[str, bool]]:
     """(file name, has tumour) for a synthetic dataset: every third slide is normal."""
     return [(f"slide_{i:03d}.tif", i % 3 != 2) for i in range(n_slides)]
@@ -407,17 +517,20 @@ def ensure_synthetic_dataset(
     tile_px: int = 512,
     mpp: float = 0.25,
     progress: bool = True,
+    task: str = DEFAULT_TASK,
 ) -> list[tuple[Path, Path | None]]:
     """Make (or reuse) a folder of synthetic slides; returns [(tif, xml or None)].
 
     Idempotent: slides already written with the same size, seed and tile size are kept
     (a small manifest records how they were made), so the training CLI may call it on every
-    start. Slide ``i`` uses seed ``seed * 1000 + i``; every third slide is a normal one.
+    start. Slide ``i`` uses seed ``seed * 1000 + i`` (:func:`slide_seed`); every third
+    slide is a normal one. ``task`` is "local" or "context" (see :func:`make_design`).
     """
     import json
 
     if n_slides < 1:
         raise ConfigError(f"n_slides must be >= 1, got {n_slides}")
+    check_task(task)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     manifest_path = folder / "synthetic.json"
@@ -428,6 +541,8 @@ def ensure_synthetic_dataset(
         "mpp": float(mpp),
         "generator": "histoseg.wsi.synth/1",
     }
+    if task != DEFAULT_TASK:  # "local" manifests stay as they were before tasks existed
+        recipe["task"] = task
     done: dict[str, dict] = {}
     if manifest_path.exists():
         try:
@@ -453,7 +568,14 @@ def ensure_synthetic_dataset(
             )
         out.append(
             write_synthetic_slide(
-                tif, size_px, seed * 1000 + i, tile_px, mpp, tumor=has_tumor, progress=progress
+                tif,
+                size_px,
+                slide_seed(seed, i),
+                tile_px,
+                mpp,
+                tumor=has_tumor,
+                progress=progress,
+                task=task,
             )
         )
         # The byte count lets the next run spot a truncated slide without decoding it.
@@ -506,7 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Write synthetic pyramidal whole-slide TIFFs with ASAP XML tumour annotations.",
         epilog="Examples:\n"
         "  python -m histoseg.wsi.synth --out data/synthetic --slides 6 --size 20000x16000\n"
-        "  python -m histoseg.wsi.synth --out /tmp/s --slides 1 --size 8000x6000 --seed 3",
+        "  python -m histoseg.wsi.synth --out /tmp/s --slides 1 --size 8000x6000 --seed 3\n"
+        "  python -m histoseg.wsi.synth --out data/synthetic-context --task context",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -515,6 +638,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tile", type=int, default=512, help="TIFF tile size in px")
     parser.add_argument("--mpp", type=float, default=0.25, help="micrometres per pixel")
+    parser.add_argument(
+        "--task",
+        choices=TASKS,
+        default=DEFAULT_TASK,
+        help="local: tumour has its own texture; context: lesions look like normal tissue "
+        "inside and only their margin marks them (default local)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     size = parse_size(args.size)
@@ -528,6 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tile_px=args.tile,
         mpp=args.mpp,
         progress=not args.no_progress,
+        task=args.task,
     )
     for tif, xml in pairs:
         size_mb = tif.stat().st_size / 1e6

@@ -230,3 +230,13 @@ def test_accuracy_panels_show_the_all_background_baseline(tmp_path, fixture_rows
     ]
     plots.draw_memory_vs_accuracy(rows, tmp_path)
     assert "all-background prediction" in _svg_text(tmp_path / "memory_vs_accuracy.svg")
+
+
+def test_tasks_and_norms_are_separate_series(tmp_path, fixture_rows):
+    swept = [dict(r, config={**r["config"], "pixel_budget": 1e8}) for r in fixture_rows["accuracy"]]
+    context = [
+        dict(r, config={**r["config"], "synthetic_task": "context", "norm": "group"}) for r in swept
+    ]
+    plots.draw_memory_vs_accuracy([*swept, *context], tmp_path)
+    svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
+    assert "context" in svg and "group" in svg

@@ -39,6 +39,8 @@ def test_help_has_examples(capsys):
         (["--patch-size", "100"], "multiple of the output stride"),
         (["--batch-size", "0"], "--batch-size must be positive"),
         (["--epochs", "-1"], "--epochs must be > 0"),
+        (["--norm", "instance"], "invalid choice: 'instance' (choose from 'auto', 'batch'"),
+        (["--synthetic-task", "far"], "invalid choice: 'far' (choose from 'local', 'context')"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, capsys):
@@ -95,6 +97,39 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ConfigError, match="variables"):
         load_checkpoint(run / "checkpoints", other, keras.optimizers.SGD())
+
+
+def test_context_task_at_batch_1_with_group_norm(tmp_path):
+    run = tmp_path / "run"
+    argv = [*TINY, "--batch-size", "1", "--steps", "2", "--run-dir", str(run)]
+    argv += ["--synthetic-task", "context"]  # --norm auto: group norm at batch 1
+    assert main([*argv, "--synthetic-dir", str(tmp_path / "c")]) == 0
+    (row,) = json.loads((run / "results.json").read_text())
+    assert row["config"]["synthetic_task"] == "context" and row["config"]["norm"] == "group"
+    assert row["extra"]["bn_recalibration_batches"] == 0  # group norm has no statistics
+    ceiling = row["extra"]["bayes_ceiling"]
+    # 64 px patches: part of the lesions is out of sight, the ceiling is below 1
+    assert 0 < ceiling["decidable_fraction"] < 1 and row["metrics"]["miou"] <= ceiling["miou"]
+    assert "synthetic.json" in {p.name for p in (tmp_path / "c").iterdir()}
+
+
+def test_defaults_per_task_and_batch_size(tmp_path):
+    from histoseg.models.norm import NORMS
+    from histoseg.train import cli
+    from histoseg.wsi.synth import TASKS
+
+    def options(*flags):
+        argv = ["--run-dir", str(tmp_path / "r"), *flags]
+        return cli.options_from_args(cli.build_parser().parse_args(argv))
+
+    default = options()
+    assert default.synthetic_task == "local" and default.synthetic_dir == "data/synthetic"
+    assert default.norm == "batch"  # batch 2: runs made before --norm keep their setup
+    assert options("--batch-size", "1").norm == "group"
+    assert options("--batch-size", "1", "--norm", "batch").norm == "batch"
+    assert options("--synthetic-task", "context").synthetic_dir == "data/synthetic-context"
+    # the CLI keeps its own copies so that --help starts no TensorFlow; they must agree
+    assert cli.NORMS == NORMS and cli.SYNTHETIC_TASKS == TASKS
 
 
 def test_split_by_slide_keeps_tumour_in_validation():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import keras
 
-from histoseg.models.layers import BatchNorm
+from histoseg.models.norm import norm_layer
 from histoseg.models.remat import apply_block
 
 # (expansion t, output channels c, repeats n, first stride s): the paper's Table 2.
@@ -39,7 +39,7 @@ def _inverted_residual(x, *, expansion: int, filters: int, stride: int, rate: in
         y = keras.layers.Conv2D(in_channels * expansion, 1, use_bias=False, name=f"{name}_expand")(
             y
         )
-        y = BatchNorm(epsilon=1e-3, name=f"{name}_expand_bn")(y)
+        y = norm_layer(epsilon=1e-3, name=f"{name}_expand_bn")(y)
         y = keras.layers.ReLU(6.0, name=f"{name}_expand_relu")(y)
     y = keras.layers.DepthwiseConv2D(
         3,
@@ -49,10 +49,10 @@ def _inverted_residual(x, *, expansion: int, filters: int, stride: int, rate: in
         use_bias=False,
         name=f"{name}_depthwise",
     )(y)
-    y = BatchNorm(epsilon=1e-3, name=f"{name}_depthwise_bn")(y)
+    y = norm_layer(epsilon=1e-3, name=f"{name}_depthwise_bn")(y)
     y = keras.layers.ReLU(6.0, name=f"{name}_depthwise_relu")(y)
     y = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_project")(y)
-    y = BatchNorm(epsilon=1e-3, name=f"{name}_project_bn")(y)
+    y = norm_layer(epsilon=1e-3, name=f"{name}_project_bn")(y)
     if stride == 1 and in_channels == filters:
         y = keras.layers.Add(name=f"{name}_add")([x, y])
     return y
@@ -83,7 +83,7 @@ def mobilenetv2(inputs, *, output_stride: int = 16, remat: bool | str = False, a
             use_bias=False,
             name="stem_conv",
         )(x)
-        x = BatchNorm(epsilon=1e-3, name="stem_bn")(x)
+        x = norm_layer(epsilon=1e-3, name="stem_bn")(x)
         return keras.layers.ReLU(6.0, name="stem_relu")(x)
 
     x = apply_block(stem, inputs, name="mobilenet_stem", remat=remat)

@@ -11,6 +11,7 @@ from histoseg.errors import ConfigError
 from histoseg.models.backbones import BACKBONES
 from histoseg.models.deeplabv3plus.aspp import aspp
 from histoseg.models.deeplabv3plus.decoder import decoder
+from histoseg.models.norm import DEFAULT_NORM, check_norm, normalization
 from histoseg.models.remat import REMAT_MODES, REMAT_PARTS
 
 PRECISIONS: tuple[str, ...] = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -88,6 +89,7 @@ def build_deeplabv3plus(
     remat: str = "none",
     *,
     allow_any_size: bool = False,
+    norm: str = DEFAULT_NORM,
     **backbone_kwargs,
 ) -> keras.Model:
     """Build DeepLabV3+ (Chen et al., 2018): backbone, ASPP, decoder, logits.
@@ -108,6 +110,8 @@ def build_deeplabv3plus(
         remat: One of ``REMAT_MODES``: what to recompute in the backward pass.
         allow_any_size: Accept any input size (feature maps then use 'same'-padding
             ceil sizes, as the DeepLab model zoo does at 513 px). Used for counting.
+        norm: One of ``NORMS`` (:mod:`histoseg.models.norm`): "batch", "frozen" or
+            "group" normalisation in every conv block.
         **backbone_kwargs: Passed to the backbone, e.g. ``alpha=0.35`` for mobilenetv2.
 
     Returns:
@@ -131,23 +135,25 @@ def build_deeplabv3plus(
         backbone_kwargs,
         allow_any_size=allow_any_size,
     )
+    check_norm(norm)
     backbone_remat, head_remat = REMAT_PARTS[remat]
     rates = tuple(r * 16 // output_stride for r in _ASPP_RATES_OS16)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
-        images = keras.Input(shape=(height, width, channels), dtype="float32", name="images")
-        low_level, high_level = BACKBONES[backbone](
-            images, output_stride=output_stride, remat=backbone_remat, **backbone_kwargs
-        )
-        features = aspp(high_level, rates=rates, remat=head_remat)
-        logits = decoder(
-            features,
-            low_level,
-            num_classes=num_classes,
-            output_size=(height, width),
-            remat=head_remat,
-        )
-        return keras.Model(images, logits, name=f"deeplabv3plus_{backbone}")
+        with normalization(norm):
+            images = keras.Input(shape=(height, width, channels), dtype="float32", name="images")
+            low_level, high_level = BACKBONES[backbone](
+                images, output_stride=output_stride, remat=backbone_remat, **backbone_kwargs
+            )
+            features = aspp(high_level, rates=rates, remat=head_remat)
+            logits = decoder(
+                features,
+                low_level,
+                num_classes=num_classes,
+                output_size=(height, width),
+                remat=head_remat,
+            )
+            return keras.Model(images, logits, name=f"deeplabv3plus_{backbone}")
     finally:
         keras.config.set_dtype_policy(previous_policy)
