@@ -1,9 +1,9 @@
 """The study's published validation figures (CAMELYON16 / CAMELYON17), to plot beside ours.
 
 Source: the research poster this project grows from ("training semantic segmentation for
-whole-slide histopathology images with ever larger patches"), as summarised with its tables in
-``../shared/SEED-NOTES.md`` ("Results (validation; patch size across the top)"). The figures are
-the study's, copied digit for digit; nothing here was measured by histoseg.
+whole-slide histopathology images with ever larger patches"), its table of validation results
+by patch size. The figures are the study's, copied digit for digit; nothing here was measured
+by histoseg.
 
 The study trained DeepLabV3+ with the modified aligned Xception backbone, output stride 16,
 two classes, at batch size 1 on 24 GB GPUs and a CPU cluster. It states only one memory
