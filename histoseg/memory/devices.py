@@ -77,16 +77,24 @@ def available_bytes(device: str) -> int | None:
 CPU_PROCESS_OVERHEAD_BYTES = 1_500_000_000
 
 
-#: The error band every memory prediction is planned with: a prediction may be this much
-#: below the measurement (tests/memory/test_error_band.py holds every measured row in
-#: results/ to it), so a config is only called a fit when the prediction plus this share
-#: fits.
+#: The relative part of the error band every memory prediction is planned with: above
+#: about a gigabyte, predicted step peaks land within this share of the measurement.
 PEAK_ERROR_BAND = 0.05
+
+#: The absolute part of the band: bytes TensorFlow's BFC allocator may hand out beyond
+#: what the step requests. BFC gives a request a whole free chunk when the chunk is under
+#: twice the request, and which chunks are free depends on the order of the step's frees,
+#: which the estimate does not replay exactly. On steps of a few hundred megabytes this
+#: waste is a larger share than on big ones (docs/memory-harness.md, "The planning band").
+CHUNK_WASTE_ALLOWANCE_BYTES = 96 * 2**20
 
 
 def planned_bytes(peak_bytes: int) -> int:
-    """The bytes to plan for a predicted peak: the peak plus :data:`PEAK_ERROR_BAND`."""
-    return round(peak_bytes * (1 + PEAK_ERROR_BAND))
+    """The bytes to plan for a predicted peak: the peak, plus :data:`PEAK_ERROR_BAND` of it,
+    plus :data:`CHUNK_WASTE_ALLOWANCE_BYTES`. tests/memory/test_error_band.py holds every
+    measured row in results/ to it, tests/memory/test_random_configs.py a fresh random
+    draw per run."""
+    return round(peak_bytes * (1 + PEAK_ERROR_BAND)) + CHUNK_WASTE_ALLOWANCE_BYTES
 
 
 def fit_problem(peak_bytes: int, device: str) -> str | None:

@@ -128,6 +128,7 @@ def test_two_horovod_ranks_train_like_one_worker(horovod_ranks, single_worker, s
         np.testing.assert_allclose(ranks[0]["losses"], separate[0]["losses"], rtol=1e-6)
 
 
+@pytest.mark.slow  # two MultiWorkerMirroredStrategy processes: over a minute of CI's ten
 def test_two_tf_distribute_workers_train_like_one_worker(tmp_path, single_worker):
     codes = launch.launch_tf_workers(
         2,
