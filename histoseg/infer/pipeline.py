@@ -107,7 +107,9 @@ def run_tiles(
             pending = _read_ahead(pool, slide, level, plan, order)
             for index, (column, row) in enumerate(order):
                 future = pending.pop(0)
-                pending.extend(_read_ahead(pool, slide, level, plan, order, index + 1, 1))
+                pending.extend(
+                    _read_ahead(pool, slide, level, plan, order, index + READ_AHEAD_TILES, 1)
+                )
                 if future is not None:
                     probability = np.asarray(predict(future.result()[None]))
                     writer.put(("tile", column, row, probability))
