@@ -69,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--out {printable(args.out)} is a file; give a folder")
     from histoseg.infer.model import find_checkpoint
     from histoseg.infer.run import check_outputs
+    from histoseg.infer.tiling import ALIGN_PX
+
+    for option, value in (("--tile-size", args.tile_size), ("--margin", args.margin or 0)):
+        if value % ALIGN_PX:
+            raise ConfigError(f"{option} {value} must be a multiple of {ALIGN_PX} px")
 
     info = find_checkpoint(args.checkpoint)
     for slide in args.slide:
