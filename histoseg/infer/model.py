@@ -29,6 +29,9 @@ class CheckpointInfo:
     options: dict[str, Any]
     step: int
     sha256: str
+    # True when histoseg.train re-estimated the batch-norm statistics before saving (its
+    # final checkpoint); False for periodic ones and for files made before it recorded this
+    bn_recalibrated: bool = False
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -65,12 +68,29 @@ def find_checkpoint(path: str | Path) -> CheckpointInfo:
         options = json.loads(options_path.read_text(encoding="utf-8"))
         with np.load(path) as data:
             step = int(data["step"])
+            recalibrated = bool(data["bn_recalibrated"]) if "bn_recalibrated" in data else False
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--checkpoint {path}: not a histoseg checkpoint ({exc})") from None
     if not isinstance(options, dict) or "backbone" not in options:
         raise ConfigError(f"{options_path}: not a histoseg.train options file (no backbone)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return CheckpointInfo(path, options, step, digest)
+    return CheckpointInfo(path, options, step, digest, recalibrated)
+
+
+def stale_batch_norm_warning(info: CheckpointInfo) -> str | None:
+    """One line for a batch-norm model whose checkpoint holds the training loop's moving
+    statistics (not re-estimated for its final weights), else None.
+
+    Those statistics lag the weights, and inference mode with them can predict background
+    everywhere although validation, which recalibrates first, scored well.
+    """
+    if info.bn_recalibrated or (info.options.get("norm") or "batch") != "batch":
+        return None
+    return (
+        f"warning: {info.path.name} holds batch-norm statistics that were not re-estimated "
+        "for its weights (a periodic checkpoint, or one saved by a histoseg.train older than "
+        "the final-checkpoint recalibration); its predictions may be wrong"
+    )
 
 
 def build_tile_model(info: CheckpointInfo, tile_size_px: int):

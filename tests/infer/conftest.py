@@ -38,7 +38,8 @@ def tiny_run(tmp_path_factory, tiny_slide) -> Path:
             ]
         )
     recalibrate_batch_norm(model, [(patches, None)] * 3, get_engine("none").init(), 3)
-    save_checkpoint(run / "checkpoints", 1, model, make_optimizer("adam", 1e-3))
+    optimizer = make_optimizer("adam", 1e-3)
+    save_checkpoint(run / "checkpoints", 1, model, optimizer, bn_recalibrated=True)
     options = {
         "backbone": "mobilenetv2",
         "alpha": 0.35,

@@ -44,6 +44,29 @@ def test_a_folder_without_options_json_is_refused(tmp_path, tiny_slide, tiny_run
     assert code == 2 and "options.json" in _one_error_line(capsys)
 
 
+def test_a_checkpoint_without_recalibrated_batch_norm_is_flagged(tmp_path, tiny_run):
+    import json
+
+    import numpy as np
+
+    from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning
+
+    assert stale_batch_norm_warning(find_checkpoint(tiny_run)) is None
+    # a periodic checkpoint, or one from before histoseg.train recorded the recalibration
+    old = tmp_path / "old"
+    (old / "checkpoints").mkdir(parents=True)
+    with np.load(tiny_run / "checkpoints" / "ckpt-00000001.npz") as data:
+        arrays = {k: data[k] for k in data.files if k != "bn_recalibrated"}
+    np.savez(old / "checkpoints" / "ckpt-00000001.npz", **arrays)
+    options = json.loads((tiny_run / "options.json").read_text())
+    (old / "options.json").write_text(json.dumps(options))
+    warning = stale_batch_norm_warning(find_checkpoint(old))
+    assert warning.startswith("warning: ckpt-00000001.npz") and "\n" not in warning
+    # group norm has no statistics to go stale
+    (old / "options.json").write_text(json.dumps({**options, "norm": "group"}))
+    assert stale_batch_norm_warning(find_checkpoint(old)) is None
+
+
 def test_existing_outputs_need_force(tmp_path, tiny_slide, tiny_run, capsys):
     (tmp_path / "tiny.json").write_text("my notes")
     code = run_main(
