@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {printable(args.out)} is a file; give a folder")
-    from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning
+    from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning, tile_size_warning
     from histoseg.infer.run import check_outputs
     from histoseg.infer.tiling import ALIGN_PX
 
@@ -76,8 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"{option} {value} must be a multiple of {ALIGN_PX} px")
 
     info = find_checkpoint(args.checkpoint)
-    if warning := stale_batch_norm_warning(info):
-        print(warning, file=sys.stderr)
     for slide in args.slide:
         if not slide.is_file():
             raise ConfigError(f"--slide {printable(slide)}: no such file")
@@ -88,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from histoseg.train.cli import configure_threads
 
         configure_threads(args.threads, pin=False)
+    for warning in (stale_batch_norm_warning(info), tile_size_warning(info, args.tile_size)):
+        if warning:
+            print(warning, file=sys.stderr)
     return _run(args, info)
 
 

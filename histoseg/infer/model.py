@@ -93,6 +93,23 @@ def stale_batch_norm_warning(info: CheckpointInfo) -> str | None:
     )
 
 
+def tile_size_warning(info: CheckpointInfo, tile_size_px: int) -> str | None:
+    """One line when tiles are over twice the training patch, else None.
+
+    A model trained on small patches learns features that sit close to the zero padding at
+    the patch border; over a much larger tile most features see no border, and its output
+    can change wholesale (tumour that it finds at its patch size, missed at a large tile).
+    """
+    patch = int(info.options.get("patch_size") or 0)
+    if not patch or tile_size_px <= 2 * patch:
+        return None
+    return (
+        f"warning: --tile-size {tile_size_px} is {tile_size_px / patch:g}x the {patch} px "
+        "patches this model was trained on; a model can predict differently on inputs much "
+        "larger than its patches (compare with --tile-size near the patch size)"
+    )
+
+
 def build_tile_model(info: CheckpointInfo, tile_size_px: int):
     """The run's DeepLabV3+ at ``tile_size_px`` square, float32, with the checkpoint's weights.
 

@@ -44,12 +44,12 @@ def test_a_folder_without_options_json_is_refused(tmp_path, tiny_slide, tiny_run
     assert code == 2 and "options.json" in _one_error_line(capsys)
 
 
-def test_a_checkpoint_without_recalibrated_batch_norm_is_flagged(tmp_path, tiny_run):
+def test_stale_batch_norm_and_oversized_tiles_are_flagged(tmp_path, tiny_run):
     import json
 
     import numpy as np
 
-    from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning
+    from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning, tile_size_warning
 
     assert stale_batch_norm_warning(find_checkpoint(tiny_run)) is None
     # a periodic checkpoint, or one from before histoseg.train recorded the recalibration
@@ -62,6 +62,9 @@ def test_a_checkpoint_without_recalibrated_batch_norm_is_flagged(tmp_path, tiny_
     (old / "options.json").write_text(json.dumps(options))
     warning = stale_batch_norm_warning(find_checkpoint(old))
     assert warning.startswith("warning: ckpt-00000001.npz") and "\n" not in warning
+    # tiles far larger than the training patch (128 px here) are flagged too
+    assert tile_size_warning(find_checkpoint(tiny_run), 256) is None
+    assert "8x the 128 px" in tile_size_warning(find_checkpoint(tiny_run), 1024)
     # group norm has no statistics to go stale
     (old / "options.json").write_text(json.dumps({**options, "norm": "group"}))
     assert stale_batch_norm_warning(find_checkpoint(old)) is None
