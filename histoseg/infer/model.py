@@ -3,7 +3,9 @@
 ``histoseg.train`` writes ``<run>/options.json`` (the model's configuration) and
 ``<run>/checkpoints/ckpt-<step>.npz`` (model variables, then optimizer state). Inference
 rebuilds the same model at the tile size, with the ASPP image pooling limited to the
-training patch (so a tile sees the context training did), and reads the model's variables.
+training patch, and reads the model's variables. A tile much larger than the training
+patch can still change what the model predicts, so callers warn about one
+(:func:`tile_size_warning`).
 """
 
 from __future__ import annotations
