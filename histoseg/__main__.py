@@ -16,6 +16,7 @@ COMMANDS = {
     "synth": ("histoseg.wsi.synth", "write synthetic pyramidal slides with ASAP annotations"),
     "patches": ("histoseg.wsi.patches", "list the patches a slide yields (CSV, preview)"),
     "ceiling": ("histoseg.wsi.ceiling", "best score a patch size allows on a synthetic task"),
+    "infer": ("histoseg.infer", "run a checkpoint over slides: probability pyramid, overlay"),
 }
 
 

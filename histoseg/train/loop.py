@@ -244,13 +244,20 @@ CHECKPOINT_RE = re.compile(r"ckpt-(\d+)\.npz$")
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, step: int, model: keras.Model, optimizer: Any, keep: int = 3
+    folder: str | os.PathLike,
+    step: int,
+    model: keras.Model,
+    optimizer: Any,
+    keep: int = 3,
+    bn_recalibrated: bool = False,
 ) -> Path:
     """Write model and optimizer variables at ``step`` to ``folder/ckpt-<step>.npz`` atomically.
 
     A plain npz of every variable in a fixed order (model then optimizer): readable without
     TensorFlow, and restored onto a model built with the same configuration. Keeps the
-    newest ``keep`` checkpoints.
+    newest ``keep`` checkpoints. ``bn_recalibrated`` records (as ``bn_recalibrated`` in the
+    file) that the batch-norm statistics were re-estimated for these weights, so that
+    inference can tell a checkpoint fit for inference mode from a periodic one.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -258,6 +265,7 @@ def save_checkpoint(
         f"v{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(all_variables(model, optimizer))
     }
     arrays["step"] = np.array(step, dtype=np.int64)
+    arrays["bn_recalibrated"] = np.array(bn_recalibrated)
     path = folder / f"ckpt-{step:08d}.npz"
     tmp = folder / f".ckpt-{step:08d}.npz.tmp"
     with tmp.open("wb") as f:
@@ -825,14 +833,15 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
     train_s = time.perf_counter() - started
     if bar is not None:
         bar.close()
-    if chief and total_steps > start_step:
-        last_checkpoint = save_checkpoint(
-            run_dir / "checkpoints", total_steps, model, step.optimizer
-        )
-
     recalibrated = recalibrate_batch_norm(
         model, iter(dataset), engine, options.bn_recalibration_batches
     )
+    # after the recalibration: the last checkpoint is the model validation scores (the
+    # stale moving statistics of the training loop can make inference mode predict nothing)
+    if chief and total_steps > start_step:
+        last_checkpoint = save_checkpoint(
+            run_dir / "checkpoints", total_steps, model, step.optimizer, bn_recalibrated=True
+        )
     val_batches = []
     if my_val:
         val_ds = make_dataset(

@@ -1,11 +1,12 @@
-"""Streaming writer of pyramidal JPEG-tiled TIFFs that OpenSlide reads ("generic tiled TIFF").
+"""Streaming writer of pyramidal tiled TIFFs that OpenSlide reads ("generic tiled TIFF").
 
 Level 0 is rendered tile by tile (in threads) and written as it comes; the pyramid is built
 on the way: each finished tile is halved into its parent tile, and a parent is JPEG-encoded
 the moment its last child arrives and kept as bytes. Memory stays at about one row of tiles
 per level plus the compressed lower levels, whatever the slide size. The file is level 0
 first, then reduced-resolution directories (NewSubfileType 1, not SubIFDs), with
-X/YResolution in pixels per centimetre so OpenSlide reports the mpp.
+X/YResolution in pixels per centimetre so OpenSlide reports the mpp. Tiles are JPEG RGB
+(slides) or lossless deflate, RGB or single-channel (maps such as a tumour probability).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from histoseg.errors import ConfigError
 
 MIN_TOP_LEVEL_PX = 1000  # keep halving until the top level is smaller than this
 JPEG_QUALITY = 85
+COMPRESSIONS = ("jpeg", "deflate")
+DEFLATE_LEVEL = 6
 
 
 def pyramid_dimensions(width_px: int, height_px: int) -> list[tuple[int, int]]:
@@ -35,7 +38,9 @@ def pyramid_dimensions(width_px: int, height_px: int) -> list[tuple[int, int]]:
     return dims
 
 
-def _encode(tile: np.ndarray) -> bytes:
+def _encode(tile: np.ndarray, compression: str = "jpeg") -> bytes:
+    if compression == "deflate":
+        return imagecodecs.zlib_encode(np.ascontiguousarray(tile), level=DEFLATE_LEVEL)
     return imagecodecs.jpeg_encode(
         tile, level=JPEG_QUALITY, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
     )
@@ -51,16 +56,27 @@ class _PyramidBuilder:
     """Collects halved level-k tiles into level-(k+1) tiles and encodes finished ones."""
 
     def __init__(
-        self, dims: list[tuple[int, int]], tile_px: int, background_rgb: tuple[int, int, int]
+        self,
+        dims: list[tuple[int, int]],
+        tile_px: int,
+        background: tuple[int, ...],
+        compression: str = "jpeg",
     ):
         self.dims = dims
         self.tile_px = tile_px
+        self.compression = compression
         self.grid = [(math.ceil(w / tile_px), math.ceil(h / tile_px)) for w, h in dims]
         self.pending: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in dims]
         self.encoded: list[dict[tuple[int, int], bytes]] = [{} for _ in dims]
-        self._white = np.full((tile_px, tile_px, 3), background_rgb, dtype=np.uint8)
+        shape = (tile_px, tile_px, len(background)) if len(background) > 1 else (tile_px, tile_px)
+        self._white = np.full(
+            shape, background[0] if len(background) == 1 else background, np.uint8
+        )
         self._white_half = _halve(self._white)
-        self._white_bytes = _encode(self._white)
+        self._white_bytes = self.encode(self._white)
+
+    def encode(self, tile: np.ndarray) -> bytes:
+        return _encode(tile, self.compression)
 
     def white_bytes(self) -> bytes:
         return self._white_bytes
@@ -84,7 +100,7 @@ class _PyramidBuilder:
         last_child = (min(2 * px + 1, n_tx - 1), min(2 * py + 1, n_ty - 1))
         if (tx, ty) == last_child:
             del self.pending[parent_level][key]
-            self.encoded[parent_level][key] = _encode(parent)
+            self.encoded[parent_level][key] = self.encode(parent)
             self.add(parent_level, px, py, _halve(parent))
 
     def level_tiles(self, level: int) -> Iterator[bytes]:
@@ -102,24 +118,28 @@ def write_pyramid_tiff(
     *,
     tile_px: int = 512,
     mpp: float = 0.25,
-    background_rgb: tuple[int, int, int] = (255, 255, 255),
+    background_rgb: tuple[int, int, int] | tuple[int] = (255, 255, 255),
     threads: int | None = None,
     progress: bool = True,
     software: str = "histoseg",
+    compression: str = "jpeg",
 ) -> Path:
-    """Write a pyramidal JPEG-tiled TIFF from a level-0 tile function.
+    """Write a pyramidal tiled TIFF from a level-0 tile function.
 
     Args:
         path: output file (written as ``path.part`` and renamed when complete).
-        render_tile: ``(tile column, tile row) -> uint8 (tile_px, tile_px, 3)`` RGB, or None
-            for a background tile. Called from ``threads`` threads; must be thread-safe.
+        render_tile: ``(tile column, tile row) -> uint8 (tile_px, tile_px, 3)`` RGB (or
+            ``(tile_px, tile_px)`` when ``background_rgb`` has one value), or None for a
+            background tile. Called from ``threads`` threads; must be thread-safe.
         size_px: level-0 (width, height).
         tile_px: tile side, a multiple of 16 (JPEG 4:2:0 blocks).
         mpp: micrometres per level-0 pixel.
-        background_rgb: colour of None tiles and of the padding beyond the slide.
+        background_rgb: colour of None tiles and of the padding beyond the slide; one value
+            makes a single-channel (grey) image.
         threads: render threads (default: CPU count, at most 4).
         progress: show a tqdm bar on stderr.
         software: the Software tag.
+        compression: "jpeg" (lossy, RGB only) or "deflate" (lossless).
 
     Returns:
         ``path``.
@@ -133,10 +153,18 @@ def write_pyramid_tiff(
         raise ConfigError(f"tile_px must be a positive multiple of 16, got {tile_px}")
     if not (mpp > 0 and math.isfinite(mpp)):
         raise ConfigError(f"mpp must be a positive number, got {mpp}")
+    channels = len(background_rgb)
+    if compression not in COMPRESSIONS or channels not in (1, 3):
+        raise ConfigError(
+            f"compression {compression!r} with {channels} channel(s): allowed are "
+            f"{', '.join(COMPRESSIONS)} with 3 channels, or deflate with 1"
+        )
+    if compression == "jpeg" and channels != 3:
+        raise ConfigError("jpeg tiles are RGB here; use compression='deflate' for one channel")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dims = pyramid_dimensions(width_px, height_px)
-    builder = _PyramidBuilder(dims, tile_px, background_rgb)
+    builder = _PyramidBuilder(dims, tile_px, tuple(background_rgb), compression)
     n_tx, n_ty = builder.grid[0]
     threads = threads or min(4, os.cpu_count() or 1)
 
@@ -144,7 +172,7 @@ def write_pyramid_tiff(
         tile = render_tile(index % n_tx, index // n_tx)
         if tile is None:
             return builder.white_bytes(), None
-        return _encode(tile), _halve(tile)
+        return builder.encode(tile), _halve(tile)
 
     def level0_tiles() -> Iterator[bytes]:
         with (
@@ -172,18 +200,20 @@ def write_pyramid_tiff(
     common = {
         "dtype": np.uint8,
         "tile": (tile_px, tile_px),
-        "compression": "jpeg",
-        "photometric": "rgb",
-        "subsampling": (2, 2),
+        "compression": "jpeg" if compression == "jpeg" else "zlib",
+        "photometric": "rgb" if channels == 3 else "minisblack",
         "resolutionunit": "CENTIMETER",
         "metadata": None,
     }
+    if compression == "jpeg":
+        common["subsampling"] = (2, 2)
+    pixel_shape = (3,) if channels == 3 else ()
     bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
     try:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
             tif.write(
                 level0_tiles(),
-                shape=(height_px, width_px, 3),
+                shape=(height_px, width_px, *pixel_shape),
                 resolution=(resolution_per_cm, resolution_per_cm),
                 subfiletype=0,
                 software=software,
@@ -194,7 +224,7 @@ def write_pyramid_tiff(
                 scale = width_px / w
                 tif.write(
                     builder.level_tiles(level),
-                    shape=(h, w, 3),
+                    shape=(h, w, *pixel_shape),
                     resolution=(resolution_per_cm / scale, resolution_per_cm / scale),
                     subfiletype=1,
                     **common,

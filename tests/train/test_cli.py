@@ -63,6 +63,31 @@ def _tensorboard_scalars(folder):
     return scalars
 
 
+def _checkpoint_metrics(run):
+    """Metrics of ``run``'s newest checkpoint, restored onto a fresh model, in inference mode
+    over the run's validation patches (what inference does with it)."""
+    from histoseg.data import make_dataset
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.train.cli import build_parser, options_from_args
+    from histoseg.train.engines import get_engine
+    from histoseg.train.loop import _train_and_val_slides, _val_patches, evaluate
+
+    saved = json.loads((run / "options.json").read_text())
+    argv = [*TINY, "--synthetic-dir", saved["synthetic_dir"], "--run-dir", str(run)]
+    options = options_from_args(build_parser().parse_args(argv))
+    engine = get_engine("none")
+    refs = _val_patches(options, _train_and_val_slides(options, engine)[1])
+    size = (options.patch_size, options.patch_size, 3)
+    model = build_deeplabv3plus("mobilenetv2", size, 2, 16, "float32", "none", alpha=0.35)
+    with np.load(sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1]) as data:
+        assert bool(data["bn_recalibrated"])
+        names = sorted(k for k in data.files if k.startswith("v"))
+        for name, variable in zip(names, model.variables, strict=False):
+            variable.assign(data[name])
+    batches = make_dataset(refs, 2, shuffle=False, repeat=False, drop_remainder=False)
+    return evaluate(model, batches, engine).result()
+
+
 def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     data, run = tmp_path / "slides", tmp_path / "run"
     common = [*TINY, "--synthetic-dir", str(data), "--run-dir", str(run)]
@@ -84,6 +109,10 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     assert scalars["val/miou"] == [(2, pytest.approx(row["metrics"]["miou"], abs=1e-6))]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.npz"]
     assert "validation (" in capsys.readouterr().out
+    # the checkpoint is the model validation scored, batch-norm statistics included
+    restored = _checkpoint_metrics(run)
+    for key in ("miou", "auc"):
+        assert restored[key] == pytest.approx(row["metrics"][key], abs=1e-6), key
 
     # resume: continues from step 2 to step 3, adds a second row (another steps count)
     assert main([*common, "--steps", "3", "--resume", "auto"]) == 0

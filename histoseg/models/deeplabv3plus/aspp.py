@@ -10,7 +10,9 @@ from histoseg.models.remat import apply_block
 ASPP_FILTERS = 256
 
 
-def aspp(x, *, rates: tuple[int, int, int], remat: bool = False):
+def aspp(
+    x, *, rates: tuple[int, int, int], remat: bool = False, image_pooling_cells: int | None = None
+):
     """Apply ASPP to the backbone's high-level feature.
 
     Five parallel branches (1x1 conv; three 3x3 atrous separable convs at ``rates``; image
@@ -23,6 +25,10 @@ def aspp(x, *, rates: tuple[int, int, int], remat: bool = False):
         x: High-level feature, NHWC.
         rates: Atrous rates, (6, 12, 18) at output stride 16 and (12, 24, 36) at 8.
         remat: Recompute each branch and the projection in the backward pass.
+        image_pooling_cells: Pool over a ``cells x cells`` window around each position
+            instead of the whole image (DeepLab's ``image_pooling_crop_size``): a model
+            trained on patches then sees, at any input size, the context it was trained
+            with, and its output no longer depends on where a tile was cut.
 
     Returns:
         The 256-channel ASPP feature at the input's resolution.
@@ -30,6 +36,12 @@ def aspp(x, *, rates: tuple[int, int, int], remat: bool = False):
     height, width = x.shape[1], x.shape[2]
 
     def pooling(t):
+        if image_pooling_cells is not None:
+            # "same" padding averages only the cells inside the input, as at a patch edge
+            t = keras.layers.AveragePooling2D(
+                image_pooling_cells, strides=1, padding="same", name="aspp_pool"
+            )(t)
+            return conv_bn(t, ASPP_FILTERS, 1, epsilon=1e-5, name="aspp_pool")
         t = keras.layers.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(t)
         t = conv_bn(t, ASPP_FILTERS, 1, epsilon=1e-5, name="aspp_pool")
         return ResizeBilinear(height, width, name="aspp_pool_upsample")(t)

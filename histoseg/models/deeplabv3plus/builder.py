@@ -90,6 +90,7 @@ def build_deeplabv3plus(
     *,
     allow_any_size: bool = False,
     norm: str = DEFAULT_NORM,
+    image_pooling_px: int | None = None,
     **backbone_kwargs,
 ) -> keras.Model:
     """Build DeepLabV3+ (Chen et al., 2018): backbone, ASPP, decoder, logits.
@@ -112,6 +113,9 @@ def build_deeplabv3plus(
             ceil sizes, as the DeepLab model zoo does at 513 px). Used for counting.
         norm: One of ``NORMS`` (:mod:`histoseg.models.norm`): "batch", "frozen" or
             "group" normalisation in every conv block.
+        image_pooling_px: ASPP image pooling over a window of this many input px around
+            each position (the training patch size, for tiled inference) instead of the
+            whole input; None (training) pools globally. The weights are the same.
         **backbone_kwargs: Passed to the backbone, e.g. ``alpha=0.35`` for mobilenetv2.
 
     Returns:
@@ -146,7 +150,12 @@ def build_deeplabv3plus(
             low_level, high_level = BACKBONES[backbone](
                 images, output_stride=output_stride, remat=backbone_remat, **backbone_kwargs
             )
-            features = aspp(high_level, rates=rates, remat=head_remat)
+            pooling_cells = None
+            if image_pooling_px is not None:
+                pooling_cells = max(1, int(image_pooling_px) // output_stride)
+            features = aspp(
+                high_level, rates=rates, remat=head_remat, image_pooling_cells=pooling_cells
+            )
             logits = decoder(
                 features,
                 low_level,

@@ -1,0 +1,129 @@
+"""`python -m histoseg.infer`: run a trained checkpoint over whole slides.
+
+For each slide: a tumour-probability pyramid (tiled TIFF at the slide's geometry and mpp),
+a heatmap overlay PNG and a JSON summary, in ``--out``. Only tissue tiles run; tiles
+overlap by a margin from the model's receptive field and are cross-faded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from histoseg.cli import ArgumentParser, int_in_range, non_negative_int, printable, run_main
+from histoseg.errors import ConfigError
+
+EPILOG = """\
+Examples:
+  # train a small model, then run it over a synthetic slide
+  python -m histoseg.train --backbone mobilenetv2 --alpha 0.35 --patch-size 128 --steps 300 \\
+      --run-dir runs/small
+  python -m histoseg.wsi.synth --out data/infer --slides 1 --size 20000x16000
+  python -m histoseg.infer --checkpoint runs/small --slide data/infer/slide_000.tif --out out/
+
+  # several slides at pyramid level 1, 2048 px tiles; an interrupted run resumes by rerunning
+  python -m histoseg.infer --checkpoint runs/small/checkpoints/ckpt-00000300.npz \\
+      --slide data/synthetic/*.tif --level 1 --tile-size 2048 --out out/
+
+  # score the outputs against the slides' annotations (CAMELYON16 FROC and slide AUC)
+  python -m histoseg.infer.evaluate --summaries out/ --annotations data/synthetic
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m histoseg.infer",
+        description=__doc__.splitlines()[0],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="ckpt-*.npz, or a histoseg.train run dir")
+    p.add_argument("--slide", required=True, nargs="+", type=Path, help="slide file(s)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--level", type=non_negative_int, default=0, help="pyramid level (default 0)")
+    p.add_argument(
+        "--tile-size",
+        type=int_in_range(64, 8192),
+        default=1024,
+        help="model input px, a multiple of 32 (default 1024)",
+    )
+    p.add_argument(
+        "--margin",
+        type=int_in_range(0, 4096),
+        help="overlap each side in px, a multiple of 32 (default: the model's receptive-field "
+        "radius, at most an eighth of the tile)",
+    )
+    p.add_argument("--threads", type=int_in_range(1, 1024), help="compute threads")
+    p.add_argument("--force", action="store_true", help="overwrite outputs; restart, not resume")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or estimate")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {printable(args.out)} is a file; give a folder")
+    from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning, tile_size_warning
+    from histoseg.infer.run import check_outputs
+    from histoseg.infer.tiling import ALIGN_PX
+
+    for option, value in (("--tile-size", args.tile_size), ("--margin", args.margin or 0)):
+        if value % ALIGN_PX:
+            raise ConfigError(f"{option} {value} must be a multiple of {ALIGN_PX} px")
+
+    info = find_checkpoint(args.checkpoint)
+    for slide in args.slide:
+        if not slide.is_file():
+            raise ConfigError(f"--slide {printable(slide)}: no such file")
+        check_outputs(args.out, slide, args.force)
+    if len({s.stem for s in args.slide}) != len(args.slide):
+        raise ConfigError("--slide: two slides share a name; their outputs would collide")
+    if args.threads:
+        from histoseg.train.cli import configure_threads
+
+        configure_threads(args.threads, pin=False)
+    for warning in (stale_batch_norm_warning(info), tile_size_warning(info, args.tile_size)):
+        if warning:
+            print(warning, file=sys.stderr)
+    return _run(args, info)
+
+
+def _run(args, info) -> int:
+    from histoseg.infer.model import build_tile_model, tumour_probability_fn
+    from histoseg.infer.receptive import receptive_field_radius_px
+    from histoseg.infer.run import InferSettings, infer_slide
+    from histoseg.infer.tiling import default_margin_px
+
+    model = build_tile_model(info, args.tile_size)
+    radius = receptive_field_radius_px(model)
+    margin = args.margin if args.margin is not None else default_margin_px(radius, args.tile_size)
+    settings = InferSettings(args.level, args.tile_size, margin, radius)
+    predict = tumour_probability_fn(model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for slide in args.slide:
+        s = infer_slide(
+            slide,
+            args.out,
+            predict,
+            info,
+            settings,
+            force=args.force,
+            progress=not args.no_progress,
+        )
+        print(
+            f"{printable(slide.name)}: slide score {s['slide_score']:.3f}, tumour "
+            f"{s['tumour_area_mm2']:.2f} mm2 of {s['tissue_mm2']:.1f} mm2 tissue, "
+            f"{len(s['detections'])} candidate lesions, "
+            f"{s['tissue_mp_per_s_median']:.2f} MP/s of tissue (median over tiles) -> "
+            f"{printable(s['outputs']['pyramid'])}",
+            file=sys.stdout,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
