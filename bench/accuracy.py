@@ -1,6 +1,8 @@
 """The accuracy sweep: what a larger patch buys, at the same budget of pixels seen.
 
-For each patch size P the sweep trains a fresh DeepLabV3+ through ``histoseg.train`` for
+Every patch size is trained once per seed (``--seeds``, default 0 1 2) and per synthetic
+task (``--synthetic-task``, default both), seeds outermost. For each patch size P the
+sweep trains a fresh DeepLabV3+ through ``histoseg.train`` for
 ``steps = pixel_budget / (batch_size * P^2)`` steps (so every size sees about the same number
 of training pixels), then evaluates it on held-out slides with the study's metrics: pixel
 accuracy, mIoU and ROC AUC over every validation pixel, and the number of validation patches.
@@ -18,6 +20,8 @@ Examples:
     python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8
     python -m bench.accuracy --backbone xception65 --slides data/c16/images --annotations data/c16/xml
     python -m bench.accuracy --synthetic-task context --batch-size 1 --sizes 256 512 1024
+    python -m bench.accuracy --synthetic-task local context --seeds 0 1 2 --batch-size 1 \
+        --alpha 0.35 --sizes 256 512 1024 --tumour-weight 3 --out results/accuracy_tasks.json
     python -m bench.accuracy --data camelyon16=/data/camelyon16 --batch-size 1
 """
 
@@ -270,6 +274,9 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
         precision=config["precision"],
         remat=config["remat"],
         norm=config.get("norm", "batch"),
+        tumour_weight=float(config.get("tumour_weight", 1.0)),
+        tumor_ratio=float(config.get("tumor_ratio", 0.5)),
+        warmup_steps=config.get("warmup_steps"),
         optimizer=config["optimizer"],
         learning_rate=float(config["learning_rate"]),
         steps=int(config["steps"]),
@@ -421,6 +428,10 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
     norm = resolve_norm(args.norm, args.batch_size)
     if norm != "batch":
         config["norm"] = norm
+    # likewise only when not the default
+    for key, default in (("tumour_weight", 1.0), ("tumor_ratio", 0.5), ("warmup_steps", None)):
+        if getattr(args, key) != default:
+            config[key] = getattr(args, key)
     return config
 
 
@@ -616,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  python -m bench.accuracy --sizes 256 512 1024\n"
         "  python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8\n"
-        "  python -m bench.accuracy --backbone xception65 --slides c16/images --annotations c16/xml\n\n"
+        "  python -m bench.accuracy --backbone xception65 --slides c16/images --annotations c16/xml\n"
+        "  python -m bench.accuracy --synthetic-task context --seeds 0 1 2 --batch-size 1 "
+        "--alpha 0.35 --sizes 256 512 1024 --tumour-weight 3\n\n"
         "Re-running keeps sizes already measured (--force re-runs them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -648,6 +661,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=NORM_CHOICES,
         help="normalisation: batch, frozen, group, or auto: group at --batch-size 1, "
         "else batch (default auto)",
+    )
+    parser.add_argument(
+        "--tumour-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of tumour pixels (default 1: plain mean)",
+    )
+    parser.add_argument(
+        "--tumor-ratio", type=float, default=0.5, help="share of tumour patches (default 0.5)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="(default: 10%% of steps, at most 100)"
     )
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     parser.add_argument("--learning-rate", type=float, default=1e-3)

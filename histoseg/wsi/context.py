@@ -30,8 +30,7 @@ CONTEXT_GENERATOR = "histoseg.wsi.context/2"
 MARGIN_BAND_PX = 24
 #: Lesion radius as a share of the slide's short side. Wide enough that a 256 px patch
 #: fits inside many lesions (so small patches cannot decide them), small enough that a
-#: 1024 px patch never does and that every interior pixel lies within the reach of a
-#: stride-16 DeepLabV3+ head (ASPP rate 18: about 300 px) of some margin.
+#: 1024 px patch never does, so no interior pixel is far from a margin a large patch shows.
 LESION_RADIUS_SHARE = (0.06, 0.10)
 #: Many lesions a slide, so tumour is not rare in any patch sampler or validation grid.
 LESIONS_PER_SLIDE = (6, 12)  # drawn from [low, high)
