@@ -32,6 +32,7 @@ SERIES_KEYS = (
     "alpha",
     "batch_size",
     "norm",
+    "tumour_weight",
     "learning_rate",
     "pixel_budget",
     "data",

@@ -364,6 +364,8 @@ def _label_part(key: str, value: Any) -> str:
         return f"{float(value):.2g} px seen per size"
     if key == "batch_size":
         return f"batch {value}"
+    if key == "tumour_weight":
+        return f"tumour weight {value:g}"
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     return str(value)
