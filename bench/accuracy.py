@@ -1,6 +1,8 @@
 """The accuracy sweep: what a larger patch buys, at the same budget of pixels seen.
 
-For each patch size P the sweep trains a fresh DeepLabV3+ through ``histoseg.train`` for
+Every patch size is trained once per seed (``--seeds``, default 0 1 2) and per synthetic
+task (``--synthetic-task``, default both), seeds outermost. For each patch size P the
+sweep trains a fresh DeepLabV3+ through ``histoseg.train`` for
 ``steps = pixel_budget / (batch_size * P^2)`` steps (so every size sees about the same number
 of training pixels), then evaluates it on held-out slides with the study's metrics: pixel
 accuracy, mIoU and ROC AUC over every validation pixel, and the number of validation patches.
@@ -18,6 +20,8 @@ Examples:
     python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8
     python -m bench.accuracy --backbone xception65 --slides data/c16/images --annotations data/c16/xml
     python -m bench.accuracy --synthetic-task context --batch-size 1 --sizes 256 512 1024
+    python -m bench.accuracy --synthetic-task local context --seeds 0 1 2 --batch-size 1 \
+        --alpha 0.35 --sizes 256 512 1024 --tumour-weight 3 --out results/accuracy_tasks.json
     python -m bench.accuracy --data camelyon16=/data/camelyon16 --batch-size 1
 """
 
@@ -47,6 +51,7 @@ from histoseg.train.cli import (
 )
 
 DEFAULT_SIZES = (256, 704, 1024, 2048)
+DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_PIXEL_BUDGET = 1e8  # ~10 min per size for mobilenetv2 on 2 CPU cores (0.24 Mpx/s)
 DEFAULT_OUT = Path("results/accuracy.json")
 #: Share of the device's free memory a size may plan to use by default (the rest is the
@@ -269,6 +274,9 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
         precision=config["precision"],
         remat=config["remat"],
         norm=config.get("norm", "batch"),
+        tumour_weight=float(config.get("tumour_weight", 1.0)),
+        tumor_ratio=float(config.get("tumor_ratio", 0.5)),
+        warmup_steps=config.get("warmup_steps"),
         optimizer=config["optimizer"],
         learning_rate=float(config["learning_rate"]),
         steps=int(config["steps"]),
@@ -420,6 +428,10 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
     norm = resolve_norm(args.norm, args.batch_size)
     if norm != "batch":
         config["norm"] = norm
+    # likewise only when not the default
+    for key, default in (("tumour_weight", 1.0), ("tumor_ratio", 0.5), ("warmup_steps", None)):
+        if getattr(args, key) != default:
+            config[key] = getattr(args, key)
     return config
 
 
@@ -478,19 +490,24 @@ def run_sweep(
         predict = estimate_predictor(
             args.backbone, args.batch_size, args.output_stride, args.optimizer, options
         )
+    n_points = len(sweep_points(args))
     log(
         f"accuracy sweep: sizes {' '.join(map(str, args.sizes))} px, pixel budget {args.pixel_budget:.3g} px "
-        f"per size, batch {args.batch_size}, {args.backbone}, memory budget "
+        f"per run, batch {args.batch_size}, {args.backbone}, seeds {' '.join(map(str, args.seeds))}, "
+        f"{n_points} runs ({n_points * args.pixel_budget:.3g} px in all), memory budget "
         f"{_gb(budget) if budget else 'none'} ({budget_source})"
     )
     command = getattr(args, "command", None) or command_line(
         "bench.accuracy", getattr(args, "argv", None)
     )
     results: list[dict] = []
-    for index, size in enumerate(args.sizes, start=1):
+    points = sweep_points(args)
+    started_sweep = time.monotonic()
+    trained = 0
+    for index, (point_args, size) in enumerate(points, start=1):
         steps = steps_for_budget(args.pixel_budget, args.batch_size, size)
-        config = base_config(args, size, steps)
-        head = f"[{index}/{len(args.sizes)}] {size} px"
+        config = base_config(point_args, size, steps)
+        head = f"[{index}/{len(points)}] {_point_name(point_args, size)}"
         done = finished_row(rows, config)
         if done is not None and not args.force:
             log(f"{head}: already measured ({done.get('created', '?')}), kept; --force re-runs it")
@@ -524,14 +541,45 @@ def run_sweep(
                 f"predicted peak {predicted}"
             )
             started = time.monotonic()
-            result = runner({"config": config, "data": data_spec(args)})
+            result = runner({"config": config, "data": data_spec(point_args)})
             extra["wall_s"] = round(time.monotonic() - started, 1)
             row = size_row(config, plan, result, extra)
-            log(f"{head}: {_row_summary(row)}")
+            trained += 1
+            log(f"{head}: {_row_summary(row)}; {_eta(started_sweep, trained, points, index)}")
         rows = replace_point(rows, row)
         write_rows(out, rows)  # after every size: an interrupted sweep keeps what it measured
         results.append(row)
     return results
+
+
+def sweep_points(args: argparse.Namespace) -> list[tuple[argparse.Namespace, int]]:
+    """Every (per-point arguments, patch size) of the sweep, seed by seed.
+
+    Seeds form the outer loop, so a sweep stopped part way holds whole curves (every task
+    and size) for its first seeds rather than every seed of its first sizes.
+    """
+    tasks = args.synthetic_task if isinstance(args.synthetic_task, list) else [args.synthetic_task]
+    if args.slides is not None or args.data is not None:
+        tasks = tasks[:1]  # real slides have no synthetic task
+    return [
+        (argparse.Namespace(**{**vars(args), "synthetic_task": task, "seed": seed}), size)
+        for seed in args.seeds
+        for task in tasks
+        for size in args.sizes
+    ]
+
+
+def _point_name(args: argparse.Namespace, size: int) -> str:
+    task = "" if args.slides is not None or args.data is not None else f"{args.synthetic_task}, "
+    return f"{task}{size} px, seed {args.seed}"
+
+
+def _eta(started: float, trained: int, points: Sequence[Any], index: int) -> str:
+    """Elapsed time and a naive estimate of what is left (points still to train, at the
+    mean wall time of those trained so far)."""
+    elapsed_s = time.monotonic() - started
+    left_s = elapsed_s / max(1, trained) * (len(points) - index)
+    return f"{elapsed_s / 60:.0f} min so far, about {left_s / 60:.0f} min left"
 
 
 def _row_summary(row: dict) -> str:
@@ -579,7 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Examples:\n"
         "  python -m bench.accuracy --sizes 256 512 1024\n"
         "  python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8\n"
-        "  python -m bench.accuracy --backbone xception65 --slides c16/images --annotations c16/xml\n\n"
+        "  python -m bench.accuracy --backbone xception65 --slides c16/images --annotations c16/xml\n"
+        "  python -m bench.accuracy --synthetic-task context --seeds 0 1 2 --batch-size 1 "
+        "--alpha 0.35 --sizes 256 512 1024 --tumour-weight 3\n\n"
         "Re-running keeps sizes already measured (--force re-runs them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -612,11 +662,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="normalisation: batch, frozen, group, or auto: group at --batch-size 1, "
         "else batch (default auto)",
     )
+    parser.add_argument(
+        "--tumour-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of tumour pixels (default 1: plain mean)",
+    )
+    parser.add_argument(
+        "--tumor-ratio", type=float, default=0.5, help="share of tumour patches (default 0.5)"
+    )
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="(default: 10%% of steps, at most 100)"
+    )
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--threads", type=int, default=_default_threads())
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_SEEDS),
+        metavar="SEED",
+        help="training seeds; each point is trained once per seed "
+        f"(default {' '.join(map(str, DEFAULT_SEEDS))})",
+    )
     parser.add_argument(
         "--data", metavar="NAME=DIR", help="camelyon16=DIR or camelyon17=DIR (published layout)"
     )
@@ -628,9 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--synthetic-task",
-        default="local",
+        nargs="+",
+        default=list(SYNTHETIC_TASKS),
         choices=SYNTHETIC_TASKS,
-        help="local: tumour has its own texture; context: only a lesion's margin marks it",
+        help="local: tumour has its own texture; context: only a lesion's margin marks it "
+        "(default: both)",
     )
     parser.add_argument(
         "--synthetic-dir",
@@ -690,6 +762,12 @@ def check_args(args: argparse.Namespace) -> None:
     for folder in (args.slides, args.annotations):
         if folder is not None and not folder.is_dir():
             raise ConfigError(f"{folder} is not a folder")
+    if args.synthetic_dir is not None and len(set(args.synthetic_task)) > 1:
+        raise ConfigError(
+            "--synthetic-dir holds one task's slides: give it with one --synthetic-task"
+        )
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ConfigError(f"--seeds must differ, got {' '.join(map(str, args.seeds))}")
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
     steps_for_budget(args.pixel_budget, args.batch_size, min(args.sizes))

@@ -296,7 +296,11 @@ MEMORY_KEYS = ("backbone", "output_stride", "precision", "remat", "batch_size")
 
 def memory_key(config: Mapping[str, Any]) -> tuple:
     """What makes two configs' step memory the same: model, precision, remat, batch, optimizer, size."""
-    options = json.dumps(config.get("backbone_options") or {}, sort_keys=True, default=str)
+    options = config.get("backbone_options") or {}
+    if not options and config.get("alpha") is not None:
+        # histoseg.train rows name the width as config.alpha, memory rows as backbone_options
+        options = {"alpha": config["alpha"]}
+    options = json.dumps(options, sort_keys=True, default=str)
     return (
         *(config.get(k) for k in MEMORY_KEYS),
         config.get("optimizer") or "adam",  # the harness's default optimizer
@@ -360,6 +364,8 @@ def _label_part(key: str, value: Any) -> str:
         return f"{float(value):.2g} px seen per size"
     if key == "batch_size":
         return f"batch {value}"
+    if key == "tumour_weight":
+        return f"tumour weight {value:g}"
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     return str(value)
@@ -375,265 +381,10 @@ def _varying_keys(configs: Sequence[Mapping[str, Any]], candidates: Sequence[str
 
 
 def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
-    """Peak training memory per patch size against accuracy, mIoU and AUC, with the study's points."""
-    outcome = PlotOutcome("memory_vs_accuracy")
-    accuracy_rows = [r for r in rows if r.get("kind") == "accuracy"]
-    swept = [r for r in accuracy_rows if r.get("config", {}).get("pixel_budget")]
-    if swept:
-        # The figure is the equal-pixel-budget trade; single training runs (python -m
-        # histoseg.train rows, no budget) are other experiments and would blur it.
-        others = len(accuracy_rows) - len(swept)
-        if others:
-            outcome.notes.append(
-                f"{others} accuracy row(s) without a pixel budget (single training runs) not drawn"
-            )
-        accuracy_rows = swept
-    memory_index = _memory_index(rows)
+    """mIoU against measured peak memory per task (:mod:`bench.accuracy_plot`)."""
+    from bench.accuracy_plot import draw_memory_vs_accuracy as draw
 
-    points: list[dict] = []  # one per placed accuracy row
-    for row in accuracy_rows:
-        config = row.get("config", {})
-        what = f"{config.get('patch_size', '?')} px"
-        metrics = _section(row, "metrics")
-        if row.get("status", "ok") != "ok" or not metrics:
-            outcome.notes.append(_status_note(row, what))
-            continue
-        peak, source = accuracy_memory(row, memory_index)
-        if peak is None:
-            outcome.notes.append(
-                f"{what}: no measured or predicted memory in the rows — not placed"
-            )
-            continue
-        points.append({"row": row, "peak": peak, "source": source})
-
-    series_keys = (
-        "backbone",
-        "backbone_options",
-        "data",
-        "pixel_budget",
-        "requested_precision",
-        "requested_remat",
-        "batch_size",
-        "synthetic_task",
-        "norm",
-    )
-    varying = _varying_keys([p["row"]["config"] for p in points], series_keys)
-    series: dict[str, list[dict]] = {}
-    for point in points:
-        keys = ["backbone", *(k for k in varying if k != "backbone"), "pixel_budget"]
-        label = "histoseg: " + _series_label(point["row"]["config"], list(dict.fromkeys(keys)))
-        series.setdefault(label, []).append(point)
-
-    reference_points: dict[str, list[tuple[float, str, int, dict]]] = {}
-    missing_study_sizes = []
-    for size in reference.STUDY_PATCH_SIZES_PX:
-        peak, source = study_memory(size, memory_index)
-        if peak is None:
-            missing_study_sizes.append(size)
-            continue
-        for dataset, table in reference.PUBLISHED.items():
-            reference_points.setdefault(dataset, []).append((peak, source, size, table[size]))
-    if missing_study_sizes:
-        sizes = ", ".join(str(s) for s in missing_study_sizes)
-        outcome.notes.append(
-            f"study's points at {sizes} px omitted: no histoseg memory row for their config "
-            "(xception65, float32, batch 1, remat none) to place them on the memory axis; "
-            "make one with: python -m bench.memory --predict-only --backbone xception65 "
-            "--sizes 256 704 1024 2048"
-        )
-
-    if not points:
-        # The study's points alone are not this figure: it shows *our* trade beside theirs.
-        outcome.notes.insert(
-            0, "no accuracy row (kind 'accuracy', status ok) to place; run python -m bench.accuracy"
-        )
-        return outcome
-
-    with matplotlib.rc_context(STYLE):
-        fig = _new_figure(11.0, 8.2)
-        grid = fig.subplots(2, 2, sharex=True)
-        axes, legend_ax = [grid[0][0], grid[0][1], grid[1][0]], grid[1][1]
-        has_baseline = False
-        for ax, (metric, metric_label) in zip(axes, METRICS, strict=True):
-            for i, (_label, pts) in enumerate(sorted(series.items())):
-                color = PALETTE[i % len(PALETTE)]
-                pts = sorted(pts, key=lambda p: p["row"]["config"].get("patch_size", 0))
-                xy = [(p["peak"] / GB, _num(p["row"]["metrics"].get(metric)), p) for p in pts]
-                xy = [(x, y, p) for x, y, p in xy if y is not None]
-                if not xy:
-                    continue
-                # What predicting "background" everywhere scores on the same validation pixels:
-                # without it a high pixel accuracy on sparse tumour says nothing.
-                base = [(x, _num(p["row"]["metrics"].get(f"baseline_{metric}"))) for x, _, p in xy]
-                base = [(x, b) for x, b in base if b is not None]
-                if base:
-                    has_baseline = True
-                    ax.plot(
-                        [x for x, _ in base],
-                        [b for _, b in base],
-                        ls=":",
-                        lw=1.0,
-                        marker="x",
-                        ms=6,
-                        color=color,
-                        alpha=0.8,
-                        zorder=2,
-                    )
-                ax.plot(
-                    [x for x, _, _ in xy],
-                    [y for _, y, _ in xy],
-                    color=color,
-                    lw=1.2,
-                    alpha=0.6,
-                    zorder=2,
-                )
-                for x, y, p in xy:
-                    hollow = p["source"] == "predicted"
-                    ax.plot(
-                        x,
-                        y,
-                        marker="o",
-                        ms=7,
-                        color=color,
-                        zorder=3,
-                        markerfacecolor="white" if hollow else color,
-                        markeredgewidth=1.6,
-                    )
-                    size = p["row"]["config"].get("patch_size")
-                    ax.annotate(
-                        f"{size} px" + (" (pred. mem.)" if hollow else ""),
-                        (x, y),
-                        textcoords="offset points",
-                        xytext=(6, -11),
-                        fontsize=8,
-                        color=color,
-                    )
-            for dataset, pts in reference_points.items():
-                style = REFERENCE_STYLE[dataset]
-                xs = [peak / GB for peak, *_ in pts]
-                ys = [table[metric] for *_, table in pts]
-                ax.plot(xs, ys, ls=":", lw=1.0, color=style["color"], zorder=1)
-                ax.plot(
-                    xs,
-                    ys,
-                    ls="none",
-                    marker=style["marker"],
-                    ms=6,
-                    color=style["color"],
-                    markerfacecolor="white",
-                    markeredgewidth=1.4,
-                    zorder=2,
-                )
-                if metric == METRICS[0][0] and dataset == "CAMELYON16":
-                    for peak, _src, size, table in pts:
-                        ax.annotate(
-                            f"{size}",
-                            (peak / GB, table[metric]),
-                            textcoords="offset points",
-                            xytext=(-4, 7),
-                            fontsize=7,
-                            color=style["color"],
-                            ha="right",
-                        )
-            ax.axvline(
-                reference.STUDY_PEAK_BYTES_AT_2048_PX / GB,
-                color="#888888",
-                lw=0.8,
-                ls="--",
-                zorder=0,
-            )
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(_gb_formatter())
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xlabel("peak training memory per step (GB, log scale)")
-            ax.xaxis.set_tick_params(labelbottom=True)
-            ax.set_ylabel(f"{metric_label} (validation, 0-1)")
-            ax.set_title(metric_label)
-
-        handles = []
-        for i, label in enumerate(sorted(series)):
-            color = PALETTE[i % len(PALETTE)]
-            handles.append(Line2D([], [], color=color, marker="o", ms=7, label=label))
-        if any(p["source"] == "predicted" for p in points):
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color="#333333",
-                    marker="o",
-                    ms=7,
-                    ls="none",
-                    markerfacecolor="white",
-                    label="hollow: memory predicted (not measured)",
-                )
-            )
-        if has_baseline:
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color="#333333",
-                    marker="x",
-                    ls=":",
-                    label="x: all-background prediction, same validation pixels",
-                )
-            )
-        for dataset in reference_points:
-            style = REFERENCE_STYLE[dataset]
-            sources = {src for _, src, *_ in reference_points[dataset]}
-            how = (
-                "histoseg estimate"
-                if sources == {"predicted"}
-                else "histoseg estimate / measurement"
-            )
-            handles.append(
-                Line2D(
-                    [],
-                    [],
-                    color=style["color"],
-                    marker=style["marker"],
-                    ls=":",
-                    markerfacecolor="white",
-                    label=f"{dataset} (study, published; memory: {how})",
-                )
-            )
-        handles.append(
-            Line2D([], [], color="#888888", ls="--", lw=0.8, label="study: ~25 GB at 2048 px")
-        )
-        legend_ax.axis("off")
-        legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=9)
-        fig.suptitle("Memory vs accuracy: what a larger patch costs and buys", fontsize=12)
-
-        plotted_rows = [p["row"] for p in points]
-        caption = [
-            "x: peak training memory at the row's batch size (solid: measured allocator peak; "
-            "hollow: predicted by histoseg's memory model). y: validation metrics over held-out slides "
-            "(n = validation patches: "
-            + ", ".join(
-                f"{p['row']['config'].get('patch_size')} px: {p['row']['metrics'].get('val_patches', '?')}"
-                for p in sorted(points, key=lambda p: p["row"]["config"].get("patch_size", 0))
-            )
-            + ").",
-        ]
-        scopes = sorted(
-            {
-                str(_section(r, "extra")["peak_bytes_scope"])
-                for r in plotted_rows
-                if _section(r, "extra").get("peak_bytes_scope")
-            }
-        )
-        caption += [f"measured memory: {scope}" for scope in scopes]
-        if plotted_rows:
-            caption += [
-                config_line(plotted_rows, varied=("patch_size", "steps")),
-                machines_line(plotted_rows),
-            ]
-        caption.append(
-            f"study points: {reference.SOURCE}; their memory is histoseg's number for their config."
-        )
-        caption += [f"missing: {n}" for n in outcome.notes]
-        outcome.paths = _save(fig, out_dir, outcome.name, _caption(caption))
-    return outcome
+    return draw(rows, out_dir)
 
 
 # ----------------------------------------------------------------------------- memory vs patch size

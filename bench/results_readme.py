@@ -32,8 +32,10 @@ WHAT_KIND_MEASURES = {
     "same budget of pixels seen",
 }
 PLOT_CAPTIONS = {
-    "memory_vs_accuracy": "peak training memory per patch size against accuracy / mIoU / AUC, "
-    "with the study's published CAMELYON16/17 points",
+    "memory_vs_accuracy": "per task (local control, context), validation mIoU (mean over seeds, "
+    "bar from lowest to highest) against the measured peak training memory of each patch size, "
+    "with the Bayes ceiling, the all-background baseline and the study's published "
+    "CAMELYON16/17 points",
     "memory_vs_patch_size": "measured and predicted step peak per precision / remat mode, with "
     "16 / 24 / 80 GB device lines",
     "weak_scaling": "weak-scaling efficiency and throughput against workers, measured and projected",
@@ -114,11 +116,19 @@ def _what(kind: str, rows: Sequence[dict]) -> str:
 def _accuracy_headline(rows: Sequence[dict]) -> str:
     """ " Validation: 256 px mIoU 0.48 / AUC 0.55 (all-background mIoU 0.49); ..." for ok rows."""
     parts = []
-    for row in sorted(rows, key=lambda r: r.get("config", {}).get("patch_size", 0)):
+
+    def order(row: dict) -> tuple:
+        c = row.get("config", {})
+        return (str(c.get("synthetic_task", "")), c.get("seed") or 0, c.get("patch_size", 0))
+
+    for row in sorted(rows, key=order):
         m = row.get("metrics") or {}
         if row.get("kind") != "accuracy" or row.get("status") != "ok" or "miou" not in m:
             continue
-        part = f"{row['config'].get('patch_size')} px: mIoU {m['miou']:.3f}, AUC {m.get('auc', float('nan')):.3f}"
+        c = row["config"]
+        where = f"{c['synthetic_task']} " if c.get("synthetic_task") else ""
+        seed = f" seed {c['seed']}" if "pixel_budget" in c and "seed" in c else ""
+        part = f"{where}{c.get('patch_size')} px{seed}: mIoU {m['miou']:.3f}, AUC {m.get('auc', float('nan')):.3f}"
         if "baseline_miou" in m:
             part += f" (all-background mIoU {m['baseline_miou']:.3f})"
         parts.append(part)

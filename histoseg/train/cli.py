@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--tumor-ratio", type=float, default=0.5, help="share of tumour patches per batch"
     )
+    data.add_argument(
+        "--tumour-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of tumour pixels against background ones (default 1: plain mean)",
+    )
     data.add_argument("--batch-size", type=int, default=2, help="patches per worker per step")
     data.add_argument(
         "--max-val-patches",
@@ -193,6 +199,10 @@ def options_from_args(args: argparse.Namespace) -> object:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "checkpoint_every" else 1):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.tumour_weight > 0:
+        raise ConfigError(f"--tumour-weight must be > 0, got {args.tumour_weight}")
+    if not 0 <= args.tumor_ratio <= 1:
+        raise ConfigError(f"--tumor-ratio must be in [0, 1], got {args.tumor_ratio}")
     if args.epochs is not None and args.epochs <= 0:
         raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
     # 0 would otherwise read as "unset" in configure_threads and silently use the default
@@ -222,6 +232,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         level=args.level,
         min_tissue=args.min_tissue,
         tumor_ratio=args.tumor_ratio,
+        tumour_weight=args.tumour_weight,
         batch_size=args.batch_size,
         max_val_patches=args.max_val_patches or None,
         backbone=args.backbone,

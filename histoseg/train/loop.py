@@ -88,6 +88,7 @@ class DistributedStep:
         step_mode: "overlap" (one compiled call, communication overlapping the backward
             pass) or "separate" (three calls, the collective timed on its own); None
             takes :data:`DEFAULT_STEP_MODE`.
+        tumour_weight: loss weight of tumour pixels (``histoseg.train.step.pixel_loss``).
 
     Raises:
         ConfigError: an unknown compression or step mode.
@@ -102,6 +103,7 @@ class DistributedStep:
         compression: str = "none",
         bn_training: bool = True,
         step_mode: str | None = None,
+        tumour_weight: float = 1.0,
     ) -> None:
         self.model = model
         self.engine = engine
@@ -115,10 +117,12 @@ class DistributedStep:
 
         def loss_and_gradients(images: Any, masks: Any) -> Any:
             if bn_training:
-                return compute_gradients(model, images, masks, optimizer=optimizer)
+                return compute_gradients(
+                    model, images, masks, optimizer=optimizer, tumour_weight=tumour_weight
+                )
             with tf.GradientTape() as tape:
                 logits = model(prepare_images(images), training=False)
-                loss = pixel_loss(masks, logits)
+                loss = pixel_loss(masks, logits, tumour_weight)
                 scaled = optimizer.scale_loss(loss)
             return loss, tape.gradient(scaled, variables)
 
@@ -545,6 +549,7 @@ class TrainOptions:
     level: int = 0
     min_tissue: float = 0.5
     tumor_ratio: float | None = 0.5
+    tumour_weight: float = 1.0
     batch_size: int = 2
     max_val_patches: int | None = 64
     backbone: str = "xception65"
@@ -778,7 +783,12 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
     optimizer.learning_rate = WarmupSchedule(peak_lr, total_steps, warmup, options.schedule)
     compression = "fp16" if options.fp16_allreduce else "none"
     step = DistributedStep(
-        model, optimizer, engine, compression=compression, step_mode=options.step_mode
+        model,
+        optimizer,
+        engine,
+        compression=compression,
+        step_mode=options.step_mode,
+        tumour_weight=options.tumour_weight,
     )
 
     start_step = 0
@@ -887,6 +897,10 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
         config["synthetic_task"] = options.synthetic_task
     if options.norm != "batch":
         config["norm"] = options.norm
+    if options.tumour_weight != 1.0:
+        config["tumour_weight"] = options.tumour_weight
+    if options.tumor_ratio != 0.5:
+        config["tumor_ratio"] = options.tumor_ratio
     row = make_row(
         "accuracy",
         config,

@@ -52,13 +52,21 @@ def prepare_images(images):
     return tf.cast(images, tf.float32)
 
 
-def pixel_loss(masks, logits):
-    """Mean over pixels of the sparse categorical cross-entropy, computed in float32."""
+def pixel_loss(masks, logits, tumour_weight: float = 1.0):
+    """Weighted mean over pixels of the sparse categorical cross-entropy, in float32.
+
+    Tumour pixels (label 1) count ``tumour_weight`` times as much as the others: tumour is
+    a small share of most patches, and a model that calls everything background is a
+    deep, early minimum of the unweighted loss. At 1 this is the plain mean.
+    """
     labels = tf.cast(masks, tf.int32)
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=labels, logits=tf.cast(logits, tf.float32)
     )
-    return tf.reduce_mean(losses)
+    if tumour_weight == 1.0:
+        return tf.reduce_mean(losses)
+    weights = tf.where(tf.equal(labels, 1), float(tumour_weight), 1.0)
+    return tf.reduce_sum(losses * weights) / tf.reduce_sum(weights)
 
 
 def uses_float16(model: keras.Model) -> bool:
@@ -77,7 +85,16 @@ def _read_current_bytes(memory_device: str):
     return tf.reshape(tf.py_function(read, [], tf.int64), [])
 
 
-def _gradients(model, images, masks, *, optimizer=None, num_classes=None, memory_device=None):
+def _gradients(
+    model,
+    images,
+    masks,
+    *,
+    optimizer=None,
+    num_classes=None,
+    memory_device=None,
+    tumour_weight: float = 1.0,
+):
     """Forward + loss + gradients; returns ``(loss, grads, memory_reads)``."""
     reads = {}
     if memory_device is not None:
@@ -93,7 +110,7 @@ def _gradients(model, images, masks, *, optimizer=None, num_classes=None, memory
             raise ConfigError(
                 f"model gives {logits.shape[-1]} classes, the step expects num_classes={num_classes}"
             )
-        loss = pixel_loss(masks, logits)
+        loss = pixel_loss(masks, logits, tumour_weight)
         scaled_loss = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
     if memory_device is not None:
         with tf.control_dependencies([scaled_loss]):
@@ -111,7 +128,9 @@ def _gradients(model, images, masks, *, optimizer=None, num_classes=None, memory
     return loss, grads, reads
 
 
-def compute_gradients(model, images, masks, *, optimizer=None, memory_device=None):
+def compute_gradients(
+    model, images, masks, *, optimizer=None, memory_device=None, tumour_weight: float = 1.0
+):
     """Forward pass, pixel-wise cross-entropy and its gradients w.r.t. trainable variables.
 
     Args:
@@ -121,13 +140,19 @@ def compute_gradients(model, images, masks, *, optimizer=None, memory_device=Non
         optimizer: When it is a ``LossScaleOptimizer`` the loss is scaled before the
             gradients (and the gradients are then scaled too; its ``apply`` unscales).
         memory_device: Unused here unless set (see :func:`make_train_step`).
+        tumour_weight: Loss weight of tumour pixels (:func:`pixel_loss`).
 
     Returns:
         ``(loss, grads)``: the unscaled float32 loss and one gradient per
         ``model.trainable_variables``.
     """
     loss, grads, _ = _gradients(
-        model, images, masks, optimizer=optimizer, memory_device=memory_device
+        model,
+        images,
+        masks,
+        optimizer=optimizer,
+        memory_device=memory_device,
+        tumour_weight=tumour_weight,
     )
     return loss, grads
 

@@ -22,12 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Width of each of the two margin bands (inner tumour band, outer capsule), level-0 px.
-MARGIN_BAND_PX = 16
-#: Lesion radius as a share of the slide's short side: interiors wide enough that a small
-#: patch fits inside them, small enough that several lesions fit on a slide.
-LESION_RADIUS_SHARE = (0.08, 0.25)
-LESIONS_PER_SLIDE = (2, 5)  # drawn from [low, high)
+#: Version of the context slides' geometry, recorded in a synthetic folder's manifest so
+#: slides drawn by an older geometry are redrawn rather than reused.
+CONTEXT_GENERATOR = "histoseg.wsi.context/2"
+#: Width of each of the two margin bands (inner tumour band, outer capsule), level-0 px:
+#: a band covers more than one cell of a stride-16 feature map.
+MARGIN_BAND_PX = 24
+#: Lesion radius as a share of the slide's short side. Wide enough that a 256 px patch
+#: fits inside many lesions (so small patches cannot decide them), small enough that a
+#: 1024 px patch never does, so no interior pixel is far from a margin a large patch shows.
+LESION_RADIUS_SHARE = (0.06, 0.10)
+#: Many lesions a slide, so tumour is not rare in any patch sampler or validation grid.
+LESIONS_PER_SLIDE = (6, 12)  # drawn from [low, high)
 #: Radial roughness of a lesion outline (relative amplitude of its low harmonics).
 OUTLINE_ROUGHNESS = 0.10
 #: Capsule stroma: pale fibrous tissue without nuclei, unlike any other texture.
@@ -59,7 +65,7 @@ def draw_lesions(
     height_px: int,
     coarse_cell_px: int,
 ) -> list[Lesion]:
-    """Place 2-4 non-overlapping lesions centred on tissue (fewer if they do not fit).
+    """Place 6-11 non-overlapping lesions centred on tissue (fewer if they do not fit).
 
     Args:
         rng: the slide's generator (the lesions are a pure function of its state).

@@ -31,6 +31,7 @@ from histoseg.wsi.annotations import write_asap_xml
 from histoseg.wsi.context import (
     CAPSULE_STROMA_DARK,
     CAPSULE_STROMA_LIGHT,
+    CONTEXT_GENERATOR,
     Lesion,
     draw_lesions,
 )
@@ -543,6 +544,8 @@ def ensure_synthetic_dataset(
     }
     if task != DEFAULT_TASK:  # "local" manifests stay as they were before tasks existed
         recipe["task"] = task
+        # slides of an older lesion geometry are redrawn, not reused
+        recipe["task_generator"] = CONTEXT_GENERATOR
     done: dict[str, dict] = {}
     if manifest_path.exists():
         try:

@@ -95,7 +95,7 @@ class FakeRunner:
 
 def _args(tmp_path, *extra):
     argv = ["--sizes", "256", "512", "2048", "--pixel-budget", "1e7", "--memory-budget", "5GB"]
-    argv += ["--batch-size", "1"]
+    argv += ["--batch-size", "1", "--seeds", "0", "--synthetic-task", "local"]
     argv += ["--out", str(tmp_path / "accuracy.json"), "--threads", "1", *extra]
     args = accuracy.build_parser().parse_args(argv)
     accuracy.check_args(args)
@@ -117,7 +117,7 @@ def test_sweep_writes_rows_after_each_size_and_resumes(tmp_path):
     assert first["extra"]["command"].startswith("python -m bench.accuracy --sizes 256 512 2048")
     assert first["predicted"]["peak_bytes"] == 256**2 * 2000
     assert first["measured"]["peak_bytes"] == 256**2 * 1900
-    assert "2048 px: skipped — predicted peak > 5.0 GB budget" in "\n".join(lines)
+    assert "2048 px, seed 0: skipped — predicted peak > 5.0 GB budget" in "\n".join(lines)
     assert (tmp_path / "accuracy.csv").exists()
 
     again = FakeRunner()
@@ -133,6 +133,28 @@ def test_sweep_writes_rows_after_each_size_and_resumes(tmp_path):
     by_size = {r["config"]["patch_size"]: r for r in saved}
     assert by_size[2048]["status"] == "ok" and by_size[2048]["config"]["remat"] == "blocks"
     assert by_size[2048]["config"]["requested_remat"] == "none"
+
+
+def test_sweep_trains_every_task_and_seed_seed_by_seed_and_resumes(tmp_path):
+    argv = ["--seeds", "0", "1", "--synthetic-task", "local", "context", "--sizes", "256", "512"]
+    runner = FakeRunner()
+    rows = accuracy.run_sweep(_args(tmp_path, *argv), runner=runner, predict=_predict, log=print)
+    order = [
+        (s["config"]["seed"], s["config"].get("synthetic_task", "local"), s["config"]["patch_size"])
+        for s in runner.specs
+    ]
+    # seeds outermost: a sweep stopped part way holds whole curves for its first seeds
+    assert order == [
+        (seed, task, size)
+        for seed in (0, 1)
+        for task in ("local", "context")
+        for size in (256, 512)
+    ]
+    assert [s["data"]["synthetic_task"] for s in runner.specs[2:4]] == ["context"] * 2
+    assert len(load_rows(tmp_path / "accuracy.json")) == len(rows) == 8
+    again = FakeRunner()
+    accuracy.run_sweep(_args(tmp_path, *argv), runner=again, predict=_predict, log=print)
+    assert again.specs == []  # every (seed, task, size) already measured
 
 
 def test_sweep_records_an_out_of_memory_size_and_goes_on(tmp_path):
@@ -161,6 +183,8 @@ def test_a_failing_worker_becomes_an_error_row():
         (["--sizes", "250"], "not a positive multiple of output stride 16"),
         (["--slides", "."], "give both --slides and --annotations"),
         (["--out", "x.csv"], "must end in .json"),
+        (["--seeds", "1", "1"], "--seeds must differ"),
+        (["--synthetic-dir", "d"], "give it with one --synthetic-task"),
     ],
 )
 def test_bad_arguments_are_one_line_errors(argv, message):
@@ -195,6 +219,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     argv = ["--sizes", "64", "--pixel-budget", "16384", "--alpha", "0.35", "--threads", "1"]
     argv += ["--synthetic-dir", str(tmp_path / "synth"), "--synthetic-slides", "3"]
     argv += ["--synthetic-size", "2048x1536", "--max-val-patches", "8"]
+    argv += ["--seeds", "0", "--synthetic-task", "local"]
     argv += ["--run-dir", str(tmp_path / "runs"), "--out", str(out)]
     proc = subprocess.run(
         [sys.executable, "-m", "bench.accuracy", *argv],

@@ -240,3 +240,38 @@ def test_tasks_and_norms_are_separate_series(tmp_path, fixture_rows):
     plots.draw_memory_vs_accuracy([*swept, *context], tmp_path)
     svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
     assert "context" in svg and "group" in svg
+
+
+def test_a_training_row_finds_the_memory_row_of_its_width_multiplier():
+    # histoseg.train names the width config.alpha, bench.memory config.backbone_options
+    config = {"backbone": "mobilenetv2", "output_stride": 16, "precision": "float32"}
+    config.update(remat="none", batch_size=1, optimizer="adam", patch_size=512)
+    memory = make_row("memory", {**config, "backbone_options": {"alpha": 0.35}})
+    memory["measured"] = {"peak_bytes": 123e6}
+    index = plots._memory_index([memory])
+    training = make_row("accuracy", {**config, "alpha": 0.35})
+    assert plots.accuracy_memory(training, index) == (123e6, "measured")
+    wider = make_row("accuracy", {**config, "alpha": 1.0})
+    assert plots.accuracy_memory(wider, index) == (None, None)
+
+
+def test_seeds_of_a_point_are_one_mean_with_their_spread_per_task_panel(tmp_path, fixture_rows):
+    ok = [r for r in fixture_rows["accuracy"] if r["status"] == "ok"]
+    rows = []
+    for task in ("local", "context"):
+        for seed, miou in ((0, 0.6), (1, 0.7), (2, 0.8)):
+            for r in ok:
+                config = {**r["config"], "seed": seed, "synthetic_task": task, "pixel_budget": 1e8}
+                extra = {**r.get("extra", {}), "bayes_ceiling": {"miou": 0.9}}
+                rows.append(
+                    dict(r, config=config, metrics={**r["metrics"], "miou": miou}, extra=extra)
+                )
+    from bench.accuracy_plot import seed_points
+
+    points = seed_points(rows, plots._memory_index(fixture_rows["memory"]))
+    assert len(points) == 2 * len(ok)  # one per task and size, the seeds folded in
+    assert all(sorted(p["miou"]) == [0.6, 0.7, 0.8] and p["ceiling"] == 0.9 for p in points)
+    plots.draw_memory_vs_accuracy(rows, tmp_path)
+    svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
+    assert "context task" in svg and "local task (control)" in svg
+    assert "Bayes ceiling" in svg and "n=3" in svg

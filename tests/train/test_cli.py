@@ -41,6 +41,8 @@ def test_help_has_examples(capsys):
         (["--epochs", "-1"], "--epochs must be > 0"),
         (["--norm", "instance"], "invalid choice: 'instance' (choose from 'auto', 'batch'"),
         (["--synthetic-task", "far"], "invalid choice: 'far' (choose from 'local', 'context')"),
+        (["--tumour-weight", "0"], "--tumour-weight must be > 0, got 0.0"),
+        (["--tumor-ratio", "1.5"], "--tumor-ratio must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, capsys):
@@ -131,10 +133,11 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
 def test_context_task_at_batch_1_with_group_norm(tmp_path):
     run = tmp_path / "run"
     argv = [*TINY, "--batch-size", "1", "--steps", "2", "--run-dir", str(run)]
-    argv += ["--synthetic-task", "context"]  # --norm auto: group norm at batch 1
+    argv += ["--synthetic-task", "context", "--tumour-weight", "3"]  # --norm auto: group
     assert main([*argv, "--synthetic-dir", str(tmp_path / "c")]) == 0
     (row,) = json.loads((run / "results.json").read_text())
     assert row["config"]["synthetic_task"] == "context" and row["config"]["norm"] == "group"
+    assert row["config"]["tumour_weight"] == 3.0
     assert row["extra"]["bn_recalibration_batches"] == 0  # group norm has no statistics
     ceiling = row["extra"]["bayes_ceiling"]
     # 64 px patches: part of the lesions is out of sight, the ceiling is below 1

@@ -14,6 +14,7 @@ from histoseg.train.step import (
     compute_gradients,
     make_optimizer,
     make_train_step,
+    pixel_loss,
     prepare_images,
 )
 
@@ -266,3 +267,15 @@ def test_xception_unit_remat_matches_plain_unit():
     assert plain_stats.keys() == remat_stats.keys()
     for name, b in plain_stats.items():
         np.testing.assert_allclose(remat_stats[name], b, rtol=1e-6, atol=1e-7)
+
+
+def test_tumour_weight_counts_tumour_pixels_more_and_one_is_the_plain_mean():
+    masks = tf.constant([[[0, 0, 0, 1]]])
+    logits = tf.zeros((1, 1, 4, 2))  # every pixel: cross-entropy ln 2 ...
+    logits = tf.tensor_scatter_nd_update(logits, [[0, 0, 3, 1]], [5.0])  # ... but the tumour one
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=masks, logits=logits).numpy()
+    plain = float(pixel_loss(masks, logits))
+    assert plain == pytest.approx(losses.mean())
+    weighted = float(pixel_loss(masks, logits, tumour_weight=3.0))
+    assert weighted == pytest.approx((losses[0, 0, :3].sum() + 3 * losses[0, 0, 3]) / 6)
+    assert weighted < plain  # the well-fitted tumour pixel now weighs more

@@ -34,9 +34,9 @@ def test_ceiling_rises_with_patch_size_on_the_context_task(designs):
     cells = [bayes_ceiling(designs["context"], p, min_tissue=0.5) for p in (32, 64, 128, 256)]
     mious = [c.miou for c in cells]
     assert mious == sorted(mious), mious
-    assert mious[0] < 0.7 and mious[-1] > 0.95, mious
+    assert mious[0] < 0.8 and mious[-1] > 0.95, mious
     # small patches cannot see the margin from inside a lesion: the rule calls them normal
-    assert not cells[0].undecided_as_tumour and cells[0].iou_tumour < 0.5
+    assert not cells[0].undecided_as_tumour and cells[0].iou_tumour < 0.65
     assert [c.decidable_fraction for c in cells] == sorted(c.decidable_fraction for c in cells)
 
 

@@ -95,7 +95,9 @@ def _window_stats(task: str, seeds=(0, 1)) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_small_windows_inside_lesions_match_normal_tissue_statistics():
-    inside, normal = _window_stats("context")
+    # four slides: the lesions are small on a slide this size, and their windows sample
+    # the stain field in fewer places than normal tissue does
+    inside, normal = _window_stats("context", seeds=(0, 1, 2, 3))
     assert np.abs(inside[0] - normal[0]).max() < 3.0  # channel means, grey levels
     assert np.abs(inside[1] - normal[1]).max() < 1.0  # channel standard deviations
 
