@@ -15,7 +15,7 @@ from __future__ import annotations
 
 SOURCE = (
     "study poster (DeepLabV3+ on CAMELYON16/17 with growing patch sizes), "
-    "tables as summarised in shared/SEED-NOTES.md"
+    "its published mIoU and memory tables"
 )
 
 #: The configuration the study trained, in the names of a results row's ``config``.
