@@ -77,8 +77,8 @@ def available_bytes(device: str) -> int | None:
 CPU_PROCESS_OVERHEAD_BYTES = 1_500_000_000
 
 
-#: The relative part of the error band every memory prediction is planned with: above
-#: about a gigabyte, predicted step peaks land within this share of the measurement.
+#: The relative part of the band every memory prediction is planned with (the share of the
+#: predicted peak a measurement may exceed it by).
 PEAK_ERROR_BAND = 0.05
 
 #: The absolute part of the band: bytes TensorFlow's BFC allocator may hand out beyond
