@@ -76,6 +76,14 @@ def test_a_failing_worker_becomes_an_error_row_naming_why():
     assert row["config"]["backbone_options"] == {"no_such_option": 1}
 
 
+def test_repeats_below_one_are_refused_before_any_work(tmp_path):
+    out = tmp_path / "m.json"
+    with pytest.raises(ConfigError, match="--repeats must be at least 1"):
+        main([*ARGS, "--sizes", "64", "--repeats", "0", "--out", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.slow  # three worker processes, ~40 s; the choice of row is tested just below
 def test_repeated_config_keeps_the_median_process_and_every_figure(tmp_path, capsys):
     """--repeats: several fresh worker processes, the median one's row, all their figures."""
     out = tmp_path / "m.json"
@@ -90,8 +98,6 @@ def test_repeated_config_keeps_the_median_process_and_every_figure(tmp_path, cap
     capsys.readouterr()
     assert main(["--show", "--markdown", "--out", str(out)]) == 0
     assert ", 3 runs) |" in capsys.readouterr().out
-    with pytest.raises(ConfigError, match="--repeats must be at least 1"):
-        main([*argv, "--repeats", "0"])
 
 
 def test_the_median_process_is_one_whole_row_and_failures_are_kept():
@@ -141,6 +147,7 @@ def test_allocator_trace_records_the_chunk_waste_of_a_profiled_step():
     assert 0 < trace["traced_peak_bytes"] <= row["measured"]["peak_bytes"] * 1.01
 
 
+@pytest.mark.slow  # a second profiled step, ~14 s; the placed trace above runs in CI
 def test_a_trace_that_cannot_be_placed_is_a_row_note_not_a_silence():
     from bench.config import BenchConfig
     from bench.memory import run_worker

@@ -130,6 +130,7 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
         load_checkpoint(run / "checkpoints", other, keras.optimizers.SGD())
 
 
+@pytest.mark.slow  # ~15 s; the task's geometry, its ceiling and the norm default are tested apart
 def test_context_task_at_batch_1_with_group_norm(tmp_path):
     run = tmp_path / "run"
     argv = [*TINY, "--batch-size", "1", "--steps", "2", "--run-dir", str(run)]
