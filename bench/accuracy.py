@@ -394,7 +394,7 @@ def memory_budget(args: argparse.Namespace) -> tuple[int | None, str]:
 
 
 def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[str, Any]:
-    """The config section of a size's row (DESIGN.md's keys plus the sweep's own)."""
+    """The config section of a size's row (docs/architecture.md's keys plus the sweep's own)."""
     config: dict[str, Any] = {
         "patch_size": patch_size,
         "batch_size": args.batch_size,
@@ -479,7 +479,7 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Plan, run (or resume, or skip) every size and write the rows after each; returns the rows."""
-    from bench.results_readme import command_line
+    from histoseg.cli import command_line
     from histoseg.results import load_rows_if_exists, write_rows
 
     out = Path(args.out)
@@ -784,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary_table(rows))
     if not args.no_plots:
         from bench.plots import draw_all, load_results, report_lines
-        from bench.results_readme import write_readme
+        from bench.plots.readme import write_readme
 
         out_dir = args.out.parent
         rows_by_file = load_results([out_dir])

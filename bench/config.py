@@ -103,7 +103,7 @@ class BenchConfig:
         return "GPU:0" if self.device == "gpu" else "CPU:0"
 
     def as_dict(self) -> dict[str, Any]:
-        """The config section of a results row (DESIGN.md's keys; ``steps`` left out).
+        """The config section of a results row (docs/architecture.md's keys; ``steps`` left out).
 
         ``optimizer`` always and ``backbone_options`` when set are added, since both change
         the memory a step needs.

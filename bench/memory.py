@@ -754,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _command(argv: Sequence[str] | None) -> str:
     """The command line of this sweep, as ``results/README.md`` shows it."""
-    from bench.results_readme import command_line
+    from histoseg.cli import command_line
 
     return command_line("bench.memory", argv)
 
@@ -764,7 +764,7 @@ def _refresh_results_readme(out: Path) -> None:
     if out.parent.name != "results":
         return
     try:
-        from bench.results_readme import write_readme
+        from bench.plots.readme import write_readme
 
         print(f"README: wrote {write_readme(out.parent)}")
     except Exception as exc:  # the README is a convenience; the rows are already written

@@ -35,8 +35,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from histoseg.cli import ArgumentParser, run_main
+from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
+from histoseg.results import step_mode_of
 from histoseg.train.engines.base import DEFAULT_STEP_MODE, STEP_MODES
 
 DEFAULT_OUT = Path("results/scaling.json")
@@ -526,14 +527,6 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
     return text, projection_rows
 
 
-def step_mode_of(row: dict) -> str:
-    """The train-step mode a scaling row ran (``config.step``).
-
-    Rows without it predate the modes and ran the three-call ("separate") step.
-    """
-    return str(row.get("config", {}).get("step", "separate"))
-
-
 def kept_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
     """``old`` rows less those made before step modes existed that ``new`` measures again.
 
@@ -745,7 +738,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(json.loads(args.worker))
-    from bench.results_readme import command_line
 
     args.command = command_line("bench.scaling", argv)
     if args.out.suffix != ".json":

@@ -40,8 +40,7 @@ from typing import Any
 
 from bench.config import BACKBONES, PRECISIONS, REMAT_MODES, BenchConfig, expand_sweep
 from bench.memory import parse_backbone_options, summary_table
-from bench.results_readme import command_line
-from histoseg.cli import ArgumentParser, run_main
+from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.memory.devices import format_bytes
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows

@@ -8,21 +8,32 @@ from collections.abc import Sequence
 
 from histoseg.cli import run_main
 
-# command -> (module with a main(argv) -> int, one-line summary)
+# command -> (module with a main(argv) -> int, one-line summary). The harness's commands are
+# handed to their bench module by name: no histoseg module imports bench.
 COMMANDS = {
     "train": ("histoseg.train", "train DeepLabV3+ on slides (one process or many)"),
+    "launch": ("histoseg.train.launch", "start N training workers (horovodrun or tf.distribute)"),
+    "selfcheck": ("histoseg.train.engines.selfcheck", "check that N workers train like one"),
     "model": ("histoseg.models", "summarise a model: parameters, multiply-adds, output shape"),
     "steptime": ("histoseg.train.steptime", "time N train steps on random data"),
     "synth": ("histoseg.wsi.synth", "write synthetic pyramidal slides with ASAP annotations"),
     "patches": ("histoseg.wsi.patches", "list the patches a slide yields (CSV, preview)"),
     "ceiling": ("histoseg.wsi.ceiling", "best score a patch size allows on a synthetic task"),
     "infer": ("histoseg.infer", "run a checkpoint over slides: probability pyramid, overlay"),
+    "evaluate": ("histoseg.infer.evaluate", "CAMELYON16 slide AUC and lesion FROC of inferences"),
+    "project": ("histoseg.scaling", "project weak-scaling efficiency to N workers (a model)"),
+    "memory": ("bench.memory", "memory per patch size: measured, predicted, largest that fits"),
+    "torch-step": ("bench.torch_step", "the same step under Keras's torch backend on a GPU"),
+    "accuracy": ("bench.accuracy", "what a bigger patch buys: each size on the same pixel budget"),
+    "scaling": ("bench.scaling", "weak scaling over workers, measured beside the projection"),
+    "cores": ("bench.cores", "does this machine scale over its cores at all?"),
+    "plots": ("bench.plots", "draw the figures and the README of a results folder"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: histoseg <command> [options]", "", "commands:"]
-    lines += [f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<10} {summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", "Run `histoseg <command> --help` for a command's options."]
     return "\n".join(lines)
 

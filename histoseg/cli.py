@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -56,6 +57,17 @@ def printable(text: str | os.PathLike) -> str:
     except UnicodeEncodeError:  # a surrogate that did not come from a filename's bytes
         raw = text.encode("utf-8", "backslashreplace")
     return raw.decode("utf-8", "backslashreplace")
+
+
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
+    """The command a sweep was started with, as a user would type it (for ``extra["command"]``).
+
+    Args:
+        module: the ``-m`` module, e.g. ``"bench.accuracy"``.
+        argv: the arguments given to ``main``; ``None`` means ``sys.argv[1:]``.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(shlex.quote(part) for part in ["python", "-m", module, *args])
 
 
 # --- outputs -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The one results-row schema ("histoseg.result/1") and its atomic JSON/CSV files.
 
-Every figure histoseg or its harness produces travels as a row (see DESIGN.md): the
+Every figure histoseg or its harness produces travels as a row (see docs/architecture.md): the
 config that made it, what was measured and predicted, the status, and the machine it ran
 on. The memory, scaling and accuracy harnesses, the training CLI, the plots and the CI
 regression all read and write rows through this module, so there is no second schema.
@@ -88,6 +88,14 @@ def config_key(config: Mapping[str, Any]) -> str:
 def row_key(row: Mapping[str, Any]) -> str:
     """The identity of a row within a results file: its kind and its config."""
     return f"{row.get('kind')}|{config_key(row.get('config', {}))}"
+
+
+def step_mode_of(row: Mapping[str, Any]) -> str:
+    """The train-step mode a training or scaling row ran (``config.step``).
+
+    Rows without it predate the modes and ran the three-call ("separate") step.
+    """
+    return str(row.get("config", {}).get("step", "separate"))
 
 
 def merge_rows(old: Iterable[Mapping[str, Any]], new: Iterable[Mapping[str, Any]]) -> list[dict]:

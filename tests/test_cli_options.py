@@ -97,3 +97,28 @@ def test_same_file_sees_through_links_and_dots(tmp_path):
     assert same_file(tmp_path / "sub" / ".." / "a.tif", target)
     assert same_file(tmp_path / "new.csv", tmp_path / "sub" / ".." / "new.csv")
     assert not same_file(tmp_path / "new.csv", target)
+
+
+def test_every_documented_command_is_a_histoseg_command():
+    """Each `python -m X` the README and docs/ give runs as `histoseg <command>` too."""
+    import re
+    from pathlib import Path
+
+    from histoseg.__main__ import COMMANDS
+
+    root = Path(__file__).resolve().parent.parent
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    documented = {m for t in texts for m in re.findall(r"python -m ([\w.]+)", t.read_text())}
+    internal = {"pytest", "bench.worker", "bench.results_readme"}  # not user commands
+    dispatched = {module for module, _ in COMMANDS.values()}
+    assert documented - internal - dispatched == set()
+
+
+@pytest.mark.parametrize("command", ["memory", "plots", "project", "evaluate"])
+def test_histoseg_hands_a_command_its_arguments(command, capsys):
+    from histoseg.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from bench import plots, reference
-from bench.results_readme import command_line, render_readme, write_readme
-from histoseg.cli import run_main
+from bench.plots import caption, select
+from bench.plots.accuracy import draw_memory_vs_accuracy, seed_points
+from bench.plots.readme import render_readme, write_readme
+from histoseg.cli import command_line, run_main
 from histoseg.errors import ResultsError
 from histoseg.results import make_row, write_rows
 
@@ -65,39 +67,39 @@ def test_partly_failed_sweep_draws_what_exists_and_says_what_is_missing(tmp_path
 
 
 def test_study_points_are_omitted_and_said_so_without_a_memory_row(tmp_path, fixture_rows):
-    outcome = plots.draw_memory_vs_accuracy(fixture_rows["accuracy"], tmp_path)
+    outcome = draw_memory_vs_accuracy(fixture_rows["accuracy"], tmp_path)
 
     assert outcome.drawn
     assert any("study's points at 256, 704, 1024, 2048 px omitted" in n for n in outcome.notes)
 
 
 def test_memory_axis_prefers_measured_then_predicted(fixture_rows):
-    index = plots._memory_index(fixture_rows["memory"])
+    index = select.memory_index(fixture_rows["memory"])
     by_size = {r["config"]["patch_size"]: r for r in fixture_rows["accuracy"]}
-    assert plots.accuracy_memory(by_size[256], index)[1] == "measured"
-    assert plots.accuracy_memory(by_size[1024], index) == (2.7e9, "predicted")
+    assert select.accuracy_memory(by_size[256], index)[1] == "measured"
+    assert select.accuracy_memory(by_size[1024], index) == (2.7e9, "predicted")
     # The study's config at 2048 px was skipped here but predicted: placed by the estimate.
-    assert plots.study_memory(2048, index) == (26.1e9, "predicted")
+    assert select.study_memory(2048, index) == (26.1e9, "predicted")
 
 
 def test_projection_and_compression_are_read_from_rows(fixture_rows, machine):
     horovod_1 = fixture_rows["scaling"][0]
-    assert plots.compression_of(horovod_1) == "fp16"
-    assert plots.projection_of(horovod_1)[-1][0] == 512
+    assert select.compression_of(horovod_1) == "fp16"
+    assert select.projection_of(horovod_1)[-1][0] == 512
     legacy = make_row(
         "scaling",
         {"engine": "horovod", "workers": 2},
         extra={"fp16_allreduce": True},
         machine=machine,
     )
-    assert plots.compression_of(legacy) == "fp16"
+    assert select.compression_of(legacy) == "fp16"
 
 
 def test_caption_says_when_rows_come_from_several_machines(machine):
     other = dict(machine, cpu="Other CPU")
     rows = [make_row("memory", {"patch_size": 256}, machine=m) for m in (machine, other)]
-    assert plots.machines_line(rows).startswith("rows from 2 machines")
-    assert plots.config_line(rows, varied=("patch_size",)) == "config: -; varies: patch_size"
+    assert caption.machines_line(rows).startswith("rows from 2 machines")
+    assert caption.config_line(rows, varied=("patch_size",)) == "config: -; varies: patch_size"
 
 
 def test_cli_rejects_rows_of_another_schema_in_one_line(tmp_path):
@@ -189,11 +191,11 @@ def test_projection_falls_back_to_the_scaling_model(machine):
             machine=machine,
         )
 
-    curve, inputs = plots.projection_from_model([row(1), row(2)], 512, "fp16")
+    curve, inputs = select.projection_from_model([row(1), row(2)], 512, "fp16")
     assert curve[0] == (1, 1.0) and curve[-1][0] == 512
     assert all(0 < eff <= 1 for _, eff in curve)
     assert "bandwidth_gbps=100" in inputs
-    curve, why_not = plots.projection_from_model([], 512, "none")
+    curve, why_not = select.projection_from_model([], 512, "none")
     assert curve == [] and why_not
 
 
@@ -205,7 +207,7 @@ def test_single_training_runs_stay_out_of_the_budget_sweep(tmp_path, fixture_row
         metrics={"accuracy": 0.9, "miou": 0.8, "auc": 0.95, "val_patches": 96},
         machine=machine,
     )
-    outcome = plots.draw_memory_vs_accuracy([*swept, single], tmp_path)
+    outcome = draw_memory_vs_accuracy([*swept, single], tmp_path)
     assert outcome.drawn
     assert (
         "1 accuracy row(s) without a pixel budget (single training runs) not drawn" in outcome.notes
@@ -216,7 +218,7 @@ def test_single_training_runs_stay_out_of_the_budget_sweep(tmp_path, fixture_row
 def test_notes_for_many_rows_with_one_reason_are_one_line():
     items = [(f"{s} px, {m}", "skipped", "predicted only") for s in (1024, 2048) for m in "abc"]
     items.append(("512 px, a", "oom", "ResourceExhaustedError"))
-    assert plots.compact_notes(items) == [
+    assert caption.compact_notes(items) == [
         "6 configs (1024 px, a ... 2048 px, c): skipped — predicted only",
         "512 px, a: oom — ResourceExhaustedError",
     ]
@@ -228,7 +230,7 @@ def test_accuracy_panels_show_the_all_background_baseline(tmp_path, fixture_rows
         for r in fixture_rows["accuracy"]
         if r["status"] == "ok"
     ]
-    plots.draw_memory_vs_accuracy(rows, tmp_path)
+    draw_memory_vs_accuracy(rows, tmp_path)
     assert "all-background prediction" in _svg_text(tmp_path / "memory_vs_accuracy.svg")
 
 
@@ -237,7 +239,7 @@ def test_tasks_and_norms_are_separate_series(tmp_path, fixture_rows):
     context = [
         dict(r, config={**r["config"], "synthetic_task": "context", "norm": "group"}) for r in swept
     ]
-    plots.draw_memory_vs_accuracy([*swept, *context], tmp_path)
+    draw_memory_vs_accuracy([*swept, *context], tmp_path)
     svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
     assert "context" in svg and "group" in svg
 
@@ -248,11 +250,11 @@ def test_a_training_row_finds_the_memory_row_of_its_width_multiplier():
     config.update(remat="none", batch_size=1, optimizer="adam", patch_size=512)
     memory = make_row("memory", {**config, "backbone_options": {"alpha": 0.35}})
     memory["measured"] = {"peak_bytes": 123e6}
-    index = plots._memory_index([memory])
+    index = select.memory_index([memory])
     training = make_row("accuracy", {**config, "alpha": 0.35})
-    assert plots.accuracy_memory(training, index) == (123e6, "measured")
+    assert select.accuracy_memory(training, index) == (123e6, "measured")
     wider = make_row("accuracy", {**config, "alpha": 1.0})
-    assert plots.accuracy_memory(wider, index) == (None, None)
+    assert select.accuracy_memory(wider, index) == (None, None)
 
 
 def test_seeds_of_a_point_are_one_mean_with_their_spread_per_task_panel(tmp_path, fixture_rows):
@@ -266,12 +268,10 @@ def test_seeds_of_a_point_are_one_mean_with_their_spread_per_task_panel(tmp_path
                 rows.append(
                     dict(r, config=config, metrics={**r["metrics"], "miou": miou}, extra=extra)
                 )
-    from bench.accuracy_plot import seed_points
-
-    points = seed_points(rows, plots._memory_index(fixture_rows["memory"]))
+    points = seed_points(rows, select.memory_index(fixture_rows["memory"]))
     assert len(points) == 2 * len(ok)  # one per task and size, the seeds folded in
     assert all(sorted(p["miou"]) == [0.6, 0.7, 0.8] and p["ceiling"] == 0.9 for p in points)
-    plots.draw_memory_vs_accuracy(rows, tmp_path)
+    draw_memory_vs_accuracy(rows, tmp_path)
     svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
     assert "context task" in svg and "local task (control)" in svg
     assert "Bayes ceiling" in svg and "n=3" in svg

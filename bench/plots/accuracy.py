@@ -16,11 +16,23 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
-from bench import plots, reference
+from bench import reference
+from bench.plots import caption
+from bench.plots.select import GB, accuracy_memory, memory_index, number, section, study_memory
+from bench.plots.style import (
+    PALETTE,
+    REFERENCE_STYLE,
+    STYLE,
+    PlotOutcome,
+    gb_formatter,
+    new_figure,
+    save,
+)
 
 #: Config keys that differ between the runs of one point (averaged over) or that follow
 #: from others (steps from the budget; precision and remat as the planner chose them).
@@ -68,17 +80,17 @@ def seed_points(rows: Sequence[dict], memory_index: Mapping[tuple, dict]) -> lis
     for (task, series, size), members in sorted(groups.items()):
         ious, peaks, ceilings, baselines, sources = [], [], [], [], set()
         for row in members:
-            peak, source = plots.accuracy_memory(row, memory_index)
-            miou = plots._num(row["metrics"].get("miou"))
+            peak, source = accuracy_memory(row, memory_index)
+            miou = number(row["metrics"].get("miou"))
             if peak is None or miou is None:
                 continue
             ious.append(miou)
             peaks.append(peak)
             sources.add(source)
             ceiling = (row.get("extra") or {}).get("bayes_ceiling") or {}
-            if plots._num(ceiling.get("miou")) is not None:
+            if number(ceiling.get("miou")) is not None:
                 ceilings.append(float(ceiling["miou"]))
-            if plots._num(row["metrics"].get("baseline_miou")) is not None:
+            if number(row["metrics"].get("baseline_miou")) is not None:
                 baselines.append(float(row["metrics"]["baseline_miou"]))
         if not ious:
             continue
@@ -88,7 +100,7 @@ def seed_points(rows: Sequence[dict], memory_index: Mapping[tuple, dict]) -> lis
                 "series": series,
                 "config": members[0]["config"],
                 "patch_size": size,
-                "peak_gb": float(np.mean(peaks)) / plots.GB,
+                "peak_gb": float(np.mean(peaks)) / GB,
                 "predicted": sources == {"predicted"},
                 "miou": ious,
                 "ceiling": float(np.mean(ceilings)) if ceilings else None,
@@ -133,12 +145,12 @@ def _draw_study(ax, memory_index: Mapping[tuple, dict]) -> bool:
     for dataset, table in reference.PUBLISHED.items():
         xy = []
         for size in reference.STUDY_PATCH_SIZES_PX:
-            peak, _source = plots.study_memory(size, memory_index)
+            peak, _source = study_memory(size, memory_index)
             if peak is not None:
-                xy.append((peak / plots.GB, table[size]["miou"], size))
+                xy.append((peak / GB, table[size]["miou"], size))
         if not xy:
             continue
-        style = plots.REFERENCE_STYLE[dataset]
+        style = REFERENCE_STYLE[dataset]
         ax.plot(
             [x for x, _, _ in xy],
             [y for _, y, _ in xy],
@@ -177,7 +189,7 @@ def _legend_handles(series: Mapping[str, str], has_study: bool) -> list[Line2D]:
         Line2D([], [], color=grey, marker="x", ls=":", label="all-background prediction"),
     ]
     if has_study:
-        for dataset, style in plots.REFERENCE_STYLE.items():
+        for dataset, style in REFERENCE_STYLE.items():
             handles.append(
                 Line2D(
                     [],
@@ -192,9 +204,9 @@ def _legend_handles(series: Mapping[str, str], has_study: bool) -> list[Line2D]:
     return handles
 
 
-def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> plots.PlotOutcome:
+def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """mIoU against measured peak memory, one panel per task, from budget-sweep rows."""
-    outcome = plots.PlotOutcome("memory_vs_accuracy")
+    outcome = PlotOutcome("memory_vs_accuracy")
     accuracy_rows = [r for r in rows if r.get("kind") == "accuracy"]
     swept = [r for r in accuracy_rows if r.get("config", {}).get("pixel_budget")]
     if not swept:
@@ -207,12 +219,12 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> plots.PlotOu
         )
     ok = []
     for row in swept:
-        if row.get("status", "ok") == "ok" and plots._section(row, "metrics"):
+        if row.get("status", "ok") == "ok" and section(row, "metrics"):
             ok.append(row)
         else:
-            outcome.notes.append(plots._status_note(row, f"{row['config'].get('patch_size')} px"))
-    memory_index = plots._memory_index(rows)
-    points = seed_points(ok, memory_index)
+            outcome.notes.append(caption.status_note(row, f"{row['config'].get('patch_size')} px"))
+    index = memory_index(rows)
+    points = seed_points(ok, index)
     if not points:
         outcome.notes.insert(
             0, "no accuracy row (kind 'accuracy', status ok) to place; run python -m bench.accuracy"
@@ -220,14 +232,14 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> plots.PlotOu
         return outcome
     tasks = sorted({p["task"] for p in points}, key=lambda t: (t != "local", t != "context", t))
     configs = [p["config"] for p in points]
-    varying = plots._varying_keys(configs, SERIES_KEYS)
+    varying = caption.varying_keys(configs, SERIES_KEYS)
     labels: dict[str, str] = {}
     for p in points:
         keys = list(dict.fromkeys(["backbone", *varying, "pixel_budget"]))
-        labels.setdefault(p["series"], plots._series_label(p["config"], keys))
-    colors = {s: plots.PALETTE[i % len(plots.PALETTE)] for i, s in enumerate(sorted(labels))}
-    with plots.matplotlib.rc_context(plots.STYLE):
-        fig = plots._new_figure(5.2 * len(tasks) + 3.6, 5.0)
+        labels.setdefault(p["series"], caption.series_label(p["config"], keys))
+    colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(sorted(labels))}
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(5.2 * len(tasks) + 3.6, 5.0)
         axes = fig.subplots(1, len(tasks) + 1, squeeze=False)[0]
         has_study = False
         for ax, task in zip(axes, tasks, strict=False):
@@ -235,9 +247,9 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> plots.PlotOu
                 pts = [p for p in points if p["task"] == task and p["series"] == series]
                 if pts:
                     _draw_series(ax, pts, colors[series])
-            has_study = _draw_study(ax, memory_index) or has_study
+            has_study = _draw_study(ax, index) or has_study
             ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(plots._gb_formatter())
+            ax.xaxis.set_major_formatter(gb_formatter())
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("measured peak training memory (GB, log scale)")
             ax.set_ylabel("validation mIoU (0-1)")
@@ -248,9 +260,7 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> plots.PlotOu
         handles = _legend_handles({labels[s]: colors[s] for s in sorted(labels)}, has_study)
         legend_ax.legend(handles=handles, loc="center", frameon=False, fontsize=8)
         missing = [
-            size
-            for size in reference.STUDY_PATCH_SIZES_PX
-            if plots.study_memory(size, memory_index)[0] is None
+            size for size in reference.STUDY_PATCH_SIZES_PX if study_memory(size, index)[0] is None
         ]
         if missing:
             outcome.notes.append(
@@ -260,22 +270,22 @@ def draw_memory_vs_accuracy(rows: Sequence[dict], out_dir: Path) -> plots.PlotOu
                 "--sizes 256 704 1024 2048"
             )
         fig.suptitle("What a larger patch costs (memory) and buys (mIoU)", fontsize=12)
-        outcome.paths = plots._save(
-            fig, out_dir, outcome.name, plots._caption(_caption(ok, outcome.notes))
+        outcome.paths = save(
+            fig, out_dir, outcome.name, caption.wrap(_caption_lines(ok, outcome.notes))
         )
     return outcome
 
 
-def _caption(rows: Sequence[dict], notes: Sequence[str]) -> list[str]:
+def _caption_lines(rows: Sequence[dict], notes: Sequence[str]) -> list[str]:
     seeds = sorted({r["config"].get("seed") for r in rows}, key=lambda s: (s is None, s))
-    walls = [plots._num((r.get("extra") or {}).get("wall_s")) for r in rows]
+    walls = [number((r.get("extra") or {}).get("wall_s")) for r in rows]
     wall_s = sum(w for w in walls if w is not None)
     lines = [
         "x: TF allocator peak over the whole training run of that configuration, mean over seeds; "
         f"y: validation mIoU over held-out slides, seeds {', '.join(map(str, seeds))}; "
         f"{len(rows)} runs, {wall_s / 60:.0f} min of training and validation in all.",
-        plots.config_line(rows, varied=("patch_size", "steps", "seed")),
-        plots.machines_line(rows),
+        caption.config_line(rows, varied=("patch_size", "steps", "seed")),
+        caption.machines_line(rows),
         f"study points: {reference.SOURCE}; their memory is histoseg's number for their config.",
     ]
     return lines + [f"missing: {n}" for n in notes]

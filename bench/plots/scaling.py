@@ -1,0 +1,256 @@
+"""The weak-scaling figure: efficiency and total throughput against workers, per engine and
+allreduce compression, measured (solid) beside the ring-allreduce projection (dashed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+from matplotlib.lines import Line2D
+
+from bench.plots import caption
+from bench.plots.select import (
+    compression_of,
+    inputs_line,
+    number,
+    projection_from_model,
+    projection_of,
+    section,
+)
+from bench.plots.style import PALETTE, STYLE, PlotOutcome, log2_axis, new_figure, save
+from histoseg.results import step_mode_of
+from histoseg.train.engines.base import DEFAULT_STEP_MODE
+
+#: (engine, compression, patch size) -> [(workers, efficiency, throughput per worker)]
+Points = dict[tuple, list[tuple[int, float | None, float | None]]]
+#: (legend label, compression) -> [(workers, efficiency)]
+Curves = dict[tuple[str, str], list[tuple[int, float]]]
+
+
+def engine_label(engine: str, compression: str) -> str:
+    """Legend text of one (engine, compression) line of the weak-scaling plot."""
+    if engine == "none":  # bench.scaling's control: N processes that never communicate
+        return "no communication (independent processes)"
+    kind = "uncompressed" if compression == "none" else f"{compression}-compressed"
+    return f"{engine}, {kind} allreduce"
+
+
+def measured_points(rows: Sequence[dict], notes: list[str]) -> Points:
+    """The measured rows' points; rows that did not run become notes (put first)."""
+    points: Points = {}
+    not_run: list[tuple[str, str, str]] = []
+    for row in rows:
+        config = row.get("config", {})
+        key = (str(config.get("engine", "?")), compression_of(row), config.get("patch_size"))
+        what = f"{key[0]}, {key[1]}, {key[2]} px, {config.get('workers', '?')} workers"
+        if row.get("status", "ok") != "ok":
+            not_run.append(caption.status_item(row, what))
+            continue
+        scaling = section(row, "scaling")
+        workers = number(config.get("workers"))
+        efficiency = number(scaling.get("efficiency"))
+        per_worker = number(scaling.get("throughput_per_worker"))
+        if workers is not None and (efficiency is not None or per_worker is not None):
+            points.setdefault(key, []).append((int(workers), efficiency, per_worker))
+    notes[:0] = caption.compact_notes(not_run)
+    # One worker has nothing to compress: its point starts every compression's line.
+    for (engine, _compression, size), pts in points.items():
+        if not any(w == 1 for w, *_ in pts):
+            for (e2, _c2, s2), other in list(points.items()):
+                single = [p for p in other if p[0] == 1]
+                if e2 == engine and s2 == size and single:
+                    pts.append(single[0])
+                    break
+    return points
+
+
+def projection_curves(
+    projection_rows: Sequence[dict], measured_rows: Sequence[dict], points: Points
+) -> tuple[Curves, list[str]]:
+    """The dashed curves and a caption line of inputs per curve: from dedicated projection
+    rows when there are any, else the measured rows' ``extra.projection``, else the model."""
+    curves: Curves = {}
+    inputs_lines: list[str] = []
+    if projection_rows:
+        for row in projection_rows:
+            curve = projection_of(row)
+            if curve:
+                fp = compression_of(row).replace("none", "fp32")
+                label = f"projection, {row.get('config', {}).get('patch_size')} px, {fp} allreduce"
+                curves[(label, compression_of(row))] = curve
+                inputs = section(row, "extra").get("inputs")
+                line = inputs_line(inputs) if isinstance(inputs, Mapping) else ""
+                if line:
+                    inputs_lines.append(f"{label} inputs: {line}")
+        return curves, inputs_lines
+    for row in measured_rows:
+        curve = projection_of(row)
+        config = row.get("config", {})
+        key = (
+            f"projection, {config.get('engine')}, {config.get('patch_size')} px, {compression_of(row)}",
+            compression_of(row),
+        )
+        if curve and len(curve) > len(curves.get(key, [])):
+            curves[key] = curve
+    if curves:
+        return curves, inputs_lines
+    for engine, compression, size in points:
+        same_engine = [r for r in measured_rows if r.get("config", {}).get("engine") == engine]
+        if size is None:
+            continue
+        curve, line = projection_from_model(same_engine, int(size), compression)
+        if curve:
+            label = f"projection, {engine}, {size} px, {compression}"
+            curves[(label, compression)] = curve
+            if line:
+                inputs_lines.append(f"{label} inputs: {line}")
+    return curves, inputs_lines
+
+
+def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
+    """Weak-scaling efficiency and total throughput against workers, per engine and compression.
+
+    Colour = engine + compression, marker = patch size. Projection curves (dashed) come from
+    dedicated projection rows (``config.engine == "projection"``) when there are any, else
+    from the measured rows' ``extra.projection``, else from histoseg.scaling's model.
+    """
+    outcome = PlotOutcome("weak_scaling")
+    scaling_rows = [r for r in rows if r.get("kind") == "scaling"]
+    if not scaling_rows:
+        outcome.notes.append("no scaling rows (kind 'scaling'); run python -m bench.scaling")
+        return outcome
+    projection_rows = [r for r in scaling_rows if r.get("config", {}).get("engine") == "projection"]
+    measured_rows = [r for r in scaling_rows if r not in projection_rows]
+    # One train-step mode per figure (bench.scaling --step): the default where measured.
+    modes = sorted({step_mode_of(r) for r in measured_rows})
+    shown_mode = DEFAULT_STEP_MODE if DEFAULT_STEP_MODE in modes or not modes else modes[0]
+    other_modes = [r for r in measured_rows if step_mode_of(r) != shown_mode]
+    measured_rows = [r for r in measured_rows if step_mode_of(r) == shown_mode]
+    points = measured_points(measured_rows, outcome.notes)
+    curves, inputs_lines = projection_curves(projection_rows, measured_rows, points)
+    if not points and not curves:
+        outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
+        return outcome
+
+    with matplotlib.rc_context(STYLE):
+        fig = new_figure(12.5, 4.8)
+        ax_eff, ax_tp = fig.subplots(1, 2)
+        handles = _draw(ax_eff, ax_tp, points, curves)
+        fig.legend(handles=handles, loc="outside right upper", frameon=False)
+        fig.suptitle("Weak scaling: fixed patches per worker", fontsize=12)
+        plotted = measured_rows or projection_rows
+        lines = [
+            "weak scaling: every worker trains the same patches per step; total throughput = "
+            "scaling.throughput_per_worker x workers; the 1-worker point (no allreduce) starts every "
+            "compression's line. Dashed: the ring-allreduce projection (a model, not a measurement).",
+            caption.config_line(
+                plotted, varied=("workers", "engine", "patch_size", "threads", "compression")
+            ),
+            caption.machines_line(plotted),
+            *inputs_lines,
+        ]
+        if other_modes:
+            lines.append(
+                f"train step: {shown_mode}; {len(other_modes)} row(s) of other step modes "
+                f"({', '.join(m for m in modes if m != shown_mode)}) not drawn (see the CSV)"
+            )
+        lines += [f"missing: {n}" for n in outcome.notes]
+        outcome.paths = save(fig, out_dir, outcome.name, caption.wrap(lines))
+    return outcome
+
+
+def _curve_color(compression: str) -> str:
+    return "#444444" if compression == "fp16" else "#AAAAAA"
+
+
+def _draw(ax_eff, ax_tp, points: Points, curves: Curves) -> list[Line2D]:
+    """Both panels; returns the legend's handles (colours, markers, then curves)."""
+    combos = sorted({(e, c) for e, c, _ in points})
+    colour_of = {combo: PALETTE[i % len(PALETTE)] for i, combo in enumerate(combos)}
+    sizes = sorted({s for _, _, s in points if s is not None})
+    marker_of = {s: "osD^v<>"[i % 7] for i, s in enumerate(sizes)}
+    for (engine, compression, size), pts in sorted(points.items(), key=lambda kv: str(kv[0])):
+        _draw_point_series(
+            ax_eff,
+            ax_tp,
+            sorted(set(pts)),
+            colour_of[(engine, compression)],
+            marker_of.get(size, "o"),
+        )
+    for (label, compression), curve in sorted(curves.items()):
+        ax_eff.plot(
+            [w for w, _ in curve],
+            [e * 100 for _, e in curve],
+            ls="--",
+            lw=1.6,
+            color=_curve_color(compression),
+            label=label,
+        )
+    measured_workers = [w for pts in points.values() for w, *_ in pts]
+    _style_axes(ax_eff, ax_tp, [*measured_workers, *(w for c in curves.values() for w, _ in c)])
+    log2_axis(ax_tp, [*measured_workers, 1])
+    handles = [Line2D([], [], color=colour_of[c], lw=6, label=engine_label(*c)) for c in combos]
+    handles += [
+        Line2D(
+            [],
+            [],
+            color="#333333",
+            marker=marker_of[s],
+            ls="none",
+            ms=7,
+            label=f"{s} px (measured)",
+        )
+        for s in sizes
+    ]
+    handles += [
+        Line2D([], [], color=_curve_color(c), ls="--", lw=1.6, label=label)
+        for (label, c) in sorted(curves)
+    ]
+    return handles
+
+
+def _draw_point_series(ax_eff, ax_tp, pts, color: str, marker: str) -> None:
+    """One (engine, compression, size): efficiency, total throughput and its ideal line."""
+    eff = [(w, e) for w, e, _ in pts if e is not None]
+    if eff:
+        ax_eff.plot(
+            [w for w, _ in eff],
+            [e * 100 for _, e in eff],
+            marker=marker,
+            ms=7,
+            ls="-",
+            lw=1.0,
+            alpha=0.9,
+            color=color,
+        )
+    tput = [(w, t * w) for w, _, t in pts if t is not None]
+    if tput:
+        ax_tp.plot(
+            [w for w, _ in tput], [t for _, t in tput], marker=marker, ms=7, lw=1.5, color=color
+        )
+        base = dict(tput).get(1)
+        if base:
+            ideal = sorted({w for w, _ in tput})
+            ax_tp.plot(ideal, [base * w for w in ideal], ls=":", lw=1.0, color="#999999")
+
+
+def _style_axes(ax_eff, ax_tp, workers_seen: list[int]) -> None:
+    ax_eff.axhline(90, color="#666666", lw=0.8, ls=":")
+    ax_eff.annotate(
+        "90% target",
+        (0.01, 90),
+        xycoords=("axes fraction", "data"),
+        textcoords="offset points",
+        xytext=(0, -11),
+        fontsize=8,
+        color="#444444",
+    )
+    log2_axis(ax_eff, [*workers_seen, 1])
+    for ax in (ax_eff, ax_tp):
+        ax.set_xlabel("workers (processes, log scale)")
+    ax_eff.set_ylabel("weak-scaling efficiency (%)")
+    ax_eff.set_ylim(0, 110)
+    ax_eff.set_title("Efficiency = throughput(N) / (N x throughput(1))")
+    ax_tp.set_ylabel("throughput, all workers (patches/s)")
+    ax_tp.set_title("Throughput (grey dotted: ideal linear)")
