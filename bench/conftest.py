@@ -7,10 +7,6 @@ worth on a 2-core machine; ``--bench-sizes 256 512 1024`` asks for more.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 DEFAULT_SIZES = (128, 256)
 
 

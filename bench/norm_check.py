@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -162,7 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.patch_size < 16 or args.patch_size % 16:
         raise ConfigError(f"--patch-size {args.patch_size} must be a multiple of 16")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     rows = check(args)
     print(f"{'scored on':<34} {'accuracy':>8} {'tumour IoU':>10} {'predicted tumour':>16}")
     for name, row in rows.items():

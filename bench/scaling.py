@@ -51,7 +51,6 @@ PROBE_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
 def worker_main(spec: dict[str, Any]) -> int:
     """One rank: build the model, train a fixed batch, time each step, write rank<r>.json."""
     threads = int(spec["threads"])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from histoseg.train.launch import local_rank_from_env, pin_to_cores
 
     # Each rank on its own block of cores, as the study pinned one process per socket; done

@@ -1,12 +1,11 @@
 """histoseg: memory-aware training of segmentation models on gigapixel whole-slide images."""
 
-import os
-
-# TensorFlow's C++ start-up notes (CPU instructions and the like) would open every command's
-# output; warnings and errors still show. A user's own setting wins.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+from histoseg import startup
 from histoseg.errors import HistosegError
+
+# TensorFlow's start-up lines would open every command's output (histoseg.startup);
+# warnings and errors still show, and --verbose shows everything.
+startup.install()
 
 __version__ = "0.1.0"
 

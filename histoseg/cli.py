@@ -18,8 +18,18 @@ class ArgumentParser(argparse.ArgumentParser):
     """An ``argparse.ArgumentParser`` whose usage errors are a :class:`ConfigError`.
 
     Through :func:`run_main` a bad option is then one line on stderr (exit 2) naming the
-    option, not argparse's whole usage block; ``--help`` is unchanged.
+    option, not argparse's whole usage block; ``--help`` is unchanged. Every command gets
+    ``--verbose`` (see :mod:`histoseg.startup`).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # read before TensorFlow is imported, by histoseg.startup; here for --help and parsing
+        self.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show the frameworks' start-up and log lines (TensorFlow, absl)",
+        )
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{self.prog}: {message} (see --help)")

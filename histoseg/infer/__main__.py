@@ -8,7 +8,6 @@ overlap by a margin from the model's receptive field and are cross-faded.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports TensorFlow
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {printable(args.out)} is a file; give a folder")
     from histoseg.infer.model import find_checkpoint, stale_batch_norm_warning, tile_size_warning

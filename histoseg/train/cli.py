@@ -346,7 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, start the engine (before any TensorFlow op), train, validate, report."""
     args = build_parser().parse_args(argv)
     options = options_from_args(args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     options.threads = configure_threads(args.threads, args.pin_cores)
 
     from histoseg.train.engines import get_engine

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
     after_forward = max(r["bytes_after_forward"] for r in reads)
     pixels = args.batch_size * args.patch_size**2
     return {
-        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("json", "verbose")},
         "device": device,
         "params": int(sum(np.prod(v.shape) for v in model.trainable_weights)),
         "warmup_s": warmup_s,
