@@ -248,7 +248,8 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
 
     from histoseg.memory.probe import allocator_info, rss_peak_bytes
     from histoseg.train.engines import get_engine
-    from histoseg.train.loop import TrainOptions, run
+    from histoseg.train.loop import run
+    from histoseg.train.options import TrainOptions
 
     tf.config.threading.set_intra_op_parallelism_threads(int(config["threads"]))
     tf.config.threading.set_inter_op_parallelism_threads(1)

@@ -65,18 +65,14 @@ def check(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     from histoseg.data import iterate_batches, make_dataset
     from histoseg.models import build_deeplabv3plus
+    from histoseg.train.distributed import DistributedStep
     from histoseg.train.engines import get_engine
-    from histoseg.train.loop import (
-        DistributedStep,
-        TrainOptions,
-        WarmupSchedule,
-        _patches,
-        _train_and_val_slides,
-        _val_patches,
-        recalibrate_batch_norm,
-    )
     from histoseg.train.metrics import confusion_matrix
+    from histoseg.train.options import TrainOptions
+    from histoseg.train.schedule import WarmupSchedule
+    from histoseg.train.slides import train_and_val_slides, training_patches, validation_patches
     from histoseg.train.step import make_optimizer, prepare_images
+    from histoseg.train.validation import recalibrate_batch_norm
     from histoseg.wsi.synth import parse_size
 
     options = TrainOptions(
@@ -90,9 +86,9 @@ def check(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         progress=False,
     )
     engine = get_engine("none").init()
-    train_slides, val_slides = _train_and_val_slides(options, engine)
-    train_refs = _patches(options, train_slides, args.steps * args.batch_size, args.seed)
-    val_refs = _val_patches(options, val_slides)
+    train_slides, val_slides = train_and_val_slides(options, engine)
+    train_refs = training_patches(options, train_slides, args.steps * args.batch_size, args.seed)
+    val_refs = validation_patches(options, val_slides)
     keras.utils.set_random_seed(args.seed)
     backbone_kwargs = {"alpha": args.alpha} if args.alpha is not None else {}
     model = build_deeplabv3plus(

@@ -67,8 +67,8 @@ def worker_main(spec: dict[str, Any]) -> int:
     import keras
 
     from histoseg.models import build_deeplabv3plus
+    from histoseg.train.distributed import DistributedStep, all_variables, gradient_bytes
     from histoseg.train.engines.selfcheck import global_batch
-    from histoseg.train.loop import DistributedStep, all_variables, gradient_bytes
     from histoseg.train.step import make_optimizer
 
     keras.utils.set_random_seed(0)

@@ -46,7 +46,7 @@ def find_checkpoint(path: str | Path) -> CheckpointInfo:
     Raises:
         ConfigError: nothing there, no checkpoint, or no ``options.json`` for its run.
     """
-    from histoseg.train.loop import list_checkpoints
+    from histoseg.train.checkpoints import list_checkpoints
 
     path = Path(path)
     if not path.exists():

@@ -1,6 +1,6 @@
 """`python -m histoseg.train`: train DeepLabV3+ on slides, on one process or many, and validate.
 
-Flags map one to one onto :class:`histoseg.train.loop.TrainOptions`. With no slides folder
+Flags map one to one onto :class:`histoseg.train.options.TrainOptions`. With no slides folder
 the run uses synthetic slides made on first use under data/synthetic. With ``--engine
 horovod`` or ``--engine tf`` start one process per worker (``horovodrun``, or
 ``python -m histoseg.train.launch``); every rank runs this same command.
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> object:
     """TrainOptions from parsed flags (validated: bad values raise ConfigError)."""
-    from histoseg.train.loop import TrainOptions
+    from histoseg.train.options import TrainOptions
     from histoseg.wsi.synth import parse_size
 
     if args.patch_size < 16 or args.patch_size % args.output_stride:

@@ -18,9 +18,10 @@ def tiny_run(tmp_path_factory, tiny_slide) -> Path:
     import keras
 
     from histoseg.models import build_deeplabv3plus
+    from histoseg.train.checkpoints import save_checkpoint
     from histoseg.train.engines import get_engine
-    from histoseg.train.loop import recalibrate_batch_norm, save_checkpoint
     from histoseg.train.step import make_optimizer
+    from histoseg.train.validation import recalibrate_batch_norm
     from histoseg.wsi.slide import open_slide
 
     run = tmp_path_factory.mktemp("run")

@@ -9,8 +9,10 @@ import pytest
 
 from histoseg.cli import run_main
 from histoseg.errors import ConfigError
+from histoseg.train.checkpoints import load_checkpoint
 from histoseg.train.cli import main
-from histoseg.train.loop import WarmupSchedule, load_checkpoint, split_slides
+from histoseg.train.schedule import WarmupSchedule
+from histoseg.train.split import split_slides
 
 TINY = [
     "--synthetic-slides", "3",
@@ -72,13 +74,14 @@ def _checkpoint_metrics(run):
     from histoseg.models import build_deeplabv3plus
     from histoseg.train.cli import build_parser, options_from_args
     from histoseg.train.engines import get_engine
-    from histoseg.train.loop import _train_and_val_slides, _val_patches, evaluate
+    from histoseg.train.slides import train_and_val_slides, validation_patches
+    from histoseg.train.validation import evaluate
 
     saved = json.loads((run / "options.json").read_text())
     argv = [*TINY, "--synthetic-dir", saved["synthetic_dir"], "--run-dir", str(run)]
     options = options_from_args(build_parser().parse_args(argv))
     engine = get_engine("none")
-    refs = _val_patches(options, _train_and_val_slides(options, engine)[1])
+    refs = validation_patches(options, train_and_val_slides(options, engine)[1])
     size = (options.patch_size, options.patch_size, 3)
     model = build_deeplabv3plus("mobilenetv2", size, 2, 16, "float32", "none", alpha=0.35)
     with np.load(sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1]) as data:

@@ -155,11 +155,12 @@ def test_train_cli_runs_end_to_end_on_the_camelyon16_tree(tmp_path, sources):
 
 def test_camelyon17_splits_by_slide_across_centres(tmp_path, sources, capsys):
     from histoseg.train.engines import get_engine
-    from histoseg.train.loop import TrainOptions, _train_and_val_slides
+    from histoseg.train.options import TrainOptions
+    from histoseg.train.slides import train_and_val_slides
 
     tree = camelyon17_tree(tmp_path, sources)
     options = TrainOptions(data=f"camelyon17={tree}")
-    train, val = _train_and_val_slides(options, get_engine("none").init())
+    train, val = train_and_val_slides(options, get_engine("none").init())
     assert "left out 6 positive slides without a lesion annotation" in capsys.readouterr().err
     assert len(train) + len(val) == 12
     # validation holds an annotated and a negative slide, not one whole centre

@@ -16,7 +16,7 @@ from typing import Any
 from histoseg.errors import ConfigError
 
 COMPRESSIONS = ("none", "fp16")
-#: How a train step runs (histoseg.train.loop.DistributedStep). "overlap": one compiled
+#: How a train step runs (histoseg.train.distributed.DistributedStep). "overlap": one compiled
 #: function (gradients, the engine's per-gradient allreduce inside the graph, update), so a
 #: gradient's collective starts as soon as the backward pass has made it and runs while the
 #: rest of the backward pass computes. "separate": three calls (compiled gradients, the

@@ -2,7 +2,7 @@
 
 Each rank builds the same small DeepLabV3+ from a *different* seed (so the initial broadcast
 has something to fix), takes its slice of a fixed global batch every step, and trains a few
-steps through :class:`histoseg.train.loop.DistributedStep` in either step mode (``--step``).
+steps through :class:`histoseg.train.distributed.DistributedStep` in either step mode (``--step``).
 It writes what the comparison needs to ``--out/rank<r>.npz``: the final weights, the loss of
 every step averaged over the ranks, how far an fp16-compressed allreduce of real gradients
 lands from the fp32 one, and how the overlapped step's graph holds its collectives.
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--step",
         choices=("overlap", "separate"),
-        help="step mode of histoseg.train.loop.DistributedStep (default: its default)",
+        help="step mode of histoseg.train.distributed.DistributedStep (default: its default)",
     )
     args = parser.parse_args(argv)
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import keras
 
     from histoseg.models import build_deeplabv3plus
-    from histoseg.train.loop import DistributedStep, all_variables
+    from histoseg.train.distributed import DistributedStep, all_variables
     from histoseg.train.step import make_optimizer
 
     keras.utils.set_random_seed(1 + rank)  # deliberately different until the broadcast

@@ -1,0 +1,62 @@
+"""The options of one training run (:class:`TrainOptions`), filled by the CLI from its flags."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from histoseg.train.engines.base import DEFAULT_STEP_MODE
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Everything one training run needs; the CLI fills it from its flags.
+
+    ``learning_rate`` is per worker: the run's peak rate is ``learning_rate * workers`` unless
+    ``scale_lr`` is False (the linear scaling rule for a global batch ``workers`` times larger).
+    """
+
+    slides: str | None = None
+    annotations: str | None = None
+    data: str | None = None  # "camelyon16=DIR" or "camelyon17=DIR" (histoseg.wsi.camelyon)
+    synthetic_task: str = "local"
+    synthetic_dir: str = "data/synthetic"
+    synthetic_slides: int = 6
+    synthetic_size_px: tuple[int, int] = (8000, 6000)
+    # The slides' own seed, apart from the training seed: runs with different training
+    # seeds train on the same synthetic slides (and share one folder of them).
+    synthetic_seed: int = 0
+    split: str = "auto"
+    val_fraction: float = 1 / 3
+    val_centres: tuple[int, ...] = ()
+    patch_size: int = 256
+    level: int = 0
+    min_tissue: float = 0.5
+    tumor_ratio: float | None = 0.5
+    tumour_weight: float = 1.0
+    batch_size: int = 2
+    max_val_patches: int | None = 64
+    backbone: str = "xception65"
+    alpha: float | None = None
+    output_stride: int = 16
+    precision: str = "float32"
+    remat: str = "none"
+    norm: str = "batch"
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    schedule: str = "poly"
+    warmup_steps: int | None = None
+    scale_lr: bool = True
+    steps: int | None = 100
+    epochs: float | None = None
+    fp16_allreduce: bool = False
+    step_mode: str = DEFAULT_STEP_MODE
+    run_dir: str = "runs/train"
+    checkpoint_every: int = 50
+    resume: str | None = None
+    results: str | None = None
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None
+    progress: bool = True
+    bn_recalibration_batches: int = 20

@@ -1,0 +1,91 @@
+"""Validation of a run: batch-norm statistics re-estimated for the final weights, then pixel
+metrics over the validation patches of every rank."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from histoseg.models.norm import FrozenBatchNorm
+from histoseg.train.engines import (
+    Engine,
+)
+from histoseg.train.metrics import PixelMetrics
+from histoseg.train.step import (
+    prepare_images,
+)
+
+
+def recalibrate_batch_norm(
+    model: keras.Model, batches: Iterable[tuple[Any, Any]], engine: Engine, num_batches: int
+) -> int:
+    """Re-estimate every batch-norm layer's moving statistics for the current weights.
+
+    During training the moving averages (momentum 0.99) mix statistics of weights from
+    about a hundred steps back; early in training, while the weights still move fast, that
+    stale mixture can be far from what the final weights produce, and inference-mode
+    outputs collapse even though training-mode outputs are good. Before validating, run
+    ``num_batches`` training batches forward in training mode (no gradients, no update)
+    with the momentum set so the moving statistics become the plain average over those
+    batches ("precise BN", Wu & Johnson 2021), then average them over the ranks.
+
+    Returns:
+        How many batches were used on this rank.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization)
+        and not isinstance(layer, FrozenBatchNorm)  # never updates its statistics
+    ]
+    if not layers or num_batches <= 0:
+        return 0
+    from histoseg.data import iterate_batches
+
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        # iterate_batches: a corrupt slide is a one-line SlideError, not a wrapped TF error
+        for images, _ in iterate_batches(batches):
+            used += 1
+            for layer in layers:
+                # moving = (k-1)/k * moving + 1/k * batch: the running mean of k batches
+                layer.momentum = 1.0 - 1.0 / used
+            # eager on purpose: a compiled call would freeze the momentum at trace time
+            model(prepare_images(images), training=True)
+            if used >= num_batches:
+                break
+    finally:
+        for layer, momentum in zip(layers, saved, strict=True):
+            layer.momentum = momentum
+    stats = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+    averaged = engine.allreduce_gradients([tf.convert_to_tensor(v) for v in stats])
+    for v, value in zip(stats, averaged, strict=True):
+        v.assign(value)
+    return used
+
+
+def evaluate(
+    model: keras.Model, batches: Iterable[tuple[Any, Any]], engine: Engine
+) -> PixelMetrics:
+    """Pixel metrics of ``model`` over this rank's validation batches, summed over all ranks.
+
+    Every rank must call it (the final sum is a collective), even one with no batches.
+    """
+
+    @tf.function
+    def tumour_probability(images: Any) -> Any:
+        logits = model(prepare_images(images), training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
+
+    from histoseg.data import iterate_batches
+
+    metrics = PixelMetrics()
+    # iterate_batches: a corrupt slide is a one-line SlideError, not a wrapped TF error
+    for images, masks in iterate_batches(batches):
+        metrics.update(np.asarray(masks), tumour_probability(images).numpy())
+    return metrics.reduce(engine)
