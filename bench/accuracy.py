@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -41,8 +40,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from histoseg.cli import ArgumentParser, run_main
+from bench.accuracy_plan import (
+    SizePlan,
+    estimate_predictor,
+    format_bytes,
+    plan_size,
+    steps_for_budget,
+)
+from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.errors import ConfigError, HistosegError
+from histoseg.results import load_rows_if_exists, write_rows
 from histoseg.train.cli import (
     NORM_CHOICES,
     SYNTHETIC_TASKS,
@@ -55,8 +62,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_PIXEL_BUDGET = 1e8  # ~10 min per size for mobilenetv2 on 2 CPU cores (0.24 Mpx/s)
 DEFAULT_OUT = Path("results/accuracy.json")
 #: Share of the device's free memory a size may plan to use by default (the rest is the
-#: process's own overhead: libraries, graph, data pipeline; RSS sits ~0.5-0.9 GB above the
-#: allocator peak on CPU, see FACTS.md).
+#: process's own overhead: libraries, graph, data pipeline; on the CPU, RSS sits about
+#: 0.5-0.9 GB above the allocator peak).
 DEFAULT_BUDGET_FRACTION = 0.8
 #: Exit code of a worker whose training ran out of memory (an allocator error, not a kill).
 OOM_EXIT_CODE = 75
@@ -64,116 +71,6 @@ OOM_EXIT_CODE = 75
 #: Config keys that name a sweep point independently of how it was made to fit (precision
 #: and remat may be changed by the planner, steps follow from the budget).
 PLANNED_KEYS = ("precision", "remat", "steps")
-
-
-# ----------------------------------------------------------------------------- planning
-
-
-def steps_for_budget(pixel_budget: float, batch_size: int, patch_size_px: int) -> int:
-    """Training steps that show ``pixel_budget`` pixels at this batch and patch size (at least 1)."""
-    if not pixel_budget > 0:
-        raise ConfigError(f"pixel budget must be > 0, got {pixel_budget!r}")
-    if batch_size < 1 or patch_size_px < 1:
-        raise ConfigError(
-            f"batch size and patch size must be >= 1, got {batch_size}, {patch_size_px}"
-        )
-    return max(1, round(pixel_budget / (batch_size * patch_size_px**2)))
-
-
-@dataclasses.dataclass(frozen=True)
-class SizePlan:
-    """How one patch size will be trained, or why it will not be."""
-
-    patch_size: int
-    steps: int
-    precision: str
-    remat: str
-    predicted_peak_bytes: int | None
-    run: bool
-    reason: str | None = None
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
-
-
-def plan_size(
-    patch_size: int,
-    *,
-    steps: int,
-    precision: str,
-    remat: str,
-    memory_budget_bytes: int | None,
-    allow_remat: bool,
-    allow_bf16: bool,
-    predict: Callable[[int, str, str], int | None],
-) -> SizePlan:
-    """Pick the first of (as asked, + block remat, + bf16, + both) predicted to fit the budget.
-
-    Args:
-        patch_size: Patch side, px.
-        steps: Training steps for this size.
-        precision, remat: What the user asked for.
-        memory_budget_bytes: What a step may use; None = no limit known (run as asked).
-        allow_remat: May switch remat "none" to "blocks".
-        allow_bf16: May switch precision "float32" to "mixed_bfloat16".
-        predict: ``predict(patch_size, precision, remat) -> step peak bytes`` (None when
-            the model cannot predict it).
-
-    Returns:
-        The plan; ``run`` is False with a reason when nothing allowed is predicted to fit.
-    """
-    candidates = [(precision, remat)]
-    if allow_remat and remat == "none":
-        candidates.append((precision, "blocks"))
-    if allow_bf16 and precision == "float32":
-        candidates.append(("mixed_bfloat16", remat))
-        if allow_remat and remat == "none":
-            candidates.append(("mixed_bfloat16", "blocks"))
-    tried = []
-    for cand_precision, cand_remat in candidates:
-        peak = predict(patch_size, cand_precision, cand_remat)
-        if memory_budget_bytes is None or peak is None or peak <= memory_budget_bytes:
-            return SizePlan(patch_size, steps, cand_precision, cand_remat, peak, run=True)
-        tried.append(f"{cand_precision}/remat {cand_remat}: {_gb(peak)}")
-    hints = [
-        flag
-        for flag, allowed in (("--allow-remat", allow_remat), ("--allow-bf16", allow_bf16))
-        if not allowed
-    ]
-    reason = f"predicted peak > {_gb(memory_budget_bytes)} budget ({'; '.join(tried)})"
-    if hints:
-        reason += f"; {' / '.join(hints)} may make it fit"
-    first_peak = predict(patch_size, precision, remat)
-    return SizePlan(patch_size, steps, precision, remat, first_peak, run=False, reason=reason)
-
-
-def estimate_predictor(
-    backbone: str, batch_size: int, output_stride: int, optimizer: str, options: dict
-):
-    """A ``predict(patch, precision, remat)`` over histoseg's analytic memory model."""
-    from histoseg.memory.estimate import estimate  # TensorFlow: imported only when planning
-
-    def predict(patch_size: int, precision: str, remat: str) -> int | None:
-        try:
-            return int(
-                estimate(
-                    patch_size=patch_size,
-                    batch_size=batch_size,
-                    backbone=backbone,
-                    output_stride=output_stride,
-                    precision=precision,
-                    remat=remat,
-                    optimizer=optimizer,
-                    backbone_options=options,
-                ).peak_bytes
-            )
-        except HistosegError:
-            raise
-        except Exception:  # an estimate the model cannot make must not stop the sweep
-            return None
-
-    return predict
 
 
 # ----------------------------------------------------------------------------- rows and resume
@@ -390,7 +287,7 @@ def memory_budget(args: argparse.Namespace) -> tuple[int | None, str]:
         return None, f"no {args.device} memory figure available"
     return int(
         free * DEFAULT_BUDGET_FRACTION
-    ), f"{DEFAULT_BUDGET_FRACTION:.0%} of {_gb(free)} free {args.device} memory"
+    ), f"{DEFAULT_BUDGET_FRACTION:.0%} of {format_bytes(free)} free {args.device} memory"
 
 
 def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[str, Any]:
@@ -479,9 +376,6 @@ def run_sweep(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Plan, run (or resume, or skip) every size and write the rows after each; returns the rows."""
-    from histoseg.cli import command_line
-    from histoseg.results import load_rows_if_exists, write_rows
-
     out = Path(args.out)
     rows = load_rows_if_exists(out)
     budget, budget_source = memory_budget(args)
@@ -495,7 +389,7 @@ def run_sweep(
         f"accuracy sweep: sizes {' '.join(map(str, args.sizes))} px, pixel budget {args.pixel_budget:.3g} px "
         f"per run, batch {args.batch_size}, {args.backbone}, seeds {' '.join(map(str, args.seeds))}, "
         f"{n_points} runs ({n_points * args.pixel_budget:.3g} px in all), memory budget "
-        f"{_gb(budget) if budget else 'none'} ({budget_source})"
+        f"{format_bytes(budget) if budget else 'none'} ({budget_source})"
     )
     command = getattr(args, "command", None) or command_line(
         "bench.accuracy", getattr(args, "argv", None)
@@ -534,7 +428,9 @@ def run_sweep(
             log(f"{head}: skipped — {plan.reason}")
             row = size_row(config, plan, {"status": "skipped", "reason": plan.reason}, extra)
         else:
-            predicted = _gb(plan.predicted_peak_bytes) if plan.predicted_peak_bytes else "?"
+            predicted = (
+                format_bytes(plan.predicted_peak_bytes) if plan.predicted_peak_bytes else "?"
+            )
             log(
                 f"{head}: training {steps} steps x batch {args.batch_size} "
                 f"({extra['pixels_seen'] / 1e6:.0f} Mpx), {plan.precision}/remat {plan.remat}, "
@@ -633,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Re-running keeps sizes already measured (--force re-runs them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _training_options(parser)
+    _data_options(parser)
+    _run_options(parser)
+    return parser
+
+
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    """Patch sizes, the pixel budget and how each size trains."""
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PX")
     parser.add_argument(
         "--pixel-budget",
@@ -687,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="training seeds; each point is trained once per seed "
         f"(default {' '.join(map(str, DEFAULT_SEEDS))})",
     )
+
+
+def _data_options(parser: argparse.ArgumentParser) -> None:
+    """Slides: a challenge folder, a folder of slides, or synthetic ones."""
     parser.add_argument(
         "--data", metavar="NAME=DIR", help="camelyon16=DIR or camelyon17=DIR (published layout)"
     )
@@ -719,6 +627,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="cap on validation patches (default 0: every tissue patch of the held-out slides)",
     )
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    """Per-size runs, the memory plan, the results file."""
     parser.add_argument("--run-dir", type=Path, default=Path("runs/accuracy"), help="per-size runs")
     parser.add_argument(
         "--memory-budget",
@@ -735,7 +647,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="re-run sizes already measured")
     parser.add_argument("--no-plots", action="store_true", help="skip bench.plots at the end")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return parser
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import BACKBONES, PRECISIONS, REMAT_MODES, BenchConfig, expand_sweep
-from bench.memory import parse_backbone_options, summary_table
+from bench.memory import parse_backbone_options
+from bench.memory_table import summary_table
 from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.memory.devices import format_bytes

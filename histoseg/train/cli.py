@@ -55,8 +55,6 @@ Examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from histoseg.train.engines import DEFAULT_STEP_MODE, ENGINE_NAMES, STEP_MODES
-
     # histoseg's ArgumentParser: a bad flag is one ConfigError line, not argparse's usage block
     p = ArgumentParser(
         prog="python -m histoseg.train",
@@ -64,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
+    _data_options(p)
+    _model_options(p)
+    _optimisation_options(p)
+    _distribution_options(p)
+    _output_options(p)
+    return p
+
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    """Slides, patches and batches."""
     data = p.add_argument_group("data")
     data.add_argument(
         "--data",
@@ -117,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="validation subset of the grid, up to half tumour (0: the whole grid)",
     )
 
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The network and its memory-saving modes."""
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default="xception65", help="xception65, mobilenetv2, resnet50")
     model.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier, e.g. 0.35")
@@ -134,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "norm's inference statistics never match training's, else batch (default auto)",
     )
 
+
+def _optimisation_options(p: argparse.ArgumentParser) -> None:
+    """Optimizer, schedule, run length, batch-norm recalibration."""
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     opt.add_argument("--learning-rate", type=float, default=1e-3, help="per worker (default 1e-3)")
@@ -148,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     length = opt.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="train steps (default 100)")
     length.add_argument("--epochs", type=float, help="passes over the training slides' tissue grid")
+
+    opt.add_argument(
+        "--bn-recalibration-batches",
+        type=int,
+        default=20,
+        help="training batches that re-estimate batch-norm statistics before validation (0: off)",
+    )
+
+
+def _distribution_options(p: argparse.ArgumentParser) -> None:
+    """Engine, step mode, threads."""
+    from histoseg.train.engines import DEFAULT_STEP_MODE, ENGINE_NAMES, STEP_MODES
 
     dist = p.add_argument_group("distribution")
     dist.add_argument("--engine", choices=ENGINE_NAMES, default="none")
@@ -167,13 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pin this process to its own block of cores (by local rank)",
     )
 
-    opt.add_argument(
-        "--bn-recalibration-batches",
-        type=int,
-        default=20,
-        help="training batches that re-estimate batch-norm statistics before validation (0: off)",
-    )
 
+def _output_options(p: argparse.ArgumentParser) -> None:
+    """Run folder, checkpoints, results, logging."""
     out = p.add_argument_group("output")
     out.add_argument("--run-dir", default="runs/train", help="checkpoints, TensorBoard, options")
     out.add_argument("--checkpoint-every", type=int, default=50, help="steps (0: only at the end)")
@@ -182,7 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--log-every", type=int, default=10, help="steps between summaries")
     out.add_argument("--seed", type=int, default=0)
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def options_from_args(args: argparse.Namespace) -> object:

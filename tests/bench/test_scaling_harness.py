@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from bench.scaling import kept_rows, main, markdown_table, summarise, thread_cpu_s
+from bench.scaling import kept_rows, main, summarise, thread_cpu_s
+from bench.scaling_table import markdown_table
 from histoseg.results import make_row
 
 

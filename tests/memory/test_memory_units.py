@@ -5,7 +5,8 @@ import json
 import pytest
 
 from bench.config import BenchConfig, expand_sweep
-from bench.memory import build_parser, compare_to_baseline, configs_from_args, summary_table
+from bench.memory import build_parser, compare_to_baseline, configs_from_args
+from bench.memory_table import summary_table
 from histoseg.errors import ConfigError
 from histoseg.memory.devices import available_bytes, format_bytes, parse_size, total_bytes
 

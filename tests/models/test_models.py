@@ -62,7 +62,7 @@ def test_output_and_feature_shapes(backbone, kwargs, high_channels, output_strid
 def test_xception65_parameter_count_matches_reference():
     # Reference: the widely used Keras port of DeepLab's Xception-65 DeepLabV3+
     # (bonlime/keras-deeplab-v3-plus) reports 41,258,213 parameters for 21 classes,
-    # batch-norm statistics included; FACTS.md: 41.05 M trainable for 2 classes.
+    # batch-norm statistics included; 41.05 M of them trainable for 2 classes.
     model = built("xception65", 16)
     assert sum(math.prod(v.shape) for v in model.weights) == 41_258_213
     two_classes = trainable(model) - 19 * (256 + 1)  # 19 fewer logit channels

@@ -1,0 +1,136 @@
+"""A memory sweep's rows as tables: fixed-width for the terminal, Markdown for docs/."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def _num(n: Any, scale: float, digits: int = 2) -> str:
+    return "-" if n is None else f"{n / scale:.{digits}f}"
+
+
+def _pct(measured: Any, predicted: Any) -> str:
+    if not measured or predicted is None:
+        return "-"
+    return f"{100 * (predicted - measured) / measured:+.1f}%"
+
+
+def config_label(config: dict[str, Any]) -> str:
+    """A config's model and step in a few characters: ``mobilenetv2@0.35 os8 sgd``."""
+    alpha = (config.get("backbone_options") or {}).get("alpha")
+    backbone = config["backbone"] + (f"@{alpha:g}" if alpha else "")
+    return f"{backbone} os{config['output_stride']} {config.get('optimizer', 'adam')}"
+
+
+def spread(row: dict[str, Any], figure: str) -> float | None:
+    """(max - min) / median of ``figure`` over the processes of a repeated row, or None."""
+    runs = [r[figure] for r in (row.get("extra") or {}).get("repeats") or [] if r.get(figure)]
+    if len(runs) < 2:
+        return None
+    runs.sort()
+    return (runs[-1] - runs[0]) / runs[(len(runs) - 1) // 2]
+
+
+def summary_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A fixed-width table of a sweep's rows: memory measured vs predicted, speed, status.
+
+    Memory columns are in GB when any peak reaches 1 GB, else in MB. "err" is
+    (predicted - measured) / measured; "by" the route of the prediction (a: analytic,
+    c: calibrated); "spread" the activation and peak spread over a repeated row's
+    processes. Status "predicted" marks a row that was predicted but not measured (it
+    would not fit, or --predict-only); the reason is listed below.
+    """
+    peaks = [
+        r.get(section, {}).get("peak_bytes") or 0
+        for r in rows
+        for section in ("measured", "predicted")
+    ]
+    unit, scale = ("GB", 1e9) if max(peaks, default=0) >= 1e9 else ("MB", 1e6)
+    head = (
+        f"{'patch':>5} {'batch':>5} {'model':<25} {'precision':<14} {'remat':<6} {'dev':<3} "
+        f"{'status':<9} {'act ' + unit:>7} {'pred':>7} {'err':>6} {'peak ' + unit:>7} "
+        f"{'pred':>7} {'err':>6} {'by':>2} {'spread':>9} {'rss ' + unit:>7} {'step s':>7} "
+        f"{'MP/s':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    notes = []
+    for r in rows:
+        c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
+        status = "predicted" if r["status"] == "skipped" and p else r["status"]
+        act_spread, peak_spread = spread(r, "activation_bytes"), spread(r, "peak_bytes")
+        spreads = (
+            "-" if act_spread is None else f"{100 * act_spread:.1f}/{100 * (peak_spread or 0):.1f}%"
+        )
+        lines.append(
+            f"{c['patch_size']:>5} {c['batch_size']:>5} {config_label(c):<25} "
+            f"{c['precision']:<14} {c['remat']:<6} {c['device']:<3} {status:<9} "
+            f"{_num(m.get('activation_bytes'), scale):>7} "
+            f"{_num(p.get('activation_bytes'), scale):>7} "
+            f"{_pct(m.get('activation_bytes'), p.get('activation_bytes')):>6} "
+            f"{_num(m.get('peak_bytes'), scale):>7} {_num(p.get('peak_bytes'), scale):>7} "
+            f"{_pct(m.get('peak_bytes'), p.get('peak_bytes')):>6} "
+            f"{str(p.get('method', 'analytic'))[0] if p else '-':>2} {spreads:>9} "
+            f"{_num(m.get('rss_peak_bytes'), scale):>7} "
+            f"{_num(m.get('step_s'), 1):>7} {_num(m.get('megapixels_per_s'), 1, 3):>6}"
+        )
+        if r["status"] != "ok":
+            what = (
+                f"{c['patch_size']} px batch {c['batch_size']} {config_label(c)} "
+                f"{c['precision']} remat {c['remat']} {c['device']}"
+            )
+            notes.append(f"  {what}: {r['status']}: {r['reason']}")
+    return "\n".join(lines + (["", "not measured:", *notes] if notes else []))
+
+
+def _net_of_waste(measured: Any, waste: Any) -> Any:
+    return None if measured is None or waste is None else measured - waste
+
+
+def _activation_range(row: dict[str, Any]) -> str:
+    """The activation range of a row measured in several processes, as
+    ``" (min–max, N runs)"`` in GB; ``""`` for a row of one process."""
+    runs = [r["activation_bytes"] for r in (row.get("extra") or {}).get("repeats") or []]
+    if len(runs) < 2:
+        return ""
+    return f" ({_num(min(runs), 1e9, 3)}–{_num(max(runs), 1e9, 3)}, {len(runs)} runs)"
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Measured vs predicted activation and peak bytes (GB) as a Markdown table.
+
+    Rows measured with ``--allocator-trace`` also get "net err": the prediction of the
+    bytes the tensors ask for (``requested_*``) against the measurement net of the
+    allocator's chunk waste, i.e. the request model checked apart from the allocator model.
+    Rows measured in several processes (``--repeats``) show the range of their activation
+    figures beside the median process's.
+    """
+    lines = [
+        "| patch px | batch | model | precision | remat | status | activations GB "
+        "measured | predicted | error | net err | step peak GB measured | predicted | "
+        "error | net err | route | RSS peak GB | step s | MP/s |",
+        "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
+        trace = (r.get("extra") or {}).get("allocator_trace") or {}
+        act_net = _net_of_waste(
+            m.get("activation_bytes"), trace.get("activation_chunk_waste_bytes")
+        )
+        peak_net = _net_of_waste(m.get("peak_bytes"), trace.get("peak_chunk_waste_bytes"))
+        status = "predicted" if r["status"] == "skipped" and p else r["status"]
+        lines.append(
+            f"| {c['patch_size']} | {c['batch_size']} | {config_label(c)} | {c['precision']} | "
+            f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)}"
+            f"{_activation_range(r)} | {_num(p.get('activation_bytes'), 1e9, 3)} | "
+            f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
+            f"{_pct(act_net, p.get('requested_activation_bytes'))} | "
+            f"{_num(m.get('peak_bytes'), 1e9, 3)} | {_num(p.get('peak_bytes'), 1e9, 3)} | "
+            f"{_pct(m.get('peak_bytes'), p.get('peak_bytes'))} | "
+            f"{_pct(peak_net, p.get('requested_peak_bytes'))} | "
+            f"{p.get('method', 'analytic') if p else '-'} | "
+            f"{_num(m.get('rss_peak_bytes'), 1e9)} | {_num(m.get('step_s'), 1)} | "
+            f"{_num(m.get('megapixels_per_s'), 1, 3)} |"
+        )
+    return "\n".join(lines)
