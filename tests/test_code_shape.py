@@ -50,12 +50,14 @@ def test_a_function_over_the_limit_is_an_offence(tmp_path):
     assert found == "histoseg/m.py::f: 81 lines, over the function limit of 80"
 
 
-def test_known_oversize_may_shrink_but_not_grow_and_must_go_when_within(tmp_path):
+def test_known_oversize_ratchets_down_and_must_go_when_within(tmp_path):
     check = _check_shape()
     root = _tree(tmp_path, 90)
     assert check.offences({**LIMITS, "known_oversize": {"histoseg/m.py::f": 90}}, root) == []
     (grew,) = check.offences({**LIMITS, "known_oversize": {"histoseg/m.py::f": 85}}, root)
     assert "grew past its known 85" in grew
+    (shrank,) = check.offences({**LIMITS, "known_oversize": {"histoseg/m.py::f": 95}}, root)
+    assert "shrank from 95: lower its known_oversize entry" in shrank
     within = _tree(tmp_path / "b", 70)
     (stale,) = check.offences({**LIMITS, "known_oversize": {"histoseg/m.py::f": 90}}, within)
     assert "remove it from known_oversize" in stale
