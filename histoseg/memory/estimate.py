@@ -175,16 +175,8 @@ def estimate_model(
         device: "cpu" or "gpu": whose allocator statistics are predicted.
         batch_bytes_per_pixel: Bytes of the step's input batch per pixel: uint8 RGB image
             plus uint8 label mask (4), as the data pipeline delivers them.
-
-    Returns:
-        A :class:`MemoryEstimate`.
     """
-    if optimizer not in OPTIMIZER_SLOTS:
-        raise ConfigError(
-            f"optimizer {optimizer!r} is not one of {', '.join(sorted(OPTIMIZER_SLOTS))}"
-        )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    _check_step(optimizer, batch_size)
     facts = model if isinstance(model, ModelFacts) else model_facts(model)
     floor = untracked_below(device)
 
@@ -237,6 +229,15 @@ def estimate_model(
         input_bytes=pixels * batch_bytes_per_pixel,
         constant_bytes=constants,
     )
+
+
+def _check_step(optimizer: str, batch_size: int) -> None:
+    if optimizer not in OPTIMIZER_SLOTS:
+        raise ConfigError(
+            f"optimizer {optimizer!r} is not one of {', '.join(sorted(OPTIMIZER_SLOTS))}"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def cast_orders(graph: MemoryGraph) -> list[list[int] | None]:

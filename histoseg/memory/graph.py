@@ -347,6 +347,7 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> Op:
             constant = f32
     elif kind in ("multiply", "unknown"):
         saved = list(in_ids)
+    params, grads = _param_and_grad_sizes(layer, kind, compute)
     return Op(
         name=layer.name,
         kind=kind,
@@ -355,16 +356,22 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> Op:
         saved=saved,
         temp_bytes=temp,
         block=block,
-        param_sizes=tuple(
-            math.prod(v.shape) * dtype_bytes(v.dtype) for v in layer.trainable_weights
-        ),
+        param_sizes=params,
         weight_copy_sizes=_weight_copies(layer, kind, compute),
-        grad_sizes=tuple(
-            math.prod(v.shape) * dtype_bytes(compute if kind in ("conv", "separable") else v.dtype)
-            for v in layer.trainable_weights
-        ),
+        grad_sizes=grads,
         constant_bytes=constant,
     )
+
+
+def _param_and_grad_sizes(layer: Any, kind: str, compute: Any) -> tuple[tuple, tuple]:
+    """Bytes of each trainable weight, and of its gradient (a conv's is in compute dtype)."""
+    weights = layer.trainable_weights
+    params = tuple(math.prod(v.shape) * dtype_bytes(v.dtype) for v in weights)
+    grads = tuple(
+        math.prod(v.shape) * dtype_bytes(compute if kind in ("conv", "separable") else v.dtype)
+        for v in weights
+    )
+    return params, grads
 
 
 def _weight_copies(layer: Any, kind: str, compute: Any) -> tuple[int, ...]:

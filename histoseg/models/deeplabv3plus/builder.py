@@ -140,29 +140,45 @@ def build_deeplabv3plus(
         allow_any_size=allow_any_size,
     )
     check_norm(norm)
-    backbone_remat, head_remat = REMAT_PARTS[remat]
-    rates = tuple(r * 16 // output_stride for r in _ASPP_RATES_OS16)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
         with normalization(norm):
-            images = keras.Input(shape=(height, width, channels), dtype="float32", name="images")
-            low_level, high_level = BACKBONES[backbone](
-                images, output_stride=output_stride, remat=backbone_remat, **backbone_kwargs
+            return _assemble(
+                backbone,
+                (height, width, channels),
+                num_classes,
+                output_stride,
+                remat,
+                image_pooling_px,
+                backbone_kwargs,
             )
-            pooling_cells = None
-            if image_pooling_px is not None:
-                pooling_cells = max(1, int(image_pooling_px) // output_stride)
-            features = aspp(
-                high_level, rates=rates, remat=head_remat, image_pooling_cells=pooling_cells
-            )
-            logits = decoder(
-                features,
-                low_level,
-                num_classes=num_classes,
-                output_size=(height, width),
-                remat=head_remat,
-            )
-            return keras.Model(images, logits, name=f"deeplabv3plus_{backbone}")
     finally:
         keras.config.set_dtype_policy(previous_policy)
+
+
+def _assemble(
+    backbone: str,
+    shape: tuple[int, int, int],
+    num_classes: int,
+    output_stride: int,
+    remat: str,
+    image_pooling_px: int | None,
+    backbone_kwargs: dict,
+) -> keras.Model:
+    """Backbone, ASPP, decoder, under the dtype policy and normalisation already set."""
+    height, width, channels = shape
+    backbone_remat, head_remat = REMAT_PARTS[remat]
+    rates = tuple(r * 16 // output_stride for r in _ASPP_RATES_OS16)
+    images = keras.Input(shape=(height, width, channels), dtype="float32", name="images")
+    low_level, high_level = BACKBONES[backbone](
+        images, output_stride=output_stride, remat=backbone_remat, **backbone_kwargs
+    )
+    pooling_cells = None
+    if image_pooling_px is not None:
+        pooling_cells = max(1, int(image_pooling_px) // output_stride)
+    features = aspp(high_level, rates=rates, remat=head_remat, image_pooling_cells=pooling_cells)
+    logits = decoder(
+        features, low_level, num_classes=num_classes, output_size=(height, width), remat=head_remat
+    )
+    return keras.Model(images, logits, name=f"deeplabv3plus_{backbone}")
