@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from bench.scaling import kept_rows, main, summarise, thread_cpu_s
+from bench.scaling import kept_rows, main, summarise
 from bench.scaling_table import markdown_table
+from bench.scaling_worker import thread_cpu_s
 from histoseg.results import make_row
 
 

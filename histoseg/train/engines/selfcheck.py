@@ -76,7 +76,7 @@ def collective_ops(step, images, masks) -> tuple[int, int]:
     return len(ops), sum(1 for op in ops if op.control_inputs)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m histoseg.train.engines.selfcheck",
         description=__doc__.splitlines()[0],
@@ -103,8 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=("overlap", "separate"),
         help="step mode of histoseg.train.distributed.DistributedStep (default: its default)",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     engine = get_engine(args.engine)
     import tensorflow as tf
 
@@ -154,24 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine.barrier()
     ops, chained = collective_ops(step, images[mine], masks[mine])
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = {f"w{i:04d}": v.numpy() for i, v in enumerate(model.variables)}
-    tmp = out / f".rank{rank}.npz.tmp"
-    with tmp.open("wb") as f:
-        np.savez(
-            f,
-            losses=np.array(losses),
-            size=np.array(size),
-            fp16_max_ratio=np.array(max(ratios)),
-            fp16_max_abs_diff=np.array(max_diff),
-            step_mode=np.array(step.step_mode),
-            trainable_variables=np.array(len(model.trainable_variables)),
-            collective_ops=np.array(ops),
-            chained_collective_ops=np.array(chained),
-            **weights,
-        )
-    os.replace(tmp, out / f"rank{rank}.npz")
+    _write_rank(
+        Path(args.out),
+        rank,
+        losses=np.array(losses),
+        size=np.array(size),
+        fp16_max_ratio=np.array(max(ratios)),
+        fp16_max_abs_diff=np.array(max_diff),
+        step_mode=np.array(step.step_mode),
+        trainable_variables=np.array(len(model.trainable_variables)),
+        collective_ops=np.array(ops),
+        chained_collective_ops=np.array(chained),
+        **{f"w{i:04d}": v.numpy() for i, v in enumerate(model.variables)},
+    )
     if engine.is_chief:
         print(
             f"selfcheck {args.engine} ({step.step_mode} step): {size} rank(s), losses {np.round(losses, 6).tolist()}, "
@@ -180,6 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     engine.shutdown()
     return 0
+
+
+def _write_rank(out: Path, rank: int, **arrays: np.ndarray) -> None:
+    """This rank's figures and weights as ``rank<r>.npz``, renamed into place when whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".rank{rank}.npz.tmp"
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, out / f"rank{rank}.npz")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,172 @@
+"""One rank of a bench.scaling launch: build the model, train a fixed batch of its own, time
+every step (and the same step without its collective), probe the allreduce alone, and write
+``rank<r>.json`` for the launcher to summarise."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+#: Buffer sizes (bytes) at which each rank times one allreduce on its own.
+PROBE_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
+
+
+def worker_main(spec: dict[str, Any]) -> int:
+    """One rank: build the model, train a fixed batch, time each step, write rank<r>.json."""
+    threads = int(spec["threads"])
+    from histoseg.train.launch import local_rank_from_env, pin_to_cores
+
+    # Each rank on its own block of cores, as the study pinned one process per socket; done
+    # before TensorFlow starts its thread pools so that every one of its threads inherits it.
+    cores = pin_to_cores(local_rank_from_env(), threads) if spec.get("pin", True) else None
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    from histoseg.train.engines import get_engine
+
+    engine = get_engine(spec["engine"]).init()
+    import keras
+
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.train.distributed import DistributedStep, all_variables, gradient_bytes
+    from histoseg.train.engines.selfcheck import global_batch
+    from histoseg.train.step import make_optimizer
+
+    keras.utils.set_random_seed(0)
+    size_px = int(spec["patch_size"])
+    kwargs = {"alpha": spec["alpha"]} if spec.get("alpha") is not None else {}
+    model = build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
+    step = DistributedStep(
+        model,
+        make_optimizer("adam", 1e-4),
+        engine,
+        compression=spec["compression"],
+        step_mode=spec["step"],
+    )
+    engine.broadcast_variables(all_variables(model, step.optimizer))
+    # this rank's fixed patches: weak scaling keeps the work per worker constant
+    # independent "none" processes are all rank 0 of 1; the launcher numbers them
+    rank = engine.rank if engine.size > 1 else int(os.environ.get("HISTOSEG_LOCAL_RANK", "0"))
+    images, masks = global_batch(rank, int(spec["batch_size"]), size_px, seed=99)
+    images, masks = tf.constant(images), tf.constant(masks)
+    times, threads_before = [], None
+    for i in range(int(spec["warmup"]) + int(spec["steps"])):
+        if i == int(spec["warmup"]):
+            threads_before = thread_cpu_s()
+        t = step(images, masks)
+        if i >= int(spec["warmup"]):
+            times.append(t)
+    thread_cpu = _per_step(threads_before, thread_cpu_s(), len(times))
+    local = _local_steps(step, engine, images, masks, int(spec["warmup"]), int(spec["steps"]))
+    engine.barrier()  # probes time the collective alone, with the ranks in step
+    probe = _allreduce_probe(engine) if engine.size > 1 else {}
+    engine.barrier()
+    record = {
+        "rank": rank,
+        "size": engine.size,
+        "step_mode": step.step_mode,
+        "compute_s": [t.compute_s for t in times],
+        "allreduce_s": [t.allreduce_s for t in times],
+        "apply_s": [t.apply_s for t in times],
+        "step_s": [t.step_s for t in times],
+        "local_step_s": local,
+        "loss": [t.loss for t in times],
+        "gradient_bytes": gradient_bytes(model),
+        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+        "allreduce_probe": probe,
+        "horovod_cycle_time_ms": os.environ.get("HOROVOD_CYCLE_TIME"),
+        "cores": cores,
+        "cpu_s": _own_cpu_s(),
+        "thread_cpu_s_per_step": thread_cpu,
+    }
+    out = Path(spec["out_dir"]) / f"rank{rank}.json"
+    out.write_text(json.dumps(record))
+    engine.shutdown()
+    return 0
+
+
+def _local_steps(step, engine, images, masks, warmup: int, steps: int) -> list[float]:
+    """The same compiled step without its collective, on every rank at once (as the
+    no-communication control runs): overlapped step time minus this one is the
+    communication the overlapped step still exposes. Empty where there is none."""
+    local: list[float] = []
+    if step.step_mode == "overlap" and engine.size > 1:
+        engine.barrier()
+        for i in range(warmup + steps):
+            seconds = step.local_step(images, masks)
+            if i >= warmup:
+                local.append(seconds)
+    return local
+
+
+def _allreduce_probe(engine) -> dict[str, float]:
+    """Median seconds of one allreduce per buffer size of :data:`PROBE_BYTES` (first of
+    four dropped)."""
+    import tensorflow as tf
+
+    probe = {}
+    for nbytes in PROBE_BYTES:
+        buf = [tf.ones([nbytes // 4], tf.float32)]
+        samples = []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            out = engine.allreduce_gradients(buf)
+            out[0].numpy()
+            samples.append(time.perf_counter() - t0)
+        probe[str(nbytes)] = statistics.median(samples[1:])
+    return probe
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds this process has used so far, all its threads."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+#: TensorFlow names the threads of its inter-op pool, where the step's kernels run with one
+#: intra-op thread, "tf_Compute"; the rest of a rank's threads are the engine's (Horovod's
+#: background thread, Gloo's or gRPC's transport threads) and Python's main thread.
+COMPUTE_THREAD_PREFIX = "tf_Compute"
+
+
+def thread_cpu_s() -> dict[str, float] | None:
+    """CPU seconds this process's threads have used: ``{"compute": .., "other": ..}``.
+
+    On one core per rank the communication's own CPU work (fusion copies, sums, socket I/O,
+    the engine's polling) runs on the compute core, so an overlapped step cannot hide it:
+    "other" is what it costs. None where /proc/self/task is not there (not Linux).
+    """
+    totals = {"compute": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+            # fields after the ")" that closes the name: utime and stime are the 12th, 13th
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a thread that ended between the listing and the read
+            continue
+        kind = "compute" if name.startswith(COMPUTE_THREAD_PREFIX) else "other"
+        totals[kind] += (int(fields[11]) + int(fields[12])) / tick
+    return totals
+
+
+def _per_step(
+    before: dict[str, float] | None, after: dict[str, float] | None, steps: int
+) -> dict[str, float] | None:
+    """CPU seconds per step of each kind of thread between two :func:`thread_cpu_s` reads."""
+    if before is None or after is None or steps < 1:
+        return None
+    # a thread that ended in between takes its time with it: never report less than zero
+    return {k: max(0.0, after[k] - before[k]) / steps for k in after}
