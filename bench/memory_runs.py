@@ -1,0 +1,116 @@
+"""Each memory config measured in a fresh ``bench.worker`` process (peaks are per process):
+one timed run at a time under a lock, a dead or timed-out worker turned into a row naming
+why, and the median process of a repeated config."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.config import (
+    BenchConfig,
+)
+from histoseg.results import make_row
+
+
+@contextlib.contextmanager
+def locked(path: Path | None):
+    """Hold an exclusive ``flock`` on ``path`` (nothing when None): one timed run at a time."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_worker(
+    config: BenchConfig, timeout_s: float | None = None, allocator_trace: bool = False
+) -> dict[str, Any]:
+    """Run ``config`` in a fresh ``bench.worker`` process and return its row.
+
+    A worker that dies (a signal such as the out-of-memory killer's SIGKILL, a non-zero
+    exit, no JSON on stdout, a timeout) becomes an "oom" or "error" row naming why. With
+    ``allocator_trace`` the worker profiles one more step and records the allocator's
+    chunk waste in ``extra.allocator_trace`` (see ``bench.worker.allocator_chunk_waste``).
+    """
+    cmd = [sys.executable, "-m", "bench.worker", "--config", config.to_json()]
+    if allocator_trace:
+        cmd.append("--allocator-trace")
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return make_row(
+            "memory", config.as_dict(), status="error", reason=f"timed out after {timeout_s:g} s"
+        )
+    elapsed = time.monotonic() - start
+    for line in reversed(proc.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if proc.returncode == 0:
+                return row
+            break
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        status = "oom" if proc.returncode == -signal.SIGKILL else "error"
+        why = " (likely the out-of-memory killer)" if status == "oom" else ""
+        reason = f"worker killed by {name}{why} after {elapsed:.0f} s"
+    else:
+        last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        tail = last[-1][:300] if last else "no output"
+        status = "oom" if "ResourceExhausted" in proc.stderr or "OOM" in tail else "error"
+        reason = f"worker exited with {proc.returncode}: {tail}"
+    return make_row("memory", config.as_dict(), status=status, reason=reason)
+
+
+#: What each process of a repeated config keeps in ``extra.repeats``.
+REPEAT_FIGURES = ("activation_bytes", "peak_bytes", "gradient_bytes", "before_step_bytes")
+
+
+def median_process(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One row for a config measured in several fresh processes.
+
+    TensorFlow casts the weights to bfloat16 in an order that changes from process to
+    process, and which chunks the activations then land in changes with it: a small
+    bfloat16 config's activation figure can differ by tens of percent between processes
+    (docs/memory-harness.md). The row kept is the process with the median activation bytes
+    (the lower middle of an even count), whole, so its figures come from one process; the
+    allocator figures of every process go in ``extra.repeats``, and the first failure, if
+    any, in ``extra.failed_repeat``.
+    """
+    ok = [r for r in rows if r["status"] == "ok"]
+    if not ok:
+        return rows[0]
+    ok = sorted(ok, key=lambda r: r["measured"]["activation_bytes"])
+    row = ok[(len(ok) - 1) // 2]
+    extra = row.setdefault("extra", {})
+    extra["repeats"] = [
+        {k: r["measured"].get(k) for k in REPEAT_FIGURES} for r in rows if r["status"] == "ok"
+    ]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        extra["failed_repeat"] = f"{failed[0]['status']}: {failed[0].get('reason', '')}"
+    return row
