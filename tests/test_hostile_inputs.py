@@ -266,7 +266,9 @@ def test_patches_refuses_a_mode_0500_folder(slides, tmp_path, capsys):
 def test_patches_gates_long_or_large_grids_behind_force(
     slides, tmp_path, capsys, monkeypatch, constant, value, expect
 ):
-    monkeypatch.setattr(patches, constant, value)
+    from histoseg.wsi import grid_work
+
+    monkeypatch.setattr(grid_work, constant, value)
     argv = ["--slide", slides.tif, "--patch-size", 64, "--out", tmp_path / "o.csv"]
     line = _refused(patches.main, argv, capsys, [slides.folder, tmp_path], expect=expect)
     assert "grid positions" in line and "--force" in line and "slide.tif" in line
