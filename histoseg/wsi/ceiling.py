@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from histoseg.errors import ConfigError
-from histoseg.wsi.synth import SlideDesign, TileRenderer
+from histoseg.wsi.design import SlideDesign
+from histoseg.wsi.render import TileRenderer
 
 #: Tile size the renderer is built with; only its mask methods are used here.
 _RENDER_TILE_PX = 512
@@ -135,7 +136,7 @@ def bayes_ceiling(
             grid of ``histoseg.train`` does).
 
     Example:
-        >>> from histoseg.wsi.synth import make_design
+        >>> from histoseg.wsi.design import make_design
         >>> design = make_design(1024, 768, seed=1, task="local")
         >>> bayes_ceiling(design, 128).accuracy
         1.0

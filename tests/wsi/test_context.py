@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from histoseg.errors import ConfigError
+from histoseg.wsi.design import make_design
 from histoseg.wsi.raster import fill_polygons
-from histoseg.wsi.synth import TileRenderer, ensure_synthetic_dataset, make_design
+from histoseg.wsi.render import TileRenderer
+from histoseg.wsi.synth import ensure_synthetic_dataset
 
 SIZE_PX = (2048, 1536)
 TILE_PX = 256
