@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import imagecodecs
 import numpy as np
@@ -147,72 +148,25 @@ def write_pyramid_tiff(
     from tqdm import tqdm
 
     width_px, height_px = (int(v) for v in size_px)
-    if width_px < 1 or height_px < 1:
-        raise ConfigError(f"image size must be positive, got {width_px}x{height_px}")
-    if tile_px <= 0 or tile_px % 16:
-        raise ConfigError(f"tile_px must be a positive multiple of 16, got {tile_px}")
-    if not (mpp > 0 and math.isfinite(mpp)):
-        raise ConfigError(f"mpp must be a positive number, got {mpp}")
     channels = len(background_rgb)
-    if compression not in COMPRESSIONS or channels not in (1, 3):
-        raise ConfigError(
-            f"compression {compression!r} with {channels} channel(s): allowed are "
-            f"{', '.join(COMPRESSIONS)} with 3 channels, or deflate with 1"
-        )
-    if compression == "jpeg" and channels != 3:
-        raise ConfigError("jpeg tiles are RGB here; use compression='deflate' for one channel")
+    _check_pyramid_args(width_px, height_px, tile_px, mpp, channels, compression)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     dims = pyramid_dimensions(width_px, height_px)
     builder = _PyramidBuilder(dims, tile_px, tuple(background_rgb), compression)
     n_tx, n_ty = builder.grid[0]
     threads = threads or min(4, os.cpu_count() or 1)
-
-    def work(index: int) -> tuple[bytes, np.ndarray | None]:
-        tile = render_tile(index % n_tx, index // n_tx)
-        if tile is None:
-            return builder.white_bytes(), None
-        return builder.encode(tile), _halve(tile)
-
-    def level0_tiles() -> Iterator[bytes]:
-        with (
-            ThreadPoolExecutor(threads) as pool,
-            tqdm(
-                total=n_tx * n_ty, desc=path.name, unit="tile", disable=not progress, leave=False
-            ) as bar,
-        ):
-            window = 4 * threads  # bounded read-ahead keeps memory flat
-            indices = iter(range(n_tx * n_ty))
-            futures = [pool.submit(work, i) for _, i in zip(range(window), indices, strict=False)]
-            index = 0
-            while futures:
-                data, half = futures.pop(0).result()
-                nxt = next(indices, None)
-                if nxt is not None:
-                    futures.append(pool.submit(work, nxt))
-                builder.add(0, index % n_tx, index // n_tx, half)
-                index += 1
-                bar.update()
-                yield data
-
+    bar = tqdm(total=n_tx * n_ty, desc=path.name, unit="tile", disable=not progress, leave=False)
+    level0 = _level0_tiles(builder, render_tile, threads, bar)
     tmp = path.with_name(path.name + ".part")
     resolution_per_cm = 1e4 / mpp
-    common = {
-        "dtype": np.uint8,
-        "tile": (tile_px, tile_px),
-        "compression": "jpeg" if compression == "jpeg" else "zlib",
-        "photometric": "rgb" if channels == 3 else "minisblack",
-        "resolutionunit": "CENTIMETER",
-        "metadata": None,
-    }
-    if compression == "jpeg":
-        common["subsampling"] = (2, 2)
+    common = _tiff_options(tile_px, compression, channels)
     pixel_shape = (3,) if channels == 3 else ()
     bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
     try:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
             tif.write(
-                level0_tiles(),
+                level0,
                 shape=(height_px, width_px, *pixel_shape),
                 resolution=(resolution_per_cm, resolution_per_cm),
                 subfiletype=0,
@@ -232,5 +186,72 @@ def write_pyramid_tiff(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        bar.close()
     os.replace(tmp, path)
     return path
+
+
+def _check_pyramid_args(
+    width_px: int, height_px: int, tile_px: int, mpp: float, channels: int, compression: str
+) -> None:
+    if width_px < 1 or height_px < 1:
+        raise ConfigError(f"image size must be positive, got {width_px}x{height_px}")
+    if tile_px <= 0 or tile_px % 16:
+        raise ConfigError(f"tile_px must be a positive multiple of 16, got {tile_px}")
+    if not (mpp > 0 and math.isfinite(mpp)):
+        raise ConfigError(f"mpp must be a positive number, got {mpp}")
+    if compression not in COMPRESSIONS or channels not in (1, 3):
+        raise ConfigError(
+            f"compression {compression!r} with {channels} channel(s): allowed are "
+            f"{', '.join(COMPRESSIONS)} with 3 channels, or deflate with 1"
+        )
+    if compression == "jpeg" and channels != 3:
+        raise ConfigError("jpeg tiles are RGB here; use compression='deflate' for one channel")
+
+
+def _level0_tiles(
+    builder: _PyramidBuilder,
+    render_tile: Callable[[int, int], np.ndarray | None],
+    threads: int,
+    bar: Any,
+) -> Iterator[bytes]:
+    """Level 0's encoded tiles in order, rendered by ``threads`` threads with a bounded
+    read-ahead (memory stays flat), each tile's halved copy handed to the builder."""
+    n_tx, n_ty = builder.grid[0]
+
+    def work(index: int) -> tuple[bytes, np.ndarray | None]:
+        tile = render_tile(index % n_tx, index // n_tx)
+        if tile is None:
+            return builder.white_bytes(), None
+        return builder.encode(tile), _halve(tile)
+
+    with ThreadPoolExecutor(threads) as pool:
+        window = 4 * threads
+        indices = iter(range(n_tx * n_ty))
+        futures = [pool.submit(work, i) for _, i in zip(range(window), indices, strict=False)]
+        index = 0
+        while futures:
+            data, half = futures.pop(0).result()
+            nxt = next(indices, None)
+            if nxt is not None:
+                futures.append(pool.submit(work, nxt))
+            builder.add(0, index % n_tx, index // n_tx, half)
+            index += 1
+            bar.update()
+            yield data
+
+
+def _tiff_options(tile_px: int, compression: str, channels: int) -> dict[str, Any]:
+    """tifffile's write options shared by every level."""
+    options: dict[str, Any] = {
+        "dtype": np.uint8,
+        "tile": (tile_px, tile_px),
+        "compression": "jpeg" if compression == "jpeg" else "zlib",
+        "photometric": "rgb" if channels == 3 else "minisblack",
+        "resolutionunit": "CENTIMETER",
+        "metadata": None,
+    }
+    if compression == "jpeg":
+        options["subsampling"] = (2, 2)
+    return options
