@@ -6,6 +6,7 @@ pass, and the buffers replayed through a model of TensorFlow's BFC allocator
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -57,38 +58,107 @@ def simulate_step(
 
     # The step makes the float32 model input from the uint8 batch, so the input tensor is
     # an activation like any other; only its gradient is never computed.
-    def tracked(nbytes: float) -> int:
-        return int(nbytes) if nbytes >= untracked_below_bytes else 0
-
-    sizes = {t: tracked(b * batch_size) for t, b in graph.tensor_bytes.items()}
+    size = _Sizing(batch_size, untracked_below_bytes)
+    sizes = {t: size.tracked(b * batch_size) for t, b in graph.tensor_bytes.items()}
     sim = _Timeline(sizes, graph.inputs, allocator)
     ops = graph.ops
+    labels, early = _before_first_read(sim, graph, size, cast_order, early_update_sizes)
+    start = sim.live
+    first_read = sim.allocator_bytes()
+    sim.alloc(graph.inputs)
+    blocks, block_inputs = _remat_blocks(ops)
+    # What the backward pass reads after the forward pass: the tensors saved by ops outside
+    # remat blocks, and each remat block's inputs.
+    kept = {t for op in ops if op.block is None for t in op.saved}
+    kept.update(t for name in blocks for t in block_inputs[name])
+    _forward_and_loss(sim, graph, size, kept)
+    # The step's first allocator read comes after the copies and the labels, the read
+    # after the forward pass after the labels died: the activation figure is net of both.
+    activation = sim.live - start
+    allocator_activation = sim.allocator_bytes() - first_read
+    _backward(sim, graph, size, blocks, block_inputs, kept)
+    result = {
+        "activation_bytes": int(activation),
+        "peak_delta_bytes": int(sim.peak),
+        "weight_copy_bytes": int(start - labels - sum(early)),
+        "labels_bytes": int(labels),
+        "weight_gradient_bytes": sum(size.tracked(b) for op in ops for b in op.grad_sizes),
+    }
+    if allocator is not None:
+        # The update consumes the weight gradients; nothing of the step outlives it.
+        sim.release_all()
+        result["allocator_activation_bytes"] = int(allocator_activation)
+        result["allocator_peak_bytes"] = int(allocator.peak_bytes)
+    return result
 
+
+@dataclasses.dataclass(frozen=True)
+class _Sizing:
+    """Buffer sizes as the predicted allocator counts them, at one batch size."""
+
+    batch_size: int
+    untracked_below_bytes: int
+
+    def tracked(self, nbytes: float) -> int:
+        return int(nbytes) if nbytes >= self.untracked_below_bytes else 0
+
+    def buffers(self, nbytes: float, count: float) -> list[int]:
+        """``count`` buffers of ``nbytes`` per patch. A fraction stands for a difference of
+        two real buffers (batch norm's float32 cast of a bfloat16 gradient, which then
+        dies): one smaller buffer, counted when the full-size buffer would be."""
+        whole = int(count)
+        size = self.tracked(nbytes * self.batch_size)
+        out = [size] * whole
+        if count > whole and size:
+            out.append(int((count - whole) * size))
+        return out
+
+    def forward_temp(self, op: Op) -> list[int]:
+        nbytes, count, _ = op.temp_bytes
+        return self.buffers(nbytes, count)
+
+    def backward_temp(self, op: Op) -> list[int]:
+        nbytes, _, count = op.temp_bytes
+        return self.buffers(nbytes, count)
+
+    def copies(self, op: Op) -> list[int]:
+        return [self.tracked(b) for b in op.weight_copy_sizes]
+
+
+def _before_first_read(
+    sim: _Timeline,
+    graph: MemoryGraph,
+    size: _Sizing,
+    cast_order: Sequence[int] | None,
+    early_update_sizes: Sequence[int],
+) -> tuple[int, list[int]]:
+    """What the step makes before its first allocator read: weight casts, the optimizer's
+    early terms and the labels. Returns the labels' bytes and the early buffers."""
+    ops = graph.ops
     # Mixed precision: each conv reads its float32 kernel through a cast. The casts depend
     # on nothing but the weights, so the executor runs them at the very start of the step,
     # before its first allocator read (seen with TF 2.21). A remat block's layers are cast
     # twice, back to back (once for the forward pass, once for the recomputation); the
     # forward copy dies when the layer has run, the other when its backward pass has, so
     # the forward pass leaves holes the size of one copy between live copies.
-    def copies(op: Op) -> list[int]:
-        return [tracked(b) for b in op.weight_copy_sizes]
-
     for i in range(len(ops)) if cast_order is None else cast_order:
         op = ops[i]
-        sim.take(("copy", i), copies(op))
+        sim.take(("copy", i), size.copies(op))
         if op.block is not None:
-            sim.take(("copy again", i), copies(op))
+            sim.take(("copy again", i), size.copies(op))
     # The optimizer's terms that read only its state run at the start too; the update,
     # at the step's end, consumes them.
-    early = [tracked(b) for b in early_update_sizes]
+    early = [size.tracked(b) for b in early_update_sizes]
     sim.take("early update", early)
     # The int32 labels are cast from the uint8 masks: that depends on nothing else, so it
     # also runs first, and the labels live until the loss has read them.
-    labels = tracked(graph.output_pixels * 4 * batch_size)
+    labels = size.tracked(graph.output_pixels * 4 * size.batch_size)
     sim.take("labels", [labels])
-    start = sim.live
-    first_read = sim.allocator_bytes()
-    sim.alloc(graph.inputs)
+    return labels, early
+
+
+def _remat_blocks(ops: Sequence[Op]) -> tuple[dict[str, list[Op]], dict[str, set[int]]]:
+    """Each remat block's ops, and the tensors it reads from outside itself."""
     blocks: dict[str, list[Op]] = {}
     for op in ops:
         if op.block is not None:
@@ -97,55 +167,42 @@ def simulate_step(
     for name, members in blocks.items():
         produced = {t for op in members for t in op.outputs}
         block_inputs[name] = {t for op in members for t in op.inputs if t not in produced}
+    return blocks, block_inputs
 
-    # What the backward pass reads after the forward pass: the tensors saved by ops outside
-    # remat blocks, and each remat block's inputs.
-    kept = {t for op in ops if op.block is None for t in op.saved}
-    kept.update(t for name in blocks for t in block_inputs[name])
-    final = set(graph.outputs)
 
-    def buffers(nbytes: float, count: float) -> list[int]:
-        # ``count`` buffers of ``nbytes``. A fraction stands for a difference of two real
-        # buffers (batch norm's float32 cast of a bfloat16 gradient, which then dies): one
-        # smaller buffer, counted when the full-size buffer would be.
-        whole = int(count)
-        size = tracked(nbytes * batch_size)
-        out = [size] * whole
-        if count > whole and size:
-            out.append(int((count - whole) * size))
-        return out
-
-    def op_temp(op: Op) -> list[int]:
-        nbytes, count, _ = op.temp_bytes
-        return buffers(nbytes, count)
-
-    def op_temp_backward(op: Op) -> list[int]:
-        nbytes, _, count = op.temp_bytes
-        return buffers(nbytes, count)
-
+def _forward_and_loss(sim: _Timeline, graph: MemoryGraph, size: _Sizing, kept: set[int]) -> None:
+    """The forward pass, then the loss; the logits and the labels die."""
+    ops = graph.ops
     index = {id(op): i for i, op in enumerate(ops)}
 
     def forward_copy_dies(op: Op) -> None:
         if op.block is not None:
             sim.give_back(("copy", index[id(op)]))
 
-    sim.forward(ops, keep=kept | final, temp=op_temp, after=forward_copy_dies)
-
+    sim.forward(
+        ops, keep=kept | set(graph.outputs), temp=size.forward_temp, after=forward_copy_dies
+    )
     # The loss: softmax cross-entropy keeps a float32 backprop tensor per logit, and the
     # logits themselves die once the loss is computed.
-    sim.take("loss backprop", [tracked(graph.output_elements * 4 * batch_size)])
+    sim.take("loss backprop", [size.tracked(graph.output_elements * 4 * size.batch_size)])
     # While the loss runs: its float32 per-pixel losses; then the labels die.
-    sim.spike(buffers(graph.output_pixels * 4, TRANSIENT_FACTORS["loss"]))
+    sim.spike(size.buffers(graph.output_pixels * 4, TRANSIENT_FACTORS["loss"]))
     sim.give_back("labels")
     sim.free(graph.outputs)
-    # The step's first allocator read comes after the copies and the labels, the read
-    # after the forward pass after the labels died: the activation figure is net of both.
-    activation = sim.live - start
-    allocator_activation = sim.allocator_bytes() - first_read
 
-    # Backward: an op reads the gradients of its outputs and what it saved, makes the
-    # gradients of its inputs and of its weights, then frees both. A remat block is run
-    # forward again just before the backward pass of its last op.
+
+def _backward(
+    sim: _Timeline,
+    graph: MemoryGraph,
+    size: _Sizing,
+    blocks: dict[str, list[Op]],
+    block_inputs: dict[str, set[int]],
+    kept: set[int],
+) -> None:
+    """The backward pass, last op first. An op reads the gradients of its outputs and what
+    it saved, makes the gradients of its inputs and of its weights, then frees both. A remat
+    block is run forward again just before the backward pass of its last op."""
+    ops = graph.ops
     first_saver: dict[int, int] = {}
     for i, op in enumerate(ops):
         for t in op.saved:
@@ -167,13 +224,13 @@ def simulate_step(
             # the block's own outputs again (their forward copies died long ago).
             produced = {t for m in members for t in m.outputs}
             keep = {t for m in members for t in m.saved} | (kept - produced)
-            sim.forward(members, keep=keep, temp=op_temp)
+            sim.forward(members, keep=keep, temp=size.forward_temp)
         # The weight gradient reads the saved tensors first, which then die; the input
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
         # the output gradient, so they allocate nothing. A weight gradient replaces the
         # weight's compute-dtype copy and lives until the update.
-        sim.spike(op_temp_backward(op))
-        sim.take(("weight gradient", i), [tracked(b) for b in op.grad_sizes])
+        sim.spike(size.backward_temp(op))
+        sim.take(("weight gradient", i), [size.tracked(b) for b in op.grad_sizes])
         last = [t for t in op.saved if first_saver.get(t, -1) >= i]
         if op.block is not None:
             last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
@@ -186,19 +243,6 @@ def simulate_step(
             sim.ungrad(op.outputs)
         # The input gradient reads the weight's compute-dtype copy: it dies after it.
         sim.give_back(("copy again", i) if op.block is not None else ("copy", i))
-    result = {
-        "activation_bytes": int(activation),
-        "peak_delta_bytes": int(sim.peak),
-        "weight_copy_bytes": int(start - labels - sum(early)),
-        "labels_bytes": int(labels),
-        "weight_gradient_bytes": sum(tracked(b) for op in ops for b in op.grad_sizes),
-    }
-    if allocator is not None:
-        # The update consumes the weight gradients; nothing of the step outlives it.
-        sim.release_all()
-        result["allocator_activation_bytes"] = int(allocator_activation)
-        result["allocator_peak_bytes"] = int(allocator.peak_bytes)
-    return result
 
 
 class _Timeline:
