@@ -16,11 +16,11 @@ from pathlib import Path
 
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
+from histoseg.train.split import SPLITS
 
-# Kept here (not imported from histoseg.train.loop) so that --help does not start TensorFlow;
-# loop.py validates the same names.
+# Kept here (not imported from the modules that validate them, which import TensorFlow) so
+# that --help does not start it; tests/train/test_cli.py checks that they agree.
 SCHEDULES = ("constant", "poly", "cosine")
-SPLITS = ("auto", "slide", "centre")
 SYNTHETIC_TASKS = ("local", "context")
 NORMS = ("batch", "frozen", "group")
 NORM_CHOICES = ("auto", *NORMS)

@@ -166,6 +166,9 @@ def test_defaults_per_task_and_batch_size(tmp_path):
     assert options("--synthetic-task", "context").synthetic_dir == "data/synthetic-context"
     # the CLI keeps its own copies so that --help starts no TensorFlow; they must agree
     assert cli.NORMS == NORMS and cli.SYNTHETIC_TASKS == TASKS
+    from histoseg.train.schedule import SCHEDULES
+
+    assert cli.SCHEDULES == SCHEDULES
 
 
 def test_split_by_slide_keeps_tumour_in_validation():
