@@ -51,7 +51,6 @@ def run_worker(
     if allocator_trace:
         cmd.append("--allocator-trace")
     env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     root = Path(__file__).resolve().parent.parent
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     start = time.monotonic()

@@ -74,7 +74,8 @@ def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> tuple[int, s
 
     command = [sys.executable, "-m", "bench.scaling", "--worker", json.dumps(spec)]
     log_dir = Path(spec["out_dir"]) / "logs"
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    # the ranks import histoseg first: its start-up keeps TensorFlow quiet unless --verbose
+    env: dict[str, str] = {}
     if spec["engine"] == "horovod":
         try:
             proc = launcher.run_horovod(
