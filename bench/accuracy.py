@@ -11,7 +11,8 @@ kill becomes a row, the sweep goes on) and its row (kind "accuracy") is written 
 as soon as it finishes, so an interrupted sweep resumes where it stopped.
 
 Before a size is trained, the analytic memory model (``histoseg.memory.estimate``) predicts
-its step peak; a size predicted not to fit the memory budget is trained with block
+its step peak; a size whose peak plus the planning band (the prediction + 5% + 96 MiB, as
+``bench.memory``'s fit check plans) would not fit the memory budget is trained with block
 recomputation (``--allow-remat``) and/or mixed bfloat16 (``--allow-bf16``) when allowed,
 else recorded as skipped with the reason.
 

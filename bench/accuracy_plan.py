@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from histoseg.errors import ConfigError, HistosegError
+from histoseg.memory.devices import format_bytes, planned_bytes
 
 
 def steps_for_budget(pixel_budget: float, batch_size: int, patch_size_px: int) -> int:
@@ -33,11 +34,6 @@ class SizePlan:
     reason: str | None = None
 
 
-def format_bytes(n: float) -> str:
-    """Bytes as a person reads them: GB from 0.1 GB up, else MB."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
-
-
 def plan_size(
     patch_size: int,
     *,
@@ -50,6 +46,10 @@ def plan_size(
     predict: Callable[[int, str, str], int | None],
 ) -> SizePlan:
     """Pick the first of (as asked, + block remat, + bf16, + both) predicted to fit the budget.
+
+    A candidate fits when its predicted peak plus the planning band
+    (:func:`histoseg.memory.devices.planned_bytes`, the same band the fit check and the
+    largest-patch search use) is within the budget.
 
     Args:
         patch_size: Patch side, px.
@@ -74,15 +74,20 @@ def plan_size(
     tried = []
     for cand_precision, cand_remat in candidates:
         peak = predict(patch_size, cand_precision, cand_remat)
-        if memory_budget_bytes is None or peak is None or peak <= memory_budget_bytes:
+        if memory_budget_bytes is None or peak is None:
             return SizePlan(patch_size, steps, cand_precision, cand_remat, peak, run=True)
-        tried.append(f"{cand_precision}/remat {cand_remat}: {format_bytes(peak)}")
+        if planned_bytes(peak) <= memory_budget_bytes:
+            return SizePlan(patch_size, steps, cand_precision, cand_remat, peak, run=True)
+        band = planned_bytes(peak) - peak
+        tried.append(
+            f"{cand_precision}/remat {cand_remat}: {format_bytes(peak)} + {format_bytes(band)} band"
+        )
     hints = [
         flag
         for flag, allowed in (("--allow-remat", allow_remat), ("--allow-bf16", allow_bf16))
         if not allowed
     ]
-    reason = f"predicted peak > {format_bytes(memory_budget_bytes)} budget ({'; '.join(tried)})"
+    reason = f"predicted peak + error band > {format_bytes(memory_budget_bytes)} budget ({'; '.join(tried)})"
     if hints:
         reason += f"; {' / '.join(hints)} may make it fit"
     first_peak = predict(patch_size, precision, remat)
