@@ -1,12 +1,22 @@
 """What adding workers buys: a ring-allreduce cost model projecting weak-scaling efficiency.
 
 A model, not a measurement. In data-parallel training every step is compute (each worker
-on its own patches) followed by an allreduce of the gradients. A ring allreduce over N
-workers moves 2(N-1)/N of the gradient bytes through every worker's link and takes
-2(N-1) latency-bound hops, so
+on its own patches) followed by an allreduce of the gradients. A synchronous step waits for
+the slowest of the N workers, and a ring allreduce over N workers moves 2(N-1)/N of the
+gradient bytes through every worker's link and takes 2(N-1) latency-bound hops, so
 
+    slowest_s(N)   = compute_s * (1 + cv * e_N)        e_N = E[max of N standard normals]
     allreduce_s(N) = overhead_s + 2 (N-1) latency_s + 2 (N-1)/N * gradient_bytes / bandwidth
-    efficiency(N)  = compute_s / (compute_s + (1 - overlap) * allreduce_s(N))
+    exposed_s(N)   = (1 - overlap) * max(0, allreduce_s(N) - overlap_window * compute_s)
+    efficiency(N)  = compute_s / (slowest_s(N) + exposed_s(N))
+
+The straggler term (:mod:`histoseg.stragglers`) draws each worker's compute per step from a
+normal of coefficient of variation ``cv``; ``cv`` is the launch-to-launch spread of the step
+times bench.scaling records in rows without a collective, and its confidence band makes the
+projection a band (``efficiency_low`` .. ``efficiency_high``). ``overlap_window`` is the share
+of a step the allreduce can run beside computation (0 here: the projection of this study's
+step hides nothing; 2/3 for Horovod's overlap with the backward pass; 1 for a step whose
+update lags by one step), ``overlap`` a flat hidden fraction.
 
 fp16 compression halves gradient_bytes. ``overhead_s`` is the framework's fixed cost per
 allreduce (Horovod's negotiation and fusion, TF's collective launch), which does not depend on
@@ -19,8 +29,9 @@ of communication with computation unless ``overlap`` says so; compute per worker
 change with N (weak scaling: fixed patches per worker).
 
 ``python -m histoseg.scaling --compute-s 20 --gradient-bytes 164e6`` prints a projection;
-``--results results/scaling.json`` takes compute time, gradient bytes and calibration points
-from measured scaling rows instead.
+``--results results/scaling.json`` takes compute time, gradient bytes, calibration points and
+the straggler spread from measured scaling rows instead; ``--published`` checks the model
+against the published large runs (Horovod's 512 GPUs, Kurth et al.'s 27,360).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from typing import Any
 
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
+from histoseg.stragglers import PUBLISHED, Spread, spread_from_rows, straggler_factor
 
 #: The study's network: 100 Gb/s Intel OmniPath, 2 processes per dual-socket node.
 DEFAULT_BANDWIDTH_GBPS = 100.0
@@ -157,6 +169,8 @@ def project(
     overhead_s: float = 0.0,
     fp16: bool = False,
     overlap: float = 0.0,
+    overlap_window: float = 0.0,
+    spread: Spread | None = None,
 ) -> list[dict[str, float]]:
     """Predicted step time and weak-scaling efficiency for each worker count.
 
@@ -168,33 +182,47 @@ def project(
         overhead_s: framework cost per allreduce (from :func:`calibrate`).
         fp16: fp16 compression (halves the bytes on the wire).
         overlap: fraction of the allreduce hidden behind the backward pass (0 = none).
+        overlap_window: share of the step the allreduce can run beside computation; only
+            what exceeds ``overlap_window * compute_s`` is exposed (0 = none).
+        spread: the per-worker step-time spread (straggler term); None = no stragglers.
 
     Returns:
-        One dict per worker count: workers, nodes, wire_bytes, allreduce_s, step_s,
-        efficiency, throughput_ratio (patches/s relative to one worker).
+        One dict per worker count: workers, nodes, wire_bytes, allreduce_s,
+        exposed_allreduce_s, straggler_s (slowest worker's compute - compute_s), step_s,
+        efficiency, throughput_ratio (patches/s relative to one worker), and with a
+        ``spread`` the band efficiency_low (its high cv) .. efficiency_high (its low cv).
     """
     network = network or Network()
     if not compute_s > 0:
         raise ConfigError(f"compute time per step must be > 0 s, got {compute_s}")
-    if not 0.0 <= overlap < 1.0:
-        raise ConfigError(f"overlap must be in [0, 1), got {overlap}")
+    if not 0.0 <= overlap < 1.0 or not 0.0 <= overlap_window <= 1.0:
+        raise ConfigError(
+            f"overlap must be in [0, 1) and overlap_window in [0, 1], got "
+            f"{overlap}, {overlap_window}"
+        )
     wire_bytes = gradient_bytes / 2.0 if fp16 else gradient_bytes
     rows = []
     for n in workers:
         allreduce_s = ring_allreduce_s(wire_bytes, n, network, overhead_s)
-        step_s = compute_s + (1.0 - overlap) * allreduce_s
+        exposed_s = (1.0 - overlap) * max(0.0, allreduce_s - overlap_window * compute_s)
+        slowest_s = compute_s * straggler_factor(n, spread.cv if spread else 0.0)
+        step_s = slowest_s + exposed_s
         efficiency = compute_s / step_s
-        rows.append(
-            {
-                "workers": n,
-                "nodes": math.ceil(n / network.workers_per_node),
-                "wire_bytes": wire_bytes,
-                "allreduce_s": allreduce_s,
-                "step_s": step_s,
-                "efficiency": efficiency,
-                "throughput_ratio": n * efficiency,
-            }
-        )
+        row = {
+            "workers": n,
+            "nodes": math.ceil(n / network.workers_per_node),
+            "wire_bytes": wire_bytes,
+            "allreduce_s": allreduce_s,
+            "exposed_allreduce_s": exposed_s,
+            "straggler_s": slowest_s - compute_s,
+            "step_s": step_s,
+            "efficiency": efficiency,
+            "throughput_ratio": n * efficiency,
+        }
+        if spread:
+            for key, cv in (("efficiency_low", spread.high), ("efficiency_high", spread.low)):
+                row[key] = compute_s / (compute_s * straggler_factor(n, cv) + exposed_s)
+        rows.append(row)
     return rows
 
 
@@ -206,14 +234,18 @@ def compute_s_for_efficiency(
     network: Network | None = None,
     overhead_s: float = 0.0,
     fp16: bool = False,
+    cv: float = 0.0,
 ) -> float:
-    """The shortest compute time per step at which ``workers`` still reach ``efficiency``."""
+    """The shortest compute time per step at which ``workers`` still reach ``efficiency``
+    (no overlap); ``inf`` where stragglers of spread ``cv`` alone cost more than that."""
     network = network or Network()
     if not 0 < efficiency < 1:
         raise ConfigError(f"efficiency must be in (0, 1), got {efficiency}")
     wire = gradient_bytes / 2.0 if fp16 else gradient_bytes
     t = ring_allreduce_s(wire, workers, network, overhead_s)
-    return efficiency * t / (1.0 - efficiency)
+    # efficiency = c / (c * factor + t)  ->  c = t / (1 / efficiency - factor)
+    margin = 1.0 / efficiency - straggler_factor(workers, cv)
+    return t / margin if margin > 0 else math.inf
 
 
 def compute_s_from_rows(rows: Iterable[Mapping[str, Any]], patch_size: int) -> dict[str, Any]:
@@ -290,22 +322,31 @@ def calibration_points_from_rows(
 def format_projection(
     inputs: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping[str, float]]]
 ) -> str:
-    """The model's inputs, then one efficiency table per variant (e.g. fp32 and fp16)."""
-    lines = ["ring-allreduce projection (a model; inputs below)", "inputs:"]
+    """The model's inputs, then one efficiency table per variant (e.g. fp32 and fp16), with
+    the straggler band beside each efficiency where the spread is known."""
+    lines = ["ring-allreduce projection with stragglers (a model; inputs below)", "inputs:"]
     width = max(len(k) for k in inputs)
     lines += [f"  {k:<{width}}  {_fmt(v)}" for k, v in inputs.items()]
     names = list(tables)
-    header = f"{'workers':>8} {'nodes':>6}" + "".join(
-        f" {name + ' allreduce_s':>18} {name + ' eff':>10}" for name in names
-    )
+    banded = "efficiency_low" in tables[names[0]][0]
+    header = f"{'workers':>8} {'nodes':>6}"
+    for name in names:
+        header += f" {name + ' allreduce_s':>18} {name + ' eff':>10}"
+        header += f" {name + ' band':>16}" if banded else ""
     lines += ["", header]
     for i, row in enumerate(tables[names[0]]):
         line = f"{row['workers']:>8} {row['nodes']:>6}"
         for name in names:
             r = tables[name][i]
             line += f" {r['allreduce_s']:>18.4g} {100 * r['efficiency']:>9.2f}%"
+            line += f" {band_text(r):>16}" if banded else ""
         lines.append(line)
     return "\n".join(lines)
+
+
+def band_text(row: Mapping[str, float]) -> str:
+    """``92.3-95.1%``: a projection row's straggler band."""
+    return f"{100 * row['efficiency_low']:.1f}-{100 * row['efficiency_high']:.1f}%"
 
 
 def _fmt(value: Any) -> str:
@@ -323,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "Examples:\n"
             "  python -m histoseg.scaling --results results/scaling.json --patch-size 2048\n"
             "  python -m histoseg.scaling --compute-s 20 --gradient-bytes 164.2e6 "
-            "--overhead-s 0.002\n"
+            "--overhead-s 0.002 --cv 0.02 0.015 0.03\n"
+            "  python -m histoseg.scaling --published --results results/scaling.json\n"
         ),
     )
     parser.add_argument("--results", help="measured scaling rows (compute time, calibration)")
@@ -342,13 +384,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers-per-node", type=int, default=DEFAULT_WORKERS_PER_NODE)
     parser.add_argument("--nodes", type=int, default=256, help="largest node count (256)")
     parser.add_argument("--overlap", type=float, default=0.0, help="hidden allreduce fraction")
+    parser.add_argument(
+        "--cv",
+        type=float,
+        nargs="+",
+        metavar="CV",
+        help="step-time spread of one worker (std/mean), optionally with a band: CV [LOW HIGH] "
+        "(default: pooled from --results rows without a collective)",
+    )
+    parser.add_argument(
+        "--published",
+        action="store_true",
+        help="project the published large runs (Horovod 512 GPUs, Kurth et al. 27,360) "
+        "with the spread of --results or --cv, beside their published efficiency",
+    )
     args = parser.parse_args(argv)
+    if args.cv and len(args.cv) not in (1, 3):
+        raise ConfigError("--cv takes CV or CV LOW HIGH")
+    spread = Spread.given(*args.cv) if args.cv else None
 
     rows: list[dict] = []
     if args.results:
         from histoseg.results import load_rows
 
         rows = load_rows(args.results)
+    if args.published:
+        spread = spread or spread_from_rows(rows)
+        if spread is None:
+            raise ConfigError(
+                "--published needs a spread: --results with repeated launches, or --cv"
+            )
+        print(format_published(spread, published_checks(spread)))
+        return 0
     inputs, tables = projection_from(
         rows,
         patch_size=args.patch_size,
@@ -359,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         network=Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node),
         max_workers=args.nodes * args.workers_per_node,
         overlap=args.overlap,
+        spread=spread,
     )
     print(format_projection(inputs, tables))
     return 0
@@ -375,8 +443,10 @@ def projection_from(
     network: Network | None = None,
     max_workers: int = 512,
     overlap: float = 0.0,
+    spread: Spread | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
-    """Inputs and fp32/fp16 tables, from measured rows where arguments are not given."""
+    """Inputs and fp32/fp16 tables, from measured rows where arguments are not given (the
+    straggler spread too: pooled from the rows without a collective; none, no term)."""
     network = network or Network()
     inputs: dict[str, Any] = {"patch_size_px": patch_size}
     if compute_s is None or gradient_bytes is None:
@@ -393,17 +463,8 @@ def projection_from(
     if not gradient_bytes:
         raise ConfigError("gradient bytes unknown: give --gradient-bytes")
     if overhead_s is None:
-        points = calibration_points_from_rows(rows)
-        if points:
-            cal = calibrate(points)
-            overhead_s = cal.overhead_s
-            inputs["calibration_points"] = len(cal.points)
-            inputs["calibrated_overhead_s"] = cal.overhead_s
-            inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9
-            inputs["calibration_max_rel_error"] = cal.max_relative_error
-        else:
-            overhead_s = 0.0
-            inputs["calibration_points"] = 0
+        overhead_s = _calibrated_overhead(rows, inputs)
+    spread = spread or spread_from_rows(rows)
     inputs.update(
         {
             "compute_s": compute_s,
@@ -415,16 +476,27 @@ def projection_from(
             "overlap": overlap,
         }
     )
+    inputs.update(
+        spread.as_inputs()
+        if spread
+        else {"straggler_cv": "unknown (no rows with repeated launches): no straggler term"}
+    )
     workers = [n for n in DEFAULT_WORKERS if n <= max_workers]
     if max_workers not in workers:
         workers.append(max_workers)
+    tables = {}
     for name, fp16 in (("fp32", False), ("fp16", True)):
-        # how fast a worker may get before the network costs 10%: the margin of the projection
+        # how fast a worker may get before the network and stragglers cost 10%: the margin
         inputs[f"compute_s_for_90pct_at_{max_workers}_{name} (derived)"] = compute_s_for_efficiency(
-            0.9, gradient_bytes, max_workers, network=network, overhead_s=overhead_s, fp16=fp16
+            0.9,
+            gradient_bytes,
+            max_workers,
+            network=network,
+            overhead_s=overhead_s,
+            fp16=fp16,
+            cv=spread.cv if spread else 0.0,
         )
-    tables = {
-        name: project(
+        tables[name] = project(
             compute_s,
             gradient_bytes,
             workers,
@@ -432,10 +504,77 @@ def projection_from(
             overhead_s=overhead_s,
             fp16=fp16,
             overlap=overlap,
+            spread=spread,
         )
-        for name, fp16 in (("fp32", False), ("fp16", True))
-    }
+        if spread:
+            inputs[f"efficiency_band_at_{max_workers}_{name}"] = band_text(tables[name][-1])
     return inputs, tables
+
+
+def _calibrated_overhead(rows: Sequence[Mapping[str, Any]], inputs: dict[str, Any]) -> float:
+    """The per-allreduce overhead fitted to the rows' allreduce times (0 without any); the
+    fit's figures go into ``inputs``."""
+    points = calibration_points_from_rows(rows)
+    if not points:
+        inputs["calibration_points"] = 0
+        return 0.0
+    cal = calibrate(points)
+    inputs["calibration_points"] = len(cal.points)
+    inputs["calibrated_overhead_s"] = cal.overhead_s
+    inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9
+    inputs["calibration_max_rel_error"] = cal.max_relative_error
+    return cal.overhead_s
+
+
+def published_checks(spread: Spread) -> list[dict[str, Any]]:
+    """Each published run of :data:`histoseg.stragglers.PUBLISHED` projected with
+    ``spread``: its inputs, the projected efficiency and band, and the published figure."""
+    checks = []
+    for run in PUBLISHED:
+        network = Network(run.bandwidth_gbps, run.latency_s, run.workers_per_node)
+        row = project(
+            run.compute_s,
+            4.0 * run.parameters,
+            [run.workers],
+            network=network,
+            overlap_window=run.overlap_window,
+            spread=spread,
+        )[0]
+        checks.append(
+            {
+                "run": run,
+                "projection": row,
+                "off_points": 100 * (row["efficiency"] - run.efficiency),
+            }
+        )
+    return checks
+
+
+def format_published(spread: Spread, checks: Sequence[Mapping[str, Any]]) -> str:
+    """The published runs beside their projection, with what is published and assumed."""
+    lines = [
+        "the projection fed published large runs (a calibration check; nothing fitted to them)",
+        f"spread: cv {100 * spread.cv:.2f}% (band {100 * spread.low:.2f}-{100 * spread.high:.2f}%)"
+        f", {spread.source}",
+    ]
+    for check in checks:
+        run, row = check["run"], check["projection"]
+        lines += [
+            "",
+            f"{run.name}: projected {100 * row['efficiency']:.1f}% (band {band_text(row)}), "
+            f"published {100 * run.efficiency:.1f}%, off by {check['off_points']:+.1f} points"
+            + ("" if run.checked else " (a known miss, not held to the check)"),
+            f"  source: {run.source}",
+            f"  fed: {run.workers} workers, {run.workers_per_node} per node, step "
+            f"{run.compute_s:.3f} s, {run.parameters / 1e6:.1f} M parameters, "
+            f"{run.bandwidth_gbps:g} Gb/s, {run.latency_s * 1e6:g} us/hop, overlap window "
+            f"{run.overlap_window:.2f} of a step",
+            f"  model: allreduce {row['allreduce_s']:.4f} s, exposed "
+            f"{row['exposed_allreduce_s']:.4f} s, slowest worker +{row['straggler_s']:.4f} s",
+        ]
+        lines += [f"  published: {item}" for item in run.published]
+        lines += [f"  assumed: {item}" for item in run.assumed]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""The ring-allreduce projection model: formula, calibration, rows, CLI."""
+"""The ring-allreduce projection model: formula, calibration, stragglers, published checks, CLI."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from histoseg import scaling
+from histoseg import scaling, stragglers
 from histoseg.errors import ConfigError
 from histoseg.results import make_row
 
@@ -85,3 +87,196 @@ def test_cli_prints_inputs_beside_outputs(capsys):
     out = capsys.readouterr().out
     assert "bandwidth_gbps" in out and "compute_s" in out and "fp16 eff" in out
     assert "512" in out.splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------- stragglers
+def test_expected_max_of_normals_matches_the_order_statistic():
+    assert stragglers.expected_max_normal(1) == 0.0
+    assert stragglers.expected_max_normal(2) == pytest.approx(1 / math.sqrt(math.pi), rel=1e-7)
+    # tabulated E[max of N standard normals]
+    for n, value in ((10, 1.538753), (100, 2.507594), (1000, 3.241436)):
+        assert stragglers.expected_max_normal(n) == pytest.approx(value, abs=2e-6)
+    # sqrt(2 ln N) is only the leading term of its growth, and overstates it
+    for n in (512, 27360):
+        assert stragglers.expected_max_normal(n) < math.sqrt(2 * math.log(n))
+    with pytest.raises(ConfigError):
+        stragglers.expected_max_normal(0)
+
+
+def test_the_slowest_worker_sets_the_step_and_the_spread_makes_a_band():
+    spread = stragglers.Spread(0.02, 0.01, 0.03, "test")
+    rows = scaling.project(10.0, 1e3, [1, 2, 512], overhead_s=0.0, spread=spread)
+    assert rows[0]["efficiency"] == 1.0 and rows[0]["straggler_s"] == 0.0
+    e512 = stragglers.expected_max_normal(512)
+    # a tiny model: the allreduce is negligible, the slowest of 512 workers is not
+    assert rows[-1]["efficiency"] == pytest.approx(1 / (1 + 0.02 * e512), rel=1e-4)
+    assert rows[-1]["efficiency_low"] == pytest.approx(1 / (1 + 0.03 * e512), rel=1e-4)
+    assert rows[-1]["efficiency_high"] == pytest.approx(1 / (1 + 0.01 * e512), rel=1e-4)
+    effs = [r["efficiency"] for r in rows]
+    assert effs == sorted(effs, reverse=True)
+    # without a spread the model is the ring model alone
+    plain = scaling.project(10.0, 1e3, [512], overhead_s=0.0)[0]
+    assert plain["straggler_s"] == 0.0 and "efficiency_low" not in plain
+
+
+def test_an_overlap_window_hides_only_what_fits_beside_the_compute():
+    net = scaling.Network(bandwidth_gbps=8.0, latency_s=0.0)  # 1 GB/s
+    # 2 workers: 1 GB on the wire = 1 s of allreduce beside a 1.5 s step
+    hidden = scaling.project(1.5, 1e9, [2], network=net, overlap_window=1.0)[0]
+    assert hidden["exposed_allreduce_s"] == 0.0 and hidden["efficiency"] == 1.0
+    part = scaling.project(1.5, 1e9, [2], network=net, overlap_window=0.5)[0]
+    assert part["exposed_allreduce_s"] == pytest.approx(0.25)
+    with pytest.raises(ConfigError):
+        scaling.project(1.5, 1e9, [2], network=net, overlap_window=1.5)
+
+
+def test_compute_needed_for_90pct_counts_the_stragglers():
+    need = scaling.compute_s_for_efficiency(0.9, 1.6e8, 512, overhead_s=0.002, cv=0.02)
+    spread = stragglers.Spread.given(0.02)
+    row = scaling.project(need, 1.6e8, [512], overhead_s=0.002, spread=spread)[0]
+    assert row["efficiency"] == pytest.approx(0.9)
+    # a spread that alone costs more than 10% at 512 workers: no compute time is enough
+    assert scaling.compute_s_for_efficiency(0.9, 1.6e8, 512, cv=0.05) == math.inf
+
+
+def _launched(engine, workers, launches):
+    config = {"engine": engine, "workers": workers, "patch_size": 512}
+    return make_row(
+        "scaling",
+        config,
+        measured={"step_s": launches[0]},
+        extra={"launches_step_s": list(launches)},
+        machine={},
+    )
+
+
+def test_spread_is_pooled_from_rows_without_a_collective():
+    rows = [
+        _launched("tf", 1, (0.9, 1.0, 1.1)),  # relative deviations -0.1, 0, 0.1
+        _launched("none", 2, (1.9, 2.1)),  # -0.05, 0.05
+        _launched("horovod", 2, (5.0, 9.0, 1.0)),  # has a collective: not a compute spread
+        _launched("tf", 1, (1.0,)),  # a single launch has no spread
+    ]
+    spread = stragglers.spread_from_rows(rows)
+    assert spread.rows == 2 and spread.dof == 3
+    assert spread.cv == pytest.approx(math.sqrt((0.01 + 0.01 + 0.0025 + 0.0025) / 3))
+    assert spread.low < spread.cv < spread.high
+    assert stragglers.spread_from_rows(rows[2:]) is None
+    inputs, tables = scaling.projection_from(
+        rows, patch_size=512, compute_s=1.0, gradient_bytes=4e6, max_workers=8
+    )
+    assert inputs["straggler_cv"] == spread.cv
+    assert tables["fp32"][-1]["efficiency_low"] < tables["fp32"][-1]["efficiency_high"]
+    assert "efficiency_band_at_8_fp32" in inputs
+
+
+#: The launches (each the median of 8 steps) of the committed results/scaling.json rows
+#: without a collective (commits 12d3db4 and ef53f73, MobileNetV2 on this 2-core VM): the
+#: spread the published checks are fed, fixed here so the check does not move with new rows.
+MEASURED_LAUNCHES = (
+    ("none", 1, (0.7116, 0.7297, 0.7326)),
+    ("none", 2, (0.7704, 0.7826, 0.7838)),
+    ("none", 1, (3.1292, 3.1844, 3.1931)),
+    ("none", 2, (3.1910, 3.2005, 3.2420)),
+    ("horovod", 1, (0.7469, 0.7555, 0.8028)),
+    ("horovod", 1, (3.2399, 3.2525, 3.3123)),
+    ("tf", 1, (0.7087, 0.7233, 0.7315)),
+    ("tf", 1, (3.1248, 3.2389, 3.2412)),
+    ("none", 1, (0.7120, 0.7494, 0.7553)),
+    ("none", 2, (0.7895, 0.8335, 0.8350)),
+    ("horovod", 1, (0.7609, 0.7666, 0.7723)),
+    ("tf", 1, (0.7230, 0.7379, 0.7473)),
+)
+
+
+def _measured_spread():
+    return stragglers.spread_from_rows([_launched(*row) for row in MEASURED_LAUNCHES])
+
+
+def test_projection_lands_within_5_points_of_the_published_large_runs():
+    spread = _measured_spread()
+    assert spread.cv == pytest.approx(0.0209, abs=5e-4) and spread.dof == 24
+    checks = {c["run"].name: c for c in scaling.published_checks(spread)}
+    horovod = checks["Horovod, ResNet-101, 512 GPUs"]
+    kurth = checks["Kurth et al., DeepLabv3+, 27,360 GPUs"]
+    for check in (horovod, kurth):
+        assert check["run"].checked
+        assert abs(check["off_points"]) <= 5.0, check
+        # both runs hide their allreduce: what the model charges them is the slowest worker
+        assert check["projection"]["exposed_allreduce_s"] == 0.0
+    assert horovod["projection"]["efficiency"] == pytest.approx(0.940, abs=0.002)
+    assert kurth["projection"]["efficiency"] == pytest.approx(0.921, abs=0.002)
+    # Kurth et al.'s band holds the published 90.7%; Horovod's lies above its 90%
+    assert kurth["projection"]["efficiency_low"] <= 0.907 <= kurth["projection"]["efficiency_high"]
+    assert horovod["projection"]["efficiency_low"] > 0.90
+
+
+def test_published_checks_do_not_hang_on_the_assumed_step_time():
+    spread = _measured_spread()
+    kurth = next(r for r in stragglers.PUBLISHED if r.workers == 27360)
+    network = scaling.Network(kurth.bandwidth_gbps, kurth.latency_s, kurth.workers_per_node)
+    effs = {
+        scaling.project(
+            step_s,
+            4 * kurth.parameters,
+            [kurth.workers],
+            network=network,
+            overlap_window=kurth.overlap_window,
+            spread=spread,
+        )[0]["efficiency"]
+        for step_s in (0.1, 1.3, 5.0)
+    }
+    assert max(effs) - min(effs) < 1e-12
+
+
+def test_a_known_miss_is_shown_not_hidden():
+    checks = scaling.published_checks(_measured_spread())
+    vgg = next(c for c in checks if not c["run"].checked)
+    # VGG-16's 553 MB of gradients: the model, at line rate, is far more optimistic than 68%
+    assert vgg["off_points"] > 10
+
+
+def test_cli_prints_the_band_and_the_published_checks(capsys):
+    args = ["--compute-s", "20", "--gradient-bytes", "1.6e8", "--overhead-s", "0.002"]
+    assert scaling.main([*args, "--cv", "0.02", "0.015", "0.03"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 band" in out and "straggler_cv_low" in out
+    assert "-" in out.splitlines()[-1].split()[-1]  # the band at 512 workers
+    assert scaling.main(["--published", "--cv", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "published 90.0%" in out and "published 90.7%" in out and "assumed:" in out
+    with pytest.raises(ConfigError):
+        scaling.main(["--published"])
+    with pytest.raises(ConfigError):
+        scaling.main([*args, "--cv", "0.02", "0.01"])
+
+
+def test_weak_scaling_plot_shades_the_study_band_with_its_calibration():
+    from bench.plots.scaling import straggler_band
+
+    inputs = {
+        "compute_s": 11.5,
+        "gradient_bytes_fp32": 1.09e7,
+        "overhead_s": 0.009,
+        "bandwidth_gbps": 100.0,
+        "latency_s": 1e-6,
+        "workers_per_node": 2,
+    }
+    projection = make_row(
+        "scaling",
+        {"engine": "projection", "workers": 512, "patch_size": 2048, "compression": "none"},
+        predicted={"efficiency": 0.999},
+        extra={"inputs": inputs},
+        machine={},
+    )
+    measured = [_launched(*row) for row in MEASURED_LAUNCHES]
+    band, lines = straggler_band([projection], measured, measured)
+    label, points = band
+    assert "2048 px" in label and points[-1][0] == 512
+    _, low, central, high = points[-1]
+    assert low < central < high < 0.999  # the stored row's 99.9% had no stragglers
+    assert central == pytest.approx(0.939, abs=0.002)
+    caption = " ".join(lines)
+    assert "256 nodes x 2" in caption and "cv 2.09%" in caption and "90.7% published" in caption
+    band, lines = straggler_band([projection], measured, [])
+    assert band is None and "no straggler band" in lines[0]

@@ -1,5 +1,6 @@
 """The weak-scaling figure: efficiency and total throughput against workers, per engine and
-allreduce compression, measured (solid) beside the ring-allreduce projection (dashed)."""
+allreduce compression, measured (solid) beside the ring-allreduce projection (dashed), and the
+study's 2048 px projection to 256 nodes with its straggler band (shaded)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from bench.plots import caption
 from bench.plots.select import (
@@ -19,13 +21,20 @@ from bench.plots.select import (
     section,
 )
 from bench.plots.style import PALETTE, STYLE, PlotOutcome, log2_axis, new_figure, save
+from histoseg import scaling
 from histoseg.results import step_mode_of
+from histoseg.stragglers import Spread, spread_from_rows
 from histoseg.train.engines.base import DEFAULT_STEP_MODE
 
 #: (engine, compression, patch size) -> [(workers, efficiency, throughput per worker)]
 Points = dict[tuple, list[tuple[int, float | None, float | None]]]
 #: (legend label, compression) -> [(workers, efficiency)]
 Curves = dict[tuple[str, str], list[tuple[int, float]]]
+#: (legend label, [(workers, low, central, high efficiency)])
+Band = tuple[str, list[tuple[int, float, float, float]]]
+#: The study's cluster run the band projects: 2048 px patches, 256 nodes x 2 workers.
+STUDY_PATCH_PX, STUDY_NODES, STUDY_WORKERS_PER_NODE = 2048, 256, 2
+BAND_COLOR = "#7B3294"
 
 
 def engine_label(engine: str, compression: str) -> str:
@@ -78,8 +87,10 @@ def projection_curves(
             if curve:
                 fp = compression_of(row).replace("none", "fp32")
                 label = f"projection, {row.get('config', {}).get('patch_size')} px, {fp} allreduce"
-                curves[(label, compression_of(row))] = curve
                 inputs = section(row, "extra").get("inputs")
+                if not isinstance(inputs, Mapping) or "straggler_cv_low" not in inputs:
+                    label += " (no stragglers)"
+                curves[(label, compression_of(row))] = curve
                 line = inputs_line(inputs) if isinstance(inputs, Mapping) else ""
                 if line:
                     inputs_lines.append(f"{label} inputs: {line}")
@@ -108,6 +119,78 @@ def projection_curves(
     return curves, inputs_lines
 
 
+def straggler_band(
+    projection_rows: Sequence[dict], measured_rows: Sequence[dict], spread_rows: Sequence[dict]
+) -> tuple[Band | None, list[str]]:
+    """The study's 2048 px projection to 256 nodes x 2 with its straggler band, and the caption
+    lines that say how it was calibrated.
+
+    The allreduce inputs are the fp32 projection row's (``extra.inputs``) where there is one,
+    else histoseg.scaling's model on the measured rows; the spread is the row's own where it
+    holds one, else pooled from ``spread_rows`` (launch-to-launch step time of the rows
+    without a collective). A band that cannot be made becomes a caption line saying why.
+    """
+    spread = spread_from_rows(spread_rows)
+    workers = [w for w in scaling.DEFAULT_WORKERS if w <= STUDY_NODES * STUDY_WORKERS_PER_NODE]
+    fp32 = [
+        r
+        for r in projection_rows
+        if compression_of(r) == "none" and r.get("config", {}).get("patch_size") == STUDY_PATCH_PX
+    ]
+    inputs = section(fp32[0], "extra").get("inputs") if fp32 else None
+    try:
+        if isinstance(inputs, Mapping) and "straggler_cv_low" in inputs:
+            spread = Spread(
+                inputs["straggler_cv"],
+                inputs["straggler_cv_low"],
+                inputs["straggler_cv_high"],
+                str(inputs.get("straggler_cv_source")),
+            )
+        if spread is None:
+            return None, ["no straggler band: no scaling rows with repeated launches"]
+        if not isinstance(inputs, Mapping):
+            inputs, _ = scaling.projection_from(
+                measured_rows, patch_size=STUDY_PATCH_PX, max_workers=workers[-1], spread=spread
+            )
+        table = scaling.project(
+            inputs["compute_s"],
+            inputs["gradient_bytes_fp32"],
+            workers,
+            network=scaling.Network(
+                inputs["bandwidth_gbps"], inputs["latency_s"], int(inputs["workers_per_node"])
+            ),
+            overhead_s=inputs["overhead_s"],
+            spread=spread,
+        )
+        checks = scaling.published_checks(spread)
+    except Exception as exc:  # the band is an extra that must never stop the figure
+        return None, [f"no straggler band ({type(exc).__name__}: {exc})"]
+    last = table[-1]
+    label = f"projection with stragglers, {STUDY_PATCH_PX} px, fp32 (band)"
+    points = [
+        (r["workers"], r["efficiency_low"], r["efficiency"], r["efficiency_high"]) for r in table
+    ]
+    held = "; ".join(
+        f"{c['run'].name}: {100 * c['projection']['efficiency']:.1f}% against "
+        f"{100 * c['run'].efficiency:.1f}% published"
+        for c in checks
+        if c["run"].checked
+    )
+    lines = [
+        f"Shaded: the study's {STUDY_PATCH_PX} px run projected to {last['nodes']} nodes x "
+        f"{STUDY_WORKERS_PER_NODE} workers with stragglers, {scaling.band_text(last)} at "
+        f"{last['workers']} workers (line: {100 * last['efficiency']:.1f}%); compute_s="
+        f"{inputs['compute_s']:.3g}, overhead_s={inputs['overhead_s']:.3g}, "
+        f"{inputs['bandwidth_gbps']:g} Gb/s, fp32 allreduce.",
+        f"Calibration: a synchronous step waits for the slowest of N workers, E[max of N normals] "
+        f"(exact order statistic) of a step-time spread cv {100 * spread.cv:.2f}% (band "
+        f"{100 * spread.low:.2f}-{100 * spread.high:.2f}%: {spread.source}). Fed the published "
+        f"runs, the same model gives {held} (python -m histoseg.scaling --published; "
+        "docs/cluster.md says where it is wrong).",
+    ]
+    return (label, points), lines
+
+
 def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """Weak-scaling efficiency and total throughput against workers, per engine and compression.
 
@@ -129,6 +212,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     measured_rows = [r for r in measured_rows if step_mode_of(r) == shown_mode]
     points = measured_points(measured_rows, outcome.notes)
     curves, inputs_lines = projection_curves(projection_rows, measured_rows, points)
+    band, band_lines = straggler_band(projection_rows, measured_rows, scaling_rows)
     if not points and not curves:
         outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
         return outcome
@@ -136,7 +220,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     with matplotlib.rc_context(STYLE):
         fig = new_figure(12.5, 4.8)
         ax_eff, ax_tp = fig.subplots(1, 2)
-        handles = _draw(ax_eff, ax_tp, points, curves)
+        handles = _draw(ax_eff, ax_tp, points, curves, band)
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
         fig.suptitle("Weak scaling: fixed patches per worker", fontsize=12)
         plotted = measured_rows or projection_rows
@@ -144,6 +228,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
             "weak scaling: every worker trains the same patches per step; total throughput = "
             "scaling.throughput_per_worker x workers; the 1-worker point (no allreduce) starts every "
             "compression's line. Dashed: the ring-allreduce projection (a model, not a measurement).",
+            *band_lines,
             caption.config_line(
                 plotted, varied=("workers", "engine", "patch_size", "threads", "compression")
             ),
@@ -164,7 +249,7 @@ def _curve_color(compression: str) -> str:
     return "#444444" if compression == "fp16" else "#AAAAAA"
 
 
-def _draw(ax_eff, ax_tp, points: Points, curves: Curves) -> list[Line2D]:
+def _draw(ax_eff, ax_tp, points: Points, curves: Curves, band: Band | None) -> list:
     """Both panels; returns the legend's handles (colours, markers, then curves)."""
     combos = sorted({(e, c) for e, c, _ in points})
     colour_of = {combo: PALETTE[i % len(PALETTE)] for i, combo in enumerate(combos)}
@@ -187,8 +272,24 @@ def _draw(ax_eff, ax_tp, points: Points, curves: Curves) -> list[Line2D]:
             color=_curve_color(compression),
             label=label,
         )
+    if band:
+        band_workers = [w for w, *_ in band[1]]
+        ax_eff.fill_between(
+            band_workers,
+            [100 * low for _, low, _, _ in band[1]],
+            [100 * high for *_, high in band[1]],
+            color=BAND_COLOR,
+            alpha=0.25,
+            lw=0,
+        )
+        ax_eff.plot(band_workers, [100 * c for _, _, c, _ in band[1]], color=BAND_COLOR, lw=1.2)
     measured_workers = [w for pts in points.values() for w, *_ in pts]
-    _style_axes(ax_eff, ax_tp, [*measured_workers, *(w for c in curves.values() for w, _ in c)])
+    band_seen = [w for w, *_ in band[1]] if band else []
+    _style_axes(
+        ax_eff,
+        ax_tp,
+        [*measured_workers, *(w for c in curves.values() for w, _ in c), *band_seen],
+    )
     log2_axis(ax_tp, [*measured_workers, 1])
     handles = [Line2D([], [], color=colour_of[c], lw=6, label=engine_label(*c)) for c in combos]
     handles += [
@@ -207,6 +308,8 @@ def _draw(ax_eff, ax_tp, points: Points, curves: Curves) -> list[Line2D]:
         Line2D([], [], color=_curve_color(c), ls="--", lw=1.6, label=label)
         for (label, c) in sorted(curves)
     ]
+    if band:
+        handles.append(Patch(facecolor=BAND_COLOR, alpha=0.4, edgecolor=BAND_COLOR, label=band[0]))
     return handles
 
 
