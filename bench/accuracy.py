@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +46,7 @@ from bench.accuracy_plan import (
 )
 from bench.accuracy_worker import run_worker, worker_main
 from histoseg.cli import ArgumentParser, command_line, run_main
+from histoseg.config import MAX_ALPHA, StepConfig, default_threads, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.results import load_rows_if_exists, write_rows
 from histoseg.train.cli import (
@@ -108,13 +108,6 @@ def finished_row(rows: Sequence[dict], config: dict) -> dict | None:
 # ----------------------------------------------------------------------------- the sweep
 
 
-def _default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def memory_budget(args: argparse.Namespace) -> tuple[int | None, str]:
     """The bytes a step may plan to use, and where that number came from (for the rows)."""
     from histoseg.memory.devices import available_bytes, parse_size
@@ -131,18 +124,20 @@ def memory_budget(args: argparse.Namespace) -> tuple[int | None, str]:
 
 def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[str, Any]:
     """The config section of a size's row (docs/architecture.md's keys plus the sweep's own)."""
+    step = StepConfig(
+        patch_size=patch_size,
+        batch_size=args.batch_size,
+        backbone=args.backbone,
+        output_stride=args.output_stride,
+        precision=args.precision,
+        remat=args.remat,
+        device=args.device,
+        threads=args.threads,
+        optimizer=args.optimizer,
+        backbone_options=() if args.alpha is None else (("alpha", args.alpha),),
+    )
     config: dict[str, Any] = {
-        "patch_size": patch_size,
-        "batch_size": args.batch_size,
-        "backbone": args.backbone,
-        "output_stride": args.output_stride,
-        "precision": args.precision,
-        "remat": args.remat,
-        "device": args.device,
-        "threads": args.threads,
-        "engine": "none",
-        "workers": 1,
-        "optimizer": args.optimizer,
+        **step.as_dict(),
         "learning_rate": args.learning_rate,
         "data": args.data
         or (
@@ -156,8 +151,6 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
         "requested_precision": args.precision,
         "requested_remat": args.remat,
     }
-    if args.alpha is not None:
-        config["backbone_options"] = {"alpha": args.alpha}
     # only when not the default, so the points already measured keep their keys
     if args.slides is None and args.data is None and args.synthetic_task != "local":
         config["synthetic_task"] = args.synthetic_task
@@ -392,7 +385,12 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backbone", default="mobilenetv2", help="mobilenetv2 (default), xception65, resnet50"
     )
-    parser.add_argument("--alpha", type=float, default=None, help="mobilenetv2 width multiplier")
+    parser.add_argument(
+        "--alpha",
+        type=parse_alpha,
+        default=None,
+        help=f"mobilenetv2 width multiplier, in (0, {MAX_ALPHA:g}]",
+    )
     parser.add_argument("--output-stride", type=int, default=16)
     parser.add_argument(
         "--precision", default="float32", choices=("float32", "mixed_bfloat16", "mixed_float16")
@@ -420,7 +418,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--threads", type=int, default=_default_threads())
+    parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument(
         "--seeds",
         type=int,

@@ -8,23 +8,12 @@ import contextlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+from bench.isolated import run_isolated
+from histoseg.config import thread_env
 from histoseg.errors import HistosegError
-
-#: Exit code of a worker whose training ran out of memory (an allocator error, not a kill).
-OOM_EXIT_CODE = 75
-
-
-def configure_threads(threads: int) -> None:
-    """Pin the thread pools before TensorFlow starts (one process per size, fixed threads)."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-    os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
-
 
 #: What the worker keeps of the training run's own row (the rest is rebuilt by the sweep).
 KEPT_EXTRA = (
@@ -48,7 +37,7 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
     Returns:
         ``{"metrics": {...}, "measured": {...}, "extra": {...}}`` for the size's row.
     """
-    configure_threads(int(config["threads"]))
+    os.environ.update(thread_env(int(config["threads"])))
     import tensorflow as tf
 
     from histoseg.memory.probe import allocator_info, rss_peak_bytes
@@ -107,9 +96,13 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
 
 
 def worker_main(spec_json: str) -> int:
-    """``--worker SPEC``: train and evaluate one size, print one JSON line on stdout."""
+    """``--worker SPEC``: train and evaluate one size, print its status line on stdout.
+
+    An out-of-memory or a histoseg error is a status line too (exit 0); anything else
+    propagates (a traceback on stderr, a non-zero exit), and the sweep records its last line.
+    """
     spec = json.loads(spec_json)
-    configure_threads(int(spec["config"]["threads"]))
+    os.environ.update(thread_env(int(spec["config"]["threads"])))
     try:
         # stdout carries only the result line; anything the run prints goes to stderr
         with contextlib.redirect_stdout(sys.stderr):
@@ -117,58 +110,25 @@ def worker_main(spec_json: str) -> int:
     except HistosegError as exc:
         kind = "oom" if type(exc).__name__ == "OutOfMemoryError" else "error"
         print(json.dumps({"status": kind, "reason": str(exc)}), flush=True)
-        return OOM_EXIT_CODE if kind == "oom" else 1
+        return 0
     except Exception as exc:  # ResourceExhaustedError and friends, without importing TF here
         if "ResourceExhausted" in type(exc).__name__ or "OOM" in str(exc)[:200]:
             print(
                 json.dumps({"status": "oom", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}),
                 flush=True,
             )
-            return OOM_EXIT_CODE
+            return 0
         raise
     print(json.dumps({"status": "ok", **result}, default=float), flush=True)
     return 0
 
 
 def run_worker(spec: dict, *, timeout_s: float | None = None) -> dict:
-    """Run one size in a fresh ``python -m bench.accuracy --worker`` process.
-
-    The worker's stderr (training progress) is passed through; its last lines become the
-    reason when it fails. A process killed by the kernel's OOM killer (SIGKILL) is an "oom".
+    """Run one size in a fresh ``python -m bench.accuracy --worker`` process
+    (:func:`bench.isolated.run_isolated`), its stderr (training progress) passed through.
 
     Returns:
         ``{"status": ..., "reason"?: ..., "metrics"?: ..., "measured"?: ..., "extra"?: ...}``.
     """
     command = [sys.executable, "-m", "bench.accuracy", "--worker", json.dumps(spec)]
-    tail = b""
-    started = time.monotonic()
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        assert proc.stderr is not None and proc.stdout is not None
-        # Pass the worker's stderr through as it comes (progress bars end lines with \r, so
-        # reading by lines would hold them back), keeping its tail for a failure's reason.
-        while chunk := os.read(proc.stderr.fileno(), 4096):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            tail = (tail + chunk)[-4000:]
-            if timeout_s and time.monotonic() - started > timeout_s:
-                proc.kill()
-        stdout = proc.stdout.read().decode("utf-8", "replace")
-        returncode = proc.wait()
-    lines = [
-        line.strip() for line in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines()
-    ]
-    lines = [line for line in lines if line]
-    last = next((line for line in reversed(stdout.splitlines()) if line.startswith("{")), None)
-    if last is not None:
-        result = json.loads(last)
-        if result.get("status") == "ok" and returncode == 0:
-            return result
-        if result.get("status") in ("oom", "error"):
-            return result
-    if returncode in (-9, 137):
-        return {
-            "status": "oom",
-            "reason": "worker killed by SIGKILL (the kernel's out-of-memory killer?)",
-        }
-    why = lines[-1] if lines else "no output"
-    return {"status": "error", "reason": f"worker exited with {returncode}: {why}"}
+    return run_isolated(command, timeout_s=timeout_s, echo_stderr=True)

@@ -18,18 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import (
-    BACKBONES,
-    PRECISIONS,
-    REMAT_MODES,
-    BenchConfig,
-    default_threads,
-    expand_sweep,
-    sample_configs,
-)
+from bench.config import expand_sweep, sample_configs
 from bench.memory_runs import locked, median_process, run_worker
 from bench.memory_table import summary_markdown, summary_table
 from histoseg.cli import ArgumentParser, run_main
+from histoseg.config import BACKBONES, PRECISIONS, REMAT_MODES, StepConfig, default_threads
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.memory.calibrate import calibrated_prediction
 from histoseg.memory.devices import fit_problem, format_bytes, parse_size
@@ -39,22 +32,22 @@ DEFAULT_OUT = Path("results/memory.json")
 BASELINE_OUT = Path("results/baseline/memory_baseline.json")
 #: What CI guards: small configs that measure in seconds. The default test run checks the
 #: MobileNetV2 rows; the Xception-65 row is checked with --runslow.
-BASELINE_CONFIGS: tuple[BenchConfig, ...] = (
-    BenchConfig(
+BASELINE_CONFIGS: tuple[StepConfig, ...] = (
+    StepConfig(
         patch_size=128,
         backbone="mobilenetv2",
         backbone_options=(("alpha", 0.35),),
         remat="none",
         steps=1,
     ),
-    BenchConfig(
+    StepConfig(
         patch_size=128,
         backbone="mobilenetv2",
         backbone_options=(("alpha", 0.35),),
         remat="blocks",
         steps=1,
     ),
-    BenchConfig(patch_size=64, backbone="xception65", remat="none", steps=1),
+    StepConfig(patch_size=64, backbone="xception65", remat="none", steps=1),
 )
 #: Memory per patch may grow at most this much before the CI regression fails.
 REGRESSION_TOLERANCE = 0.05
@@ -205,9 +198,9 @@ def parse_backbone_options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(options.items()))
 
 
-def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
-    """The sweep the command line asks for, one :class:`BenchConfig` per point."""
-    base = BenchConfig(
+def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
+    """The sweep the command line asks for, one :class:`StepConfig` per point."""
+    base = StepConfig(
         steps=args.steps, backbone_options=parse_backbone_options(args.backbone_option)
     )
     return expand_sweep(
@@ -224,7 +217,7 @@ def configs_from_args(args: argparse.Namespace) -> list[BenchConfig]:
     )
 
 
-def predict(config: BenchConfig) -> dict[str, int]:
+def predict(config: StepConfig) -> dict[str, int]:
     """The analytic estimate of ``config`` (the ``predicted`` section of its row)."""
     from histoseg.memory.estimate import estimate
 
@@ -241,13 +234,13 @@ def predict(config: BenchConfig) -> dict[str, int]:
     ).as_dict()
 
 
-def fit_check(config: BenchConfig, predicted: dict[str, int]) -> str | None:
+def fit_check(config: StepConfig, predicted: dict[str, int]) -> str | None:
     """Why ``config`` cannot run here (as a row reason), or None when it should fit."""
     return fit_problem(predicted["peak_bytes"], config.device)
 
 
 def sweep(
-    configs: Sequence[BenchConfig],
+    configs: Sequence[StepConfig],
     out: Path,
     *,
     predict_only: bool = False,
@@ -273,13 +266,13 @@ def sweep(
     """
     from tqdm import tqdm
 
-    def old_row(config: BenchConfig) -> dict[str, Any] | None:
+    def old_row(config: StepConfig) -> dict[str, Any] | None:
         key = config_key(config.as_dict())
         rows = [r for r in load_rows_if_exists(out) if r.get("kind") == "memory"]
         return next((r for r in rows if config_key(r["config"]) == key), None)
 
     def run(
-        config: BenchConfig,
+        config: StepConfig,
         calibration: dict[int, dict[str, Any]] | None = None,
         only_predict: bool = predict_only,
     ) -> dict[str, Any]:
@@ -329,7 +322,7 @@ def _gpu_visible() -> bool:
 
 
 def _one(
-    config: BenchConfig,
+    config: StepConfig,
     *,
     predict_only: bool,
     force: bool,
@@ -405,7 +398,7 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
     for row in memory:
         extra = row.setdefault("extra", {})
         try:
-            analytic = predict(BenchConfig.from_dict(row["config"]))
+            analytic = predict(StepConfig.from_dict(row["config"]))
         except HistosegError as exc:
             extra["predict_error"] = str(exc)
             continue
@@ -452,12 +445,12 @@ def compare_to_baseline(
 
 
 def largest_patches(
-    configs: Sequence[BenchConfig], memory_bytes: int
-) -> list[tuple[BenchConfig, int | None, int | None]]:
+    configs: Sequence[StepConfig], memory_bytes: int
+) -> list[tuple[StepConfig, int | None, int | None]]:
     """For each distinct config apart from patch size: the largest patch that fits."""
     from histoseg.memory.estimate import estimate, largest_patch
 
-    seen: dict[str, tuple[BenchConfig, int | None, int | None]] = {}
+    seen: dict[str, tuple[StepConfig, int | None, int | None]] = {}
     for config in configs:
         key = config_key({**config.as_dict(), "patch_size": None, "threads": None, "device": None})
         if key in seen:

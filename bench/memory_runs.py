@@ -5,19 +5,13 @@ why, and the median process of a repeated config."""
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import (
-    BenchConfig,
-)
+from bench.isolated import run_isolated
+from histoseg.config import StepConfig
 from histoseg.results import make_row
 
 
@@ -38,51 +32,20 @@ def locked(path: Path | None):
 
 
 def run_worker(
-    config: BenchConfig, timeout_s: float | None = None, allocator_trace: bool = False
+    config: StepConfig, timeout_s: float | None = None, allocator_trace: bool = False
 ) -> dict[str, Any]:
-    """Run ``config`` in a fresh ``bench.worker`` process and return its row.
-
-    A worker that dies (a signal such as the out-of-memory killer's SIGKILL, a non-zero
-    exit, no JSON on stdout, a timeout) becomes an "oom" or "error" row naming why. With
-    ``allocator_trace`` the worker profiles one more step and records the allocator's
-    chunk waste in ``extra.allocator_trace`` (see ``bench.worker.allocator_chunk_waste``).
+    """Run ``config`` in a fresh ``bench.worker`` process (:func:`bench.isolated.run_isolated`)
+    and return its row; a worker that failed to give one becomes an "oom" or "error" row
+    naming why. With ``allocator_trace`` the worker profiles one more step and records the
+    allocator's chunk waste in ``extra.allocator_trace`` (``bench.worker.allocator_chunk_waste``).
     """
-    cmd = [sys.executable, "-m", "bench.worker", "--config", config.to_json()]
+    command = [sys.executable, "-m", "bench.worker", "--config", config.to_json()]
     if allocator_trace:
-        cmd.append("--allocator-trace")
-    env = dict(os.environ)
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return make_row(
-            "memory", config.as_dict(), status="error", reason=f"timed out after {timeout_s:g} s"
-        )
-    elapsed = time.monotonic() - start
-    for line in reversed(proc.stdout.strip().splitlines()):
-        if line.startswith("{"):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            if proc.returncode == 0:
-                return row
-            break
-    if proc.returncode < 0:
-        name = signal.Signals(-proc.returncode).name
-        status = "oom" if proc.returncode == -signal.SIGKILL else "error"
-        why = " (likely the out-of-memory killer)" if status == "oom" else ""
-        reason = f"worker killed by {name}{why} after {elapsed:.0f} s"
-    else:
-        last = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        tail = last[-1][:300] if last else "no output"
-        status = "oom" if "ResourceExhausted" in proc.stderr or "OOM" in tail else "error"
-        reason = f"worker exited with {proc.returncode}: {tail}"
-    return make_row("memory", config.as_dict(), status=status, reason=reason)
+        command.append("--allocator-trace")
+    result = run_isolated(command, timeout_s=timeout_s)
+    if "schema" in result:  # the worker's own row
+        return result
+    return make_row("memory", config.as_dict(), status=result["status"], reason=result["reason"])
 
 
 #: What each process of a repeated config keeps in ``extra.repeats``.

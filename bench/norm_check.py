@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from histoseg.cli import ArgumentParser, run_main
+from histoseg.config import MAX_ALPHA, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.train.cli import NORMS, SYNTHETIC_TASKS, default_synthetic_dir
 
@@ -140,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patch-size", type=int, default=256, help="px (default 256)")
     parser.add_argument("--steps", type=int, default=400, help="(default 400)")
     parser.add_argument("--backbone", default="mobilenetv2", help="(default mobilenetv2)")
-    parser.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier")
+    parser.add_argument(
+        "--alpha", type=parse_alpha, help=f"mobilenetv2 width multiplier, in (0, {MAX_ALPHA:g}]"
+    )
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--synthetic-task", choices=SYNTHETIC_TASKS, default="local")
     parser.add_argument("--synthetic-dir", help="(default: the task's folder under data/)")

@@ -34,9 +34,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.isolated import run_process
 from bench.scaling_table import markdown_table, summary_table
 from bench.scaling_worker import worker_main
 from histoseg.cli import ArgumentParser, command_line, run_main
+from histoseg.config import MAX_ALPHA, StepConfig, parse_alpha
 from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.train.engines.base import DEFAULT_STEP_MODE, STEP_MODES
 
@@ -68,50 +70,28 @@ def _busy_cpu_s() -> float:
 
 
 # ----------------------------------------------------------------------------- driver side
-def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> tuple[int, str]:
-    """Start ``workers`` ranks of ``spec``; returns (exit code, tail of the output)."""
-    from histoseg.train import launch as launcher
+def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> str | None:
+    """Run ``workers`` ranks of ``spec`` through ``python -m histoseg.train.launch``, as one
+    process group (:func:`bench.isolated.run_process`), so a timeout or a stopped sweep ends
+    every rank. Returns None when the launcher exited 0, else ``"status: reason"``."""
+    from histoseg.train.launch import horovodrun_path
 
-    command = [sys.executable, "-m", "bench.scaling", "--worker", json.dumps(spec)]
-    log_dir = Path(spec["out_dir"]) / "logs"
-    # the ranks import histoseg first: its start-up keeps TensorFlow quiet unless --verbose
-    env: dict[str, str] = {}
     if spec["engine"] == "horovod":
         try:
-            proc = launcher.run_horovod(
-                workers,
-                command,
-                threads_per_worker=spec["threads"],
-                env=env,
-                timeout_s=timeout_s,
-                capture=True,
-            )
+            horovodrun_path()
         except EngineUnavailableError as exc:
-            return 127, str(exc)
-        except Exception as exc:  # subprocess.TimeoutExpired
-            return 124, f"{type(exc).__name__}: {exc}"
-        return proc.returncode, (proc.stdout + proc.stderr)[-1500:]
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with (log_dir / "worker-0.log").open("w") as rank0_log:
-        saved = os.dup(1), os.dup(2)
-        os.dup2(rank0_log.fileno(), 1)
-        os.dup2(rank0_log.fileno(), 2)
-        try:
-            codes = launcher.launch_tf_workers(
-                workers,
-                command,
-                threads_per_worker=spec["threads"],
-                env=env,
-                log_dir=log_dir,
-                timeout_s=timeout_s,
-            )
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-    tail = (log_dir / "worker-0.log").read_text(errors="replace")[-1500:]
-    return max(codes, key=abs), tail
+            return f"skipped: {exc}"
+    log_dir = Path(spec["out_dir"]) / "logs"
+    command = [sys.executable, "-m", "histoseg.train.launch", "--engine", spec["engine"]]
+    command += ["-n", str(workers), "--threads-per-worker", str(spec["threads"])]
+    command += ["--log-dir", str(log_dir), "--"]
+    command += [sys.executable, "-m", "bench.scaling", "--worker", json.dumps(spec)]
+    finished = run_process(command, timeout_s=timeout_s)
+    if finished.timed_out:
+        return f"error: timed out after {timeout_s:g} s"
+    if finished.returncode != 0:
+        return f"error: exit {finished.returncode}: {finished.last_stderr_line}"
+    return None
 
 
 #: What ``allreduce_s`` is in each step mode (kept in ``measured.allreduce_timing``).
@@ -180,28 +160,30 @@ def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -
     }
 
 
+def point_config(
+    args: argparse.Namespace, engine: str, size: int, compression: str, step: str, workers: int
+) -> dict[str, Any]:
+    """The config section of a point's row: the step's keys (the rank worker trains
+    float32, output stride 16, no recomputation, Adam on the CPU), then the point's own."""
+    step_config = StepConfig(
+        patch_size=size,
+        batch_size=args.batch_size,
+        backbone=args.backbone,
+        threads=args.threads_per_worker,
+        engine=engine,
+        workers=workers,
+        backbone_options=() if args.alpha is None else (("alpha", args.alpha),),
+    )
+    return {**step_config.as_dict(), "compression": compression, "step": step}
+
+
 def run_point(
     args: argparse.Namespace, engine: str, size: int, compression: str, step: str, workers: int
 ) -> dict:
     """Launch one (engine, size, compression, step mode, workers) point; returns its row."""
     from histoseg.results import make_row
 
-    config = {
-        "patch_size": size,
-        "batch_size": args.batch_size,
-        "backbone": args.backbone,
-        "output_stride": 16,
-        "precision": "float32",
-        "remat": "none",
-        "device": "cpu",
-        "threads": args.threads_per_worker,
-        "engine": engine,
-        "workers": workers,
-        "compression": compression,
-        "step": step,
-    }
-    if args.alpha is not None:
-        config["alpha"] = args.alpha
+    config = point_config(args, engine, size, compression, step, workers)
     launches, discarded = [], []
     for _ in range(args.repeats):
         for attempt in range(args.retries + 1):
@@ -265,13 +247,11 @@ def _launch_once(
             "out_dir": tmp,
         }
         busy0, wall0 = _busy_cpu_s(), time.monotonic()
-        code, tail = launch(spec, workers, args.timeout_s)
+        failed = launch(spec, workers, args.timeout_s)
         busy_s, wall_s = _busy_cpu_s() - busy0, time.monotonic() - wall0
         files = sorted(Path(tmp).glob("rank*.json"))
-        if code != 0 or len(files) != workers:
-            status = "skipped" if code == 127 else "error"
-            last = " | ".join(line for line in tail.strip().splitlines()[-3:])
-            return f"{status}: exit {code}: {last[-400:]}"
+        if failed or len(files) != workers:
+            return failed or f"error: {len(files)} of {workers} ranks wrote a record"
         records = [json.loads(f.read_text()) for f in files]
     measured = summarise(records, args.batch_size, size)
     # Cores' worth of CPU that processes other than the ranks (the launcher included) used
@@ -439,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"allreduce timed around the collective); default {DEFAULT_STEP_MODE}",
     )
     p.add_argument("--backbone", default="mobilenetv2")
-    p.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier")
+    p.add_argument(
+        "--alpha", type=parse_alpha, help=f"mobilenetv2 width multiplier, in (0, {MAX_ALPHA:g}]"
+    )
     p.add_argument("--batch-size", type=int, default=1, help="patches per worker per step")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
@@ -531,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # compression only matters where gradients travel: N > 1 ranks of a real engine
         if not ((workers == 1 or engine == "none") and compression != args.compression[0])
     ]
+    for point in points:  # an invalid point is refused before any launch
+        point_config(args, *point)
     rows: list[dict] = []
     for i, (engine, size, compression, step, workers) in enumerate(points, 1):
         head = f"[{i}/{len(points)}] {engine} {size} px {compression} {step} x{workers}"

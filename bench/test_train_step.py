@@ -21,14 +21,14 @@ import gc
 import numpy as np
 import pytest
 
-from bench.config import BenchConfig
 from bench.worker import build_model
+from histoseg.config import StepConfig
 
 
 @pytest.fixture
 def bench_config(request, patch_size):
     opt = request.config.getoption
-    return BenchConfig(
+    return StepConfig(
         patch_size=patch_size,
         backbone=opt("--bench-backbone"),
         precision=opt("--bench-precision"),

@@ -38,10 +38,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import BACKBONES, PRECISIONS, REMAT_MODES, BenchConfig, expand_sweep
+from bench.config import expand_sweep
 from bench.memory import parse_backbone_options
 from bench.memory_table import summary_table
 from histoseg.cli import ArgumentParser, command_line, run_main
+from histoseg.config import BACKBONES, PRECISIONS, REMAT_MODES, StepConfig
 from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.memory.devices import format_bytes
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
@@ -115,7 +116,7 @@ def _tensor_bytes(variables) -> int:
     return int(sum(v.value.numel() * v.value.element_size() for v in variables))
 
 
-def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
+def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
     """Train ``config`` for 1 + ``steps`` steps under the torch backend; the measured section.
 
     Also returns the model (for the estimate) under the key ``"_model"``.
@@ -205,7 +206,7 @@ def measure(config: BenchConfig, num_classes: int = 2) -> dict[str, Any]:
     return measured
 
 
-def run_config(config: BenchConfig, command: str | None = None) -> dict[str, Any]:
+def run_config(config: StepConfig, command: str | None = None) -> dict[str, Any]:
     """Measure ``config`` here and return its results row ("oom" rows instead of raising).
 
     ``command`` (the sweep's command line) is kept in the row's ``extra.command``.
@@ -262,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise EngineUnavailableError(
             "PyTorch sees no CUDA GPU here; use --device cpu for a smoke test"
         )
-    base = BenchConfig(
+    base = StepConfig(
         device=args.device,
         threads=1,
         steps=args.steps,

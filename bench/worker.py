@@ -31,8 +31,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.config import BenchConfig
 from histoseg.cli import ArgumentParser, run_main
+from histoseg.config import StepConfig, thread_env
 from histoseg.errors import ConfigError
 
 #: Environment variable read by :func:`widen_for_demo`: a test-only knob that widens the
@@ -40,24 +40,11 @@ from histoseg.errors import ConfigError
 WIDEN_ENV = "HISTOSEG_BENCH_WIDEN"
 
 
-def configure_threads(threads: int) -> None:
-    """Pin TensorFlow and OpenMP thread pools; must run before TensorFlow is imported.
-
-    Intra-op threads = ``threads`` (one op uses all of them); inter-op threads = 1, so the
-    executor runs one op at a time: float32 activation bytes repeat to the byte from process
-    to process, peaks within 0.5% (bfloat16 weight casts come in a per-process order, which
-    moves small bfloat16 activation figures by more: docs/memory-harness.md).
-    """
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTRAOP_THREADS"] = str(threads)
-    os.environ["TF_NUM_INTEROP_THREADS"] = "1"
-
-
 def _nbytes(variables) -> int:
     return int(sum(v.numpy().nbytes for v in variables))
 
 
-def _synthetic_batch(config: BenchConfig, num_classes: int):
+def _synthetic_batch(config: StepConfig, num_classes: int):
     """A uint8 image batch and uint8 label masks, as the data pipeline delivers them."""
     import numpy as np
     import tensorflow as tf
@@ -70,7 +57,7 @@ def _synthetic_batch(config: BenchConfig, num_classes: int):
         return tf.constant(images), tf.constant(masks)
 
 
-def build_model(config: BenchConfig, num_classes: int = 2):
+def build_model(config: StepConfig, num_classes: int = 2):
     """The config's DeepLabV3+ (the harness's one model builder call)."""
     from histoseg.models import build_deeplabv3plus
 
@@ -193,7 +180,7 @@ def _profiled(run: Any, read: Any) -> Any:
         return read(logdir, result)
 
 
-def measure(config: BenchConfig, num_classes: int = 2, trace: bool = False) -> dict[str, Any]:
+def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> dict[str, Any]:
     """Train ``config`` for 1 + ``steps`` steps here and return the ``measured`` section.
 
     One warm-up step (tracing, optimizer state, first allocations), then ``steps`` timed
@@ -273,7 +260,7 @@ def measure(config: BenchConfig, num_classes: int = 2, trace: bool = False) -> d
     }
 
 
-def widen_for_demo(config: BenchConfig) -> BenchConfig:
+def widen_for_demo(config: StepConfig) -> StepConfig:
     """Test-only: with ``HISTOSEG_BENCH_WIDEN=<factor>`` set, run a wider model.
 
     The regression demo needs a model ~10% bigger without shipping a hack in the model:
@@ -289,7 +276,7 @@ def widen_for_demo(config: BenchConfig) -> BenchConfig:
     return config.replace(backbone_options=tuple(options.items()))
 
 
-def run_config(config: BenchConfig, trace: bool = False) -> dict[str, Any]:
+def run_config(config: StepConfig, trace: bool = False) -> dict[str, Any]:
     """Measure ``config`` in this process and return its results row (never raises on OOM)."""
     from histoseg.memory.devices import tensorflow_sees_gpu
     from histoseg.results import make_row
@@ -349,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", required=True, help="the config as JSON (BenchConfig keys)")
+    parser.add_argument("--config", required=True, help="the config as JSON (StepConfig keys)")
     parser.add_argument(
         "--allocator-trace",
         action="store_true",
@@ -369,8 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.allocator_events and not args.allocator_events.parent.is_dir():
         # checked before the run, not after minutes of training
         raise ConfigError(f"--allocator-events {args.allocator_events}: no such folder")
-    config = BenchConfig.from_json(args.config)
-    configure_threads(config.threads)
+    config = StepConfig.from_json(args.config)
+    os.environ.update(thread_env(config.threads))  # before TensorFlow starts
     if args.allocator_events:
         from histoseg.results import atomic_write_text
 

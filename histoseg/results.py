@@ -147,7 +147,26 @@ def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise ResultsError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, list):
         raise ResultsError(f"{path}: expected a JSON list of {SCHEMA} rows")
-    return [validate_row(r, f"{path} row {i}") for i, r in enumerate(data)]
+    return [upgrade_row(validate_row(r, f"{path} row {i}")) for i, r in enumerate(data)]
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the config keys that :class:`histoseg.config.StepConfig` writes today.
+
+    Two facts had other keys in rows written before every harness wrote its config from
+    ``StepConfig``: training and scaling rows named a MobileNetV2's width ``config.alpha``
+    (now ``config.backbone_options.alpha``), and scaling rows of a measured step left out
+    ``config.optimizer`` (their rank worker always trained with Adam). Reading such a file
+    upgrades its rows in memory, so a resumed sweep matches them to the points it plans.
+    """
+    config = row["config"]
+    if "alpha" in config:
+        alpha = config.pop("alpha")
+        if alpha is not None:
+            config["backbone_options"] = {**config.get("backbone_options", {}), "alpha": alpha}
+    if row["kind"] == "scaling" and config.get("engine") != "projection":
+        config.setdefault("optimizer", "adam")
+    return row
 
 
 def load_rows_if_exists(path: str | os.PathLike) -> list[dict[str, Any]]:

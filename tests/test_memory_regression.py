@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.config import BenchConfig
 from bench.memory import BASELINE_OUT, REGRESSION_TOLERANCE, compare_to_baseline, run_worker
+from histoseg.config import StepConfig
 from histoseg.results import load_rows
 
 BASELINE = Path(__file__).resolve().parent.parent / BASELINE_OUT
@@ -58,7 +58,7 @@ def test_baseline_exists_and_has_rows():
 
 @pytest.mark.parametrize("baseline", _params())
 def test_memory_per_patch_has_not_grown(baseline):
-    config = BenchConfig.from_dict(baseline["config"]).replace(steps=1)
+    config = StepConfig.from_dict(baseline["config"]).replace(steps=1)
     fresh = run_worker(config, timeout_s=240)
     assert fresh["status"] == "ok", f"worker failed: {fresh.get('reason')}"
     comparison = compare_to_baseline(baseline, fresh, REGRESSION_TOLERANCE)

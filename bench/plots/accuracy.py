@@ -41,7 +41,6 @@ POINT_FREE_KEYS = ("seed", "steps", "precision", "remat", "patch_size", "synthet
 SERIES_KEYS = (
     "backbone",
     "backbone_options",
-    "alpha",
     "batch_size",
     "norm",
     "tumour_weight",

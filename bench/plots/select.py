@@ -94,11 +94,7 @@ def section(row: dict, name: str) -> dict:
 
 def memory_key(config: Mapping[str, Any]) -> tuple:
     """What makes two configs' step memory the same: model, precision, remat, batch, optimizer, size."""
-    options = config.get("backbone_options") or {}
-    if not options and config.get("alpha") is not None:
-        # histoseg.train rows name the width as config.alpha, memory rows as backbone_options
-        options = {"alpha": config["alpha"]}
-    options = json.dumps(options, sort_keys=True, default=str)
+    options = json.dumps(config.get("backbone_options") or {}, sort_keys=True, default=str)
     return (
         *(config.get(k) for k in MEMORY_KEYS),
         config.get("optimizer") or "adam",  # the harness's default optimizer

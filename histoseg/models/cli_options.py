@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from histoseg.cli import finite_float, int_in_range
+from histoseg.cli import int_in_range
+from histoseg.config import MAX_ALPHA, parse_alpha
 from histoseg.models.backbones import BACKBONES
 from histoseg.models.deeplabv3plus.builder import OUTPUT_STRIDES, PRECISIONS
 from histoseg.models.remat import REMAT_MODES
 
-# Keras ships MobileNetV2 widths 0.35 to 1.4; past a few the network is no longer "mobile".
-MAX_ALPHA = 4.0
 MAX_NUM_CLASSES = 1024
 
 
@@ -20,7 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     add("--backbone", default="xception65", choices=tuple(BACKBONES))
     add(
         "--alpha",
-        type=finite_float(0, MAX_ALPHA, lo_open=True),
+        type=parse_alpha,
         default=None,
         help=f"mobilenetv2 width multiplier, in (0, {MAX_ALPHA:g}]",
     )

@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from histoseg.cli import ArgumentParser, run_main
+from histoseg.config import MAX_ALPHA, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.train.split import SPLITS
 
@@ -130,7 +131,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     """The network and its memory-saving modes."""
     model = p.add_argument_group("model")
     model.add_argument("--backbone", default="xception65", help="xception65, mobilenetv2, resnet50")
-    model.add_argument("--alpha", type=float, help="mobilenetv2 width multiplier, e.g. 0.35")
+    model.add_argument(
+        "--alpha",
+        type=parse_alpha,
+        help=f"mobilenetv2 width multiplier, in (0, {MAX_ALPHA:g}], e.g. 0.35",
+    )
     model.add_argument("--output-stride", type=int, default=16, choices=(8, 16))
     model.add_argument(
         "--precision", default="float32", help="float32, mixed_bfloat16, mixed_float16"
@@ -342,7 +347,8 @@ def check_output_paths(run_dir: str, results: str | None) -> None:
 
 def configure_threads(threads: int | None, pin: bool) -> int | None:
     """Fix this process's threads (and optionally its cores) before TensorFlow starts."""
-    from histoseg.train.launch import local_rank_from_env, pin_to_cores, thread_env
+    from histoseg.config import thread_env
+    from histoseg.train.launch import local_rank_from_env, pin_to_cores
 
     if threads is None and "HISTOSEG_THREADS" in os.environ:
         text = os.environ["HISTOSEG_THREADS"]
@@ -363,9 +369,41 @@ def configure_threads(threads: int | None, pin: bool) -> int | None:
     return threads
 
 
+#: Variables a launcher sets in each rank it starts: horovodrun (Gloo), Open MPI, MPICH and
+#: Intel MPI, PMIx, MVAPICH, Slurm's srun.
+RANK_VARIABLES = (
+    "HOROVOD_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "MV2_COMM_WORLD_RANK",
+    "SLURM_PROCID",
+)
+
+
+def check_launcher(engine: str, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse ``--engine horovod`` in a process no launcher started, before any work.
+
+    Started by hand, Horovod is a valid world of one rank: the run would train alone,
+    silently, while the user meant several workers.
+
+    Raises:
+        ConfigError: naming the launchers to use, or --engine none for one process.
+    """
+    environ = os.environ if environ is None else environ
+    if engine == "horovod" and not any(name in environ for name in RANK_VARIABLES):
+        raise ConfigError(
+            "--engine horovod: this process was not started by horovodrun or mpirun (no "
+            "HOROVOD_RANK or OMPI_COMM_WORLD_RANK), so it would train alone as one rank; run "
+            "horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.train --engine horovod "
+            "..., or use --engine none for one process"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse flags, start the engine (before any TensorFlow op), train, validate, report."""
     args = build_parser().parse_args(argv)
+    check_launcher(args.engine)
     options = options_from_args(args)
     options.threads = configure_threads(args.threads, args.pin_cores)
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from histoseg.cli import ArgumentParser, run_main
+from histoseg.config import thread_env
 from histoseg.errors import ConfigError, EngineUnavailableError
 
 # Environment variables that fix a worker's thread pools before TensorFlow starts.
@@ -54,24 +55,6 @@ def tf_config(workers: Sequence[str], index: int) -> str:
     return json.dumps(
         {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
     )
-
-
-def thread_env(threads: int | None) -> dict[str, str]:
-    """Environment that gives a worker ``threads`` compute threads (empty for None).
-
-    TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` and oneDNN reads ``OMP_NUM_THREADS`` at
-    start-up; inter-op parallelism stays at 1 so workers never oversubscribe the cores.
-    """
-    if threads is None:
-        return {}
-    if threads < 1:
-        raise ConfigError(f"threads per worker must be >= 1, got {threads}")
-    return {
-        "OMP_NUM_THREADS": str(threads),
-        "TF_NUM_INTRAOP_THREADS": str(threads),
-        "TF_NUM_INTEROP_THREADS": "1",
-        "HISTOSEG_THREADS": str(threads),
-    }
 
 
 def default_threads_per_worker(workers: int) -> int:
@@ -218,7 +201,6 @@ def run_horovod(
     threads_per_worker: int | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float | None = None,
-    capture: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``command`` under ``horovodrun --gloo`` on localhost (horovodrun passes the
     environment, thread settings included, on to every rank)."""
@@ -229,7 +211,6 @@ def run_horovod(
         horovodrun_command(num_workers, command),
         env=run_env,
         timeout=timeout_s,
-        capture_output=capture,
         text=True,
         check=False,
     )
@@ -287,7 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "      python -m histoseg.train --engine horovod --fp16-allreduce\n"
         ),
     )
-    parser.add_argument("--engine", choices=("tf", "horovod"), required=True)
+    parser.add_argument(
+        "--engine",
+        choices=("tf", "horovod", "none"),
+        required=True,
+        help="tf: tf.distribute workers (TF_CONFIG set); horovod: horovodrun --gloo ranks; "
+        "none: independent processes (TF_CONFIG set, unused), a control without collectives",
+    )
     parser.add_argument("-n", "--workers", type=int, default=2, help="number of workers")
     parser.add_argument(
         "--threads-per-worker",
@@ -302,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         raise ConfigError("give the worker command after --, e.g. -- python -m histoseg.train")
     threads = args.threads_per_worker or default_threads_per_worker(args.workers)
-    if args.engine == "tf":
+    if args.engine in ("tf", "none"):
         codes = launch_tf_workers(
             args.workers, command, threads_per_worker=threads, log_dir=args.log_dir
         )

@@ -273,43 +273,6 @@ def _validate(
     return result, baseline
 
 
-def row_config(options: TrainOptions, engine: Engine, step: DistributedStep, steps: int) -> dict:
-    """The config section of a run's row (docs/architecture.md's keys)."""
-    config = {
-        "patch_size": options.patch_size,
-        "batch_size": options.batch_size,
-        "backbone": options.backbone,
-        "output_stride": options.output_stride,
-        "precision": options.precision,
-        "remat": options.remat,
-        "device": "gpu" if tf.config.list_physical_devices("GPU") else "cpu",
-        "threads": options.threads,
-        "engine": engine.name,
-        "workers": engine.size,
-        "compression": "fp16" if options.fp16_allreduce else "none",
-        "step": step.step_mode,
-        "optimizer": options.optimizer,
-        "learning_rate": options.learning_rate,
-        "steps": steps,
-        "data": options.data or options.slides or "synthetic",
-        "seed": options.seed,
-    }
-    if options.alpha is not None:
-        config["alpha"] = options.alpha
-    if not (options.slides or options.data) and options.synthetic_seed:
-        config["synthetic_seed"] = options.synthetic_seed
-    # only when not the default, so rows made before these options keep their identity
-    if not (options.slides or options.data) and options.synthetic_task != "local":
-        config["synthetic_task"] = options.synthetic_task
-    if options.norm != "batch":
-        config["norm"] = options.norm
-    if options.tumour_weight != 1.0:
-        config["tumour_weight"] = options.tumour_weight
-    if options.tumor_ratio != 0.5:
-        config["tumor_ratio"] = options.tumor_ratio
-    return config
-
-
 def _row(
     options: TrainOptions,
     engine: Engine,
@@ -334,7 +297,13 @@ def _row(
     patches_per_step = plan.global_batch
     return make_row(
         "accuracy",
-        row_config(options, engine, step, plan.total_steps),
+        options.row_config(
+            device="gpu" if tf.config.list_physical_devices("GPU") else "cpu",
+            engine=engine.name,
+            workers=engine.size,
+            step_mode=step.step_mode,
+            steps=plan.total_steps,
+        ),
         metrics={
             **result,
             "baseline_accuracy": baseline["accuracy"],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+from histoseg.config import StepConfig, default_threads
 from histoseg.train.engines.base import DEFAULT_STEP_MODE
 
 
@@ -60,3 +62,48 @@ class TrainOptions:
     threads: int | None = None
     progress: bool = True
     bn_recalibration_batches: int = 20
+
+    def step_config(self, *, device: str, engine: str, workers: int) -> StepConfig:
+        """The run's train step as the one config type every results row is written from."""
+        return StepConfig(
+            patch_size=self.patch_size,
+            batch_size=self.batch_size,
+            backbone=self.backbone,
+            output_stride=self.output_stride,
+            precision=self.precision,
+            remat=self.remat,
+            device=device,
+            threads=self.threads or default_threads(),
+            engine=engine,
+            workers=workers,
+            optimizer=self.optimizer,
+            backbone_options=() if self.alpha is None else (("alpha", self.alpha),),
+        )
+
+    def row_config(
+        self, *, device: str, engine: str, workers: int, step_mode: str, steps: int
+    ) -> dict[str, Any]:
+        """The config section of the run's row: the step's keys, then training's own.
+
+        Keys that only some runs set (the synthetic task and seed, norm, loss weighting,
+        sampler ratio) appear only when not the default, so rows made before those options
+        existed keep their identity.
+        """
+        config = self.step_config(device=device, engine=engine, workers=workers).as_dict()
+        config.update(
+            compression="fp16" if self.fp16_allreduce else "none",
+            step=step_mode,
+            learning_rate=self.learning_rate,
+            steps=steps,
+            data=self.data or self.slides or "synthetic",
+            seed=self.seed,
+        )
+        synthetic = not (self.slides or self.data)
+        if synthetic and self.synthetic_seed:
+            config["synthetic_seed"] = self.synthetic_seed
+        if synthetic and self.synthetic_task != "local":
+            config["synthetic_task"] = self.synthetic_task
+        for key, default in (("norm", "batch"), ("tumour_weight", 1.0), ("tumor_ratio", 0.5)):
+            if getattr(self, key) != default:
+                config[key] = getattr(self, key)
+        return config

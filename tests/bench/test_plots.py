@@ -245,15 +245,19 @@ def test_tasks_and_norms_are_separate_series(tmp_path, fixture_rows):
 
 
 def test_a_training_row_finds_the_memory_row_of_its_width_multiplier():
-    # histoseg.train names the width config.alpha, bench.memory config.backbone_options
+    from histoseg.results import upgrade_row
+
     config = {"backbone": "mobilenetv2", "output_stride": 16, "precision": "float32"}
     config.update(remat="none", batch_size=1, optimizer="adam", patch_size=512)
     memory = make_row("memory", {**config, "backbone_options": {"alpha": 0.35}})
     memory["measured"] = {"peak_bytes": 123e6}
     index = select.memory_index([memory])
-    training = make_row("accuracy", {**config, "alpha": 0.35})
+    training = make_row("accuracy", {**config, "backbone_options": {"alpha": 0.35}})
     assert select.accuracy_memory(training, index) == (123e6, "measured")
-    wider = make_row("accuracy", {**config, "alpha": 1.0})
+    # a training row written before the one config type named the width config.alpha
+    legacy = upgrade_row(make_row("accuracy", {**config, "alpha": 0.35}))
+    assert select.accuracy_memory(legacy, index) == (123e6, "measured")
+    wider = make_row("accuracy", {**config, "backbone_options": {"alpha": 1.0}})
     assert select.accuracy_memory(wider, index) == (None, None)
 
 

@@ -56,18 +56,18 @@ def test_bad_out_name_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_worker_config_is_json_it_can_read():
-    from bench.config import BenchConfig
+    from histoseg.config import StepConfig
 
-    text = BenchConfig(patch_size=64, backbone="mobilenetv2").to_json()
+    text = StepConfig(patch_size=64, backbone="mobilenetv2").to_json()
     assert json.loads(text)["steps"] == 3
 
 
 def test_a_failing_worker_becomes_an_error_row_naming_why():
-    from bench.config import BenchConfig
     from bench.memory import run_worker
+    from histoseg.config import StepConfig
 
     # A backbone option the builder refuses: the config is well-formed, the worker fails.
-    config = BenchConfig(
+    config = StepConfig(
         patch_size=64, backbone="mobilenetv2", backbone_options=(("no_such_option", 1),), steps=1
     )
     row = run_worker(config)
@@ -133,11 +133,11 @@ def test_the_worker_runs_one_profiler_at_a_time(tmp_path, capsys):
 
 
 def test_allocator_trace_records_the_chunk_waste_of_a_profiled_step():
-    from bench.config import BenchConfig
     from bench.memory import run_worker
+    from histoseg.config import StepConfig
 
     # Large enough that the step's allocator reads show up as totals in the trace.
-    config = BenchConfig(patch_size=256, backbone="mobilenetv2", steps=1)
+    config = StepConfig(patch_size=256, backbone="mobilenetv2", steps=1)
     row = run_worker(config, allocator_trace=True)
     assert row["status"] == "ok", row.get("reason")
     assert "allocator_trace_note" not in row["extra"]
@@ -149,11 +149,11 @@ def test_allocator_trace_records_the_chunk_waste_of_a_profiled_step():
 
 @pytest.mark.slow  # a second profiled step, ~14 s; the placed trace above runs in CI
 def test_a_trace_that_cannot_be_placed_is_a_row_note_not_a_silence():
-    from bench.config import BenchConfig
     from bench.memory import run_worker
+    from histoseg.config import StepConfig
 
     # At 64 px with alpha 0.35 the step's reads are not among the trace's running totals.
-    config = BenchConfig(
+    config = StepConfig(
         patch_size=64, backbone="mobilenetv2", backbone_options=(("alpha", 0.35),), steps=1
     )
     row = run_worker(config, allocator_trace=True)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from bench.config import BenchConfig, expand_sweep
+from bench.config import expand_sweep
 from bench.memory import build_parser, compare_to_baseline, configs_from_args
 from bench.memory_table import summary_table
+from histoseg.config import StepConfig
 from histoseg.errors import ConfigError
 from histoseg.memory.devices import available_bytes, format_bytes, parse_size, total_bytes
 
@@ -45,7 +46,7 @@ def test_cpu_memory_is_known_and_gpu_absent_is_none():
 
 
 def test_config_as_dict_has_the_design_keys_and_round_trips():
-    config = BenchConfig(patch_size=256, backbone_options=(("alpha", 0.35),), threads=2)
+    config = StepConfig(patch_size=256, backbone_options=(("alpha", 0.35),), threads=2)
     d = config.as_dict()
     for key in (
         "patch_size",
@@ -62,8 +63,8 @@ def test_config_as_dict_has_the_design_keys_and_round_trips():
         assert key in d
     assert "steps" not in d  # steps change timing, not the config's identity
     assert d["backbone_options"] == {"alpha": 0.35}
-    assert BenchConfig.from_json(config.to_json()) == config
-    assert BenchConfig.from_dict(json.loads(json.dumps(d))) == config.replace(steps=3)
+    assert StepConfig.from_json(config.to_json()) == config
+    assert StepConfig.from_dict(json.loads(json.dumps(d))) == config.replace(steps=3)
 
 
 @pytest.mark.parametrize(
@@ -78,12 +79,12 @@ def test_config_as_dict_has_the_design_keys_and_round_trips():
 )
 def test_config_rejects_bad_values_naming_them(changes, match):
     with pytest.raises(ConfigError, match=match):
-        BenchConfig(**changes)
+        StepConfig(**changes)
 
 
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="unknown config key"):
-        BenchConfig.from_dict({"patch_size": 256, "colour": "red"})
+        StepConfig.from_dict({"patch_size": 256, "colour": "red"})
 
 
 def test_sweep_is_the_product_of_the_list_options():
@@ -94,7 +95,7 @@ def test_sweep_is_the_product_of_the_list_options():
     assert len(configs) == 8
     assert len({c.as_dict()["patch_size"] for c in configs}) == 2
     assert configs[0].patch_size == 256 and configs[1].patch_size == 512  # size varies fastest
-    assert expand_sweep(BenchConfig(), patch_size=[256, 256]) == [BenchConfig(patch_size=256)]
+    assert expand_sweep(StepConfig(), patch_size=[256, 256]) == [StepConfig(patch_size=256)]
 
 
 def _row(activation, peak):
@@ -114,7 +115,7 @@ def test_summary_table_marks_predicted_rows_and_lists_reasons():
         {
             "status": "skipped",
             "reason": "predicted 26.5 GB > 21.9 GB free",
-            "config": BenchConfig(patch_size=2048, threads=2).as_dict(),
+            "config": StepConfig(patch_size=2048, threads=2).as_dict(),
             "predicted": {"activation_bytes": 25e9, "peak_bytes": 26.5e9},
         }
     ]
@@ -123,9 +124,8 @@ def test_summary_table_marks_predicted_rows_and_lists_reasons():
     assert "predicted 26.5 GB > 21.9 GB free" in table
 
 
-def test_bench_config_choices_mirror_the_model_registries():
-    from bench import config
-    from histoseg import models
+def test_config_choices_mirror_the_model_registries():
+    from histoseg import config, models
 
     assert tuple(models.BACKBONES) == config.BACKBONES
     assert tuple(models.PRECISIONS) == config.PRECISIONS
@@ -133,14 +133,15 @@ def test_bench_config_choices_mirror_the_model_registries():
 
 
 def test_an_unknown_backbone_is_a_config_error():
-    from bench.config import BenchConfig
+    from histoseg.config import StepConfig
 
     with pytest.raises(ConfigError, match="backbone 'foo' is not one of xception65"):
-        BenchConfig(backbone="foo")
+        StepConfig(backbone="foo")
 
 
 def test_sampled_configs_cover_every_axis_and_repeat_for_a_seed():
-    from bench.config import BACKBONES, OPTIMIZERS, PRECISIONS, REMAT_MODES, sample_configs
+    from bench.config import sample_configs
+    from histoseg.config import BACKBONES, OPTIMIZERS, PRECISIONS, REMAT_MODES
 
     configs = sample_configs(24, seed=3)
     assert configs == sample_configs(24, seed=3)

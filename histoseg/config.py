@@ -1,0 +1,213 @@
+"""The one config type: what a train step is and where it runs, validated once.
+
+:class:`StepConfig` goes from each command line to the config section of every results row
+(memory, accuracy, scaling and training rows), so the same fact has the same key in all of
+them. It imports no TensorFlow, so a sweep can be planned and checked before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from histoseg.cli import finite_float
+from histoseg.errors import ConfigError
+
+# Mirrors of histoseg.models' registries, kept here so that expanding a sweep does not import
+# TensorFlow; tests/memory/test_memory_units.py checks that they agree.
+BACKBONES = ("xception65", "mobilenetv2", "resnet50")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+REMAT_MODES = ("none", "blocks", "full")
+DEVICES = ("cpu", "gpu")
+ENGINES = ("none", "horovod", "tf")
+OPTIMIZERS = ("adam", "sgd")
+#: The widest MobileNetV2 width multiplier accepted: Keras ships 0.35 to 1.4, and past a few
+#: the network is no longer "mobile".
+MAX_ALPHA = 4.0
+#: The ``--alpha`` option's type: one line naming the option and the range on a bad value.
+parse_alpha = finite_float(0, MAX_ALPHA, lo_open=True)
+
+
+def default_threads() -> int:
+    """All cores this process may run on (the default thread count of a config)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """Environment that gives a process ``threads`` compute threads (empty for None).
+
+    TensorFlow reads ``TF_NUM_INTRAOP_THREADS`` and oneDNN reads ``OMP_NUM_THREADS`` at
+    start-up, so this must be in the environment before TensorFlow is imported. Inter-op
+    parallelism stays at 1: the executor runs one op at a time, so workers never
+    oversubscribe the cores and a step's allocations come in the same order every run.
+    """
+    if threads is None:
+        return {}
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be an integer >= 1, got {threads!r}")
+    return {
+        "OMP_NUM_THREADS": str(threads),
+        "TF_NUM_INTRAOP_THREADS": str(threads),
+        "TF_NUM_INTEROP_THREADS": "1",
+        "HISTOSEG_THREADS": str(threads),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """One train step: what is trained, at which size, on what, with how many threads.
+
+    Every harness (memory, accuracy, scaling) and ``histoseg.train`` writes the config
+    section of its rows from :meth:`as_dict`, so the same fact has the same key in every
+    row kind; each adds only the keys of its own kind (docs/architecture.md).
+
+    Args:
+        patch_size: Side of the square input patch in pixels.
+        batch_size: Patches per step.
+        backbone: Backbone name known to ``histoseg.models`` ("xception65", "mobilenetv2", ...).
+        output_stride: Encoder output stride (8 or 16).
+        precision: "float32", "mixed_bfloat16" or "mixed_float16".
+        remat: Recomputation mode: "none", "blocks" (backbone blocks) or "full" (also the
+            ASPP branches and decoder).
+        device: "cpu" or "gpu".
+        threads: TensorFlow intra-op threads (and OpenMP threads).
+        engine: Distributed engine ("none" for one process).
+        workers: Number of training processes.
+        steps: Steps to run (the memory harness: timed steps after the warm-up step); not
+            part of the config's identity, so :meth:`as_dict` leaves it out.
+        optimizer: "adam" (two slots per weight) or "sgd" (momentum: one slot).
+        backbone_options: Extra backbone keyword arguments as sorted ``(name, value)`` pairs,
+            e.g. ``(("alpha", 0.35),)`` for a narrow MobileNetV2.
+    """
+
+    patch_size: int = 512
+    batch_size: int = 1
+    backbone: str = "xception65"
+    output_stride: int = 16
+    precision: str = "float32"
+    remat: str = "none"
+    device: str = "cpu"
+    threads: int = dataclasses.field(default_factory=default_threads)
+    engine: str = "none"
+    workers: int = 1
+    steps: int = 3
+    optimizer: str = "adam"
+    backbone_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "batch_size", "output_stride", "threads", "workers", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.patch_size % self.output_stride:
+            raise ConfigError(
+                f"patch_size {self.patch_size} px is not a multiple of the output stride "
+                f"{self.output_stride}"
+            )
+        choices = {
+            "backbone": BACKBONES,
+            "precision": PRECISIONS,
+            "remat": REMAT_MODES,
+            "device": DEVICES,
+            "engine": ENGINES,
+            "optimizer": OPTIMIZERS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} is not one of {', '.join(allowed)}"
+                )
+        object.__setattr__(
+            self, "backbone_options", tuple(sorted(tuple(p) for p in self.backbone_options))
+        )
+        alpha = dict(self.backbone_options).get("alpha")
+        if alpha is not None and not (
+            isinstance(alpha, (int, float)) and 0 < alpha <= MAX_ALPHA  # NaN fails both
+        ):
+            raise ConfigError(f"alpha must be a finite number in (0, {MAX_ALPHA:g}], got {alpha!r}")
+
+    @property
+    def megapixels_per_step(self) -> float:
+        """Input pixels per step, in millions."""
+        return self.batch_size * self.patch_size**2 / 1e6
+
+    @property
+    def tf_device(self) -> str:
+        """The TensorFlow device name whose allocator the probe reads ("CPU:0" / "GPU:0")."""
+        return "GPU:0" if self.device == "gpu" else "CPU:0"
+
+    @property
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The backbone options as keyword arguments of ``histoseg.models``' builders."""
+        return dict(self.backbone_options)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The config section of a results row (docs/architecture.md's keys; ``steps`` left out).
+
+        ``optimizer`` always and ``backbone_options`` when set are added, since both change
+        the memory a step needs.
+        """
+        d = {
+            "patch_size": self.patch_size,
+            "batch_size": self.batch_size,
+            "backbone": self.backbone,
+            "output_stride": self.output_stride,
+            "precision": self.precision,
+            "remat": self.remat,
+            "device": self.device,
+            "threads": self.threads,
+            "engine": self.engine,
+            "workers": self.workers,
+            "optimizer": self.optimizer,
+        }
+        if self.backbone_options:
+            d["backbone_options"] = dict(self.backbone_options)
+        return d
+
+    def to_json(self) -> str:
+        """The config as JSON, including ``steps`` (what ``bench.worker --config`` reads)."""
+        d = self.as_dict()
+        d["steps"] = self.steps
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepConfig:
+        """Rebuild a config from :meth:`as_dict` / :meth:`to_json` output.
+
+        Raises:
+            ConfigError: an unknown key or a bad value.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        data = dict(data)
+        options = data.get("backbone_options")
+        if isinstance(options, Mapping):
+            data["backbone_options"] = tuple(options.items())
+        elif options is not None:
+            data["backbone_options"] = tuple(tuple(p) for p in options)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> StepConfig:
+        """Parse :meth:`to_json` output."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not JSON ({exc.msg}): {text[:80]!r}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config must be a JSON object, got {text[:80]!r}")
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> StepConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)

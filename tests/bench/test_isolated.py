@@ -1,0 +1,88 @@
+"""bench.isolated: every way a worker process can end becomes a status, and a stopped sweep
+leaves no worker behind. Workers here are a few lines of Python, no TensorFlow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.isolated import run_isolated
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+def test_the_status_line_is_the_result():
+    result = run_isolated(_py('print("noise"); print(\'{"status": "ok", "x": 1}\')'))
+    assert result == {"status": "ok", "x": 1}
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "reason"),
+    [
+        ("import sys; sys.exit(3)", "error", "worker exited with 3: no output"),
+        ("raise ValueError('bad value')", "error", "ValueError: bad value"),
+        ("raise MemoryError('ResourceExhaustedError: OOM')", "oom", "ResourceExhausted"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "oom", "SIGKILL"),
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "error", "SIGSEGV"),
+        ('print(\'{"status": "ok"}\'); raise SystemExit(1)', "error", "exited with 1"),
+        ("print('{not json')", "error", "exited with 0"),
+    ],
+)
+def test_a_failed_worker_becomes_a_status_with_its_reason(code, status, reason):
+    result = run_isolated(_py(code))
+    assert result["status"] == status and reason in result["reason"], result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
+
+
+SLEEPER = """
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    open(sys.argv[1], "w").write(f"{child.pid}")
+    time.sleep(600)
+"""
+
+
+def test_a_timeout_ends_the_worker_and_its_children(tmp_path):
+    pids = tmp_path / "pids"
+    result = run_isolated([*_py(SLEEPER), str(pids)], timeout_s=3)
+    assert result == {"status": "error", "reason": "timed out after 3 s"}
+    assert not _alive(int(pids.read_text()))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_sweep_leaves_no_worker_running(tmp_path, signum):
+    pids = tmp_path / "pids"
+    sweep = f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from bench.isolated import run_isolated
+        run_isolated([sys.executable, "-c", {textwrap.dedent(SLEEPER)!r}, {str(pids)!r}])
+        print("not reached")
+    """
+    proc = subprocess.Popen(_py(sweep), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    grandchild = int(pids.read_text())
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and b"not reached" not in out
+    assert not _alive(grandchild)
