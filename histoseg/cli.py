@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shlex
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
@@ -35,17 +38,29 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a command unwinds as it does on Ctrl-C."""
+
+
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)`` turning a HistosegError into one line on stderr and its exit code.
 
     Every CLI module ends with ``raise SystemExit(run_main(main))`` so that a user error
-    never shows a traceback, while a bug (any other exception) still does.
+    never shows a traceback, while a bug (any other exception) still does. SIGTERM ends the
+    command as Ctrl-C does (exit 143 instead of 130): the signal is passed on to the
+    command's own child processes, and the command unwinds, so a worker it waits for is
+    ended (``subprocess.run`` kills it), temporary files are removed and results files stay
+    as they were (see :func:`_sigterm_unwinds`).
     """
     try:
-        return main(argv)
+        with _sigterm_unwinds():
+            return main(argv)
     except HistosegError as exc:
         print(f"error: {printable(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("error: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -53,6 +68,59 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         # The reader went away (``| head``): nothing left to say, and no traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While inside, SIGTERM passes itself on to this process's children and raises
+    :class:`Terminated` in the main thread; the previous handler is back afterwards.
+
+    Python's default for SIGTERM is to die at once, which leaves the worker processes a
+    sweep waits for running (orphaned) and skips every ``finally``. The handler sends
+    SIGTERM to the direct children (Linux: from /proc; a child that is itself a histoseg
+    command does the same for its own), then unwinds. It is one-shot: a second SIGTERM gets
+    the default action, so a command stuck in native code can still be ended at once.
+    Outside the main thread (or where signals cannot be set) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for pid in child_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not settable here (embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def child_pids(pid: int | None = None) -> list[int]:
+    """The process ids of ``pid``'s (default: this process's) direct children; [] where
+    /proc does not say (not Linux)."""
+    pid = os.getpid() if pid is None else pid
+    found = []
+    try:
+        # every thread's children: a worker started from a thread is listed under it
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as f:
+                found += [int(child) for child in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return sorted(set(found))
 
 
 def printable(text: str | os.PathLike) -> str:
@@ -115,16 +183,36 @@ def check_output(
         raise ConfigError(f"{option} {shown} is a directory; give a file path")
     if os.path.lexists(path) and not force:
         raise ConfigError(f"{option} {shown} exists; pass --force to overwrite")
-    folder = os.path.dirname(os.path.abspath(path))
+    _check_writable_from(os.path.dirname(os.path.abspath(path)), f"{option} {shown}")
+
+
+def check_output_folder(path: str | os.PathLike, *, option: str = "--out") -> None:
+    """Refuse, before any work, an output folder that is a file or cannot be written.
+
+    The folder need not exist: the nearest existing one of it and its parents must be a
+    folder that accepts a new file (probed, as in :func:`check_output`). Nothing is left
+    behind, so a refused command does not leave an empty folder either.
+
+    Raises:
+        ConfigError: naming the option, the path and why.
+    """
+    shown = printable(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{option} {shown} is a file; give a folder")
+    _check_writable_from(os.path.abspath(path), f"{option} {shown}")
+
+
+def _check_writable_from(folder: str, where: str) -> None:
+    """The nearest existing one of ``folder`` and its parents accepts a new file."""
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
-        raise ConfigError(f"{option} {shown}: {printable(folder)} is not a folder")
+        raise ConfigError(f"{where}: {printable(folder)} is not a folder")
     try:
         fd, probe = tempfile.mkstemp(prefix=".histoseg-probe-", dir=folder)
     except OSError as exc:
         raise ConfigError(
-            f"{option} {shown}: cannot write in {printable(folder)} ({exc.strerror})"
+            f"{where}: cannot write in {printable(folder)} ({exc.strerror})"
         ) from None
     os.close(fd)
     os.unlink(probe)

@@ -28,23 +28,36 @@ from pathlib import Path
 
 from bench.plots.accuracy import draw_memory_vs_accuracy
 from bench.plots.memory import draw_memory_vs_patch_size
-from bench.plots.readme import PLOT_NAMES, write_readme
+from bench.plots.readme import PLOT_NAMES, check_plot_folder, write_readme
 from bench.plots.scaling import draw_weak_scaling
 from bench.plots.select import latest_rows, load_results
 from bench.plots.style import PlotOutcome
-from histoseg.cli import ArgumentParser
+from histoseg.cli import ArgumentParser, check_output_folder
 
-__all__ = ["PLOT_NAMES", "PlotOutcome", "draw_all", "load_results", "main", "report_lines"]
+__all__ = [
+    "PLOT_NAMES",
+    "PlotOutcome",
+    "check_plot_folder",
+    "draw_all",
+    "load_results",
+    "main",
+    "report_lines",
+]
 
 
 def draw_all(
-    rows_by_file: Mapping[str, Sequence[dict]], out_dir: str | os.PathLike[str]
+    rows_by_file: Mapping[str, Sequence[dict]],
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
 ) -> list[PlotOutcome]:
     """Draw every figure the rows allow into ``out_dir``; figures without data are not written.
 
     Args:
         rows_by_file: ``{results file: rows}``, as :func:`load_results` returns.
         out_dir: folder for ``<name>.png`` and ``<name>.svg``.
+        force: replace figure files of those names that bench.plots did not draw (else
+            they are refused before anything is drawn; see :func:`check_plot_folder`).
 
     Returns:
         One :class:`PlotOutcome` per figure, in :data:`PLOT_NAMES` order.
@@ -52,6 +65,7 @@ def draw_all(
     Example:
         >>> outcomes = draw_all(load_results(["results"]), "results")  # doctest: +SKIP
     """
+    check_plot_folder(out_dir, readme=False, force=force)
     rows = latest_rows(rows_by_file)
     out = Path(out_dir)
     return [
@@ -95,14 +109,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-readme", action="store_true", help="do not regenerate <out>/README.md"
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a README.md or figure files in --out that bench.plots did not write",
+    )
     args = parser.parse_args(argv)
 
     rows_by_file = load_results(args.results)
     first = Path(args.results[0])
     out_dir = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
-    outcomes = draw_all(rows_by_file, out_dir)
+    check_output_folder(out_dir, option="--out")
+    check_plot_folder(out_dir, readme=not args.no_readme, force=args.force)
+    outcomes = draw_all(rows_by_file, out_dir, force=args.force)
     for line in report_lines(outcomes):
         print(line)
     if not args.no_readme:
-        print(f"README: wrote {write_readme(out_dir, rows_by_file)}")
+        print(f"README: wrote {write_readme(out_dir, rows_by_file, force=args.force)}")
     return 0 if any(o.drawn for o in outcomes) else 1

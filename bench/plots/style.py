@@ -65,13 +65,39 @@ def new_figure(width_in: float, height_in: float) -> Figure:
     return Figure(figsize=(width_in, height_in), layout="constrained", dpi=100)
 
 
+#: Written into every figure (PNG Software, SVG Creator): how a later run knows the file
+#: is its own to replace, and a file of the same name without it is the user's.
+MARKER = "histoseg bench.plots"
+#: What figures drawn before the marker carry; accepted only beside a README of ours.
+LEGACY_MARKERS = {"png": b"Matplotlib version", "svg": b"Matplotlib v"}
+
+
+def is_our_figure(path: Path, *, legacy: bool = False) -> bool:
+    """Whether ``path`` is a PNG or SVG that bench.plots drew (its :data:`MARKER`), or with
+    ``legacy``, one Matplotlib drew before the marker existed."""
+    ext = path.suffix.lstrip(".").lower()
+    try:
+        with path.open("rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return False
+    if ext == "png" and not head.startswith(b"\x89PNG"):
+        return False
+    return MARKER.encode() in head or (legacy and LEGACY_MARKERS.get(ext, b"\0") in head)
+
+
 def save(fig: Figure, out_dir: Path, name: str, caption: str) -> list[Path]:
     """Put the caption under the plot and write PNG + SVG atomically (a reader never sees half
-    a file), with the mode a new file gets from the user's umask."""
+    a file), with the mode a new file gets from the user's umask and :data:`MARKER` in the
+    file's metadata."""
     fig.text(0.0, 0.0, caption, ha="left", va="top", fontsize=8, color="#333333", wrap=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for ext, kwargs in (("png", {"dpi": 150}), ("svg", {"metadata": {"Date": None}})):
+    creator = f"{MARKER} (Matplotlib {matplotlib.__version__})"
+    for ext, kwargs in (
+        ("png", {"dpi": 150, "metadata": {"Software": creator}}),
+        ("svg", {"metadata": {"Date": None, "Creator": creator}}),
+    ):
         target = out_dir / f"{name}.{ext}"
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{ext}", dir=out_dir)
         os.fchmod(fd, new_file_mode())

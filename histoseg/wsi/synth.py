@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from histoseg.cli import run_main
+from histoseg.cli import printable, run_main
 from histoseg.errors import ConfigError, SlideError
 from histoseg.wsi.annotations import write_asap_xml
 from histoseg.wsi.context import (
@@ -38,6 +38,13 @@ from histoseg.wsi.design import (
 from histoseg.wsi.pyramid import write_pyramid_tiff
 from histoseg.wsi.render import TileRenderer
 from histoseg.wsi.slide import open_slide
+from histoseg.wsi.synth_work import (
+    MANIFEST,
+    check_own_files,
+    check_recipe,
+    estimate_synth_work,
+    read_manifest,
+)
 
 
 def write_synthetic_slide(
@@ -128,6 +135,7 @@ def ensure_synthetic_dataset(
     mpp: float = 0.25,
     progress: bool = True,
     task: str = DEFAULT_TASK,
+    force: bool = False,
 ) -> list[tuple[Path, Path | None]]:
     """Make (or reuse) a folder of synthetic slides; returns [(tif, xml or None)].
 
@@ -135,15 +143,19 @@ def ensure_synthetic_dataset(
     (a small manifest records how they were made), so the training CLI may call it on every
     start. Slide ``i`` uses seed ``seed * 1000 + i`` (:func:`slide_seed`); every third
     slide is a normal one. ``task`` is "local" or "context" (see :func:`make_design`).
+
+    The recipe is checked before the folder is made, and a ``slide_NNN.tif``/``.xml`` or a
+    manifest of the user's in the way is refused unless ``force``
+    (:func:`~histoseg.wsi.synth_work.check_own_files`): a bad call leaves nothing behind.
     """
     import json
 
-    if n_slides < 1:
-        raise ConfigError(f"n_slides must be >= 1, got {n_slides}")
+    check_recipe(n_slides, size_px, tile_px, mpp)
     check_task(task)
     folder = Path(folder)
+    check_own_files(folder, [name for name, _ in synthetic_slide_names(n_slides)], force=force)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest_path = folder / "synthetic.json"
+    manifest_path = folder / MANIFEST
     recipe = {
         "size_px": [int(size_px[0]), int(size_px[1])],
         "seed": int(seed),
@@ -155,14 +167,7 @@ def ensure_synthetic_dataset(
         recipe["task"] = task
         # slides of an older lesion geometry are redrawn, not reused
         recipe["task_generator"] = CONTEXT_GENERATOR
-    done: dict[str, dict] = {}
-    if manifest_path.exists():
-        try:
-            done = json.loads(manifest_path.read_text()).get("slides", {})
-        except (ValueError, AttributeError):
-            done = {}
-        if not isinstance(done, dict):
-            done = {}
+    done = read_manifest(folder) or {}  # a manifest that does not parse: start afresh
     out: list[tuple[Path, Path | None]] = []
     for i, (name, has_tumor) in enumerate(synthetic_slide_names(n_slides)):
         tif = folder / name
@@ -175,7 +180,7 @@ def ensure_synthetic_dataset(
                 continue
             # Say so: a silent rewrite of a multi-GB slide would look like a hang.
             print(
-                f"warning: {tif} is damaged (truncated or unreadable); regenerating it",
+                f"warning: {printable(tif)} is damaged (truncated or unreadable); regenerating it",
                 file=sys.stderr,
             )
         out.append(
@@ -232,8 +237,20 @@ def parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from histoseg.cli import ArgumentParser
+def tile_size(text: str) -> int:
+    """An argparse type: a TIFF tile side, a multiple of 32 in [32, 8192]."""
+    allowed = "must be a multiple of 32 in [32, 8192]"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}") from None
+    if not 32 <= value <= 8192 or value % 32:
+        raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from histoseg.cli import ArgumentParser, finite_float, non_negative_int
 
     parser = ArgumentParser(
         prog="python -m histoseg.wsi.synth",
@@ -241,15 +258,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="Examples:\n"
         "  python -m histoseg.wsi.synth --out data/synthetic --slides 6 --size 20000x16000\n"
         "  python -m histoseg.wsi.synth --out /tmp/s --slides 1 --size 8000x6000 --seed 3\n"
-        "  python -m histoseg.wsi.synth --out data/synthetic-context --task context",
+        "  python -m histoseg.wsi.synth --out data/synthetic-context --task context\n\n"
+        "The work is estimated first (disk, memory, time): a slide predicted to take more than\n"
+        "a minute, or a dataset over the free memory or disk, is refused unless --force. Files\n"
+        "in --out that histoseg did not write (a slide_000.tif of your own) are never replaced\n"
+        "without --force.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     parser.add_argument("--slides", type=int, default=6, help="number of slides (default 6)")
     parser.add_argument("--size", default="8000x6000", help="level-0 WIDTHxHEIGHT px")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tile", type=int, default=512, help="TIFF tile size in px")
-    parser.add_argument("--mpp", type=float, default=0.25, help="micrometres per pixel")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument(
+        "--tile", type=tile_size, default=512, help="TIFF tile size in px (multiple of 32)"
+    )
+    parser.add_argument(
+        "--mpp",
+        type=finite_float(0, 1000, lo_open=True),
+        default=0.25,
+        help="micrometres per pixel, in (0, 1000]",
+    )
     parser.add_argument(
         "--task",
         choices=TASKS,
@@ -257,11 +285,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="local: tumour has its own texture; context: lesions look like normal tissue "
         "inside and only their margin marks them (default local)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files in --out that histoseg did not write; run a long or large job",
+    )
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from histoseg.cli import check_output_folder
+
+    args = build_parser().parse_args(argv)
     size = parse_size(args.size)
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out must be a folder, got the file {args.out}")
+    check_recipe(args.slides, size, args.tile, args.mpp)
+    check_output_folder(args.out)
+    names = [name for name, _ in synthetic_slide_names(args.slides)]
+    check_own_files(args.out, names, force=args.force)
+    work = estimate_synth_work(args.out, args.slides, size, args.tile)
+    print(f"{printable(args.out)}: {work}", flush=True)
+    work.check(f"--size {args.size}", force=args.force)
     pairs = ensure_synthetic_dataset(
         args.out,
         args.slides,
@@ -271,10 +315,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         mpp=args.mpp,
         progress=not args.no_progress,
         task=args.task,
+        force=args.force,
     )
     for tif, xml in pairs:
         size_mb = tif.stat().st_size / 1e6
-        print(f"{tif}  {size_mb:7.1f} MB  {xml if xml else '(normal slide, no XML)'}")
+        shown = printable(xml) if xml else "(normal slide, no XML)"
+        print(f"{printable(tif)}  {size_mb:7.1f} MB  {shown}")
     return 0
 
 
