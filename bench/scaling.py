@@ -17,8 +17,13 @@ steps, and ``allreduce_s`` = overlapped step - that step (the exposed communicat
 Rows are kind "scaling" (``scaling.efficiency``, ``scaling.throughput_per_worker``,
 ``scaling.allreduce_s``), merged into ``--out`` atomically. Then the ring-allreduce model of
 :mod:`histoseg.scaling`, calibrated on the allreduce times measured here, projects the
-efficiency to the study's cluster (256 nodes x 2 workers, 100 Gb/s); the projection is
-printed with its inputs and stored as rows of engine "projection".
+efficiency to the study's cluster (256 nodes x 2 workers, 100 Gb/s) with its straggler term:
+the spread of step time is pooled from every row without a collective that ``--out`` will
+hold (this sweep's and those already there), so the projection is a band. It is printed
+with its inputs and stored as rows of engine "projection" (``predicted.efficiency``,
+``efficiency_low``, ``efficiency_high``; the curve per worker count in ``extra.projection``).
+``--reproject`` makes the projection again from the measured rows of ``--out``, measuring
+nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +40,7 @@ from typing import Any
 
 from bench.isolated import run_process
 from bench.scaling_table import markdown_table, summary_table
-from bench.scaling_worker import worker_main
+from bench.scaling_worker import summarise, worker_main
 from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.config import MAX_ALPHA, StepConfig, parse_alpha
 from histoseg.errors import ConfigError, EngineUnavailableError
@@ -92,72 +96,6 @@ def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> str | None:
     if finished.returncode != 0:
         return f"error: exit {finished.returncode}: {finished.last_stderr_line}"
     return None
-
-
-#: What ``allreduce_s`` is in each step mode (kept in ``measured.allreduce_timing``).
-ALLREDUCE_TIMING = {
-    "separate": "the collective, timed around the call between gradients and update",
-    "overlap": "exposed: overlapped step minus the same ranks' step without the collective",
-}
-
-
-def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -> dict[str, Any]:
-    """Measured figures of one launch from its ranks' records (medians over steps).
-
-    ``allreduce_s`` is the step time the communication costs. A separate step times its
-    collective around the call. An overlapped step cannot (the collective runs inside the
-    compiled step, beside the backward pass): there it is the exposed communication, the
-    overlapped step time minus the same ranks' time for the same compiled step without
-    the collective (``local_step_s``), clamped at zero; the unclamped difference is kept
-    as ``allreduce_exposed_s`` (launch-to-launch noise can make it slightly negative).
-    ``compute_s`` is then the step without the collective, update included.
-    ``compute_thread_cpu_s`` / ``other_thread_cpu_s``: CPU a rank's compute threads and its
-    other threads (engine, transport, Python) used per timed step, mean over ranks.
-    """
-    med = statistics.median
-    # ranks step in lockstep; the slowest rank's median sets the pace
-    step_s = max(med(r["step_s"]) for r in records)
-    mode = records[0].get("step_mode", "separate")
-    extra: dict[str, Any] = {"allreduce_timing": ALLREDUCE_TIMING[mode]}
-    if mode == "overlap":
-        local = [r["local_step_s"] for r in records if r.get("local_step_s")]
-        # one worker (or the no-communication control) has no collective: all is compute
-        compute_s = max(med(steps) for steps in local) if local else step_s
-        exposed_s = step_s - compute_s
-        allreduce_s = max(0.0, exposed_s)
-        apply_s = None
-        extra["allreduce_exposed_s"] = exposed_s
-        if local:
-            extra["local_step_s"] = compute_s
-    else:
-        compute_s = max(med(r["compute_s"]) for r in records)
-        allreduce_s = med([med(r["allreduce_s"]) for r in records])
-        apply_s = med([med(r["apply_s"]) for r in records])
-    workers = len(records)
-    per_worker = batch_size / step_s
-    threads = [r["thread_cpu_s_per_step"] for r in records if r.get("thread_cpu_s_per_step")]
-    if len(threads) == len(records):
-        # what a rank's compute threads and its other threads used per timed step (mean)
-        extra["compute_thread_cpu_s"] = statistics.fmean(t["compute"] for t in threads)
-        extra["other_thread_cpu_s"] = statistics.fmean(t["other"] for t in threads)
-    probe: dict[str, float] = {}
-    for r in records:
-        for b, s in r.get("allreduce_probe", {}).items():
-            probe[b] = max(probe.get(b, 0.0), s)
-    return {
-        "step_s": step_s,
-        "compute_s": compute_s,
-        "allreduce_s": allreduce_s,
-        "apply_s": apply_s,
-        "allreduce_share": allreduce_s / step_s,
-        "patches_per_s": per_worker * workers,
-        "megapixels_per_s": per_worker * workers * patch_size**2 / 1e6,
-        "gradient_bytes": records[0]["gradient_bytes"],
-        "parameters": records[0]["parameters"],
-        "allreduce_probe": probe,
-        "per_rank_step_s": [med(r["step_s"]) for r in sorted(records, key=lambda r: r["rank"])],
-        **extra,
-    }
 
 
 def point_config(
@@ -283,21 +221,30 @@ def add_efficiency(rows: list[dict]) -> None:
         r["scaling"]["total_throughput"] = total
 
 
-def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, list[dict]]:
+def attach_projection(
+    rows: list[dict], args: argparse.Namespace, spread_rows: Sequence[dict] | None = None
+) -> tuple[str, list[dict]]:
     """Calibrate the ring model on these rows, add each row's cluster curve as
-    ``extra.projection``, and build the headline projection rows (2048 px, 256 x 2)."""
+    ``extra.projection``, and build the headline projection rows (2048 px, 256 x 2).
+
+    The straggler spread is pooled from every row without a collective in ``spread_rows``
+    (default ``rows``; the no-communication control's rows included), compute time from
+    every single-worker row, the allreduce's overhead from the rows' probes (as
+    ``python -m histoseg.scaling --results`` reads the same rows); curves are added to the
+    rows of a real engine only. Curves and projection rows carry the straggler band
+    (``efficiency_low``, ``efficiency_high``) when the rows hold repeated launches.
+    """
     from histoseg import scaling
-    from histoseg.results import make_row
+    from histoseg.stragglers import spread_from_rows
 
     network = scaling.Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node)
-    # the no-communication control has no allreduce to calibrate on or to project
-    rows = [r for r in rows if r["config"]["engine"] != "none"]
-    points = scaling.calibration_points_from_rows(rows)
-    cal = scaling.calibrate(points) if points else None
-    overhead = cal.overhead_s if cal else 0.0
+    spread = spread_from_rows(rows if spread_rows is None else spread_rows)
+    # the calibration histoseg.scaling makes of the same rows (the control has no allreduce)
+    overhead = scaling.calibrated_overhead(rows, {})
+    engine_rows = [r for r in rows if r["config"]["engine"] != "none"]
     max_workers = args.nodes * args.workers_per_node
     workers = [n for n in scaling.DEFAULT_WORKERS if n <= max_workers]
-    for r in rows:
+    for r in engine_rows:
         if r["status"] != "ok" or r["config"]["workers"] < 2:
             continue
         curve = scaling.project(
@@ -307,35 +254,41 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
             network=network,
             overhead_s=overhead,
             fp16=r["config"]["compression"] == "fp16",
+            spread=spread,
         )
-        r.setdefault("extra", {})["projection"] = [
-            {"workers": p["workers"], "efficiency": p["efficiency"]} for p in curve
-        ]
-    ok_rows = [r for r in rows if r["status"] == "ok"]
-    if not ok_rows:
+        r.setdefault("extra", {})["projection"] = scaling.curve_points(curve)
+    if not any(r["status"] == "ok" for r in engine_rows):
         return "no measured horovod/tf rows: no projection", []
     inputs, tables = scaling.projection_from(
-        ok_rows,
+        [r for r in rows if r["status"] == "ok"],
         patch_size=args.project_size,
         compute_scale=args.compute_scale,
-        overhead_s=overhead,
         network=network,
         max_workers=max_workers,
+        spread=spread,
     )
-    if cal:
-        inputs["calibration_points"] = len(cal.points)
-        inputs["calibrated_overhead_s"] = cal.overhead_s
-        inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9
-        inputs["calibration_max_rel_error"] = cal.max_relative_error
-    text = scaling.format_projection(inputs, tables)
-    projection_rows = []
+    made = make_projection_rows(inputs, tables, network, getattr(args, "command", None))
+    return scaling.format_projection(inputs, tables), made
+
+
+def make_projection_rows(
+    inputs: dict[str, Any], tables: dict[str, list[dict]], network: Any, command: str | None
+) -> list[dict]:
+    """One row of engine "projection" per allreduce variant, at the table's last worker
+    count: predicted efficiency and its straggler band, the whole curve, the inputs and the
+    command that made it."""
+    from histoseg import scaling
+    from histoseg.results import make_row
+
+    rows = []
     for name, table in tables.items():
         last = table[-1]
-        projection_rows.append(
+        band = {k: last[k] for k in ("efficiency_low", "efficiency_high") if k in last}
+        rows.append(
             make_row(
                 "scaling",
                 {
-                    "patch_size": args.project_size,
+                    "patch_size": inputs["patch_size_px"],
                     "backbone": inputs.get("backbone"),
                     "engine": "projection",
                     "workers": last["workers"],
@@ -346,19 +299,20 @@ def attach_projection(rows: list[dict], args: argparse.Namespace) -> tuple[str, 
                 },
                 predicted={
                     "efficiency": last["efficiency"],
+                    **band,
                     "allreduce_s": last["allreduce_s"],
+                    "straggler_s": last["straggler_s"],
                     "step_s": last["step_s"],
                     "compute_s": inputs["compute_s"],
                 },
                 extra={
                     "inputs": inputs,
-                    "projection": [
-                        {"workers": p["workers"], "efficiency": p["efficiency"]} for p in table
-                    ],
+                    "projection": scaling.curve_points(table),
+                    "command": command,
                 },
             )
         )
-    return text, projection_rows
+    return rows
 
 
 def kept_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
@@ -459,6 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure nothing: print the 2-worker table of the rows in --out (Markdown)",
     )
+    p.add_argument(
+        "--reproject",
+        action="store_true",
+        help="measure nothing: project the measured rows in --out again (the projection "
+        "options below apply) and rewrite its projection rows and curves",
+    )
     _projection_options(p)
     return p
 
@@ -477,6 +437,29 @@ def _projection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
 
+def reproject(rows: list[dict], args: argparse.Namespace) -> int:
+    """``--reproject``: project the measured rows of ``--out`` again, measuring nothing.
+
+    Every measured scaling row is the sweep: its projection rows (engine "projection")
+    replace the stored ones of the same config, and each multi-worker row's
+    ``extra.projection`` is recomputed; the measured figures stay as they are.
+    """
+    from histoseg.results import merge_rows, write_rows
+
+    measured = [
+        r for r in rows if r.get("kind") == "scaling" and r["config"].get("engine") != "projection"
+    ]
+    text, projection_rows = attach_projection(measured, args)
+    if not projection_rows:
+        raise ConfigError(f"--reproject: {args.out}: {text}")
+    write_rows(args.out, merge_rows(rows, projection_rows))
+    print(summary_table(measured))
+    print()
+    print(text)
+    print(f"\nrows: {args.out} (+ .csv): {len(projection_rows)} projection row(s) rewritten")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
@@ -485,11 +468,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.command = command_line("bench.scaling", argv)
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
-    if args.show:
+    if args.show or args.reproject:
         from histoseg.results import load_rows
 
         if not args.out.exists():
-            raise ConfigError(f"--show: no results file {args.out}; run a sweep first")
+            raise ConfigError(f"--show/--reproject: no results file {args.out}; run a sweep first")
+        if args.reproject:
+            return reproject(load_rows(args.out), args)
         print(markdown_table(load_rows(args.out)))
         return 0
     if any(w < 1 for w in args.workers) or any(s < 16 or s % 16 for s in args.sizes):
@@ -532,7 +517,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"{head}: {done} [{time.monotonic() - started:.0f} s]", flush=True)
         write_rows(args.out, merge_rows(kept_rows(load_rows_if_exists(args.out), rows), rows))
-    text, projection_rows = attach_projection(rows, args)
     old = load_rows_if_exists(args.out)
     kept = kept_rows(old, rows)
     if len(kept) < len(old):
@@ -541,6 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "existed (no config.step) by this run's rows of the same points",
             flush=True,
         )
+    # the straggler spread pools every row without a collective that the file will hold:
+    # this sweep's and those already there (a sweep of one launch per point has none)
+    text, projection_rows = attach_projection(rows, args, spread_rows=merge_rows(kept, rows))
     write_rows(args.out, merge_rows(kept, rows + projection_rows))
     print()
     print(summary_table(rows))

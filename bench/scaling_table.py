@@ -6,13 +6,17 @@ import math
 from collections.abc import Sequence
 
 from histoseg.results import step_mode_of
+from histoseg.scaling import band_text
 
 
 def summary_table(rows: Sequence[dict]) -> str:
+    """Measured rows, one line each; a row that carries a cluster projection
+    (``extra.projection``) ends with its efficiency at the largest worker count and the
+    straggler band (``projected``: ``93.9% (92.2-95.0%) @512``)."""
     head = (
         f"{'engine':<8} {'px':>5} {'comp':>5} {'step':>8} {'workers':>7} {'step_s':>8} "
         f"{'allreduce':>10} "
-        f"{'share':>6} {'patch/s/worker':>14} {'total/s':>8} {'efficiency':>10}"
+        f"{'share':>6} {'patch/s/worker':>14} {'total/s':>8} {'efficiency':>10}  projected"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -28,13 +32,25 @@ def summary_table(rows: Sequence[dict]) -> str:
             continue
         m, s = r["measured"], r["scaling"]
         eff = s.get("efficiency")
-        lines.append(
+        line = (
             f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} "
             f"{c.get('step', '-'):>8} {c['workers']:>7} {m['step_s']:>8.3f} {m['allreduce_s']:>10.4f} {100 * m['allreduce_share']:>5.1f}% "
             f"{s['throughput_per_worker']:>14.3f} {m['patches_per_s']:>8.3f} "
-            f"{'' if eff is None else f'{100 * eff:.1f}%':>10}"
+            f"{'' if eff is None else f'{100 * eff:.1f}%':>10}  {projected_text(r)}"
         )
+        lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def projected_text(row: dict) -> str:
+    """A row's projected efficiency at its curve's largest worker count, with the straggler
+    band where the curve has one: ``93.9% (92.2-95.0%) @512``; "" without a curve."""
+    curve = (row.get("extra") or {}).get("projection") or []
+    if not curve:
+        return ""
+    last = max(curve, key=lambda p: p["workers"])
+    band = f" ({band_text(last)})" if "efficiency_low" in last and "efficiency_high" in last else ""
+    return f"{100 * last['efficiency']:.1f}%{band} @{last['workers']}"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:

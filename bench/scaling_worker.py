@@ -1,6 +1,6 @@
 """One rank of a bench.scaling launch: build the model, train a fixed batch of its own, time
 every step (and the same step without its collective), probe the allreduce alone, and write
-``rank<r>.json`` for the launcher to summarise."""
+``rank<r>.json``; and the launcher's summary of a launch from its ranks' records."""
 
 from __future__ import annotations
 
@@ -170,3 +170,75 @@ def _per_step(
         return None
     # a thread that ended in between takes its time with it: never report less than zero
     return {k: max(0.0, after[k] - before[k]) / steps for k in after}
+
+
+# ----------------------------------------------------------------------------- launcher side
+#: What ``allreduce_s`` is in each step mode (kept in ``measured.allreduce_timing``).
+ALLREDUCE_TIMING = {
+    "separate": "the collective, timed around the call between gradients and update",
+    "overlap": "exposed: overlapped step minus the same ranks' step without the collective",
+}
+
+
+def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -> dict[str, Any]:
+    """Measured figures of one launch from its ranks' records (medians over steps).
+
+    ``allreduce_s`` is the step time the communication costs. A separate step times its
+    collective around the call. An overlapped step cannot (the collective runs inside the
+    compiled step, beside the backward pass): there it is the exposed communication, the
+    overlapped step time minus the same ranks' time for the same compiled step without
+    the collective (``local_step_s``), clamped at zero; the unclamped difference is kept
+    as ``allreduce_exposed_s`` (launch-to-launch noise can make it slightly negative).
+    ``compute_s`` is then the step without the collective, update included.
+    ``compute_thread_cpu_s`` / ``other_thread_cpu_s``: CPU a rank's compute threads and its
+    other threads (engine, transport, Python) used per timed step, mean over ranks.
+    ``per_rank_step_s`` is each rank's median step, ``per_rank_steps_s`` each rank's timed
+    steps in order.
+    """
+    med = statistics.median
+    ranks = sorted(records, key=lambda r: r["rank"])
+    # ranks step in lockstep; the slowest rank's median sets the pace
+    step_s = max(med(r["step_s"]) for r in records)
+    mode = records[0].get("step_mode", "separate")
+    extra: dict[str, Any] = {"allreduce_timing": ALLREDUCE_TIMING[mode]}
+    if mode == "overlap":
+        local = [r["local_step_s"] for r in records if r.get("local_step_s")]
+        # one worker (or the no-communication control) has no collective: all is compute
+        compute_s = max(med(steps) for steps in local) if local else step_s
+        exposed_s = step_s - compute_s
+        allreduce_s = max(0.0, exposed_s)
+        apply_s = None
+        extra["allreduce_exposed_s"] = exposed_s
+        if local:
+            extra["local_step_s"] = compute_s
+    else:
+        compute_s = max(med(r["compute_s"]) for r in records)
+        allreduce_s = med([med(r["allreduce_s"]) for r in records])
+        apply_s = med([med(r["apply_s"]) for r in records])
+    workers = len(records)
+    per_worker = batch_size / step_s
+    threads = [r["thread_cpu_s_per_step"] for r in records if r.get("thread_cpu_s_per_step")]
+    if len(threads) == len(records):
+        # what a rank's compute threads and its other threads used per timed step (mean)
+        extra["compute_thread_cpu_s"] = statistics.fmean(t["compute"] for t in threads)
+        extra["other_thread_cpu_s"] = statistics.fmean(t["other"] for t in threads)
+    probe: dict[str, float] = {}
+    for r in records:
+        for b, s in r.get("allreduce_probe", {}).items():
+            probe[b] = max(probe.get(b, 0.0), s)
+    return {
+        "step_s": step_s,
+        "compute_s": compute_s,
+        "allreduce_s": allreduce_s,
+        "apply_s": apply_s,
+        "allreduce_share": allreduce_s / step_s,
+        "patches_per_s": per_worker * workers,
+        "megapixels_per_s": per_worker * workers * patch_size**2 / 1e6,
+        "gradient_bytes": records[0]["gradient_bytes"],
+        "parameters": records[0]["parameters"],
+        "allreduce_probe": probe,
+        "per_rank_step_s": [med(r["step_s"]) for r in ranks],
+        # every timed step of every rank: the step-to-step spread a launch's median hides
+        "per_rank_steps_s": [list(r["step_s"]) for r in ranks],
+        **extra,
+    }

@@ -344,6 +344,14 @@ def format_projection(
     return "\n".join(lines)
 
 
+def curve_points(table: Iterable[Mapping[str, float]]) -> list[dict[str, float]]:
+    """A projection table as stored in rows (``extra.projection``): workers and efficiency
+    per worker count, with the straggler band (``efficiency_low``, ``efficiency_high``)
+    where the table has one."""
+    keys = ("workers", "efficiency", "efficiency_low", "efficiency_high")
+    return [{k: row[k] for k in keys if k in row} for row in table]
+
+
 def band_text(row: Mapping[str, float]) -> str:
     """``92.3-95.1%``: a projection row's straggler band."""
     return f"{100 * row['efficiency_low']:.1f}-{100 * row['efficiency_high']:.1f}%"
@@ -463,7 +471,7 @@ def projection_from(
     if not gradient_bytes:
         raise ConfigError("gradient bytes unknown: give --gradient-bytes")
     if overhead_s is None:
-        overhead_s = _calibrated_overhead(rows, inputs)
+        overhead_s = calibrated_overhead(rows, inputs)
     spread = spread or spread_from_rows(rows)
     inputs.update(
         {
@@ -511,14 +519,14 @@ def projection_from(
     return inputs, tables
 
 
-def _calibrated_overhead(rows: Sequence[Mapping[str, Any]], inputs: dict[str, Any]) -> float:
-    """The per-allreduce overhead fitted to the rows' allreduce times (0 without any); the
-    fit's figures go into ``inputs``."""
-    points = calibration_points_from_rows(rows)
-    if not points:
+def calibrated_overhead(rows: Sequence[Mapping[str, Any]], inputs: dict[str, Any]) -> float:
+    """The per-allreduce overhead fitted to the rows' allreduce times (0 without any that
+    took time: rows without a collective have none); the fit's figures go into ``inputs``."""
+    try:
+        cal = calibrate(calibration_points_from_rows(rows))
+    except ConfigError:
         inputs["calibration_points"] = 0
         return 0.0
-    cal = calibrate(points)
     inputs["calibration_points"] = len(cal.points)
     inputs["calibrated_overhead_s"] = cal.overhead_s
     inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9

@@ -280,3 +280,56 @@ def test_weak_scaling_plot_shades_the_study_band_with_its_calibration():
     assert "256 nodes x 2" in caption and "cv 2.09%" in caption and "90.7% published" in caption
     band, lines = straggler_band([projection], measured, [])
     assert band is None and "no straggler band" in lines[0]
+
+
+def test_curve_points_keep_the_band_where_the_table_has_one():
+    spread = stragglers.Spread(0.02, 0.01, 0.03, "test")
+    banded = scaling.curve_points(scaling.project(1.0, 4e6, [1, 8], spread=spread))
+    assert set(banded[-1]) == {"workers", "efficiency", "efficiency_low", "efficiency_high"}
+    plain = scaling.curve_points(scaling.project(1.0, 4e6, [1, 8]))
+    assert set(plain[-1]) == {"workers", "efficiency"}
+
+
+def test_weak_scaling_plot_shades_the_band_a_projection_row_stores(tmp_path):
+    from bench.plots.scaling import draw_weak_scaling, projection_curves, straggler_band
+
+    inputs = {
+        "compute_s": 12.0,
+        "gradient_bytes_fp32": 1.09e7,
+        "overhead_s": 0.009,
+        "bandwidth_gbps": 100.0,
+        "latency_s": 1e-6,
+        "workers_per_node": 2,
+        **_measured_spread().as_inputs(),
+    }
+    curve = [
+        {"workers": w, "efficiency_low": lo, "efficiency": c, "efficiency_high": hi}
+        for w, lo, c, hi in ((1, 1.0, 1.0, 1.0), (2, 0.97, 0.98, 0.99), (512, 0.90, 0.93, 0.95))
+    ]
+
+    def row(compression):
+        return make_row(
+            "scaling",
+            {
+                "engine": "projection",
+                "workers": 512,
+                "nodes": 256,
+                "patch_size": 2048,
+                "compression": compression,
+                "workers_per_node": 2,
+            },
+            predicted={"efficiency": 0.93, "efficiency_low": 0.90, "efficiency_high": 0.95},
+            extra={"inputs": inputs, "projection": curve},
+            machine={},
+        )
+
+    fp32, fp16 = row("none"), row("fp16")
+    band, lines = straggler_band([fp32, fp16], [], [])
+    assert band[1] == [(1, 1.0, 1.0, 1.0), (2, 0.97, 0.98, 0.99), (512, 0.90, 0.93, 0.95)]
+    assert "90.0-95.0% at 512 workers (line: 93.0%)" in lines[0] and "256 nodes" in lines[0]
+    # the shaded row is not drawn again dashed; the other is, without the legacy label
+    curves, _ = projection_curves([fp32, fp16], [], {}, shaded=fp32)
+    assert [label for label, _ in curves] == ["projection, 2048 px, fp16 allreduce"]
+    assert draw_weak_scaling([fp32, fp16], tmp_path).drawn
+    svg = (tmp_path / "weak_scaling.svg").read_text()
+    assert "no stragglers" not in svg and "fp32 (band)" in svg

@@ -75,15 +75,19 @@ def measured_points(rows: Sequence[dict], notes: list[str]) -> Points:
 
 
 def projection_curves(
-    projection_rows: Sequence[dict], measured_rows: Sequence[dict], points: Points
+    projection_rows: Sequence[dict],
+    measured_rows: Sequence[dict],
+    points: Points,
+    shaded: dict | None = None,
 ) -> tuple[Curves, list[str]]:
     """The dashed curves and a caption line of inputs per curve: from dedicated projection
-    rows when there are any, else the measured rows' ``extra.projection``, else the model."""
+    rows when there are any (less ``shaded``, the row drawn as the straggler band), else the
+    measured rows' ``extra.projection``, else the model."""
     curves: Curves = {}
     inputs_lines: list[str] = []
     if projection_rows:
         for row in projection_rows:
-            curve = projection_of(row)
+            curve = projection_of(row) if row is not shaded else []
             if curve:
                 fp = compression_of(row).replace("none", "fp32")
                 label = f"projection, {row.get('config', {}).get('patch_size')} px, {fp} allreduce"
@@ -125,19 +129,17 @@ def straggler_band(
     """The study's 2048 px projection to 256 nodes x 2 with its straggler band, and the caption
     lines that say how it was calibrated.
 
-    The allreduce inputs are the fp32 projection row's (``extra.inputs``) where there is one,
-    else histoseg.scaling's model on the measured rows; the spread is the row's own where it
-    holds one, else pooled from ``spread_rows`` (launch-to-launch step time of the rows
-    without a collective). A band that cannot be made becomes a caption line saying why.
+    The band is the one the fp32 projection row stores (``extra.projection`` items with
+    ``efficiency_low``/``efficiency_high``, as bench.scaling writes them) where it holds one;
+    else it is projected here from the row's inputs (``extra.inputs``), or without a row from
+    histoseg.scaling's model on the measured rows. The spread is the row's own where it holds
+    one, else pooled from ``spread_rows`` (launch-to-launch step time of the rows without a
+    collective). A band that cannot be made becomes a caption line saying why.
     """
     spread = spread_from_rows(spread_rows)
     workers = [w for w in scaling.DEFAULT_WORKERS if w <= STUDY_NODES * STUDY_WORKERS_PER_NODE]
-    fp32 = [
-        r
-        for r in projection_rows
-        if compression_of(r) == "none" and r.get("config", {}).get("patch_size") == STUDY_PATCH_PX
-    ]
-    inputs = section(fp32[0], "extra").get("inputs") if fp32 else None
+    fp32 = study_row(projection_rows)
+    inputs = section(fp32, "extra").get("inputs") if fp32 else None
     try:
         if isinstance(inputs, Mapping) and "straggler_cv_low" in inputs:
             spread = Spread(
@@ -165,6 +167,9 @@ def straggler_band(
         checks = scaling.published_checks(spread)
     except Exception as exc:  # the band is an extra that must never stop the figure
         return None, [f"no straggler band ({type(exc).__name__}: {exc})"]
+    # the band the row stores where it holds one (bench.scaling writes it), else the model's
+    stored = stored_band(fp32) if fp32 else []
+    table = stored or table
     last = table[-1]
     label = f"projection with stragglers, {STUDY_PATCH_PX} px, fp32 (band)"
     points = [
@@ -191,6 +196,35 @@ def straggler_band(
     return (label, points), lines
 
 
+def study_row(projection_rows: Sequence[dict]) -> dict | None:
+    """The fp32 projection row of the study's patch size (the band's), if any."""
+    return next(
+        (
+            r
+            for r in projection_rows
+            if compression_of(r) == "none"
+            and r.get("config", {}).get("patch_size") == STUDY_PATCH_PX
+        ),
+        None,
+    )
+
+
+def stored_band(row: dict) -> list[dict]:
+    """The straggler band a projection row stores per worker count (``extra.projection``
+    items with ``efficiency_low`` and ``efficiency_high``); [] when any item lacks it."""
+    keys = ("workers", "efficiency_low", "efficiency", "efficiency_high")
+    items = section(row, "extra").get("projection") or []
+    if not items or not all(number(item.get(k)) is not None for item in items for k in keys):
+        return []
+    config = row.get("config", {})
+    per_node = int(number(config.get("workers_per_node")) or STUDY_WORKERS_PER_NODE)
+    band = [{k: float(item[k]) for k in keys} for item in items]
+    for item in band:
+        item["workers"] = int(item["workers"])
+        item["nodes"] = -(-item["workers"] // per_node)
+    return sorted(band, key=lambda item: item["workers"])
+
+
 def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """Weak-scaling efficiency and total throughput against workers, per engine and compression.
 
@@ -211,8 +245,11 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     other_modes = [r for r in measured_rows if step_mode_of(r) != shown_mode]
     measured_rows = [r for r in measured_rows if step_mode_of(r) == shown_mode]
     points = measured_points(measured_rows, outcome.notes)
-    curves, inputs_lines = projection_curves(projection_rows, measured_rows, points)
     band, band_lines = straggler_band(projection_rows, measured_rows, scaling_rows)
+    # a row whose stored band is shaded is not drawn again as a dashed curve
+    banded = study_row(projection_rows)
+    shaded = banded if band and banded and stored_band(banded) else None
+    curves, inputs_lines = projection_curves(projection_rows, measured_rows, points, shaded)
     if not points and not curves:
         outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
         return outcome

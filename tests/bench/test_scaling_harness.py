@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from bench.scaling import kept_rows, main, summarise
-from bench.scaling_table import markdown_table
-from bench.scaling_worker import thread_cpu_s
+from bench.scaling import attach_projection, kept_rows, main
+from bench.scaling_table import markdown_table, summary_table
+from bench.scaling_worker import summarise, thread_cpu_s
+from histoseg.errors import ConfigError
 from histoseg.results import make_row
 
 
@@ -46,6 +47,8 @@ def test_weak_scaling_rows_with_repeats_pinning_and_efficiency(tmp_path, capsys,
             assert row["measured"]["compute_thread_cpu_s"] > 0
             assert row["measured"]["other_thread_cpu_s"] >= 0
         workers = row["config"]["workers"]
+        # every timed step of every rank, beside each rank's median
+        assert [len(s) for s in row["measured"]["per_rank_steps_s"]] == [1] * workers
         # each rank pinned to its own core, where the machine has enough of them
         cores = row["extra"]["cores"]
         assert len(cores) == workers
@@ -158,3 +161,129 @@ def test_show_table_puts_each_engine_beside_the_control():
     assert len(lines) == 4 and lines[2].startswith("| none | overlap | 512 | 95.0% |")
     assert "| 90.0% / 92.0% | 94.7% / 96.8% | 1.0% / 2.0% |" in lines[3]
     assert lines[3].endswith("| 50 / 50 | 0.03 / 0.03 |")
+
+
+def _measured(engine, workers, compression="none", launches=(1.0, 1.0, 1.0), probe=None):
+    config = {
+        "engine": engine,
+        "patch_size": 512,
+        "compression": compression,
+        "workers": workers,
+        "step": "overlap",
+        "backbone": "mobilenetv2",
+    }
+    step_s = sorted(launches)[len(launches) // 2]
+    return make_row(
+        "scaling",
+        config,
+        measured={
+            "step_s": step_s,
+            "compute_s": step_s,
+            "allreduce_s": 0.0,
+            "allreduce_share": 0.0,
+            "patches_per_s": workers / step_s,
+            "gradient_bytes": 4e6,
+            "allreduce_probe": probe or {},
+        },
+        scaling={"throughput_per_worker": 1 / step_s, "efficiency": 1.0},
+        extra={"launches_step_s": sorted(launches)},
+        machine={},
+    )
+
+
+def _sweep_rows():
+    probe = {"65536": 0.011, "1048576": 0.013, "4194304": 0.02}
+    return [
+        _measured("none", 1, launches=(0.9, 1.0, 1.1)),  # no collective: in the spread
+        _measured("none", 2, launches=(0.95, 1.0, 1.05)),  # the control: in the spread too
+        _measured("horovod", 1, launches=(1.0, 1.0, 1.0)),
+        _measured("horovod", 2, launches=(1.0, 1.2, 1.4), probe=probe),  # a collective: not
+        _measured("horovod", 2, "fp16", launches=(1.0, 1.1, 1.2), probe=probe),
+    ]
+
+
+def _projection_args(**kw):
+    import argparse
+
+    base = dict(bandwidth_gbps=100.0, latency_us=1.0, workers_per_node=2, nodes=4)
+    return argparse.Namespace(**{**base, "project_size": 1024, "compute_scale": 1.0, **kw})
+
+
+def test_projection_pools_the_spread_of_every_collective_free_row_and_stores_the_band():
+    from histoseg import scaling
+    from histoseg.stragglers import spread_from_rows
+
+    rows = _sweep_rows()
+    text, projected = attach_projection(rows, _projection_args(command="python -m x"))
+    spread = spread_from_rows(rows)
+    assert spread.rows == 3 and spread.dof == 6  # the control's rows count (they used not to)
+    assert "fp32 band" in text
+    by_comp = {r["config"]["compression"]: r for r in projected}
+    assert set(by_comp) == {"none", "fp16"}
+    for row in projected:
+        inputs, predicted = row["extra"]["inputs"], row["predicted"]
+        assert inputs["straggler_cv"] == spread.cv and inputs["compute_s"] == 4 * 1.0
+        assert predicted["efficiency_low"] < predicted["efficiency"] < predicted["efficiency_high"]
+        curve = row["extra"]["projection"]
+        assert [p["workers"] for p in curve] == [1, 2, 4, 8]
+        assert curve[-1] == {"workers": 8, **{k: predicted[k] for k in curve[-1] if k != "workers"}}
+        assert all(p["efficiency_low"] <= p["efficiency"] <= p["efficiency_high"] for p in curve)
+        assert row["extra"]["command"] == "python -m x"
+    # the same figures python -m histoseg.scaling --results prints for these rows
+    _, tables = scaling.projection_from(rows, patch_size=1024, max_workers=8)
+    assert by_comp["none"]["predicted"]["efficiency"] == tables["fp32"][-1]["efficiency"]
+    # each engine row's own curve carries the band; the control's rows get none
+    for row in rows:
+        curve = row.get("extra", {}).get("projection")
+        if row["config"]["engine"] == "horovod" and row["config"]["workers"] == 2:
+            assert "efficiency_low" in curve[-1] and curve[-1]["workers"] == 8
+        else:
+            assert curve is None
+    # a spread from rows beyond the sweep's (the results file's) when given
+    wider = [*rows, _measured("tf", 1, launches=(0.5, 1.0, 1.5))]
+    _, projected = attach_projection(rows, _projection_args(), spread_rows=wider)
+    assert projected[0]["extra"]["inputs"]["straggler_cv"] == spread_from_rows(wider).cv
+    assert "@8" in summary_table(rows) and "-" in summary_table(rows).splitlines()[-1][-20:]
+
+
+def test_reproject_rewrites_the_projection_rows_without_measuring(tmp_path, capsys):
+    from histoseg.results import load_rows, write_rows
+
+    out = tmp_path / "scaling.json"
+    legacy = make_row(
+        "scaling",
+        {
+            "patch_size": 2048,
+            "backbone": "mobilenetv2",
+            "engine": "projection",
+            "workers": 512,
+            "nodes": 256,
+            "compression": "none",
+            "bandwidth_gbps": 100.0,
+            "workers_per_node": 2,
+        },
+        predicted={"efficiency": 0.999},
+        machine={},
+    )
+    measured = _sweep_rows()
+    write_rows(out, [legacy, *measured])
+    assert main(["--reproject", "--out", str(out)]) == 0
+    rows = load_rows(out)
+    assert len(rows) == 1 + len(measured) + 1  # the fp32 row replaced in place, fp16 added
+    assert rows[0]["predicted"]["efficiency"] < 0.99 and "efficiency_low" in rows[0]["predicted"]
+    assert rows[0]["extra"]["command"] == f"python -m bench.scaling --reproject --out {out}"
+    assert rows[-1]["config"]["compression"] == "fp16"
+    for before, after in zip(measured, rows[1:-1], strict=True):  # measured figures untouched
+        assert after["measured"] == before["measured"]
+    assert "predicted.efficiency_high" in out.with_suffix(".csv").read_text().splitlines()[0]
+    printed = capsys.readouterr().out
+    assert "projection row(s) rewritten" in printed and "fp32 band" in printed
+    with pytest.raises(ConfigError):
+        main(["--reproject", "--out", str(tmp_path / "missing.json")])
+
+
+def test_a_launch_keeps_every_rank_step():
+    records = [_record(1, [1.0, 1.3, 1.1]), _record(0, [0.9, 1.0, 1.2])]
+    m = summarise(records, batch_size=1, patch_size=64)
+    assert m["per_rank_steps_s"] == [[0.9, 1.0, 1.2], [1.0, 1.3, 1.1]]  # by rank, in order
+    assert m["per_rank_step_s"] == [1.0, 1.1]
