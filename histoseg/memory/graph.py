@@ -40,6 +40,10 @@ TRANSIENT_FACTORS: dict[str, float] = {
     # read off the allocator's trace of xception65 steps (TensorFlow's profiler). Below
     # float32 the output gradient is first cast to float32 (see _make_op).
     "batchnorm_backward": 2.0,
+    # The first forward pass of a remat block saves nothing for the backward pass: batch
+    # norm then makes only the variance's squared difference and writes x * inv into its
+    # dying input (allocator trace of an xception65 step with remat "full").
+    "batchnorm_unsaved": 1.0,
     "loss": 1.0,  # float32 per-pixel losses (4 bytes per pixel) while the loss runs
 }
 

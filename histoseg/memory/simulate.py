@@ -117,6 +117,13 @@ class _Sizing:
         nbytes, count, _ = op.temp_bytes
         return self.buffers(nbytes, count)
 
+    def unsaved_forward_temp(self, op: Op) -> list[int]:
+        """A remat block's first forward pass, which saves nothing (see ``forward``)."""
+        if op.block is not None and op.kind == "batchnorm":
+            nbytes, _, _ = op.temp_bytes
+            return self.buffers(nbytes, TRANSIENT_FACTORS["batchnorm_unsaved"])
+        return self.forward_temp(op)
+
     def backward_temp(self, op: Op) -> list[int]:
         nbytes, _, count = op.temp_bytes
         return self.buffers(nbytes, count)
@@ -180,7 +187,7 @@ def _forward_and_loss(sim: _Timeline, graph: MemoryGraph, size: _Sizing, kept: s
             sim.give_back(("copy", index[id(op)]))
 
     sim.forward(
-        ops, keep=kept | set(graph.outputs), temp=size.forward_temp, after=forward_copy_dies
+        ops, keep=kept | set(graph.outputs), temp=size.unsaved_forward_temp, after=forward_copy_dies
     )
     # The loss: softmax cross-entropy keeps a float32 backprop tensor per logit, and the
     # logits themselves die once the loss is computed.
@@ -224,7 +231,7 @@ def _backward(
             # the block's own outputs again (their forward copies died long ago).
             produced = {t for m in members for t in m.outputs}
             keep = {t for m in members for t in m.saved} | (kept - produced)
-            sim.forward(members, keep=keep, temp=size.forward_temp)
+            sim.forward(members, keep=keep, temp=size.forward_temp, recomputing=True)
         # The weight gradient reads the saved tensors first, which then die; the input
         # gradient follows. Element-wise gradients (ReLU, addition) reuse the buffer of
         # the output gradient, so they allocate nothing. A weight gradient replaces the
@@ -359,13 +366,26 @@ class _Timeline:
         self.free(list(self.alive))
         self.ungrad(list(self.grads))
 
-    def forward(self, ops: list[Op], keep: set[int], temp: Any, after: Any = None) -> None:
-        """Run ``ops`` forward: allocate outputs and saved copies, free what dies."""
+    def forward(
+        self,
+        ops: list[Op],
+        keep: set[int],
+        temp: Any,
+        after: Any = None,
+        recomputing: bool = False,
+    ) -> None:
+        """Run ``ops`` forward: allocate outputs and saved copies, free what dies.
+
+        The first forward pass of a remat block saves nothing for its backward pass (its
+        recomputation, ``recomputing=True``, does), so there its ops forward their dying
+        inputs in place as any element-wise op does.
+        """
         last_use: dict[int, int] = {}
         for i, op in enumerate(ops):
             for t in op.inputs:
                 last_use[t] = i
         for i, op in enumerate(ops):
+            saved = op.saved if recomputing or op.block is None else []
             if op.kind in IN_PLACE_FORWARD and len(op.outputs) == 1:
                 # TensorFlow's element-wise kernels write into an input that dies with
                 # them (buffer forwarding): the output takes over that input's buffer.
@@ -376,14 +396,14 @@ class _Timeline:
                     if t in self.alive
                     and last_use.get(t, -1) <= i
                     and t not in keep
-                    and t not in op.saved
+                    and t not in saved
                     and self.size[t] == self.size[out]
                 ]
                 if dying and out not in self.alive:
                     self._rename(dying[0], out)
-            self.alloc(op.outputs + op.saved)
+            self.alloc(op.outputs + saved)
             self.spike(temp(op))
-            touched = set(op.inputs) | set(op.outputs) | set(op.saved)
+            touched = set(op.inputs) | set(op.outputs) | set(saved)
             self.free([t for t in touched if last_use.get(t, -1) <= i and t not in keep])
             if after is not None:
                 after(op)
