@@ -45,7 +45,7 @@ from bench.accuracy_plan import (
     steps_for_budget,
 )
 from bench.accuracy_worker import run_worker, worker_main
-from histoseg.cli import ArgumentParser, command_line, run_main
+from histoseg.cli import ArgumentParser, command_line, finite_float, int_in_range, run_main
 from histoseg.config import MAX_ALPHA, StepConfig, default_threads, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.results import load_rows_if_exists, write_rows
@@ -372,7 +372,7 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES), metavar="PX")
     parser.add_argument(
         "--pixel-budget",
-        type=float,
+        type=finite_float(0, None, lo_open=True),
         default=DEFAULT_PIXEL_BUDGET,
         help=f"training pixels per size (default {DEFAULT_PIXEL_BUDGET:.0e}); "
         "steps = budget / (batch * P^2)",
@@ -455,9 +455,16 @@ def _data_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="(default data/synthetic, or data/synthetic-context for --synthetic-task context)",
     )
-    parser.add_argument("--synthetic-slides", type=int, default=6, help="(default 6)")
+    parser.add_argument(
+        "--synthetic-slides", type=int_in_range(2), default=6, help="at least 2 (default 6)"
+    )
     parser.add_argument("--synthetic-size", default="8000x6000", help="WIDTHxHEIGHT px per slide")
-    parser.add_argument("--val-fraction", type=float, default=1 / 3, help="slides held out (1/3)")
+    parser.add_argument(
+        "--val-fraction",
+        type=finite_float(0, 1, lo_open=True, hi_open=True),
+        default=1 / 3,
+        help="share of the slides held out, in (0, 1) (default 1/3)",
+    )
     parser.add_argument(
         "--max-val-patches",
         type=int,
@@ -519,6 +526,15 @@ def check_args(args: argparse.Namespace) -> None:
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
     steps_for_budget(args.pixel_budget, args.batch_size, min(args.sizes))
+    # The files the sweep will write, refused now rather than after hours of training: a
+    # results JSON or CSV, or (with plots) a README or figure, that histoseg did not write.
+    from histoseg.results import check_results_path
+
+    check_results_path(args.out)
+    if not args.no_plots:
+        from bench.plots.readme import check_plot_folder
+
+        check_plot_folder(args.out.parent)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -228,18 +228,25 @@ def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
-def _range_text(lo: float | None, hi: float | None, lo_open: bool) -> str:
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool = False) -> str:
     if lo is not None and hi is not None:
-        return f"in {'(' if lo_open else '['}{_number(lo)}, {_number(hi)}]"
+        return f"in {'(' if lo_open else '['}{_number(lo)}, {_number(hi)}{')' if hi_open else ']'}"
     if lo is not None:
         return f"{'>' if lo_open else '>='} {_number(lo)}"
-    return f"<= {_number(hi)}" if hi is not None else "finite"
+    if hi is not None:
+        return f"{'<' if hi_open else '<='} {_number(hi)}"
+    return "finite"
 
 
 def finite_float(
-    lo: float | None = None, hi: float | None = None, *, lo_open: bool = False
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    hi_open: bool = False,
 ) -> Callable[[str], float]:
-    """An argparse type: a finite float in [lo, hi] (or (lo, hi] with ``lo_open``).
+    """An argparse type: a finite float in [lo, hi] (an end excluded with ``lo_open`` /
+    ``hi_open``).
 
     Example:
         >>> finite_float(0, 1)("0.5")
@@ -249,7 +256,7 @@ def finite_float(
         ...
         argparse.ArgumentTypeError: must be a finite number in [0, 1], got 'nan'
     """
-    allowed = f"must be a finite number {_range_text(lo, hi, lo_open)}"
+    allowed = f"must be a finite number {_range_text(lo, hi, lo_open, hi_open)}"
 
     def parse(text: str) -> float:
         try:
@@ -257,7 +264,8 @@ def finite_float(
         except ValueError:
             raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}") from None
         below = lo is not None and (value <= lo if lo_open else value < lo)
-        if not math.isfinite(value) or below or (hi is not None and value > hi):
+        above = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or below or above:
             raise argparse.ArgumentTypeError(f"{allowed}, got {text!r}")
         return value
 

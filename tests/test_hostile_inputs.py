@@ -23,11 +23,13 @@ Issue 18's rows, and where each is checked:
 - Modes: every file written gets the user's umask here; results files (and a full disk, a
   foreign JSON or companion CSV such as the user's ``side.csv``) in tests/test_results.py.
 - SIGTERM and SIGINT to ``bench.memory``: its worker ends with it, results unchanged.
+- ``bench.accuracy --pixel-budget inf``, ``--val-fraction 2``/``nan``,
+  ``--synthetic-slides 0``, the user's README.md or CSV beside ``--out``: refused before
+  any work.
 - ``bench.memory --timeout-s nan/inf/0/-1``, ``--output-stride 7``, an unwritable ``--out``
-  or the user's ``side.csv`` refused before any work; ``bench.accuracy --pixel-budget inf``,
-  ``--val-fraction 2``/``nan``, ``--synthetic-slides 0``: strict xfails until bench/memory.py
-  and bench/accuracy.py check them before the sweep (their reason names the fix). A
-  strict xfail that passes fails the run: remove its marker then.
+  or the user's ``side.csv`` refused before any work: strict xfails until bench/memory.py
+  checks them before the sweep (their reason names the fix). A strict xfail that passes
+  fails the run: remove its marker then.
 """
 
 from __future__ import annotations
@@ -568,7 +570,6 @@ def test_horovod_engine_without_a_launcher_is_refused(tmp_path, capsys, monkeypa
 # strict xfail, so it turns into a failure, to be unmarked, the day its fix lands.
 BENCH_MEMORY = ["--sizes", "64", "--backbone", "mobilenetv2", "--steps", "1", "--quiet"]
 MEMORY_FIX = "bench/memory.py: --timeout-s/--output-stride checked at parse time, --out before work"
-ACCURACY_FIX = "bench/accuracy.py: --pixel-budget/--val-fraction/--synthetic-slides at parse time"
 
 
 def _no_bench_work(monkeypatch, tmp_path):
@@ -629,11 +630,11 @@ def test_bench_memory_refuses_its_out_before_any_work(case, tmp_path, capsys, mo
     _refused(main, argv, capsys, [tmp_path], expect=expect)
 
 
-@pytest.mark.xfail(strict=True, reason=ACCURACY_FIX)
 @pytest.mark.parametrize(
     ("argv", "expect"),
     [
         (["--pixel-budget", "inf"], "--pixel-budget"),
+        (["--pixel-budget", "nan"], "--pixel-budget"),
         (["--val-fraction", "2"], "--val-fraction"),
         (["--val-fraction", "nan"], "--val-fraction"),
         (["--synthetic-slides", "0"], "--synthetic-slides"),
@@ -649,12 +650,16 @@ def test_bench_accuracy_refuses_bad_numbers_before_any_work(
     _refused(main, argv, capsys, [tmp_path], expect=expect)
 
 
-def test_bench_accuracy_refuses_a_nan_pixel_budget_before_any_work(tmp_path, capsys, monkeypatch):
+def test_bench_accuracy_refuses_the_users_files_before_any_work(tmp_path, capsys, monkeypatch):
     from bench.accuracy import main
 
     _no_bench_work(monkeypatch, tmp_path)
-    argv = ["--pixel-budget", "nan", "--sizes", "64", "--out", tmp_path / "a.json"]
-    _refused(main, argv, capsys, [tmp_path], expect="pixel budget must be > 0, got nan")
+    (tmp_path / "README.md").write_text("# my notes\n")
+    argv = ["--synthetic-task", "local", "--sizes", "64", "--out", tmp_path / "a.json"]
+    _refused(main, argv, capsys, [tmp_path], expect="README.md")
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "a.csv").write_text("name,score\nalice,3\n")
+    _refused(main, argv, capsys, [tmp_path], expect="a.csv exists")
 
 
 # --- signals: the worker process ends with the command ------------------------------------

@@ -54,7 +54,7 @@ def _alive(pid: int) -> bool:
 
 SLEEPER = """
     import subprocess, sys, time
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    child = subprocess.Popen(["sleep", "600"])
     open(sys.argv[1], "w").write(f"{child.pid}")
     time.sleep(600)
 """
@@ -62,8 +62,9 @@ SLEEPER = """
 
 def test_a_timeout_ends_the_worker_and_its_children(tmp_path):
     pids = tmp_path / "pids"
-    result = run_isolated([*_py(SLEEPER), str(pids)], timeout_s=3)
-    assert result == {"status": "error", "reason": "timed out after 3 s"}
+    # long enough for the worker to start its child on a loaded machine
+    result = run_isolated([*_py(SLEEPER), str(pids)], timeout_s=6)
+    assert result == {"status": "error", "reason": "timed out after 6 s"}
     assert not _alive(int(pids.read_text()))
 
 
