@@ -116,19 +116,37 @@ def _tensor_bytes(variables) -> int:
     return int(sum(v.value.numel() * v.value.element_size() for v in variables))
 
 
+def _training_setup(config: StepConfig, num_classes: int, torch: Any, device: Any):
+    """The model, its optimizer (built), and one fixed synthetic batch on ``device``."""
+    import keras
+
+    from bench.worker import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(config, num_classes)
+    if config.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(1e-3)
+    else:
+        optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    shape = (config.batch_size, config.patch_size, config.patch_size)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=generator)
+    masks = torch.randint(0, num_classes, shape, dtype=torch.uint8, generator=generator)
+    return model, optimizer, images.to(device), masks.to(device)
+
+
 def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
     """Train ``config`` for 1 + ``steps`` steps under the torch backend; the measured section.
 
     Also returns the model (for the estimate) under the key ``"_model"``.
     """
     torch = use_torch_backend()
-    import keras
-
-    from bench.worker import build_model
-    from histoseg.memory.devices import nvml_memory
-
     cuda = config.device == "gpu"
-    device = torch.device("cuda" if cuda else "cpu")
+    model, optimizer, images, masks = _training_setup(
+        config, num_classes, torch, torch.device("cuda" if cuda else "cpu")
+    )
+    trainable = model.trainable_variables
 
     def allocated() -> int | None:
         return int(torch.cuda.memory_allocated()) if cuda else None
@@ -136,20 +154,6 @@ def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
-
-    keras.utils.set_random_seed(0)
-    model = build_model(config, num_classes)
-    trainable = model.trainable_variables
-    if config.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(1e-3)
-    else:
-        optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
-    optimizer.build(trainable)
-    shape = (config.batch_size, config.patch_size, config.patch_size)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=generator)
-    masks = torch.randint(0, num_classes, shape, dtype=torch.uint8, generator=generator)
-    images, masks = images.to(device), masks.to(device)
 
     def step() -> dict[str, int | None]:
         reads = {"bytes_before_step": allocated()}
@@ -176,8 +180,22 @@ def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
         reads.append(step())
         sync()
         times.append(time.perf_counter() - start)
+    return _measured_section(config, torch, model, optimizer, reads[0], times)
+
+
+def _measured_section(
+    config: StepConfig,
+    torch: Any,
+    model: Any,
+    optimizer: Any,
+    first: dict[str, int | None],
+    times: list[float],
+) -> dict[str, Any]:
+    """The row's ``measured`` section from the first measured step's reads and the times."""
+    from histoseg.memory.devices import nvml_memory
+
+    cuda = config.device == "gpu"
     step_s = statistics.median(times)
-    first = reads[0]
     pixels = config.batch_size * config.patch_size**2
 
     def delta(key: str) -> int | None:
@@ -186,7 +204,7 @@ def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
     activation = delta("bytes_after_forward")
     peak = int(torch.cuda.max_memory_allocated()) if cuda else None
     nvml = nvml_memory(0) if cuda else None
-    measured = {
+    return {
         "weights_bytes": _tensor_bytes(model.weights),
         "optimizer_bytes": _tensor_bytes(optimizer.variables),
         "activation_bytes": activation,
@@ -199,11 +217,12 @@ def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
         "step_times_s": times,
         "patches_per_s": config.batch_size / step_s,
         "megapixels_per_s": pixels / 1e6 / step_s,
-        "activation_bytes_per_patch": None if activation is None else activation / shape[0],
-        "peak_bytes_per_patch": None if peak is None else peak / shape[0],
+        "activation_bytes_per_patch": None
+        if activation is None
+        else activation / config.batch_size,
+        "peak_bytes_per_patch": None if peak is None else peak / config.batch_size,
         "_model": model,
     }
-    return measured
 
 
 def run_config(config: StepConfig, command: str | None = None) -> dict[str, Any]:

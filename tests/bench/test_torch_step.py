@@ -65,6 +65,20 @@ def test_show_prints_the_committed_gpu_rows_without_torch():
     assert any(line.split()[:9] == row for line in lines)
 
 
+@pytest.mark.skipif(not TORCH, reason="needs PyTorch (not a project dependency)")
+def test_a_cpu_step_runs_under_the_torch_backend(tmp_path):
+    """The same step on the CPU: weights and optimizer state, no allocator figures (the
+    CUDA allocator's statistics are what this harness reads)."""
+    out_path = tmp_path / "torch.json"
+    out = _run("--device", "cpu", "--sizes", "64", *TINY, "--out", str(out_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads(out_path.read_text())
+    assert row["status"] == "ok" and row["extra"]["backend"] == "torch"
+    m = row["measured"]
+    assert m["weights_bytes"] > 0 and m["optimizer_bytes"] > m["weights_bytes"]
+    assert m["peak_bytes"] is None and len(m["step_times_s"]) == 2
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _torch_cuda(), reason="needs PyTorch with a CUDA GPU")
 def test_gpu_step_memory_scales_with_patch_area(tmp_path):
