@@ -16,12 +16,12 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from histoseg.errors import ResultsError
+from histoseg.files import atomic_outputs
 
 SCHEMA = "histoseg.result/1"
 KINDS = ("memory", "scaling", "accuracy")
@@ -283,60 +283,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def _atomic_write_texts(texts: Mapping[Path, str]) -> None:
-    """Write every file to a temporary sibling, then rename them all; on failure, none."""
-    temps: dict[Path, str] = {}
+    """Write the files together (:func:`histoseg.files.atomic_outputs`): all or none."""
     target = next(iter(texts))
     try:
-        for target, text in texts.items():
-            temps[target] = _write_temporary(target, text)
-        for target, tmp in temps.items():
-            os.replace(tmp, target)
+        with atomic_outputs(list(texts)) as temps:
+            for target, tmp in zip(texts, temps, strict=True):
+                _write_all(tmp, texts[target].encode("utf-8"))
     except OSError as exc:
+        target = next((t for t in texts if os.fspath(t) == exc.filename), target)
         before = "the previous file is unchanged" if target.exists() else "nothing was written"
         raise ResultsError(f"{target}: not written ({exc.strerror or exc}); {before}") from None
+
+
+def _write_all(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
     finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _write_temporary(path: Path, text: str) -> str:
-    """A complete, synced temporary file beside ``path`` holding ``text``; its name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, new_file_mode())
-        data = memoryview(text.encode("utf-8"))
-        while data:
-            data = data[os.write(fd, data) :]
-        os.fsync(fd)
-    except BaseException:
         os.close(fd)
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def new_file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: 0666 less the umask (0644 under 022).
-
-    For writers that go through ``tempfile.mkstemp`` (mode 0600): ``os.fchmod`` the
-    temporary file to this before renaming it into place.
-    """
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    # /proc reads it without changing it; os.umask must set it to read it.
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 @functools.lru_cache(maxsize=1)

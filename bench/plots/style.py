@@ -3,8 +3,6 @@ atomic PNG + SVG writer. Importing it selects matplotlib's file-only Agg backend
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +15,7 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from histoseg.results import new_file_mode
+from histoseg.files import atomic_output
 
 #: Okabe-Ito colours: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#000000", "#F0E442")
@@ -99,15 +97,8 @@ def save(fig: Figure, out_dir: Path, name: str, caption: str) -> list[Path]:
         ("svg", {"metadata": {"Date": None, "Creator": creator}}),
     ):
         target = out_dir / f"{name}.{ext}"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".{ext}", dir=out_dir)
-        os.fchmod(fd, new_file_mode())
-        os.close(fd)
-        try:
+        with atomic_output(target, suffix=f".{ext}") as tmp:
             fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.15, **kwargs)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         written.append(target)
     return written
 

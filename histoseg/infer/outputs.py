@@ -34,7 +34,7 @@ def write_probability_pyramid(
     """Write the map at level-0 geometry as a single-channel deflate pyramid (0..255 = p).
 
     Args:
-        path: the TIFF to write (through ``path.part``).
+        path: the TIFF to write (whole or not at all: :func:`histoseg.files.atomic_output`).
         reader: the finished map.
         size_px: the slide's level-0 (width, height).
         cell_px0: level-0 px per map cell.
@@ -119,7 +119,7 @@ def write_overlay_png(path: Path, thumbnail_rgb: np.ndarray, coarse: np.ndarray)
     from matplotlib import colormaps
     from PIL import Image
 
-    from histoseg.results import new_file_mode
+    from histoseg.files import atomic_output
 
     h, w = thumbnail_rgb.shape[:2]
     heat = np.asarray(
@@ -131,10 +131,8 @@ def write_overlay_png(path: Path, thumbnail_rgb: np.ndarray, coarse: np.ndarray)
     colour = colormaps["inferno"](heat)[..., :3] * 255.0
     alpha = (0.75 * heat)[..., None]
     blended = thumbnail_rgb.astype(np.float32) * (1 - alpha) + colour * alpha
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(tmp, format="PNG")
-    tmp.chmod(new_file_mode())
-    tmp.replace(path)
+    with atomic_output(path, suffix=".png") as tmp:
+        Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(tmp, format="PNG")
     return path
 
 

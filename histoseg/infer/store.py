@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from histoseg.errors import ConfigError
+from histoseg.files import atomic_output
 from histoseg.infer.tiling import TileGrid
 from histoseg.results import atomic_write_text
 
@@ -152,12 +153,8 @@ class MapStore:
     def _save_state(self, keep_rows: int) -> None:
         os.fsync(self._fd)
         carry_name = f"carry-{self.rows_done:06d}.npy"
-        tmp = self.folder / f".{carry_name}.tmp"
-        with tmp.open("wb") as f:
-            np.save(f, self._band[:keep_rows])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.folder / carry_name)
+        with atomic_output(self.folder / carry_name, suffix=".npy") as tmp:
+            np.save(tmp, self._band[:keep_rows])
         state = {
             "schema": STATE_SCHEMA,
             "fingerprint": self.fingerprint,

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 
 from histoseg.errors import ConfigError
+from histoseg.files import atomic_output
 from histoseg.train.distributed import all_variables
 
 CHECKPOINT_RE = re.compile(r"ckpt-(\d+)\.npz$")
@@ -40,10 +41,8 @@ def save_checkpoint(
     arrays["step"] = np.array(step, dtype=np.int64)
     arrays["bn_recalibrated"] = np.array(bn_recalibrated)
     path = folder / f"ckpt-{step:08d}.npz"
-    tmp = folder / f".ckpt-{step:08d}.npz.tmp"
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    with atomic_output(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

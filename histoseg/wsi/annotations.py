@@ -31,6 +31,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from histoseg.errors import AnnotationError
+from histoseg.files import atomic_output
 from histoseg.wsi.raster import fill_polygons
 
 TUMOR = 1
@@ -436,13 +437,8 @@ def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]])
         )
     lines.append("\t</AnnotationGroups>")
     lines.append("</ASAP_Annotations>")
-    tmp = path.with_name(path.name + ".part")
-    try:
+    with atomic_output(path, suffix=".xml") as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not leave half an XML behind
-        raise
     return path
 
 

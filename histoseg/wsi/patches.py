@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ from histoseg.cli import (
     run_main,
 )
 from histoseg.errors import ConfigError
+from histoseg.files import atomic_output
 from histoseg.wsi.annotations import (
     MAX_FILE_BYTES,
     MAX_POLYGONS,
@@ -397,21 +397,17 @@ def save_patches(path: str | Path, refs: Sequence[PatchRef]) -> Path:
     """Write a patch list as CSV (one row per patch, header = PatchRef fields)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    try:
-        # surrogateescape: a path holding non-UTF-8 bytes is written as those bytes.
-        with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            for ref in refs:
-                row = asdict(ref)
-                row["annotations_path"] = row["annotations_path"] or ""
-                writer.writerow(row)
-        os.replace(tmp, path)
-    except BaseException:
-        # Nothing half-written: a failed write or rename must not leave the .part behind.
-        tmp.unlink(missing_ok=True)
-        raise
+    # surrogateescape: a path holding non-UTF-8 bytes is written as those bytes.
+    with (
+        atomic_output(path, suffix=".csv") as tmp,
+        tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh,
+    ):
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for ref in refs:
+            row = asdict(ref)
+            row["annotations_path"] = row["annotations_path"] or ""
+            writer.writerow(row)
     return path
 
 

@@ -3,12 +3,12 @@ outline drawn on it, written atomically in a format PIL writes without extra opt
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from histoseg.errors import ConfigError
+from histoseg.files import atomic_output
 from histoseg.wsi.annotations import Annotations
 from histoseg.wsi.slide import Slide
 
@@ -44,14 +44,8 @@ def draw_preview(
     path = Path(path)
     fmt = preview_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: draw into a sibling temporary file, rename when complete, remove on failure.
-    tmp = path.with_name(path.name + ".part")
-    try:
+    with atomic_output(path, suffix=path.suffix) as tmp:
         image.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import tifffile
 
 from histoseg.errors import ConfigError
+from histoseg.files import atomic_output
 
 MIN_TOP_LEVEL_PX = 1000  # keep halving until the top level is smaller than this
 JPEG_QUALITY = 85
@@ -128,7 +129,7 @@ def write_pyramid_tiff(
     """Write a pyramidal tiled TIFF from a level-0 tile function.
 
     Args:
-        path: output file (written as ``path.part`` and renamed when complete).
+        path: output file (whole or not at all: :func:`histoseg.files.atomic_output`).
         render_tile: ``(tile column, tile row) -> uint8 (tile_px, tile_px, 3)`` RGB (or
             ``(tile_px, tile_px)`` when ``background_rgb`` has one value), or None for a
             background tile. Called from ``threads`` threads; must be thread-safe.
@@ -158,13 +159,15 @@ def write_pyramid_tiff(
     threads = threads or min(4, os.cpu_count() or 1)
     bar = tqdm(total=n_tx * n_ty, desc=path.name, unit="tile", disable=not progress, leave=False)
     level0 = _level0_tiles(builder, render_tile, threads, bar)
-    tmp = path.with_name(path.name + ".part")
     resolution_per_cm = 1e4 / mpp
     common = _tiff_options(tile_px, compression, channels)
     pixel_shape = (3,) if channels == 3 else ()
     bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+        with (
+            atomic_output(path, suffix=path.suffix) as tmp,
+            tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif,
+        ):
             tif.write(
                 level0,
                 shape=(height_px, width_px, *pixel_shape),
@@ -183,12 +186,8 @@ def write_pyramid_tiff(
                     subfiletype=1,
                     **common,
                 )
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         bar.close()
-    os.replace(tmp, path)
     return path
 
 

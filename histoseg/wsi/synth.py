@@ -16,13 +16,13 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from histoseg.cli import printable, run_main
 from histoseg.errors import ConfigError, SlideError
+from histoseg.files import atomic_output
 from histoseg.wsi.annotations import write_asap_xml
 from histoseg.wsi.context import (
     CONTEXT_GENERATOR,
@@ -197,9 +197,8 @@ def ensure_synthetic_dataset(
         )
         # The byte count lets the next run spot a truncated slide without decoding it.
         done[name] = {**recipe, "bytes": tif.stat().st_size}
-        tmp = manifest_path.with_suffix(".json.part")
-        tmp.write_text(json.dumps({"slides": done}, indent=1, sort_keys=True))
-        os.replace(tmp, manifest_path)
+        with atomic_output(manifest_path) as tmp:
+            tmp.write_text(json.dumps({"slides": done}, indent=1, sort_keys=True))
     return out
 
 

@@ -216,7 +216,7 @@ def test_patches_cli_out_is_a_directory_fails_cleanly(tmp_path, synthetic_slides
     argv = ["--slide", synthetic_slides.tumor_tif, "--patch-size", 256, "--out", folder]
     code, _, err = _run(patches.main, [*argv, "--force"], capsys)
     assert code == 2 and str(folder) in _one_error_line(err)
-    assert folder.is_dir() and not list(tmp_path.glob("*.part"))
+    assert folder.is_dir() and not list(tmp_path.glob(".*"))
 
 
 def test_save_patches_removes_its_temporary_file_on_failure(tmp_path):
@@ -225,7 +225,7 @@ def test_save_patches_removes_its_temporary_file_on_failure(tmp_path):
     ref = patches.PatchRef(slide_path="s.tif", x=0, y=0, level=0, patch_size=256)
     with pytest.raises(OSError):
         patches.save_patches(folder, [ref])
-    assert folder.is_dir() and not list(tmp_path.glob("*.part"))
+    assert folder.is_dir() and not list(tmp_path.glob(".*"))
 
 
 def test_patches_cli_bad_preview_path_fails_before_any_output(tmp_path, synthetic_slides, capsys):
@@ -236,7 +236,7 @@ def test_patches_cli_bad_preview_path_fails_before_any_output(tmp_path, syntheti
         argv = ["--slide", synthetic_slides.tumor_tif, "--patch-size", 256, "--out", out]
         code, _, err = _run(patches.main, [*argv, "--preview", preview, "--force"], capsys)
         assert code == 2 and str(preview) in _one_error_line(err), err
-        assert not out.exists() and not list(tmp_path.glob("*.part"))
+        assert not out.exists() and not list(tmp_path.glob(".*"))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["pics"]
 
 

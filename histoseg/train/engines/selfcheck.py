@@ -19,7 +19,6 @@ Run it on a cluster before a long job:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -182,11 +181,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _write_rank(out: Path, rank: int, **arrays: np.ndarray) -> None:
     """This rank's figures and weights as ``rank<r>.npz``, renamed into place when whole."""
+    from histoseg.files import atomic_output
+
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".rank{rank}.npz.tmp"
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, out / f"rank{rank}.npz")
+    with atomic_output(out / f"rank{rank}.npz", suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 if __name__ == "__main__":
