@@ -120,6 +120,7 @@ def build_tile_model(info: CheckpointInfo, tile_size_px: int):
             hold this model's variables.
     """
     from histoseg.models import build_deeplabv3plus
+    from histoseg.train.checkpoints import assign_variables
 
     cfg = info.model_config
     stride = int(cfg["output_stride"] or 16)
@@ -139,27 +140,8 @@ def build_tile_model(info: CheckpointInfo, tile_size_px: int):
         image_pooling_px=int(cfg.get("patch_size") or tile_size_px),
         **kwargs,
     )
-    _assign(model, info.path)
+    assign_variables(info.path, list(model.variables), prefix=True)
     return model
-
-
-def _assign(model, path: Path) -> None:
-    variables = list(model.variables)
-    with np.load(path) as data:
-        names = sorted(k for k in data.files if k.startswith("v"))
-        if len(names) < len(variables):
-            raise ConfigError(
-                f"checkpoint {path} holds {len(names)} variables, the model needs "
-                f"{len(variables)}: was it made with another backbone?"
-            )
-        for name, v in zip(names, variables, strict=False):
-            value = data[name]
-            if tuple(value.shape) != tuple(v.shape):
-                raise ConfigError(
-                    f"checkpoint {path}: {name} has shape {value.shape}, the model's {v.path} "
-                    f"is {tuple(v.shape)} (its options.json names another model?)"
-                )
-            v.assign(value)
 
 
 def tumour_probability_fn(model):

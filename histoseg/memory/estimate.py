@@ -70,9 +70,8 @@ from histoseg.memory.graph import (
 from histoseg.memory.simulate import simulate_step
 
 #: Mixed precision: the allocator figures are the median over this many orders of the
-#: step's weight casts (:func:`cast_orders`). Odd, so the median is one of them. With 51,
-#: xception65's medians (256 and 1024 px, remat blocks) moved by under 0.5% from one set
-#: of seeds to the next.
+#: step's weight casts (:func:`cast_orders`). Odd, so the median is one of them; enough
+#: that another set of seeds moves the median by little (docs/memory-harness.md).
 CAST_ORDERS = 51
 
 #: Grappler's memory optimizer rewrites gradient sums only when its estimate of the peak
@@ -245,11 +244,10 @@ def cast_orders(graph: MemoryGraph) -> list[list[int] | None]:
 
     Under mixed precision the casts of the weights to the compute dtype depend on nothing
     but the weights, so TensorFlow's executor starts them all at once, in its compiled
-    graph's node order, and that order differs from process to process (two allocator
-    traces of xception65, 256 px, remat blocks: the same 124 casts in two different
-    orders). Which chunks the copies take, and so what the forward pass wastes around
-    them, differs with it: fresh processes of xception65 at 256 px, batch 1, bfloat16,
-    remat blocks measured 19.2 to 26.7 MB of activations (docs/memory-harness.md). So the
+    graph's node order, and that order differs from process to process. Which chunks the
+    copies take, and so what the forward pass wastes around them, differs with it: small
+    bfloat16 steps measure different activation figures in fresh processes
+    (docs/memory-harness.md has the traces and figures). So the
     prediction is the median over :data:`CAST_ORDERS` orders, shuffled with fixed seeds
     (the same every run), as the harness reports the median over its repeats. Without
     weight copies (float32) the order changes nothing and the ops' order is the one order.
@@ -395,11 +393,48 @@ def estimate(
     return estimate_model(facts, batch_size=batch_size, optimizer=optimizer, device=device)
 
 
+def estimate_inference(
+    *,
+    patch_size: int,
+    batch_size: int = 1,
+    backbone: str = "xception65",
+    output_stride: int = 16,
+    precision: str = "float32",
+    device: str = "cpu",
+    backbone_options: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+    num_classes: int = 2,
+) -> Any:
+    """Predict a config's forward-pass (inference) memory: the same model built
+    symbolically, its ops run forward only (:mod:`histoseg.memory.inference`).
+
+    Returns:
+        An :class:`histoseg.memory.inference.InferenceEstimate`.
+
+    Example:
+        >>> estimate_inference(patch_size=2048, backbone="xception65").peak_bytes / 1e9
+    """
+    from histoseg.memory.inference import estimate_inference_model, inference_facts_for
+
+    options = dict(
+        backbone_options.items() if isinstance(backbone_options, Mapping) else backbone_options
+    )
+    facts = inference_facts_for(
+        backbone,
+        int(patch_size),
+        int(output_stride),
+        precision,
+        tuple(sorted(options.items())),
+        int(num_classes),
+    )
+    return estimate_inference_model(facts, batch_size=batch_size, device=device)
+
+
 def largest_patch(
     memory_bytes: int,
     *,
     step_px: int | None = None,
     max_patch_size: int = 16384,
+    mode: str = "train",
     **config: Any,
 ) -> int | None:
     """The largest square patch (a multiple of ``step_px``) whose predicted peak, plus the
@@ -414,7 +449,9 @@ def largest_patch(
         memory_bytes: Memory of the device (e.g. 24e9 for a 24 GB card).
         step_px: Patch sizes searched are multiples of this (default: the output stride).
         max_patch_size: Upper end of the search.
-        **config: The other :func:`estimate` arguments (backbone, batch_size, ...).
+        mode: "train" (the train step's peak, :func:`estimate`) or "infer" (a forward
+            pass's, :func:`estimate_inference`: the largest inference tile).
+        **config: The other arguments of that estimate (backbone, batch_size, ...).
 
     Returns:
         The patch size in pixels, or None when not even ``step_px`` fits.
@@ -423,9 +460,11 @@ def largest_patch(
 
     peaks: dict[int, int] = {}
 
+    predict = estimate_inference if mode == "infer" else estimate
+
     def peak(p: int) -> int:
         if p not in peaks:
-            peaks[p] = estimate(patch_size=p, **config).peak_bytes
+            peaks[p] = predict(patch_size=p, **config).peak_bytes
         return peaks[p]
 
     def fits(p: int) -> bool:

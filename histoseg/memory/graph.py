@@ -473,10 +473,9 @@ def accumulator_bytes(graph: MemoryGraph) -> int:
     norm nearest the loss and the loss is larger than that norm's float32 input (as in
     DeepLabV3+, whose head ends in a 1x1 conv to two classes), the start of the backward
     pass, where that sum runs, is the peak: one float32 constant the size of its input.
-    Seen for xception65 at every config measured but the smallest step (256 px, batch 1,
-    remat blocks), where Grappler's own peak estimate stays under the threshold (a 4 MB
-    constant); a model that widens after its last batch norm (a toy stack with an
-    upsampling there) has its peak elsewhere and gets no such constant.
+    Small steps, whose peak Grappler's own estimate keeps under the threshold, get none
+    (docs/memory-harness.md); nor does a model that widens after its last batch norm (a
+    toy stack with an upsampling there), whose peak is elsewhere.
     """
     norms = [i for i, op in enumerate(graph.ops) if op.kind == "batchnorm" and op.needs_backward]
     if not norms:

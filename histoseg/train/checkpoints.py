@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,20 +73,32 @@ def load_checkpoint(path: str | os.PathLike, model: keras.Model, optimizer: Any)
         path = found[-1]
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
-    variables = all_variables(model, optimizer)
+    return assign_variables(path, all_variables(model, optimizer))
+
+
+def assign_variables(path: Path, variables: Sequence[Any], *, prefix: bool = False) -> int:
+    """Assign a checkpoint's variables, in the order saved, to ``variables``; its step.
+
+    ``prefix``: ``variables`` are the first of those saved (a model without the optimizer
+    it trained with, as inference builds it); otherwise they must be all of them.
+
+    Raises:
+        ConfigError: the checkpoint holds another count or shape of variables.
+    """
     with np.load(path) as data:
         names = sorted(k for k in data.files if k.startswith("v"))
-        if len(names) != len(variables):
+        if len(names) < len(variables) or (not prefix and len(names) != len(variables)):
             raise ConfigError(
-                f"checkpoint {path} holds {len(names)} variables, this model and optimizer "
-                f"have {len(variables)}: was it made with another backbone or optimizer?"
+                f"checkpoint {path} holds {len(names)} variables, the model needs "
+                f"{len(variables)}: was it made with another backbone or optimizer?"
             )
-        for name, v in zip(names, variables, strict=True):
+        for name, v in zip(names, variables, strict=False):
             value = data[name]
             if tuple(value.shape) != tuple(v.shape):
                 raise ConfigError(
-                    f"checkpoint {path}: {name} has shape {value.shape}, the model expects "
-                    f"{tuple(v.shape)} (another patch size is fine; another model is not)"
+                    f"checkpoint {path}: {name} has shape {value.shape}, the model's "
+                    f"{getattr(v, 'path', name)} is {tuple(v.shape)} (another patch size is "
+                    "fine; another model is not)"
                 )
             v.assign(value)
-        return int(data["step"])
+        return int(data["step"]) if "step" in data.files else 0
