@@ -103,13 +103,14 @@ def run_process(
     For launchers whose result is not a status line (``bench.scaling``'s ranks write files);
     a worker that prints one is run with :func:`run_isolated`."""
     started = time.monotonic()
-    proc = subprocess.Popen(
-        list(command),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env if env is not None else worker_env(),
-        start_new_session=True,
-    )
+    with _signals_deferred() as deferred:
+        proc = subprocess.Popen(
+            list(command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env if env is not None else worker_env(),
+            start_new_session=True,
+        )
     assert proc.stdout is not None and proc.stderr is not None
     out: list[bytes] = []
     tail = bytearray()
@@ -119,10 +120,12 @@ def run_process(
             target=_drain, args=(proc.stderr, _tail_writer(tail, echo_stderr)), daemon=True
         ),
     ]
-    for reader in readers:
-        reader.start()
     timed_out = False
     with _stopping_group_on_signal(proc):
+        for signum in deferred:  # one that came while the worker was being started
+            signal.raise_signal(signum)
+        for reader in readers:
+            reader.start()
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -193,6 +196,27 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
                 proc.wait(timeout=grace_s)
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """While inside, SIGINT and SIGTERM are only noted (the list yielded), so that a signal
+    arriving while the worker is being started cannot unwind past it before
+    :func:`_stopping_group_on_signal` guards it; the caller raises them again there."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+
+    def note(signum, frame):
+        noted.append(signum)
+
+    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
