@@ -1,0 +1,278 @@
+"""Run a functional Keras model on one horizontal slab of its input per rank.
+
+:class:`SpatialExecutor` walks the model's graph (nested functional blocks included) in
+topological order and applies every layer to this rank's slab of that layer's input:
+
+- pointwise layers (ReLU, Add, Concatenate on channels, ...) run as they are;
+- convolutions, depthwise convolutions and max pooling first fetch the halo rows their
+  kernel, dilation and stride reach into (:mod:`histoseg.spatial.halo`), fill the map's
+  outer border as "same" padding does, and run the layer's own weights with "valid" rows;
+- batch norm in training mode normalises with the global moments (local sums, allreduced);
+- global average pooling allreduces local sums; its output is *replicated* (the whole
+  tensor on every rank), and layers on a replicated tensor run as they are;
+- bilinear resizing reads, for this rank's output rows, exactly the input rows (and
+  weights) ``tf.image.resize`` would, fetched through the halo exchange.
+
+Every slab of a map is ``height / workers`` rows, so every map's height must be a multiple
+of the number of ranks: an input size that is a multiple of ``workers x output stride``.
+The layers' weights are the model's own variables, so a ``tf.GradientTape`` around the
+executor gives this rank's weight gradients of its loss share (:mod:`histoseg.spatial.step`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+from keras import ops
+
+from histoseg.errors import ConfigError
+from histoseg.models.layers import ResizeBilinear
+from histoseg.models.norm import FrozenBatchNorm
+from histoseg.models.remat import RematBlock
+from histoseg.spatial.halo import fetch_rows
+from histoseg.spatial.slabs import (
+    conv_rows,
+    exchange_plan,
+    resize_coordinates,
+    resize_rows,
+    same_padding,
+    slab_rows,
+)
+
+_POINTWISE = (
+    keras.layers.ReLU,
+    keras.layers.Activation,
+    keras.layers.LeakyReLU,
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+    keras.layers.Concatenate,
+    keras.layers.Identity,
+)
+_MERGING = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+    keras.layers.Concatenate,
+)
+
+
+@dataclass(frozen=True)
+class Slab:
+    """A rank's part of one feature map: rows of a map ``height`` rows high, or all of it.
+
+    ``replicated``: ``value`` is the whole map (the same on every rank), e.g. a globally
+    pooled 1x1 map; otherwise it is this rank's slab (``height / workers`` rows).
+    """
+
+    value: Any
+    height: int
+    replicated: bool = False
+
+
+class SpatialExecutor:
+    """Apply ``model`` to this rank's slab of its input; see the module docstring.
+
+    Args:
+        model: A functional Keras model (channels-last), e.g. from
+            ``histoseg.models.build_deeplabv3plus`` (any remat mode runs, without remat).
+        comm: :class:`~histoseg.spatial.comm.HorovodComm` or ``SingleProcess``.
+        training: Batch norm with batch moments (global over all slabs) and moving
+            statistics updated, as ``model(x, training=True)``; False: inference mode.
+
+    Example:
+        >>> executor = SpatialExecutor(model, HorovodComm())
+        >>> logits_slab = executor(images[:, start:stop])  # this rank's rows
+    """
+
+    def __init__(self, model: keras.Model, comm, *, training: bool = True):
+        self.model = model
+        self.comm = comm
+        self.training = training
+        self._calls = 0
+        #: Set to a dict to record every layer's output :class:`Slab` by layer name.
+        self.trace: dict | None = None
+
+    def __call__(self, images):
+        """This rank's slab of the model's output for this rank's slab ``images``."""
+        height = int(self.model.inputs[0].shape[1])
+        start, stop = slab_rows(height, self.comm.size, self.comm.rank)
+        if int(images.shape[1]) != stop - start:
+            raise ConfigError(
+                f"rank {self.comm.rank} got {images.shape[1]} rows; its slab of the "
+                f"{height}-row input is rows {start}-{stop}"
+            )
+        self._calls = 0
+        (output,) = self._run(self.model, [Slab(images, height)])
+        return output.value
+
+    def _run(self, function, inputs: list[Slab]) -> list[Slab]:
+        values = {id(t): s for t, s in zip(function.inputs, inputs, strict=True)}
+        nodes_by_depth = function._nodes_by_depth  # Keras' own walk order (Function)
+        for depth in sorted(nodes_by_depth, reverse=True):
+            for node in nodes_by_depth[depth]:
+                if node.operation is None or node.is_input:
+                    continue
+                args = [values[id(t)] for t in node.input_tensors]
+                outs = self._apply(node.operation, args, node.outputs)
+                for tensor, slab in zip(node.outputs, outs, strict=True):
+                    values[id(tensor)] = slab
+                if self.trace is not None:
+                    self.trace[node.operation.name] = outs[0]
+        return [values[id(t)] for t in function.outputs]
+
+    def _apply(self, op, args: list[Slab], outputs) -> list[Slab]:
+        if isinstance(op, RematBlock):
+            return self._run(op.block, args)
+        if isinstance(op, keras.Model):
+            return self._run(op, args)
+        self._calls += 1
+        name = f"spatial.{self._calls}.{op.name}"
+        if isinstance(op, ResizeBilinear):  # a replicated map is resized into slabs too
+            return [self._resize(op, args[0], name)]
+        if all(a.replicated for a in args):  # the whole map on every rank
+            return [Slab(self._call_whole(op, args), int(outputs[0].shape[1]), True)]
+        if any(a.replicated for a in args):
+            raise ConfigError(f"layer {op.name} mixes a replicated map with slabs")
+        height = int(outputs[0].shape[1])
+        if isinstance(op, _POINTWISE):
+            if isinstance(op, keras.layers.Concatenate) and op.axis not in (-1, 3):
+                raise ConfigError(f"{op.name}: only channel concatenation is supported")
+            return [Slab(self._call_whole(op, args), height)]
+        (slab,) = args
+        if isinstance(op, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            return [self._conv(op, slab, name)]
+        if isinstance(op, keras.layers.MaxPooling2D):
+            return [self._max_pool(op, slab, name)]
+        if isinstance(op, keras.layers.BatchNormalization):
+            return [self._batch_norm(op, slab, name)]
+        if isinstance(op, keras.layers.GlobalAveragePooling2D):
+            return [self._global_average(op, slab, name)]
+        raise ConfigError(
+            f"spatial parallelism does not support layer {op.name} ({type(op).__name__})"
+        )
+
+    def _call_whole(self, op, args: list[Slab]):
+        values = [a.value for a in args]
+        inputs = values if isinstance(op, _MERGING) else values[0]
+        if isinstance(op, keras.layers.BatchNormalization):
+            return op(inputs, training=self.training)
+        return op(inputs)
+
+    def _extended(self, op, slab: Slab, name: str, *, fill: float):
+        """This rank's rows of ``op``'s input with halo, border fill and column padding."""
+        kernel, stride, dilation = _geometry(op)
+        out_height, needs = conv_rows(
+            slab.height,
+            self.comm.size,
+            kernel=kernel[0],
+            stride=stride[0],
+            dilation=dilation[0],
+            padding=op.padding,
+        )
+        exchange = exchange_plan(slab.height, self.comm.size, needs)
+        x = ops.cast(slab.value, op.compute_dtype)
+        x = fetch_rows(x, exchange, self.comm, name=name, fill=fill)
+        if op.padding == "same":
+            width = int(x.shape[2])
+            _, left, right = same_padding(width, kernel[1], stride[1], dilation[1])
+            x = ops.pad(x, [[0, 0], [0, 0], [left, right], [0, 0]], constant_values=fill)
+        return x, out_height
+
+    def _conv(self, op, slab: Slab, name: str) -> Slab:
+        if op.data_format != "channels_last" or getattr(op, "groups", 1) != 1:
+            raise ConfigError(f"{op.name}: only channels-last, ungrouped convolutions")
+        x, out_height = self._extended(op, slab, name, fill=0.0)
+        kernel = ops.cast(op.kernel, x.dtype)
+        if isinstance(op, keras.layers.DepthwiseConv2D):
+            y = ops.depthwise_conv(
+                x, kernel, strides=op.strides, padding="valid", dilation_rate=op.dilation_rate
+            )
+        else:
+            y = ops.conv(
+                x, kernel, strides=op.strides, padding="valid", dilation_rate=op.dilation_rate
+            )
+        if op.use_bias:
+            y = ops.add(y, ops.cast(op.bias, y.dtype))
+        if op.activation is not None:
+            y = op.activation(y)
+        return Slab(y, out_height)
+
+    def _max_pool(self, op, slab: Slab, name: str) -> Slab:
+        x, out_height = self._extended(op, slab, name, fill=float("-inf"))
+        y = ops.max_pool(x, op.pool_size, strides=op.strides, padding="valid")
+        return Slab(y, out_height)
+
+    def _batch_norm(self, op, slab: Slab, name: str) -> Slab:
+        frozen = isinstance(op, FrozenBatchNorm) or not op.trainable
+        if not self.training or frozen:
+            return Slab(op(slab.value, training=self.training), slab.height)
+        if op.renorm or op.axis not in (-1, 3):
+            raise ConfigError(f"{op.name}: batch renorm / non-channel axis not supported")
+        import tensorflow as tf
+
+        x = ops.cast(slab.value, keras.backend.result_type(slab.value.dtype, "float32"))
+        shape = tf.shape(x)
+        count = tf.cast(shape[0] * shape[2], x.dtype) * slab.height
+        axes = (0, 1, 2)
+        total = self.comm.allreduce_sum(tf.reduce_sum(x, axes), f"{name}.sum")
+        mean = total / count
+        squares = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+        variance = self.comm.allreduce_sum(squares, f"{name}.squares") / count
+        momentum = op.momentum
+        op.moving_mean.assign(op.moving_mean * momentum + mean * (1.0 - momentum))
+        op.moving_variance.assign(op.moving_variance * momentum + variance * (1.0 - momentum))
+        y = ops.batch_normalization(
+            x,
+            mean,
+            variance,
+            axis=-1,
+            offset=ops.cast(op.beta, x.dtype) if op.center else None,
+            scale=ops.cast(op.gamma, x.dtype) if op.scale else None,
+            epsilon=op.epsilon,
+        )
+        return Slab(ops.cast(y, op.compute_dtype), slab.height)
+
+    def _global_average(self, op, slab: Slab, name: str) -> Slab:
+        if op.data_format != "channels_last":
+            raise ConfigError(f"{op.name}: only channels-last pooling is supported")
+        x = ops.cast(slab.value, op.compute_dtype)
+        local = ops.sum(x, axis=(1, 2), keepdims=op.keepdims)
+        total = self.comm.allreduce_sum(local, f"{name}.sum")
+        return Slab(total / float(slab.height * int(x.shape[2])), 1, True)
+
+    def _resize(self, op, slab: Slab, name: str) -> Slab:
+        import tensorflow as tf
+
+        first, stop = slab_rows(op.height, self.comm.size, self.comm.rank)
+        lower, upper, lerp = resize_coordinates(slab.height, op.height)
+        x = ops.cast(slab.value, op.compute_dtype)
+        base = 0  # a replicated map has every row already
+        if not slab.replicated:
+            needs = resize_rows(slab.height, op.height, self.comm.size)
+            exchange = exchange_plan(slab.height, self.comm.size, needs)
+            x = fetch_rows(x, exchange, self.comm, name=name)
+            base = needs[self.comm.rank][0]
+        upper_rows = tf.gather(x, upper[first:stop] - base, axis=1)
+        lower_rows = tf.gather(x, lower[first:stop] - base, axis=1)
+        weights = tf.constant(lerp[first:stop], x.dtype)[None, :, None, None]
+        rows = lower_rows + (upper_rows - lower_rows) * weights
+        # Rows are done; resizing to the same row count is exact in rows (weights 0).
+        y = ops.image.resize(
+            rows, (stop - first, op.width), interpolation="bilinear", data_format="channels_last"
+        )
+        return Slab(y, op.height)
+
+
+def _geometry(op) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    if isinstance(op, keras.layers.MaxPooling2D):
+        return tuple(op.pool_size), tuple(op.strides), (1, 1)
+    return tuple(op.kernel_size), tuple(op.strides), tuple(op.dilation_rate)
