@@ -28,6 +28,7 @@ COMMANDS = {
     "scaling": ("bench.scaling", "weak scaling over workers, measured beside the projection"),
     "cores": ("bench.cores", "does this machine scale over its cores at all?"),
     "plots": ("bench.plots", "draw the figures and the README of a results folder"),
+    "spatial": ("bench.spatial", "one patch split over N ranks: check it equals the whole step"),
 }
 
 
