@@ -1,5 +1,10 @@
 """``python -m bench.memory``: what patch size costs in memory and time, measured and predicted.
 
+A config is a train step (``--mode train``, the default) or a forward pass alone
+(``--mode infer``: inference, ``training=False``, no optimizer and no recomputation); the
+rows of a forward pass carry ``mode`` "infer" in their config (docs/memory-harness.md,
+"Inference memory").
+
 The sweep is the product of the list-valued options. Every config is first predicted by
 the analytic model (``histoseg.memory.estimate``); one that fits the device's free memory
 is then measured in a fresh ``bench.worker`` process (a crash or an out-of-memory kill
@@ -20,12 +25,20 @@ from typing import Any
 
 from bench.config import expand_sweep, sample_configs
 from bench.memory_runs import locked, median_process, run_worker
-from bench.memory_table import summary_markdown, summary_table
+from bench.memory_table import print_largest_patches, summary_markdown, summary_table
 from histoseg.cli import ArgumentParser, run_main
-from histoseg.config import BACKBONES, PRECISIONS, REMAT_MODES, StepConfig, default_threads
+from histoseg.config import (
+    BACKBONES,
+    MODES,
+    OPTIMIZERS,
+    PRECISIONS,
+    REMAT_MODES,
+    StepConfig,
+    default_threads,
+)
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.memory.calibrate import calibrated_prediction
-from histoseg.memory.devices import fit_problem, format_bytes, parse_size
+from histoseg.memory.devices import fit_problem, parse_size
 from histoseg.results import config_key, load_rows_if_exists, make_row, merge_rows, write_rows
 
 DEFAULT_OUT = Path("results/memory.json")
@@ -62,6 +75,9 @@ Examples:
   python -m bench.memory --sizes 256 512 --batch-sizes 1 2 --precision float32 mixed_bfloat16 \\
       --remat none blocks --steps 2
   python -m bench.memory --sizes 1024 2048 4096 --predict-only --device-memory 24GB
+  python -m bench.memory --mode infer --sizes 256 512 1024 --batch-sizes 1 2 \\
+      --out results/memory_infer.json                 # forward passes (inference) only
+  python -m bench.memory --mode infer --sizes 4096 --predict-only --device-memory 24GB
   python -m bench.memory --sizes 256 --precision mixed_bfloat16 --remat blocks --repeats 3
   python -m bench.memory --baseline       # refresh results/baseline/memory_baseline.json
   python -m bench.memory --sample 48 --seed 0 --steps 1 --out results/memory_model_grid.json
@@ -76,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m bench.memory",
         description=(
-            "Measure (and predict) the memory and speed of a DeepLabV3+ train step per patch "
-            "size; each list-valued option takes several values and the sweep is their product."
+            "Measure (and predict) the memory and speed of a DeepLabV3+ train step (or, with "
+            "--mode infer, of a forward pass) per patch size; each list-valued option takes "
+            "several values and the sweep is their product."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -102,10 +119,30 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
     )
     add("--output-stride", type=int, nargs="+", default=[16], help="8 and/or 16")
     add("--precision", nargs="+", default=["float32"], choices=PRECISIONS)
-    add("--remat", nargs="+", default=["none"], choices=REMAT_MODES, help="recomputation mode")
+    add(
+        "--mode",
+        nargs="+",
+        default=["train"],
+        choices=MODES,
+        help="train (a train step, the default) and/or infer (a forward pass alone, "
+        "training=False: no optimizer, no recomputation)",
+    )
+    add(
+        "--remat",
+        nargs="+",
+        default=None,
+        choices=REMAT_MODES,
+        help="recomputation mode of a train step (default none)",
+    )
     add("--device", nargs="+", default=["cpu"], choices=("cpu", "gpu"))
     add("--threads", type=int, nargs="+", default=[default_threads()], help="intra-op threads")
-    add("--optimizer", nargs="+", default=["adam"], choices=("adam", "sgd"))
+    add(
+        "--optimizer",
+        nargs="+",
+        default=None,
+        choices=OPTIMIZERS,
+        help="optimizer of a train step (default adam)",
+    )
     add("--steps", type=int, default=3, help="timed steps after the warm-up step (default 3)")
     add(
         "--sample",
@@ -141,7 +178,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     add(
         "--device-memory",
         metavar="SIZE",
-        help="also report the largest patch that fits a device of SIZE (e.g. 24GB, 80GiB)",
+        help="also report the largest patch that fits a device of SIZE (e.g. 24GB, 80GiB): "
+        "a train step's, and with --mode infer the largest inference tile",
     )
     add("--timeout-s", type=float, default=None, help="kill a config's worker after this long")
     add(
@@ -199,28 +237,54 @@ def parse_backbone_options(items: Sequence[str]) -> tuple[tuple[str, Any], ...]:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
-    """The sweep the command line asks for, one :class:`StepConfig` per point."""
-    base = StepConfig(
-        steps=args.steps, backbone_options=parse_backbone_options(args.backbone_option)
-    )
-    return expand_sweep(
-        base,
-        backbone=args.backbone,
-        output_stride=args.output_stride,
-        precision=args.precision,
-        remat=args.remat,
-        optimizer=args.optimizer,
-        device=args.device,
-        threads=args.threads,
-        batch_size=args.batch_sizes,
-        patch_size=args.sizes,
-    )
+    """The sweep the command line asks for, one :class:`StepConfig` per point: for each
+    ``--mode`` in turn, train steps then forward passes.
+
+    A forward pass takes no ``--remat`` and no ``--optimizer``: with both modes they apply
+    to the train steps; with ``--mode infer`` alone, asking for either (but remat none)
+    is refused by :class:`StepConfig`.
+    """
+    modes = list(dict.fromkeys(getattr(args, "mode", None) or ["train"]))
+    options = parse_backbone_options(args.backbone_option)
+    configs: list[StepConfig] = []
+    for mode in modes:
+        train, alone = mode == "train", modes == [mode]
+        configs += expand_sweep(
+            StepConfig(steps=args.steps, backbone_options=options, mode=mode),
+            backbone=args.backbone,
+            output_stride=args.output_stride,
+            precision=args.precision,
+            remat=(args.remat or ["none"]) if train else args.remat if alone else None,
+            optimizer=(args.optimizer or ["adam"]) if train else args.optimizer if alone else None,
+            device=args.device,
+            threads=args.threads,
+            batch_size=args.batch_sizes,
+            patch_size=args.sizes,
+        )
+    return configs
+
+
+def as_forward_passes(configs: Sequence[StepConfig]) -> list[StepConfig]:
+    """Train-step configs as forward passes (no optimizer, remat none), duplicates once."""
+    passes = [c.replace(mode="infer", optimizer=None, remat="none") for c in configs]
+    return list(dict.fromkeys(passes))
 
 
 def predict(config: StepConfig) -> dict[str, int]:
-    """The analytic estimate of ``config`` (the ``predicted`` section of its row)."""
-    from histoseg.memory.estimate import estimate
+    """The analytic estimate of ``config`` (the ``predicted`` section of its row): a train
+    step's, or a forward pass's (:mod:`histoseg.memory.inference`) for mode infer."""
+    from histoseg.memory.estimate import estimate, estimate_inference
 
+    if config.mode == "infer":
+        return estimate_inference(
+            patch_size=config.patch_size,
+            batch_size=config.batch_size,
+            backbone=config.backbone,
+            output_stride=config.output_stride,
+            precision=config.precision,
+            device=config.device,
+            backbone_options=config.backbone_options,
+        ).as_dict()
     return estimate(
         patch_size=config.patch_size,
         batch_size=config.batch_size,
@@ -444,33 +508,6 @@ def compare_to_baseline(
     return out
 
 
-def largest_patches(
-    configs: Sequence[StepConfig], memory_bytes: int
-) -> list[tuple[StepConfig, int | None, int | None]]:
-    """For each distinct config apart from patch size: the largest patch that fits."""
-    from histoseg.memory.estimate import estimate, largest_patch
-
-    seen: dict[str, tuple[StepConfig, int | None, int | None]] = {}
-    for config in configs:
-        key = config_key({**config.as_dict(), "patch_size": None, "threads": None, "device": None})
-        if key in seen:
-            continue
-        kwargs = dict(
-            batch_size=config.batch_size,
-            backbone=config.backbone,
-            output_stride=config.output_stride,
-            precision=config.precision,
-            remat=config.remat,
-            optimizer=config.optimizer,
-            device="gpu",  # a card's allocator counts every buffer
-            backbone_options=config.backbone_options,
-        )
-        best = largest_patch(memory_bytes, **kwargs)
-        peak = estimate(patch_size=best, **kwargs).peak_bytes if best else None
-        seen[key] = (config, best, peak)
-    return list(seen.values())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.out.suffix != ".json":
@@ -481,7 +518,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out == DEFAULT_OUT:
             args.out = BASELINE_OUT
     elif args.sample is not None:
-        configs = sample_configs(args.sample, args.seed, steps=args.steps)
+        drawn = sample_configs(args.sample, args.seed, steps=args.steps)
+        configs = drawn if "train" in args.mode else []
+        configs += as_forward_passes(drawn) if "infer" in args.mode else []
     else:
         configs = configs_from_args(args)
     if args.repeats < 1:
@@ -517,14 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")
     _refresh_results_readme(args.out)
     if memory is not None:
-        print(f"\nlargest patch whose predicted step peak fits {format_bytes(memory)}:")
-        for config, best, peak in largest_patches(configs, memory):
-            what = (
-                f"{config.backbone} OS{config.output_stride} {config.precision} "
-                f"remat {config.remat} batch {config.batch_size} {config.optimizer}"
-            )
-            answer = "none (not even the smallest)" if best is None else f"{best} px"
-            print(f"  {what}: {answer} (predicted peak {format_bytes(peak)})")
+        print_largest_patches(configs, memory)
     return 0
 
 

@@ -1,9 +1,14 @@
-"""A memory sweep's rows as tables: fixed-width for the terminal, Markdown for docs/."""
+"""A memory sweep's rows as tables (fixed-width for the terminal, Markdown for docs/), and
+the ``--device-memory`` answer: the largest patch (or inference tile) that fits."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from histoseg.config import StepConfig
+from histoseg.memory.devices import format_bytes
+from histoseg.results import config_key
 
 
 def _num(n: Any, scale: float, digits: int = 2) -> str:
@@ -17,10 +22,17 @@ def _pct(measured: Any, predicted: Any) -> str:
 
 
 def config_label(config: dict[str, Any]) -> str:
-    """A config's model and step in a few characters: ``mobilenetv2@0.35 os8 sgd``."""
+    """A config's model and step in a few characters: ``mobilenetv2@0.35 os8 sgd`` (no
+    optimizer for a forward pass: ``xception65 os16``)."""
     alpha = (config.get("backbone_options") or {}).get("alpha")
     backbone = config["backbone"] + (f"@{alpha:g}" if alpha else "")
-    return f"{backbone} os{config['output_stride']} {config.get('optimizer', 'adam')}"
+    optimizer = config.get("optimizer", "adam")
+    return f"{backbone} os{config['output_stride']}" + (f" {optimizer}" if optimizer else "")
+
+
+def mode_of(config: dict[str, Any]) -> str:
+    """ "train" (a train step; rows made before modes existed have no key) or "infer"."""
+    return str(config.get("mode") or "train")
 
 
 def spread(row: dict[str, Any], figure: str) -> float | None:
@@ -36,7 +48,9 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     """A fixed-width table of a sweep's rows: memory measured vs predicted, speed, status.
 
     Memory columns are in GB when any peak reaches 1 GB, else in MB. "err" is
-    (predicted - measured) / measured; "by" the route of the prediction (a: analytic,
+    (predicted - measured) / measured; "mode" train (a train step) or infer (a forward
+    pass, whose "act" is its peak less what was held before it); "by" the route of the
+    prediction (a: analytic,
     c: calibrated); "spread" the activation and peak spread over a repeated row's
     processes. Status "predicted" marks a row that was predicted but not measured (it
     would not fit, or --predict-only); the reason is listed below.
@@ -48,7 +62,8 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     unit, scale = ("GB", 1e9) if max(peaks, default=0) >= 1e9 else ("MB", 1e6)
     head = (
-        f"{'patch':>5} {'batch':>5} {'model':<25} {'precision':<14} {'remat':<6} {'dev':<3} "
+        f"{'patch':>5} {'batch':>5} {'mode':<5} {'model':<25} {'precision':<14} {'remat':<6} "
+        f"{'dev':<3} "
         f"{'status':<9} {'act ' + unit:>7} {'pred':>7} {'err':>6} {'peak ' + unit:>7} "
         f"{'pred':>7} {'err':>6} {'by':>2} {'spread':>9} {'rss ' + unit:>7} {'step s':>7} "
         f"{'MP/s':>6}"
@@ -63,7 +78,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
             "-" if act_spread is None else f"{100 * act_spread:.1f}/{100 * (peak_spread or 0):.1f}%"
         )
         lines.append(
-            f"{c['patch_size']:>5} {c['batch_size']:>5} {config_label(c):<25} "
+            f"{c['patch_size']:>5} {c['batch_size']:>5} {mode_of(c):<5} {config_label(c):<25} "
             f"{c['precision']:<14} {c['remat']:<6} {c['device']:<3} {status:<9} "
             f"{_num(m.get('activation_bytes'), scale):>7} "
             f"{_num(p.get('activation_bytes'), scale):>7} "
@@ -76,7 +91,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
         )
         if r["status"] != "ok":
             what = (
-                f"{c['patch_size']} px batch {c['batch_size']} {config_label(c)} "
+                f"{c['patch_size']} px batch {c['batch_size']} {mode_of(c)} {config_label(c)} "
                 f"{c['precision']} remat {c['remat']} {c['device']}"
             )
             notes.append(f"  {what}: {r['status']}: {r['reason']}")
@@ -106,10 +121,10 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     figures beside the median process's.
     """
     lines = [
-        "| patch px | batch | model | precision | remat | status | activations GB "
+        "| patch px | batch | mode | model | precision | remat | status | activations GB "
         "measured | predicted | error | net err | step peak GB measured | predicted | "
         "error | net err | route | RSS peak GB | step s | MP/s |",
-        "| ---: | ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
+        "| ---: | ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
         "---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -121,7 +136,8 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
         peak_net = _net_of_waste(m.get("peak_bytes"), trace.get("peak_chunk_waste_bytes"))
         status = "predicted" if r["status"] == "skipped" and p else r["status"]
         lines.append(
-            f"| {c['patch_size']} | {c['batch_size']} | {config_label(c)} | {c['precision']} | "
+            f"| {c['patch_size']} | {c['batch_size']} | {mode_of(c)} | {config_label(c)} | "
+            f"{c['precision']} | "
             f"{c['remat']} | {status} | {_num(m.get('activation_bytes'), 1e9, 3)}"
             f"{_activation_range(r)} | {_num(p.get('activation_bytes'), 1e9, 3)} | "
             f"{_pct(m.get('activation_bytes'), p.get('activation_bytes'))} | "
@@ -134,3 +150,54 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_num(m.get('megapixels_per_s'), 1, 3)} |"
         )
     return "\n".join(lines)
+
+
+def largest_patches(
+    configs: Sequence[StepConfig], memory_bytes: int
+) -> list[tuple[StepConfig, int | None, int | None]]:
+    """For each distinct config apart from patch size: the largest patch that fits (for a
+    forward pass, mode infer, the largest inference tile)."""
+    from histoseg.memory.estimate import estimate, estimate_inference, largest_patch
+
+    seen: dict[str, tuple[StepConfig, int | None, int | None]] = {}
+    for config in configs:
+        key = config_key({**config.as_dict(), "patch_size": None, "threads": None, "device": None})
+        if key in seen:
+            continue
+        kwargs: dict[str, Any] = dict(
+            batch_size=config.batch_size,
+            backbone=config.backbone,
+            output_stride=config.output_stride,
+            precision=config.precision,
+            device="gpu",  # a card's allocator counts every buffer
+            backbone_options=config.backbone_options,
+        )
+        if config.mode == "train":
+            kwargs.update(remat=config.remat, optimizer=config.optimizer)
+        predict_peak = estimate_inference if config.mode == "infer" else estimate
+        best = largest_patch(memory_bytes, mode=config.mode, **kwargs)
+        peak = predict_peak(patch_size=best, **kwargs).peak_bytes if best else None
+        seen[key] = (config, best, peak)
+    return list(seen.values())
+
+
+def print_largest_patches(configs: Sequence[StepConfig], memory_bytes: int) -> None:
+    """The ``--device-memory`` answer: train steps first, then inference tiles."""
+    answers = largest_patches(configs, memory_bytes)
+    headers = {
+        "train": "largest patch whose predicted step peak fits",
+        "infer": "largest inference tile whose predicted forward-pass peak fits",
+    }
+    for mode, header in headers.items():
+        rows = [a for a in answers if a[0].mode == mode]
+        if rows:
+            print(f"\n{header} {format_bytes(memory_bytes)}:")
+        for config, best, peak in rows:
+            what = f"{config.backbone} OS{config.output_stride} {config.precision} "
+            what += (
+                f"remat {config.remat} batch {config.batch_size} {config.optimizer}"
+                if mode == "train"
+                else f"batch {config.batch_size}"
+            )
+            answer = "none (not even the smallest)" if best is None else f"{best} px"
+            print(f"  {what}: {answer} (predicted peak {format_bytes(peak)})")

@@ -17,6 +17,15 @@ What a row measures (after one warm-up step, on the config's device):
 - ``rss_peak_bytes``: the process's peak RSS; ``gpu_used_bytes``: NVML, on a GPU;
 - ``step_s``: median wall time of ``steps`` steps; ``patches_per_s``, ``megapixels_per_s``;
 - per-patch and per-megapixel figures of the activation and peak bytes.
+
+An inference config (``"mode": "infer"``) runs no train step: the same model, a warm-up
+forward pass and ``steps`` measured ones (``training=False``, in a compiled function, the
+softmax's tumour channel as ``histoseg.infer`` takes it), no optimizer. Its row has
+``weights_bytes``, ``before_step_bytes`` (allocator bytes before a pass: weights and the
+uint8 input batch), ``peak_bytes`` (the allocator's peak over the measured passes,
+everything held included), ``activation_bytes`` (``peak_bytes`` less
+``before_step_bytes``: the most the pass itself holds at once), ``constant_bytes``, RSS,
+times and throughput; no optimizer or gradient figures.
 """
 
 from __future__ import annotations
@@ -44,16 +53,19 @@ def _nbytes(variables) -> int:
     return int(sum(v.numpy().nbytes for v in variables))
 
 
-def _synthetic_batch(config: StepConfig, num_classes: int):
-    """A uint8 image batch and uint8 label masks, as the data pipeline delivers them."""
+def _synthetic_batch(config: StepConfig, num_classes: int | None):
+    """A uint8 image batch and uint8 label masks, as the data pipeline delivers them (no
+    masks, None, for ``num_classes`` None: an inference pass reads images only)."""
     import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     shape = (config.batch_size, config.patch_size, config.patch_size)
     images = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
-    masks = rng.integers(0, num_classes, size=shape, dtype=np.uint8)
     with tf.device(config.tf_device):
+        if num_classes is None:
+            return tf.constant(images), None
+        masks = rng.integers(0, num_classes, size=shape, dtype=np.uint8)
         return tf.constant(images), tf.constant(masks)
 
 
@@ -180,6 +192,21 @@ def _profiled(run: Any, read: Any) -> Any:
         return read(logdir, result)
 
 
+def _configure_tensorflow(config: StepConfig) -> None:
+    """Threads (inter-op 1: one op at a time) and the device the config runs on."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    if config.device == "cpu":
+        tf.config.set_visible_devices([], "GPU")
+    else:
+        # Without memory growth TF reserves nearly the whole card up front, and NVML's
+        # "used" would say nothing about this config.
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+
+
 def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> dict[str, Any]:
     """Train ``config`` for 1 + ``steps`` steps here and return the ``measured`` section.
 
@@ -194,15 +221,7 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
     from histoseg.memory.probe import MemoryProbe
     from histoseg.train.step import make_optimizer, make_train_step
 
-    tf.config.threading.set_intra_op_parallelism_threads(config.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    if config.device == "cpu":
-        tf.config.set_visible_devices([], "GPU")
-    else:
-        # Without memory growth TF reserves nearly the whole card up front, and NVML's
-        # "used" would say nothing about this config.
-        for gpu in tf.config.list_physical_devices("GPU"):
-            tf.config.experimental.set_memory_growth(gpu, True)
+    _configure_tensorflow(config)
     device = config.tf_device
     probe = MemoryProbe(device)
     with tf.device(device):
@@ -260,6 +279,94 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
     }
 
 
+def forward_function(model):
+    """The compiled inference pass: uint8 images in, the tumour probability per pixel out
+    (``histoseg.infer.model.tumour_probability_fn``, for a whole batch)."""
+    import tensorflow as tf
+
+    from histoseg.train.step import prepare_images
+
+    @tf.function
+    def forward(images):
+        logits = model(prepare_images(images), training=False)
+        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
+
+    return forward
+
+
+def forward_chunk_waste(logdir: str, _result: Any = None) -> dict[str, int] | None:
+    """Chunk waste of TF's allocator at the peak of one profiled forward pass: the chunk
+    bytes less the bytes requested, over the pass's buffers alive at its peak (see
+    :func:`allocator_chunk_waste`); None when the profiler recorded nothing."""
+    events = allocator_events(logdir)
+    if not events:
+        return None
+    live: dict[int, int] = {}
+    best, waste_at_best = -1, 0
+    for kind, stats in events:
+        if kind == "MemoryAllocation":
+            live[stats["addr"]] = stats["allocation_bytes"] - stats["requested_bytes"]
+        else:
+            live.pop(stats["addr"], None)
+        if stats["bytes_allocated"] > best:
+            best, waste_at_best = stats["bytes_allocated"], sum(live.values())
+    return {
+        "activation_chunk_waste_bytes": waste_at_best,
+        "peak_chunk_waste_bytes": waste_at_best,
+        "traced_peak_bytes": best,
+    }
+
+
+def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
+    """Run ``config``'s model forward 1 + ``steps`` times here; return the ``measured``
+    section (the module docstring's inference figures), with the model under ``"_model"``
+    and, with ``trace``, :func:`forward_chunk_waste` of one more pass under ``"_trace"``."""
+    import tensorflow as tf
+
+    from histoseg.memory.probe import MemoryProbe
+
+    _configure_tensorflow(config)
+    probe = MemoryProbe(config.tf_device)
+    with tf.device(config.tf_device):
+        model = build_model(config)
+        forward = forward_function(model)
+        images, _ = _synthetic_batch(config, None)
+        before_warmup = probe.snapshot().allocator_current_bytes
+        forward(images).numpy()  # warm-up: trace, compile, first allocations
+        before = probe.snapshot().allocator_current_bytes
+        probe.reset_peak()
+        times = []
+        for _ in range(config.steps):
+            start = time.perf_counter()
+            forward(images).numpy()  # the output is dropped before the next pass
+            times.append(time.perf_counter() - start)
+        after = probe.snapshot()
+        traced = _profiled(lambda: forward(images).numpy(), forward_chunk_waste) if trace else None
+    step_s = statistics.median(times)
+    patches, megapixels = config.batch_size, config.megapixels_per_step
+    peak = int(after.allocator_peak_bytes)
+    activation = peak - int(before)
+    return {
+        "weights_bytes": _nbytes(model.weights),
+        "activation_bytes": activation,
+        "peak_bytes": peak,
+        "before_step_bytes": int(before),
+        "constant_bytes": None if before_warmup is None else int(before) - before_warmup,
+        "rss_peak_bytes": after.rss_peak_bytes,
+        "gpu_used_bytes": after.gpu_used_bytes,
+        "step_s": step_s,
+        "step_times_s": times,
+        "patches_per_s": patches / step_s,
+        "megapixels_per_s": megapixels / step_s,
+        "activation_bytes_per_patch": activation / patches,
+        "peak_bytes_per_patch": peak / patches,
+        "activation_bytes_per_megapixel": activation / megapixels,
+        "peak_bytes_per_megapixel": peak / megapixels,
+        "_model": model,
+        "_trace": traced,
+    }
+
+
 def widen_for_demo(config: StepConfig) -> StepConfig:
     """Test-only: with ``HISTOSEG_BENCH_WIDEN=<factor>`` set, run a wider model.
 
@@ -288,17 +395,18 @@ def run_config(config: StepConfig, trace: bool = False) -> dict[str, Any]:
         )
     import tensorflow as tf
 
-    from histoseg.memory.estimate import estimate_model
-
     run = widen_for_demo(config)
+    infer = config.mode == "infer"
     try:
-        measured = measure(run, trace=trace)
+        measured = measure_infer(run, trace=trace) if infer else measure(run, trace=trace)
     except tf.errors.ResourceExhaustedError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "OOM"
         return make_row("memory", row_config, status="oom", reason=f"out of memory: {first}")
     model = measured.pop("_model")
     traced = measured.pop("_trace")
-    extra = {"steps": config.steps, "mask_dtype": "uint8", "image_dtype": "uint8"}
+    extra: dict[str, Any] = {"steps": config.steps, "image_dtype": "uint8"}
+    if not infer:
+        extra["mask_dtype"] = "uint8"
     if traced is not None:
         extra["allocator_trace"] = traced
     elif trace:
@@ -308,9 +416,7 @@ def run_config(config: StepConfig, trace: bool = False) -> dict[str, Any]:
             "of the profiler's trace, so its events cannot be placed in the step"
         )
     try:
-        predicted = estimate_model(
-            model, batch_size=config.batch_size, optimizer=config.optimizer, device=config.device
-        ).as_dict()
+        predicted = _predict_model(model, config)
     except Exception as exc:  # a measurement must never be lost to the estimate
         predicted = None
         extra["predict_error"] = f"{type(exc).__name__}: {exc}"
@@ -323,6 +429,23 @@ def run_config(config: StepConfig, trace: bool = False) -> dict[str, Any]:
         predicted=predicted,
         extra=extra,
     )
+
+
+def _predict_model(model: Any, config: StepConfig) -> dict[str, Any]:
+    """The analytic estimate of the model this worker built (train step or forward pass)."""
+    if config.mode == "infer":
+        from histoseg.memory.inference import estimate_inference_model
+
+        estimate = estimate_inference_model(
+            model, batch_size=config.batch_size, device=config.device
+        )
+    else:
+        from histoseg.memory.estimate import estimate_model
+
+        estimate = estimate_model(
+            model, batch_size=config.batch_size, optimizer=config.optimizer, device=config.device
+        )
+    return estimate.as_dict()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -340,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--allocator-trace",
         action="store_true",
-        help="profile one more step and record the allocator's chunk waste in extra",
+        help="profile one more step (forward pass, mode infer) and record the allocator's "
+        "chunk waste in extra",
     )
     parser.add_argument(
         "--allocator-events",

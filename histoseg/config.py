@@ -24,6 +24,9 @@ REMAT_MODES = ("none", "blocks", "full")
 DEVICES = ("cpu", "gpu")
 ENGINES = ("none", "horovod", "tf")
 OPTIMIZERS = ("adam", "sgd")
+#: "train": a train step (forward, loss, gradients, update); "infer": a forward pass only
+#: (``training=False``), as ``histoseg.infer`` runs the model over a slide.
+MODES = ("train", "infer")
 #: The widest MobileNetV2 width multiplier accepted: Keras ships 0.35 to 1.4, and past a few
 #: the network is no longer "mobile".
 MAX_ALPHA = 4.0
@@ -81,9 +84,12 @@ class StepConfig:
         workers: Number of training processes.
         steps: Steps to run (the memory harness: timed steps after the warm-up step); not
             part of the config's identity, so :meth:`as_dict` leaves it out.
-        optimizer: "adam" (two slots per weight) or "sgd" (momentum: one slot).
+        optimizer: "adam" (two slots per weight) or "sgd" (momentum: one slot); a train
+            step without one gets "adam". An inference pass builds no optimizer: None.
         backbone_options: Extra backbone keyword arguments as sorted ``(name, value)`` pairs,
             e.g. ``(("alpha", 0.35),)`` for a narrow MobileNetV2.
+        mode: "train" (a train step) or "infer" (a forward pass with ``training=False``:
+            no optimizer, and no recomputation, which only changes a backward pass).
     """
 
     patch_size: int = 512
@@ -97,8 +103,9 @@ class StepConfig:
     engine: str = "none"
     workers: int = 1
     steps: int = 3
-    optimizer: str = "adam"
+    optimizer: str | None = None
     backbone_options: tuple[tuple[str, Any], ...] = ()
+    mode: str = "train"
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "output_stride", "threads", "workers", "steps"):
@@ -110,13 +117,14 @@ class StepConfig:
                 f"patch_size {self.patch_size} px is not a multiple of the output stride "
                 f"{self.output_stride}"
             )
+        self._check_mode()
         choices = {
             "backbone": BACKBONES,
             "precision": PRECISIONS,
             "remat": REMAT_MODES,
             "device": DEVICES,
             "engine": ENGINES,
-            "optimizer": OPTIMIZERS,
+            "optimizer": OPTIMIZERS if self.mode == "train" else (None,),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -131,6 +139,24 @@ class StepConfig:
             isinstance(alpha, (int, float)) and 0 < alpha <= MAX_ALPHA  # NaN fails both
         ):
             raise ConfigError(f"alpha must be a finite number in (0, {MAX_ALPHA:g}], got {alpha!r}")
+
+    def _check_mode(self) -> None:
+        """The mode is known; a train step gets Adam by default; an inference pass takes
+        neither an optimizer nor recomputation (refused, not ignored: a row must not claim
+        what its pass did not use)."""
+        if self.mode not in MODES:
+            raise ConfigError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.mode == "train" and self.optimizer is None:
+            object.__setattr__(self, "optimizer", "adam")
+        elif self.mode == "infer" and self.optimizer is not None:
+            raise ConfigError(
+                f"optimizer {self.optimizer!r}: an inference pass (mode infer) builds no optimizer"
+            )
+        if self.mode == "infer" and self.remat != "none":
+            raise ConfigError(
+                f"remat {self.remat!r}: recomputation only changes a backward pass; an "
+                "inference pass (mode infer) takes remat none"
+            )
 
     @property
     def megapixels_per_step(self) -> float:
@@ -151,7 +177,9 @@ class StepConfig:
         """The config section of a results row (docs/architecture.md's keys; ``steps`` left out).
 
         ``optimizer`` always and ``backbone_options`` when set are added, since both change
-        the memory a step needs.
+        the memory a step needs. An inference pass adds ``mode`` ("infer") and has
+        ``optimizer`` None; a train step's row has no ``mode`` key, so every train row keeps
+        the identity it had before modes existed.
         """
         d = {
             "patch_size": self.patch_size,
@@ -168,6 +196,8 @@ class StepConfig:
         }
         if self.backbone_options:
             d["backbone_options"] = dict(self.backbone_options)
+        if self.mode != "train":
+            d["mode"] = self.mode
         return d
 
     def to_json(self) -> str:

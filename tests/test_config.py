@@ -116,3 +116,28 @@ def test_thread_env_sets_every_pool_and_refuses_nonsense():
     assert thread_env(None) == {}
     with pytest.raises(ConfigError, match="threads must be an integer >= 1"):
         thread_env(0)
+
+
+def test_a_forward_pass_claims_no_optimizer_and_train_rows_keep_their_identity():
+    infer = STEP.replace(mode="infer", optimizer=None)
+    row = infer.as_dict()
+    assert row["mode"] == "infer" and row["optimizer"] is None
+    assert {k: v for k, v in row.items() if k not in ("mode", "optimizer")} == {
+        k: v for k, v in STEP.as_dict().items() if k != "optimizer"
+    }
+    assert StepConfig.from_json(infer.to_json()) == infer
+    assert "mode" not in STEP.as_dict()  # train rows: the keys they always had
+    assert StepConfig().optimizer == "adam" and StepConfig(mode="infer").optimizer is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "expect"),
+    [
+        ({"mode": "serve"}, "mode 'serve' is not one of train, infer"),
+        ({"mode": "infer"}, "an inference pass \\(mode infer\\) builds no optimizer"),
+        ({"mode": "infer", "optimizer": None, "remat": "blocks"}, "takes remat none"),
+    ],
+)
+def test_a_forward_pass_refuses_what_it_would_not_use(changes, expect):
+    with pytest.raises(ConfigError, match=expect):
+        STEP.replace(**changes)

@@ -1,9 +1,12 @@
-"""Memory: what a train step needs, measured (allocator, RSS, NVML) and predicted (estimate).
+"""Memory: what a train step (or a forward pass alone) needs, measured (allocator, RSS,
+NVML) and predicted (estimate).
 
 Public API: :class:`MemoryProbe` and the allocator / RSS readers in ``probe``;
-:func:`estimate`, :func:`estimate_model`, :func:`largest_patch` and :class:`MemoryEstimate`
-in ``estimate``; :func:`parse_size`, :func:`format_bytes` and :func:`available_bytes` in
-``devices``.
+:func:`estimate`, :func:`estimate_model`, :func:`estimate_inference`, :func:`largest_patch`
+(``mode="infer"``: the largest inference tile) and :class:`MemoryEstimate` in ``estimate``;
+:func:`estimate_inference_model` and :class:`InferenceEstimate` in ``inference`` (the
+forward pass alone, docs/memory-harness.md "Inference memory"); :func:`parse_size`,
+:func:`format_bytes` and :func:`available_bytes` in ``devices``.
 """
 
 from histoseg.memory.devices import available_bytes, format_bytes, parse_size

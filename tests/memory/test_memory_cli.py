@@ -48,6 +48,42 @@ def test_device_memory_reports_the_largest_patch(tmp_path, capsys):
     assert " px (predicted peak " in text
 
 
+def test_infer_mode_predicts_forward_passes_and_answers_the_largest_tile(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    argv = [*ARGS, "--sizes", "64", "--mode", "train", "infer", "--optimizer", "sgd"]
+    argv += ["--remat", "none", "blocks", "--predict-only", "--device-memory", "1GB"]
+    assert main([*argv, "--out", str(out)]) == 0
+    rows = load_rows(out)
+    infer = [r for r in rows if r["config"].get("mode") == "infer"]
+    train = [r for r in rows if "mode" not in r["config"]]
+    # the train steps take both remat modes and SGD; the forward pass takes neither
+    assert len(train) == 2 and {r["config"]["optimizer"] for r in train} == {"sgd"}
+    (row,) = infer
+    assert row["config"]["optimizer"] is None and row["config"]["remat"] == "none"
+    assert 0 < row["predicted"]["activation_bytes"] < row["predicted"]["peak_bytes"]
+    assert row["predicted"]["peak_bytes"] < min(r["predicted"]["peak_bytes"] for r in train)
+    text = capsys.readouterr().out
+    assert " infer " in text and " train " in text
+    assert "largest patch whose predicted step peak fits 1.0 GB" in text
+    assert "largest inference tile whose predicted forward-pass peak fits 1.0 GB" in text
+    tile = text.split("largest inference tile")[1]
+    assert "mobilenetv2 OS16 float32 batch 1: " in tile and " px (predicted peak " in tile
+
+
+@pytest.mark.parametrize(
+    ("extra", "expect"),
+    [
+        (["--optimizer", "sgd"], "builds no optimizer"),
+        (["--remat", "blocks"], "takes remat none"),
+    ],
+)
+def test_infer_mode_alone_refuses_an_optimizer_or_recomputation(tmp_path, extra, expect):
+    out = tmp_path / "m.json"
+    with pytest.raises(ConfigError, match=expect):
+        main([*ARGS, "--sizes", "64", "--mode", "infer", *extra, "--out", str(out)])
+    assert not out.exists()
+
+
 def test_bad_out_name_is_one_line_and_exit_2(tmp_path, capsys):
     assert run_main(main, ["--out", str(tmp_path / "m.txt"), "--predict-only"]) == 2
     assert "must end in .json" in capsys.readouterr().err
