@@ -10,7 +10,7 @@ import matplotlib
 from matplotlib.lines import Line2D
 
 from bench.plots import caption
-from bench.plots.select import GB, peak_bytes_of
+from bench.plots.select import GB, is_train_memory_row, peak_bytes_of
 from bench.plots.style import (
     DEVICE_MEMORIES_GB,
     PALETTE,
@@ -29,7 +29,10 @@ Series = dict[str, dict[str, list[tuple[int, float]]]]
 
 def drawn_rows(rows: Sequence[dict], notes: list[str]) -> list[dict]:
     """The memory rows this figure draws; what it leaves out is added to ``notes``."""
-    memory_rows = [r for r in rows if r.get("kind") == "memory"]
+    memory_rows = [r for r in rows if is_train_memory_row(r)]
+    infer_rows = sum(r.get("kind") == "memory" for r in rows) - len(memory_rows)
+    if infer_rows:
+        notes.append(f"{infer_rows} rows of a forward pass alone (--mode infer) left out")
     # One framework per plot: rows of bench.torch_step (Keras on PyTorch) have their own
     # allocator and tensors kept, and would read as TensorFlow GPU rows here.
     torch_rows = [r for r in memory_rows if (r.get("extra") or {}).get("backend") == "torch"]
@@ -81,7 +84,7 @@ def group_series(
 def draw_memory_vs_patch_size(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """Measured and predicted step peak against patch size, one colour per precision / remat mode."""
     outcome = PlotOutcome("memory_vs_patch_size")
-    if not any(r.get("kind") == "memory" for r in rows):
+    if not any(is_train_memory_row(r) for r in rows):
         outcome.notes.append("no memory rows (kind 'memory'); run python -m bench.memory")
         return outcome
     memory_rows = drawn_rows(rows, outcome.notes)

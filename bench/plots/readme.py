@@ -101,6 +101,11 @@ def describe_file(path: str | os.PathLike[str], rows: Sequence[dict], relative_t
 
 
 def _what(kind: str, rows: Sequence[dict]) -> str:
+    if kind == "memory" and all(r.get("config", {}).get("mode") == "infer" for r in rows):
+        return (
+            "inference memory (one forward pass, training=False: weights, activations, "
+            "allocator peak; predicted beside measured) and pass throughput"
+        )
     if kind == "accuracy" and not any(
         r.get("config", {}).get("pixel_budget") for r in rows if r.get("kind") == "accuracy"
     ):

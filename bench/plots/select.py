@@ -105,7 +105,13 @@ def memory_key(config: Mapping[str, Any]) -> tuple:
 
 def memory_index(rows: Sequence[dict]) -> dict[tuple, dict]:
     """The memory rows by :func:`memory_key`, to place rows of other kinds on a memory axis."""
-    return {memory_key(r.get("config", {})): r for r in rows if r.get("kind") == "memory"}
+    return {memory_key(r.get("config", {})): r for r in rows if is_train_memory_row(r)}
+
+
+def is_train_memory_row(row: Mapping[str, Any]) -> bool:
+    """A memory row of a train step (``bench.memory --mode infer`` rows measure a forward
+    pass alone: another quantity, never a training run's memory twin)."""
+    return row.get("kind") == "memory" and row.get("config", {}).get("mode", "train") == "train"
 
 
 def peak_bytes_of(row: dict | None, part: str) -> float | None:

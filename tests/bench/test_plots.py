@@ -279,3 +279,15 @@ def test_seeds_of_a_point_are_one_mean_with_their_spread_per_task_panel(tmp_path
     svg = _svg_text(tmp_path / "memory_vs_accuracy.svg")
     assert "context task" in svg and "local task (control)" in svg
     assert "Bayes ceiling" in svg and "n=3" in svg
+
+
+def test_inference_rows_are_never_a_training_runs_memory():
+    """bench.memory --mode infer rows measure a forward pass alone: the memory figure
+    leaves them out, and a training row is never matched to one."""
+    config = {"backbone": "mobilenetv2", "output_stride": 16, "precision": "float32"}
+    config.update(remat="none", batch_size=1, patch_size=512)
+    infer = make_row("memory", {**config, "mode": "infer", "optimizer": None})
+    infer["measured"] = {"peak_bytes": 50e6}
+    assert not select.is_train_memory_row(infer)
+    training = make_row("accuracy", {**config, "optimizer": "adam"})
+    assert select.accuracy_memory(training, select.memory_index([infer])) == (None, None)
