@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import expand_sweep
-from bench.memory import parse_backbone_options
+from bench.memory_args import parse_backbone_options
 from bench.memory_table import summary_table
 from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.config import BACKBONES, PRECISIONS, REMAT_MODES, StepConfig

@@ -27,9 +27,7 @@ Issue 18's rows, and where each is checked:
   ``--synthetic-slides 0``, the user's README.md or CSV beside ``--out``: refused before
   any work.
 - ``bench.memory --timeout-s nan/inf/0/-1``, ``--output-stride 7``, an unwritable ``--out``
-  or the user's ``side.csv`` refused before any work: strict xfails until bench/memory.py
-  checks them before the sweep (their reason names the fix). A strict xfail that passes
-  fails the run: remove its marker then.
+  or the user's ``side.csv``: refused before any work.
 """
 
 from __future__ import annotations
@@ -565,11 +563,7 @@ def test_horovod_engine_without_a_launcher_is_refused(tmp_path, capsys, monkeypa
 
 
 # --- bench.memory and bench.accuracy: refused before any work ------------------------------
-# These rows still fail on main: the fix is in bench/memory*.py and bench/accuracy*.py
-# (parse-time types from histoseg.cli, the output checked before the sweep); each case is a
-# strict xfail, so it turns into a failure, to be unmarked, the day its fix lands.
 BENCH_MEMORY = ["--sizes", "64", "--backbone", "mobilenetv2", "--steps", "1", "--quiet"]
-MEMORY_FIX = "bench/memory.py: --timeout-s/--output-stride checked at parse time, --out before work"
 
 
 def _no_bench_work(monkeypatch, tmp_path):
@@ -588,7 +582,6 @@ def _no_bench_work(monkeypatch, tmp_path):
             monkeypatch.setattr(module, name, work)
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_FIX)
 @pytest.mark.parametrize(
     ("argv", "expect"),
     [
@@ -609,7 +602,6 @@ def test_bench_memory_refuses_bad_numbers_before_any_work(
     _refused(main, argv, capsys, [tmp_path], expect=expect)
 
 
-@pytest.mark.xfail(strict=True, reason=MEMORY_FIX)
 @pytest.mark.parametrize("case", ["unwritable folder", "the user's side.csv"])
 def test_bench_memory_refuses_its_out_before_any_work(case, tmp_path, capsys, monkeypatch):
     import tempfile

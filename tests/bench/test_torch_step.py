@@ -60,9 +60,9 @@ def test_show_prints_the_committed_gpu_rows_without_torch():
     out = _run("--show", "--out", str(ROOT / "results" / "memory_torch_gpu.json"))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].split()[:3] == ["patch", "batch", "model"]
-    row = ["2048", "1", "xception65", "os16", "adam", "float32", "none", "gpu", "ok"]
-    assert any(line.split()[:9] == row for line in lines)
+    assert lines[0].split()[:4] == ["patch", "batch", "mode", "model"]
+    row = ["2048", "1", "train", "xception65", "os16", "adam", "float32", "none", "gpu", "ok"]
+    assert any(line.split()[:10] == row for line in lines)
 
 
 @pytest.mark.skipif(not TORCH, reason="needs PyTorch (not a project dependency)")
