@@ -103,36 +103,28 @@ def run_process(
     For launchers whose result is not a status line (``bench.scaling``'s ranks write files);
     a worker that prints one is run with :func:`run_isolated`."""
     started = time.monotonic()
-    with _signals_deferred() as deferred:
-        proc = subprocess.Popen(
-            list(command),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env if env is not None else worker_env(),
-            start_new_session=True,
-        )
-    assert proc.stdout is not None and proc.stderr is not None
     out: list[bytes] = []
     tail = bytearray()
-    readers = [
-        threading.Thread(target=_drain, args=(proc.stdout, out.append), daemon=True),
-        threading.Thread(
-            target=_drain, args=(proc.stderr, _tail_writer(tail, echo_stderr)), daemon=True
-        ),
-    ]
     timed_out = False
-    with _stopping_group_on_signal(proc):
-        for signum in deferred:  # one that came while the worker was being started
-            signal.raise_signal(signum)
+    with _guarded_worker(command, env) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        readers = [
+            threading.Thread(target=_drain, args=(proc.stdout, out.append), daemon=True),
+            threading.Thread(
+                target=_drain, args=(proc.stderr, _tail_writer(tail, echo_stderr)), daemon=True
+            ),
+        ]
         for reader in readers:
             reader.start()
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_group(proc)
-    for reader in readers:
-        reader.join()
+        # the worker is done (or timed out): nothing of its group may outlive it, and a
+        # child of it still holding the pipes must not hold this process either
+        _kill_group(proc)
+        for reader in readers:
+            reader.join(timeout=STOP_GRACE_S)
     elapsed = time.monotonic() - started
     return Finished(proc.returncode, b"".join(out), bytes(tail), elapsed, timed_out)
 
@@ -144,7 +136,10 @@ def _outcome(finished: Finished) -> dict[str, Any]:
     if returncode == 0 and status_line is not None and "status" in status_line:
         return status_line
     if returncode < 0:
-        name = signal.Signals(-returncode).name
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:  # a real-time signal has no name
+            name = f"signal {-returncode}"
         after = f"after {finished.elapsed_s:.0f} s"
         if returncode == -signal.SIGKILL:
             reason = f"worker killed by {name} (likely the out-of-memory killer) {after}"
@@ -170,10 +165,19 @@ def _last_json(stdout: str) -> dict | None:
 
 
 def _drain(stream: IO[bytes], sink) -> None:
-    # os.read returns what is there: progress bars end lines with \r, not \n
-    while chunk := os.read(stream.fileno(), 65536):
-        sink(chunk)
-    stream.close()
+    """Read ``stream`` to its end, handing each chunk to ``sink``. A sink that fails (a
+    closed stderr to echo to) is dropped, but the pipe is still read, so the worker is
+    never blocked on a full pipe."""
+    try:
+        # os.read returns what is there: progress bars end lines with \r, not \n
+        while chunk := os.read(stream.fileno(), 65536):
+            if sink is not None:
+                try:
+                    sink(chunk)
+                except (OSError, ValueError, AttributeError):
+                    sink = None
+    finally:
+        stream.close()
 
 
 def _tail_writer(tail: bytearray, echo: bool):
@@ -188,60 +192,72 @@ def _tail_writer(tail: bytearray, echo: bool):
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
-    """End the worker's process group: SIGTERM, then SIGKILL after ``grace_s``."""
-    with contextlib.suppress(ProcessLookupError):
+    """End the worker's process group: SIGTERM, then SIGKILL after ``grace_s``. The SIGKILL
+    is sent whatever interrupts the grace period (a second Ctrl-C)."""
+    try:
         if grace_s > 0:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=grace_s)
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[list[int]]:
-    """While inside, SIGINT and SIGTERM are only noted (the list yielded), so that a signal
-    arriving while the worker is being started cannot unwind past it before
-    :func:`_stopping_group_on_signal` guards it; the caller raises them again there."""
-    noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-
-    def note(signum, frame):
-        noted.append(signum)
-
-    previous = {s: signal.signal(s, note) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield noted
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @contextlib.contextmanager
-def _stopping_group_on_signal(proc: subprocess.Popen) -> Iterator[None]:
-    """Whatever ends the wait (SIGINT, SIGTERM, any exception) ends the worker's group first.
+def _guarded_worker(command: Sequence[str], env: dict[str, str] | None) -> Iterator[Any]:
+    """Start the worker in a new session; whatever ends the block (SIGINT, SIGTERM, any
+    exception) ends the worker's process group first.
 
-    Under ``histoseg.cli.run_main`` SIGTERM already unwinds the command (it raises
-    :class:`histoseg.cli.Terminated`); elsewhere, while the worker runs, SIGTERM is made
-    to do the same, since dying at once would leave the worker (in its own session)
-    running.
+    While the worker is being started, SIGINT and SIGTERM are only noted: they are raised
+    again once the guard is in place, so none can unwind past a started worker. Under
+    ``histoseg.cli.run_main`` SIGTERM unwinds the command (it raises
+    :class:`histoseg.cli.Terminated`); elsewhere the guard makes it do so while the worker
+    runs, since dying at once would leave the worker (in its own session) running. Signal
+    handlers can only be set in the main thread: elsewhere a signal to this process does
+    not reach the worker.
     """
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(
-        signal.SIGTERM
-    ) in (signal.SIG_DFL, None):
-
-        def terminate(signum, frame):
-            raise Terminated()
-
-        previous = signal.signal(signal.SIGTERM, terminate)
+    main = threading.current_thread() is threading.main_thread()
+    noted: list[int] = []
+    previous: dict[int, Any] = {}
+    if main:
+        previous = {s: signal.signal(s, lambda n, f: noted.append(n)) for s in _STOP_SIGNALS}
     try:
-        yield
+        proc = subprocess.Popen(
+            list(command),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env if env is not None else worker_env(),
+            start_new_session=True,
+        )
+    except BaseException:
+        _restore(previous, noted)
+        raise
+    try:
+        if main and previous[signal.SIGTERM] in (signal.SIG_DFL, None):
+            previous[signal.SIGTERM] = _raise_terminated
+        _restore(previous, noted)
+        yield proc
     except BaseException:
         _kill_group(proc, grace_s=STOP_GRACE_S)
         raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if main and signal.getsignal(signal.SIGTERM) is _raise_terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _restore(previous: dict[int, Any], noted: list[int]) -> None:
+    """Put the handlers back, then raise the signals noted meanwhile through them."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    for signum in noted:
+        signal.raise_signal(signum)

@@ -34,7 +34,9 @@ import time
 from collections.abc import Sequence
 
 from histoseg.cli import ArgumentParser, run_main
+from histoseg.config import parse_alpha
 from histoseg.errors import ConfigError
+from histoseg.train.launch import horovodrun_command
 
 EPILOG = """Examples:
   python -m bench.spatial --check --workers 2 --size 128 --backbone mobilenetv2 --alpha 0.35
@@ -223,10 +225,10 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run this command under ``horovodrun`` with ``--workers`` ranks; print rank 0's line."""
     with tempfile.TemporaryDirectory(prefix="bench-spatial-") as tmp:
         result = os.path.join(tmp, "result.json")
-        command = [
-            "horovodrun", "-np", str(args.workers), "-H", f"localhost:{args.workers}", "--gloo",
-            sys.executable, "-m", "bench.spatial", *argv, "--result-file", result,
-        ]  # fmt: skip
+        command = horovodrun_command(
+            args.workers,
+            [sys.executable, "-m", "bench.spatial", *argv, "--result-file", result],
+        )
         try:
             done = subprocess.run(command, stdout=subprocess.DEVNULL, check=False)
         except FileNotFoundError as exc:
@@ -253,7 +255,9 @@ def _parser() -> ArgumentParser:
     parser.add_argument(
         "--backbone", default="mobilenetv2", choices=("mobilenetv2", "xception65", "resnet50")
     )
-    parser.add_argument("--alpha", type=float, default=0.35, help="mobilenetv2 width (0.35)")
+    parser.add_argument(
+        "--alpha", type=parse_alpha, default=0.35, help="mobilenetv2 width, in (0, 4] (0.35)"
+    )
     parser.add_argument("--classes", type=int, default=2, help="logit channels (default 2)")
     parser.add_argument("--batch", type=int, default=1, help="patches per step (default 1)")
     parser.add_argument(

@@ -90,7 +90,10 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for pid in child_pids():
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM)
+                # a child in a session of its own is ended by whoever started it so
+                # (bench.isolated ends its worker's whole group): one SIGTERM, not two
+                if os.getsid(pid) == os.getsid(0):
+                    os.kill(pid, signal.SIGTERM)
         raise Terminated()
 
     try:

@@ -4,7 +4,8 @@
 over the target only once the writer is done, so a crash, a full disk or Ctrl-C never leaves
 half a file behind (nor a stray temporary file), and a reader never sees a partial one.
 Results rows, CSVs, checkpoints, slide pyramids, probability maps, previews and plots all go
-through it.
+through it. (A process killed outright, SIGKILL, leaves its hidden ``.<name>.<random>.tmp``
+behind; nothing reads such a file.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def atomic_output(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[
     it. On a clean exit it is synced to disk, given the mode a plain ``open(path, "w")``
     gives a new file (:func:`new_file_mode`, not mkstemp's 0600) and renamed over ``path``
     (atomic within a filesystem). If the block raises, it is removed and ``path`` is as it
-    was. ``suffix`` keeps an extension for writers that read it (e.g. ``".npz"``).
+    was. The temporary name is hidden and ends in ``suffix`` (".tmp"), never in the
+    target's extension, so that a process killed mid-write leaves nothing a scan for
+    slides, annotations or checkpoints would pick up; writers that add an extension to a
+    path they are given (numpy's ``savez``) are given an open file instead.
 
     Example:
         >>> with atomic_output(tmp_dir / "rows.csv") as tmp:  # doctest: +SKIP

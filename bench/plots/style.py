@@ -97,7 +97,7 @@ def save(fig: Figure, out_dir: Path, name: str, caption: str) -> list[Path]:
         ("svg", {"metadata": {"Date": None, "Creator": creator}}),
     ):
         target = out_dir / f"{name}.{ext}"
-        with atomic_output(target, suffix=f".{ext}") as tmp:
+        with atomic_output(target) as tmp:
             fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.15, **kwargs)
         written.append(target)
     return written

@@ -131,7 +131,7 @@ def write_overlay_png(path: Path, thumbnail_rgb: np.ndarray, coarse: np.ndarray)
     colour = colormaps["inferno"](heat)[..., :3] * 255.0
     alpha = (0.75 * heat)[..., None]
     blended = thumbnail_rgb.astype(np.float32) * (1 - alpha) + colour * alpha
-    with atomic_output(path, suffix=".png") as tmp:
+    with atomic_output(path) as tmp:
         Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(tmp, format="PNG")
     return path
 

@@ -153,8 +153,8 @@ class MapStore:
     def _save_state(self, keep_rows: int) -> None:
         os.fsync(self._fd)
         carry_name = f"carry-{self.rows_done:06d}.npy"
-        with atomic_output(self.folder / carry_name, suffix=".npy") as tmp:
-            np.save(tmp, self._band[:keep_rows])
+        with atomic_output(self.folder / carry_name) as tmp, open(tmp, "wb") as f:
+            np.save(f, self._band[:keep_rows])
         state = {
             "schema": STATE_SCHEMA,
             "fingerprint": self.fingerprint,

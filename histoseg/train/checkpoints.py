@@ -42,8 +42,8 @@ def save_checkpoint(
     arrays["step"] = np.array(step, dtype=np.int64)
     arrays["bn_recalibrated"] = np.array(bn_recalibrated)
     path = folder / f"ckpt-{step:08d}.npz"
-    with atomic_output(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # a file object: numpy adds no .npz to the temporary name
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

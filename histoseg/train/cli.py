@@ -410,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from histoseg.train.engines import get_engine
 
     engine = get_engine(args.engine).init()
+    # the step as its results row will state it, made (and so checked) before any work
+    options.step_config(device="cpu", engine=engine.name, workers=engine.size)
     from histoseg.train.loop import run
 
     row = run(options, engine)

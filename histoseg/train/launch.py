@@ -255,6 +255,15 @@ def pin_to_cores(local_rank: int, threads: int) -> list[int] | None:
     return cores
 
 
+def exit_status(codes: Sequence[int]) -> int:
+    """One exit status for a launch: the first worker that exited with an error, else the
+    first killed by a signal (as a shell reports it, 128 + N: the launcher stops the others
+    when one fails, so a signal is often its doing, not the cause), else 0."""
+    exited = [c for c in codes if c > 0]
+    killed = [128 - c for c in codes if c < 0]
+    return (exited or killed or [0])[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(
         prog="python -m histoseg.train.launch",
@@ -293,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         codes = launch_tf_workers(
             args.workers, command, threads_per_worker=threads, log_dir=args.log_dir
         )
-        return max(codes, key=abs)
+        return exit_status(codes)
     return run_horovod(args.workers, command, threads_per_worker=threads).returncode
 
 

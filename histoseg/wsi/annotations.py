@@ -437,7 +437,7 @@ def write_asap_xml(path: str | Path, groups: Mapping[str, Iterable[np.ndarray]])
         )
     lines.append("\t</AnnotationGroups>")
     lines.append("</ASAP_Annotations>")
-    with atomic_output(path, suffix=".xml") as tmp:
+    with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 

@@ -399,7 +399,7 @@ def save_patches(path: str | Path, refs: Sequence[PatchRef]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # surrogateescape: a path holding non-UTF-8 bytes is written as those bytes.
     with (
-        atomic_output(path, suffix=".csv") as tmp,
+        atomic_output(path) as tmp,
         tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh,
     ):
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)

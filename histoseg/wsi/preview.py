@@ -44,7 +44,7 @@ def draw_preview(
     path = Path(path)
     fmt = preview_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path, suffix=path.suffix) as tmp:
+    with atomic_output(path) as tmp:
         image.save(tmp, format=fmt)
     return path
 

@@ -165,7 +165,7 @@ def write_pyramid_tiff(
     bigtiff = width_px * height_px * 3 // 4 > 2**31  # JPEG is far smaller; stay safe
     try:
         with (
-            atomic_output(path, suffix=path.suffix) as tmp,
+            atomic_output(path) as tmp,
             tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif,
         ):
             tif.write(

@@ -89,13 +89,38 @@ def test_a_stopped_sweep_leaves_no_worker_running(tmp_path, signum):
     assert not _alive(grandchild)
 
 
-def test_a_signal_while_the_worker_starts_is_held_until_it_can_be_ended():
-    """SIGINT during the start is noted, not raised: raised later, inside the guard that
-    ends the worker's group (the window a stopped sweep once leaked a worker through)."""
-    from bench.isolated import _signals_deferred
+def test_a_signal_while_the_worker_starts_is_held_until_it_can_be_ended(tmp_path, monkeypatch):
+    """SIGINT while the worker is being started is noted, not raised, and raised again once
+    the guard that ends the worker's group is in place: no worker is left running."""
+    import bench.isolated as isolated
 
-    with _signals_deferred() as noted:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.1)  # the handler runs between bytecodes
-    assert noted == [signal.SIGINT]
+    pids = tmp_path / "pids"
+    real_popen = subprocess.Popen
+
+    started = []
+
+    def popen_then_interrupted(*args, **kwargs):
+        proc = real_popen(*args, **kwargs)
+        started.append(proc)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives before run_process has the worker
+        time.sleep(0.2)
+        return proc
+
+    monkeypatch.setattr(isolated.subprocess, "Popen", popen_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_isolated([*_py(SLEEPER), str(pids)], timeout_s=60)
+    (worker,) = started
+    assert worker.returncode is not None and not _alive(worker.pid)
+    if pids.exists() and pids.read_text():
+        assert not _alive(int(pids.read_text()))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_broken_stderr_does_not_hang_the_worker(monkeypatch):
+    """Echoing to a closed stderr (``... 2>&1 | head``) drops the echo, not the reading:
+    a worker that writes a lot to stderr still finishes."""
+    import io
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # no .buffer: every echo fails
+    code = "import sys; sys.stderr.write('x' * 1_000_000); print('{\"status\": \"ok\"}')"
+    assert run_isolated(_py(code), timeout_s=60, echo_stderr=True) == {"status": "ok"}

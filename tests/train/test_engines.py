@@ -148,3 +148,9 @@ def test_two_tf_distribute_workers_train_like_one_worker(tmp_path, single_worker
     _check_against_single(ranks, single_worker)
     # the overlapped step reduces its gradients in a few packed collectives inside the graph
     assert int(ranks[0]["collective_ops"]) >= 2
+
+
+def test_a_launch_reports_the_first_real_failure():
+    assert launch.exit_status([0, 0]) == 0
+    assert launch.exit_status([-15, 3]) == 3  # rank 1 failed; the launcher stopped rank 0
+    assert launch.exit_status([0, -9]) == 137  # killed by SIGKILL, as a shell reports it

@@ -184,8 +184,8 @@ def _write_rank(out: Path, rank: int, **arrays: np.ndarray) -> None:
     from histoseg.files import atomic_output
 
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_output(out / f"rank{rank}.npz", suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    with atomic_output(out / f"rank{rank}.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 if __name__ == "__main__":
