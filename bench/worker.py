@@ -248,9 +248,6 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
         traced = _traced_step(step, images, masks) if trace else None
     out = outs[0]
     before = int(out["bytes_before_step"])
-    step_s = statistics.median(times)
-    patches = config.batch_size
-    megapixels = config.megapixels_per_step
     activation = int(out["bytes_after_forward"]) - before
     peak = int(after.allocator_peak_bytes)
     final = probe.snapshot()
@@ -266,6 +263,18 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
         ),
         "rss_peak_bytes": final.rss_peak_bytes,
         "gpu_used_bytes": final.gpu_used_bytes,
+        **_rates(config, times, activation, peak),
+        "_model": model,
+        "_trace": traced,
+    }
+
+
+def _rates(config: StepConfig, times: list[float], activation: int, peak: int) -> dict:
+    """Step time (median), throughput and bytes per patch and per megapixel: the figures a
+    train step's and a forward pass's measured sections share."""
+    step_s = statistics.median(times)
+    patches, megapixels = config.batch_size, config.megapixels_per_step
+    return {
         "step_s": step_s,
         "step_times_s": times,
         "patches_per_s": patches / step_s,
@@ -274,8 +283,6 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
         "peak_bytes_per_patch": peak / patches,
         "activation_bytes_per_megapixel": activation / megapixels,
         "peak_bytes_per_megapixel": peak / megapixels,
-        "_model": model,
-        "_trace": traced,
     }
 
 
@@ -342,8 +349,6 @@ def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
         after = probe.snapshot()
         traced = _profiled(lambda: forward(images).numpy(), forward_chunk_waste) if trace else None
-    step_s = statistics.median(times)
-    patches, megapixels = config.batch_size, config.megapixels_per_step
     peak = int(after.allocator_peak_bytes)
     activation = peak - int(before)
     return {
@@ -354,14 +359,7 @@ def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
         "constant_bytes": None if before_warmup is None else int(before) - before_warmup,
         "rss_peak_bytes": after.rss_peak_bytes,
         "gpu_used_bytes": after.gpu_used_bytes,
-        "step_s": step_s,
-        "step_times_s": times,
-        "patches_per_s": patches / step_s,
-        "megapixels_per_s": megapixels / step_s,
-        "activation_bytes_per_patch": activation / patches,
-        "peak_bytes_per_patch": peak / patches,
-        "activation_bytes_per_megapixel": activation / megapixels,
-        "peak_bytes_per_megapixel": peak / megapixels,
+        **_rates(config, times, activation, peak),
         "_model": model,
         "_trace": traced,
     }

@@ -53,7 +53,7 @@ import functools
 import math
 import random
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from histoseg.errors import ConfigError
@@ -337,6 +337,23 @@ def _facts_for(
     num_classes: int,
 ) -> ModelFacts:
     """Build the config's model symbolically, trace it, and let the model go."""
+    return read_symbolic_model(
+        model_facts, backbone, patch_size, output_stride, precision, remat, options, num_classes
+    )
+
+
+def read_symbolic_model(
+    read: Callable[[Any], Any],
+    backbone: str,
+    patch_size: int,
+    output_stride: int,
+    precision: str,
+    remat: str,
+    options: tuple[tuple[str, Any], ...],
+    num_classes: int,
+) -> Any:
+    """``read(model)`` of the config's model, built symbolically (Keras only propagates
+    shapes; no activation is allocated); the model is let go afterwards."""
     import keras
 
     from histoseg.models import build_deeplabv3plus
@@ -350,7 +367,7 @@ def _facts_for(
         remat=remat,
         **dict(options),
     )
-    facts = model_facts(model)
+    facts = read(model)
     del model
     keras.backend.clear_session()  # the weights of a symbolic build are not needed again
     return facts

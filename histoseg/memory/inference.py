@@ -488,20 +488,15 @@ def inference_facts_for(
     num_classes: int,
 ) -> InferenceFacts:
     """Build the config's model symbolically (remat none), read its facts, let it go."""
-    import keras
+    from histoseg.memory.estimate import read_symbolic_model
 
-    from histoseg.models import build_deeplabv3plus
-
-    model = build_deeplabv3plus(
+    return read_symbolic_model(
+        inference_facts,
         backbone,
-        (patch_size, patch_size, 3),
-        num_classes=num_classes,
-        output_stride=output_stride,
-        precision=precision,
-        remat="none",
-        **dict(options),
+        patch_size,
+        output_stride,
+        precision,
+        "none",
+        options,
+        num_classes,
     )
-    facts = inference_facts(model)
-    del model
-    keras.backend.clear_session()
-    return facts

@@ -41,19 +41,6 @@ from histoseg.spatial.slabs import (
     slab_rows,
 )
 
-_POINTWISE = (
-    keras.layers.ReLU,
-    keras.layers.Activation,
-    keras.layers.LeakyReLU,
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-    keras.layers.Concatenate,
-    keras.layers.Identity,
-)
 _MERGING = (
     keras.layers.Add,
     keras.layers.Subtract,
@@ -62,6 +49,13 @@ _MERGING = (
     keras.layers.Maximum,
     keras.layers.Minimum,
     keras.layers.Concatenate,
+)
+_POINTWISE = (
+    keras.layers.ReLU,
+    keras.layers.Activation,
+    keras.layers.LeakyReLU,
+    keras.layers.Identity,
+    *_MERGING,
 )
 
 

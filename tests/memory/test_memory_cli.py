@@ -1,6 +1,7 @@
 """``python -m bench.memory``: predict-only sweeps, resume, GPU-less skips, user errors."""
 
 import json
+import re
 
 import pytest
 
@@ -114,7 +115,9 @@ def test_a_failing_worker_becomes_an_error_row_naming_why():
 
 def test_repeats_below_one_are_refused_before_any_work(tmp_path):
     out = tmp_path / "m.json"
-    with pytest.raises(ConfigError, match="--repeats: must be a whole number >= 1, got .0."):
+    with pytest.raises(
+        ConfigError, match=re.escape("--repeats: must be a whole number >= 1, got '0'")
+    ):
         main([*ARGS, "--sizes", "64", "--repeats", "0", "--out", str(out)])
     assert not out.exists()
 
