@@ -44,6 +44,22 @@ from bench.scaling_worker import summarise, worker_main
 from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.config import MAX_ALPHA, StepConfig, parse_alpha
 from histoseg.errors import ConfigError, EngineUnavailableError
+from histoseg.results import (
+    config_key,
+    load_rows,
+    load_rows_if_exists,
+    make_row,
+    merge_rows,
+    write_rows,
+)
+from histoseg.scaling.measured import calibrated_overhead, projection_from, spread_from_rows
+from histoseg.scaling.model import (
+    DEFAULT_WORKERS,
+    Network,
+    curve_points,
+    format_projection,
+    project,
+)
 from histoseg.train.engines.base import DEFAULT_STEP_MODE, STEP_MODES
 
 DEFAULT_OUT = Path("results/scaling.json")
@@ -119,8 +135,6 @@ def run_point(
     args: argparse.Namespace, engine: str, size: int, compression: str, step: str, workers: int
 ) -> dict:
     """Launch one (engine, size, compression, step mode, workers) point; returns its row."""
-    from histoseg.results import make_row
-
     config = point_config(args, engine, size, compression, step, workers)
     launches, discarded = [], []
     for _ in range(args.repeats):
@@ -234,20 +248,17 @@ def attach_projection(
     rows of a real engine only. Curves and projection rows carry the straggler band
     (``efficiency_low``, ``efficiency_high``) when the rows hold repeated launches.
     """
-    from histoseg import scaling
-    from histoseg.stragglers import spread_from_rows
-
-    network = scaling.Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node)
+    network = Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node)
     spread = spread_from_rows(rows if spread_rows is None else spread_rows)
     # the calibration histoseg.scaling makes of the same rows (the control has no allreduce)
-    overhead = scaling.calibrated_overhead(rows, {})
+    overhead = calibrated_overhead(rows, {})
     engine_rows = [r for r in rows if r["config"]["engine"] != "none"]
     max_workers = args.nodes * args.workers_per_node
-    workers = [n for n in scaling.DEFAULT_WORKERS if n <= max_workers]
+    workers = [n for n in DEFAULT_WORKERS if n <= max_workers]
     for r in engine_rows:
         if r["status"] != "ok" or r["config"]["workers"] < 2:
             continue
-        curve = scaling.project(
+        curve = project(
             r["measured"]["compute_s"],
             r["measured"]["gradient_bytes"],
             workers,
@@ -256,10 +267,10 @@ def attach_projection(
             fp16=r["config"]["compression"] == "fp16",
             spread=spread,
         )
-        r.setdefault("extra", {})["projection"] = scaling.curve_points(curve)
+        r.setdefault("extra", {})["projection"] = curve_points(curve)
     if not any(r["status"] == "ok" for r in engine_rows):
         return "no measured horovod/tf rows: no projection", []
-    inputs, tables = scaling.projection_from(
+    inputs, tables = projection_from(
         [r for r in rows if r["status"] == "ok"],
         patch_size=args.project_size,
         compute_scale=args.compute_scale,
@@ -268,7 +279,7 @@ def attach_projection(
         spread=spread,
     )
     made = make_projection_rows(inputs, tables, network, getattr(args, "command", None))
-    return scaling.format_projection(inputs, tables), made
+    return format_projection(inputs, tables), made
 
 
 def make_projection_rows(
@@ -277,9 +288,6 @@ def make_projection_rows(
     """One row of engine "projection" per allreduce variant, at the table's last worker
     count: predicted efficiency and its straggler band, the whole curve, the inputs and the
     command that made it."""
-    from histoseg import scaling
-    from histoseg.results import make_row
-
     rows = []
     for name, table in tables.items():
         last = table[-1]
@@ -307,7 +315,7 @@ def make_projection_rows(
                 },
                 extra={
                     "inputs": inputs,
-                    "projection": scaling.curve_points(table),
+                    "projection": curve_points(table),
                     "command": command,
                 },
             )
@@ -322,8 +330,6 @@ def kept_rows(old: Sequence[dict], new: Sequence[dict]) -> list[dict]:
     tell them from a row of either mode; left beside new rows of the same point they would
     be read as a second measurement of it.
     """
-    from histoseg.results import config_key
-
     remeasured = {
         config_key({k: v for k, v in r["config"].items() if k != "step"})
         for r in new
@@ -444,8 +450,6 @@ def reproject(rows: list[dict], args: argparse.Namespace) -> int:
     replace the stored ones of the same config, and each multi-worker row's
     ``extra.projection`` is recomputed; the measured figures stay as they are.
     """
-    from histoseg.results import merge_rows, write_rows
-
     measured = [
         r for r in rows if r.get("kind") == "scaling" and r["config"].get("engine") != "projection"
     ]
@@ -469,8 +473,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.out.suffix != ".json":
         raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
     if args.show or args.reproject:
-        from histoseg.results import load_rows
-
         if not args.out.exists():
             raise ConfigError(f"--show/--reproject: no results file {args.out}; run a sweep first")
         if args.reproject:
@@ -486,8 +488,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.threads_per_worker = args.threads_per_worker or default_threads_per_worker(
         max(args.workers)
     )
-    from histoseg.results import load_rows_if_exists, merge_rows, write_rows
-
     points = [
         (engine, size, compression, step, workers)
         for engine in args.engine

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 
 from histoseg.results import step_mode_of
-from histoseg.scaling import band_text
+from histoseg.scaling.model import band_text
 
 
 def summary_table(rows: Sequence[dict]) -> str:

@@ -18,7 +18,7 @@ MODULES = [
     "bench.torch_step",
     "bench.worker",
     "histoseg.models.__main__",
-    "histoseg.scaling",
+    "histoseg.scaling.__main__",
     "histoseg.train.cli",
     "histoseg.train.engines.selfcheck",
     "histoseg.train.launch",

@@ -6,9 +6,11 @@ import math
 
 import pytest
 
-from histoseg import scaling, stragglers
 from histoseg.errors import ConfigError
 from histoseg.results import make_row
+from histoseg.scaling import __main__ as scaling_cli
+from histoseg.scaling import measured, stragglers
+from histoseg.scaling import model as scaling
 
 
 def test_ring_allreduce_formula():
@@ -66,22 +68,24 @@ def _row(workers, size, step_s, allreduce_s, compression="none", probe=None):
 
 def test_projection_from_rows_scales_compute_by_pixels():
     rows = [_row(1, 512, 1.0, 0.0), _row(1, 1024, 4.0, 0.0), _row(2, 512, 1.1, 0.1)]
-    got = scaling.compute_s_from_rows(rows, 2048)
+    got = measured.compute_s_from_rows(rows, 2048)
     assert got["compute_s"] == pytest.approx(16.0)
     assert got["gradient_bytes"] == 8e6
-    assert scaling.compute_s_from_rows(rows, 512)["how"] == "measured"
-    assert scaling.calibration_points_from_rows(rows) == [(8e6, 2, 0.1)]
-    inputs, tables = scaling.projection_from(rows, patch_size=2048, max_workers=512)
+    assert measured.compute_s_from_rows(rows, 512)["how"] == "measured"
+    assert measured.calibration_points_from_rows(rows) == [(8e6, 2, 0.1)]
+    inputs, tables = measured.projection_from(rows, patch_size=2048, max_workers=512)
     assert inputs["compute_s"] == pytest.approx(16.0)
     assert set(tables) == {"fp32", "fp16"}
     assert tables["fp32"][-1]["workers"] == 512
     with pytest.raises(ConfigError):
-        scaling.compute_s_from_rows([_row(2, 512, 1.0, 0.1)], 512)
+        measured.compute_s_from_rows([_row(2, 512, 1.0, 0.1)], 512)
 
 
 def test_cli_prints_inputs_beside_outputs(capsys):
     assert (
-        scaling.main(["--compute-s", "20", "--gradient-bytes", "1.6e8", "--overhead-s", "0.002"])
+        scaling_cli.main(
+            ["--compute-s", "20", "--gradient-bytes", "1.6e8", "--overhead-s", "0.002"]
+        )
         == 0
     )
     out = capsys.readouterr().out
@@ -157,12 +161,12 @@ def test_spread_is_pooled_from_rows_without_a_collective():
         _launched("horovod", 2, (5.0, 9.0, 1.0)),  # has a collective: not a compute spread
         _launched("tf", 1, (1.0,)),  # a single launch has no spread
     ]
-    spread = stragglers.spread_from_rows(rows)
+    spread = measured.spread_from_rows(rows)
     assert spread.rows == 2 and spread.dof == 3
     assert spread.cv == pytest.approx(math.sqrt((0.01 + 0.01 + 0.0025 + 0.0025) / 3))
     assert spread.low < spread.cv < spread.high
-    assert stragglers.spread_from_rows(rows[2:]) is None
-    inputs, tables = scaling.projection_from(
+    assert measured.spread_from_rows(rows[2:]) is None
+    inputs, tables = measured.projection_from(
         rows, patch_size=512, compute_s=1.0, gradient_bytes=4e6, max_workers=8
     )
     assert inputs["straggler_cv"] == spread.cv
@@ -190,7 +194,7 @@ MEASURED_LAUNCHES = (
 
 
 def _measured_spread():
-    return stragglers.spread_from_rows([_launched(*row) for row in MEASURED_LAUNCHES])
+    return measured.spread_from_rows([_launched(*row) for row in MEASURED_LAUNCHES])
 
 
 def test_projection_lands_within_5_points_of_the_published_large_runs():
@@ -238,17 +242,17 @@ def test_a_known_miss_is_shown_not_hidden():
 
 def test_cli_prints_the_band_and_the_published_checks(capsys):
     args = ["--compute-s", "20", "--gradient-bytes", "1.6e8", "--overhead-s", "0.002"]
-    assert scaling.main([*args, "--cv", "0.02", "0.015", "0.03"]) == 0
+    assert scaling_cli.main([*args, "--cv", "0.02", "0.015", "0.03"]) == 0
     out = capsys.readouterr().out
     assert "fp32 band" in out and "straggler_cv_low" in out
     assert "-" in out.splitlines()[-1].split()[-1]  # the band at 512 workers
-    assert scaling.main(["--published", "--cv", "0.02"]) == 0
+    assert scaling_cli.main(["--published", "--cv", "0.02"]) == 0
     out = capsys.readouterr().out
     assert "published 90.0%" in out and "published 90.7%" in out and "assumed:" in out
     with pytest.raises(ConfigError):
-        scaling.main(["--published"])
+        scaling_cli.main(["--published"])
     with pytest.raises(ConfigError):
-        scaling.main([*args, "--cv", "0.02", "0.01"])
+        scaling_cli.main([*args, "--cv", "0.02", "0.01"])
 
 
 def test_weak_scaling_plot_shades_the_study_band_with_its_calibration():

@@ -21,9 +21,10 @@ from bench.plots.select import (
     section,
 )
 from bench.plots.style import PALETTE, STYLE, PlotOutcome, log2_axis, new_figure, save
-from histoseg import scaling
 from histoseg.results import step_mode_of
-from histoseg.stragglers import Spread, spread_from_rows
+from histoseg.scaling.measured import projection_from, spread_from_rows
+from histoseg.scaling.model import DEFAULT_WORKERS, Network, band_text, project, published_checks
+from histoseg.scaling.stragglers import Spread
 from histoseg.train.engines.base import DEFAULT_STEP_MODE
 
 #: (engine, compression, patch size) -> [(workers, efficiency, throughput per worker)]
@@ -137,7 +138,7 @@ def straggler_band(
     collective). A band that cannot be made becomes a caption line saying why.
     """
     spread = spread_from_rows(spread_rows)
-    workers = [w for w in scaling.DEFAULT_WORKERS if w <= STUDY_NODES * STUDY_WORKERS_PER_NODE]
+    workers = [w for w in DEFAULT_WORKERS if w <= STUDY_NODES * STUDY_WORKERS_PER_NODE]
     fp32 = study_row(projection_rows)
     inputs = section(fp32, "extra").get("inputs") if fp32 else None
     try:
@@ -151,20 +152,20 @@ def straggler_band(
         if spread is None:
             return None, ["no straggler band: no scaling rows with repeated launches"]
         if not isinstance(inputs, Mapping):
-            inputs, _ = scaling.projection_from(
+            inputs, _ = projection_from(
                 measured_rows, patch_size=STUDY_PATCH_PX, max_workers=workers[-1], spread=spread
             )
-        table = scaling.project(
+        table = project(
             inputs["compute_s"],
             inputs["gradient_bytes_fp32"],
             workers,
-            network=scaling.Network(
+            network=Network(
                 inputs["bandwidth_gbps"], inputs["latency_s"], int(inputs["workers_per_node"])
             ),
             overhead_s=inputs["overhead_s"],
             spread=spread,
         )
-        checks = scaling.published_checks(spread)
+        checks = published_checks(spread)
     except Exception as exc:  # the band is an extra that must never stop the figure
         return None, [f"no straggler band ({type(exc).__name__}: {exc})"]
     # the band the row stores where it holds one (bench.scaling writes it), else the model's
@@ -183,7 +184,7 @@ def straggler_band(
     )
     lines = [
         f"Shaded: the study's {STUDY_PATCH_PX} px run projected to {last['nodes']} nodes x "
-        f"{STUDY_WORKERS_PER_NODE} workers with stragglers, {scaling.band_text(last)} at "
+        f"{STUDY_WORKERS_PER_NODE} workers with stragglers, {band_text(last)} at "
         f"{last['workers']} workers (line: {100 * last['efficiency']:.1f}%); compute_s="
         f"{inputs['compute_s']:.3g}, overhead_s={inputs['overhead_s']:.3g}, "
         f"{inputs['bandwidth_gbps']:g} Gb/s, fp32 allreduce.",

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import reference
-from histoseg import scaling
 from histoseg.errors import ResultsError
 from histoseg.results import config_key, load_rows
+from histoseg.scaling.measured import projection_from
 
 GB = 1e9  # decimal gigabytes, as device memories and the study's "25 GB" are quoted
 
@@ -201,7 +201,7 @@ def projection_from_model(
         projection is an extra that must never stop the figure, so a failure becomes a note.
     """
     try:
-        inputs, tables = scaling.projection_from(rows, patch_size=patch_size)
+        inputs, tables = projection_from(rows, patch_size=patch_size)
     except Exception as exc:  # the model's own checks (ConfigError) or missing measurements
         return [], f"no projection at {patch_size} px ({exc})"
     table = tables.get("fp16" if compression == "fp16" else "fp32") or []

@@ -210,8 +210,7 @@ def _projection_args(**kw):
 
 
 def test_projection_pools_the_spread_of_every_collective_free_row_and_stores_the_band():
-    from histoseg import scaling
-    from histoseg.stragglers import spread_from_rows
+    from histoseg.scaling.measured import projection_from, spread_from_rows
 
     rows = _sweep_rows()
     text, projected = attach_projection(rows, _projection_args(command="python -m x"))
@@ -230,7 +229,7 @@ def test_projection_pools_the_spread_of_every_collective_free_row_and_stores_the
         assert all(p["efficiency_low"] <= p["efficiency"] <= p["efficiency_high"] for p in curve)
         assert row["extra"]["command"] == "python -m x"
     # the same figures python -m histoseg.scaling --results prints for these rows
-    _, tables = scaling.projection_from(rows, patch_size=1024, max_workers=8)
+    _, tables = projection_from(rows, patch_size=1024, max_workers=8)
     assert by_comp["none"]["predicted"]["efficiency"] == tables["fp32"][-1]["efficiency"]
     # each engine row's own curve carries the band; the control's rows get none
     for row in rows:

@@ -14,7 +14,8 @@ N = 512 (3.53 against 3.04) and by 10% at 27,360 (4.52 against 4.09), so it is n
 The same formula holds whether the spread is drawn anew every step (jitter) or once per
 worker (a slow node): either way the expected slowest of N is ``e_N`` spreads above the mean.
 
-The spread comes from the rows ``bench.scaling`` already writes (:func:`spread_from_rows`):
+The spread comes from the rows ``bench.scaling`` already writes
+(:func:`histoseg.scaling.measured.spread_from_rows` reads them, :func:`pooled_spread` pools):
 each point is launched ``--repeats`` times as fresh processes and every launch's median step
 time is kept in ``extra.launches_step_s``. In rows without a collective (one worker, or the
 no-communication control, engine ``none``) those launches differ only by the state of the
@@ -35,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from histoseg.errors import ConfigError
@@ -113,30 +114,24 @@ class Spread:
         }
 
 
-def _no_collective(row: Mapping[str, Any]) -> bool:
-    config = row.get("config", {})
-    return config.get("engine") == "none" or config.get("workers") == 1
-
-
-def spread_from_rows(
-    rows: Iterable[Mapping[str, Any]], confidence: float = DEFAULT_CONFIDENCE
+def pooled_spread(
+    launch_times_s: Iterable[Sequence[float]], source: str, confidence: float = DEFAULT_CONFIDENCE
 ) -> Spread | None:
-    """The launch-to-launch spread of measured rows without a collective, pooled.
+    """The relative spread of repeated measurements, pooled over groups, with its band.
 
-    Uses ok rows of kind "scaling" with one worker or engine ``none`` that hold two or more
-    launches (``extra.launches_step_s``). None when there are none.
+    Each group holds the step times of one configuration launched several times; a group
+    counts with ``len - 1`` degrees of freedom (``sum((x / group mean - 1)^2) / sum(n - 1)``)
+    and the band is the pooled cv's two-sided chi-square interval at ``confidence``. None
+    when no group holds two positive times. ``source`` says, in words, what was pooled.
     """
     squares, dof, used = 0.0, 0, 0
-    for row in rows:
-        if row.get("kind") != "scaling" or row.get("status") != "ok" or not _no_collective(row):
+    for group in launch_times_s:
+        times = [float(s) for s in group if float(s) > 0]
+        if len(times) < 2:
             continue
-        launches = [float(s) for s in (row.get("extra") or {}).get("launches_step_s") or []]
-        launches = [s for s in launches if s > 0]
-        if len(launches) < 2:
-            continue
-        mean = sum(launches) / len(launches)
-        squares += sum((s / mean - 1.0) ** 2 for s in launches)
-        dof += len(launches) - 1
+        mean = sum(times) / len(times)
+        squares += sum((s / mean - 1.0) ** 2 for s in times)
+        dof += len(times) - 1
         used += 1
     if not dof:
         return None
@@ -148,8 +143,7 @@ def spread_from_rows(
         cv,
         cv * math.sqrt(dof / chi2.ppf(1.0 - tail, dof)),
         cv * math.sqrt(dof / chi2.ppf(tail, dof)),
-        f"launch-to-launch step time of {used} rows without a collective, pooled "
-        f"({dof} dof), {100 * confidence:.0f}% chi-square band",
+        f"{source}, pooled ({dof} dof), {100 * confidence:.0f}% chi-square band",
         rows=used,
         dof=dof,
     )

@@ -10,7 +10,7 @@ gradient bytes through every worker's link and takes 2(N-1) latency-bound hops, 
     exposed_s(N)   = (1 - overlap) * max(0, allreduce_s(N) - overlap_window * compute_s)
     efficiency(N)  = compute_s / (slowest_s(N) + exposed_s(N))
 
-The straggler term (:mod:`histoseg.stragglers`) draws each worker's compute per step from a
+The straggler term (:mod:`histoseg.scaling.stragglers`) draws each worker's compute per step from a
 normal of coefficient of variation ``cv``; ``cv`` is the launch-to-launch spread of the step
 times bench.scaling records in rows without a collective, and its confidence band makes the
 projection a band (``efficiency_low`` .. ``efficiency_high``). ``overlap_window`` is the share
@@ -28,23 +28,18 @@ so each node's link carries one rank's ring traffic; intra-node hops cost nothin
 of communication with computation unless ``overlap`` says so; compute per worker does not
 change with N (weak scaling: fixed patches per worker).
 
-``python -m histoseg.scaling --compute-s 20 --gradient-bytes 164e6`` prints a projection;
-``--results results/scaling.json`` takes compute time, gradient bytes, calibration points and
-the straggler spread from measured scaling rows instead; ``--published`` checks the model
-against the published large runs (Horovod's 512 GPUs, Kurth et al.'s 27,360).
+The model takes numbers; :mod:`histoseg.scaling.measured` reads them off measured rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from histoseg.cli import ArgumentParser, run_main
 from histoseg.errors import ConfigError
-from histoseg.stragglers import PUBLISHED, Spread, spread_from_rows, straggler_factor
+from histoseg.scaling.stragglers import PUBLISHED, Spread, straggler_factor
 
 #: The study's network: 100 Gb/s Intel OmniPath, 2 processes per dual-socket node.
 DEFAULT_BANDWIDTH_GBPS = 100.0
@@ -248,231 +243,27 @@ def compute_s_for_efficiency(
     return t / margin if margin > 0 else math.inf
 
 
-def compute_s_from_rows(rows: Iterable[Mapping[str, Any]], patch_size: int) -> dict[str, Any]:
-    """Compute time per step at ``patch_size`` from measured scaling rows.
-
-    Uses single-worker rows (no communication), compute = step_s - allreduce_s; at sizes not
-    measured it scales with pixels (a convolutional network's work is linear in pixels)
-    from a least-squares fit ``compute_s = a * pixels`` over the measured sizes.
-
-    Returns:
-        compute_s, gradient_bytes, backbone, how ("measured" or "scaled from ..."), and
-        the per-size measurements used.
-    """
-    singles = [
-        r
-        for r in rows
-        if r.get("kind") == "scaling"
-        and r.get("status") == "ok"
-        and r.get("config", {}).get("workers") == 1
-        and "measured" in r
-    ]
-    if not singles:
-        raise ConfigError("no measured single-worker scaling rows to take compute time from")
-    by_size: dict[int, list[float]] = {}
-    gradient_bytes = None
-    backbone = None
-    for r in singles:
-        m = r["measured"]
-        compute = float(m.get("compute_s", m["step_s"] - m.get("allreduce_s", 0.0)))
-        by_size.setdefault(int(r["config"]["patch_size"]), []).append(compute)
-        gradient_bytes = m.get("gradient_bytes", gradient_bytes)
-        backbone = r["config"].get("backbone", backbone)
-    sizes = {s: min(v) for s, v in sorted(by_size.items())}
-    if patch_size in sizes:
-        compute_s, how = sizes[patch_size], "measured"
-    else:
-        px = [s * s for s in sizes]
-        per_pixel = sum(p * t for p, t in zip(px, sizes.values(), strict=True)) / sum(
-            p * p for p in px
-        )
-        compute_s = per_pixel * patch_size * patch_size
-        how = f"scaled by pixels from {', '.join(str(s) for s in sizes)} px"
-    return {
-        "compute_s": compute_s,
-        "gradient_bytes": gradient_bytes,
-        "backbone": backbone,
-        "how": how,
-        "measured_compute_s": sizes,
-    }
-
-
-def calibration_points_from_rows(
-    rows: Iterable[Mapping[str, Any]],
-) -> list[tuple[float, int, float]]:
-    """(wire bytes, workers, allreduce seconds) measured in multi-worker rows.
-
-    Prefers the allreduce probes (a collective timed alone, ranks in step after a barrier,
-    at several message sizes); only without any probe does it fall back to the gradient
-    allreduce timed inside training steps, which also holds the wait for the slower rank.
-    """
-    probes, steps = [], []
-    for r in rows:
-        cfg, m = r.get("config", {}), r.get("measured", {})
-        if r.get("kind") != "scaling" or r.get("status") != "ok" or cfg.get("workers", 1) < 2:
-            continue
-        if "allreduce_s" in m and "gradient_bytes" in m:
-            wire = m["gradient_bytes"] / (2 if cfg.get("compression") == "fp16" else 1)
-            steps.append((float(wire), int(cfg["workers"]), float(m["allreduce_s"])))
-        for b, s in (m.get("allreduce_probe") or {}).items():
-            probes.append((float(b), int(cfg["workers"]), float(s)))
-    return probes or steps
-
-
-def format_projection(
-    inputs: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping[str, float]]]
-) -> str:
-    """The model's inputs, then one efficiency table per variant (e.g. fp32 and fp16), with
-    the straggler band beside each efficiency where the spread is known."""
-    lines = ["ring-allreduce projection with stragglers (a model; inputs below)", "inputs:"]
-    width = max(len(k) for k in inputs)
-    lines += [f"  {k:<{width}}  {_fmt(v)}" for k, v in inputs.items()]
-    names = list(tables)
-    banded = "efficiency_low" in tables[names[0]][0]
-    header = f"{'workers':>8} {'nodes':>6}"
-    for name in names:
-        header += f" {name + ' allreduce_s':>18} {name + ' eff':>10}"
-        header += f" {name + ' band':>16}" if banded else ""
-    lines += ["", header]
-    for i, row in enumerate(tables[names[0]]):
-        line = f"{row['workers']:>8} {row['nodes']:>6}"
-        for name in names:
-            r = tables[name][i]
-            line += f" {r['allreduce_s']:>18.4g} {100 * r['efficiency']:>9.2f}%"
-            line += f" {band_text(r):>16}" if banded else ""
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def curve_points(table: Iterable[Mapping[str, float]]) -> list[dict[str, float]]:
-    """A projection table as stored in rows (``extra.projection``): workers and efficiency
-    per worker count, with the straggler band (``efficiency_low``, ``efficiency_high``)
-    where the table has one."""
-    keys = ("workers", "efficiency", "efficiency_low", "efficiency_high")
-    return [{k: row[k] for k in keys if k in row} for row in table]
-
-
-def band_text(row: Mapping[str, float]) -> str:
-    """``92.3-95.1%``: a projection row's straggler band."""
-    return f"{100 * row['efficiency_low']:.1f}-{100 * row['efficiency_high']:.1f}%"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(
-        prog="python -m histoseg.scaling",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "Examples:\n"
-            "  python -m histoseg.scaling --results results/scaling.json --patch-size 2048\n"
-            "  python -m histoseg.scaling --compute-s 20 --gradient-bytes 164.2e6 "
-            "--overhead-s 0.002 --cv 0.02 0.015 0.03\n"
-            "  python -m histoseg.scaling --published --results results/scaling.json\n"
-        ),
-    )
-    parser.add_argument("--results", help="measured scaling rows (compute time, calibration)")
-    parser.add_argument("--patch-size", type=int, default=2048, help="px (default 2048)")
-    parser.add_argument("--compute-s", type=float, help="compute time per step, seconds")
-    parser.add_argument(
-        "--compute-scale",
-        type=float,
-        default=1.0,
-        help="multiply the measured compute time (e.g. <1 for a faster cluster worker)",
-    )
-    parser.add_argument("--gradient-bytes", type=float, help="fp32 gradient bytes of the model")
-    parser.add_argument("--overhead-s", type=float, help="framework cost per allreduce, s")
-    parser.add_argument("--bandwidth-gbps", type=float, default=DEFAULT_BANDWIDTH_GBPS)
-    parser.add_argument("--latency-us", type=float, default=DEFAULT_LATENCY_S * 1e6)
-    parser.add_argument("--workers-per-node", type=int, default=DEFAULT_WORKERS_PER_NODE)
-    parser.add_argument("--nodes", type=int, default=256, help="largest node count (256)")
-    parser.add_argument("--overlap", type=float, default=0.0, help="hidden allreduce fraction")
-    parser.add_argument(
-        "--cv",
-        type=float,
-        nargs="+",
-        metavar="CV",
-        help="step-time spread of one worker (std/mean), optionally with a band: CV [LOW HIGH] "
-        "(default: pooled from --results rows without a collective)",
-    )
-    parser.add_argument(
-        "--published",
-        action="store_true",
-        help="project the published large runs (Horovod 512 GPUs, Kurth et al. 27,360) "
-        "with the spread of --results or --cv, beside their published efficiency",
-    )
-    args = parser.parse_args(argv)
-    if args.cv and len(args.cv) not in (1, 3):
-        raise ConfigError("--cv takes CV or CV LOW HIGH")
-    spread = Spread.given(*args.cv) if args.cv else None
-
-    rows: list[dict] = []
-    if args.results:
-        from histoseg.results import load_rows
-
-        rows = load_rows(args.results)
-    if args.published:
-        spread = spread or spread_from_rows(rows)
-        if spread is None:
-            raise ConfigError(
-                "--published needs a spread: --results with repeated launches, or --cv"
-            )
-        print(format_published(spread, published_checks(spread)))
-        return 0
-    inputs, tables = projection_from(
-        rows,
-        patch_size=args.patch_size,
-        compute_s=args.compute_s,
-        compute_scale=args.compute_scale,
-        gradient_bytes=args.gradient_bytes,
-        overhead_s=args.overhead_s,
-        network=Network(args.bandwidth_gbps, args.latency_us * 1e-6, args.workers_per_node),
-        max_workers=args.nodes * args.workers_per_node,
-        overlap=args.overlap,
-        spread=spread,
-    )
-    print(format_projection(inputs, tables))
-    return 0
-
-
-def projection_from(
-    rows: Sequence[Mapping[str, Any]],
+def projection(
     *,
-    patch_size: int,
-    compute_s: float | None = None,
-    compute_scale: float = 1.0,
-    gradient_bytes: float | None = None,
-    overhead_s: float | None = None,
+    compute_s: float,
+    gradient_bytes: float,
+    overhead_s: float = 0.0,
     network: Network | None = None,
     max_workers: int = 512,
     overlap: float = 0.0,
     spread: Spread | None = None,
+    inputs: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, float]]]]:
-    """Inputs and fp32/fp16 tables, from measured rows where arguments are not given (the
-    straggler spread too: pooled from the rows without a collective; none, no term)."""
+    """fp32 and fp16-compressed tables up to ``max_workers``, and every input they used.
+
+    ``inputs`` comes first in the returned inputs (where the caller's numbers came from);
+    then the numbers, the spread (or why there is none) and, per table, the compute time
+    per step below which ``max_workers`` fall under 90% and the band at ``max_workers``.
+    """
     network = network or Network()
-    inputs: dict[str, Any] = {"patch_size_px": patch_size}
-    if compute_s is None or gradient_bytes is None:
-        if not rows:
-            raise ConfigError("give --compute-s and --gradient-bytes, or --results with rows")
-        measured = compute_s_from_rows(rows, patch_size)
-        if compute_s is None:
-            compute_s = measured["compute_s"] * compute_scale
-            inputs["compute_s_source"] = f"{measured['backbone']}, 1 worker, {measured['how']}" + (
-                f", x{compute_scale}" if compute_scale != 1.0 else ""
-            )
-        gradient_bytes = gradient_bytes or measured["gradient_bytes"]
-        inputs["backbone"] = measured["backbone"]
     if not gradient_bytes:
         raise ConfigError("gradient bytes unknown: give --gradient-bytes")
-    if overhead_s is None:
-        overhead_s = calibrated_overhead(rows, inputs)
-    spread = spread or spread_from_rows(rows)
+    inputs = dict(inputs or {})
     inputs.update(
         {
             "compute_s": compute_s,
@@ -519,23 +310,52 @@ def projection_from(
     return inputs, tables
 
 
-def calibrated_overhead(rows: Sequence[Mapping[str, Any]], inputs: dict[str, Any]) -> float:
-    """The per-allreduce overhead fitted to the rows' allreduce times (0 without any that
-    took time: rows without a collective have none); the fit's figures go into ``inputs``."""
-    try:
-        cal = calibrate(calibration_points_from_rows(rows))
-    except ConfigError:
-        inputs["calibration_points"] = 0
-        return 0.0
-    inputs["calibration_points"] = len(cal.points)
-    inputs["calibrated_overhead_s"] = cal.overhead_s
-    inputs["local_bandwidth_GBps (fit check only)"] = cal.local_bytes_per_s / 1e9
-    inputs["calibration_max_rel_error"] = cal.max_relative_error
-    return cal.overhead_s
+def format_projection(
+    inputs: Mapping[str, Any], tables: Mapping[str, Sequence[Mapping[str, float]]]
+) -> str:
+    """The model's inputs, then one efficiency table per variant (e.g. fp32 and fp16), with
+    the straggler band beside each efficiency where the spread is known."""
+    lines = ["ring-allreduce projection with stragglers (a model; inputs below)", "inputs:"]
+    width = max(len(k) for k in inputs)
+    lines += [f"  {k:<{width}}  {_fmt(v)}" for k, v in inputs.items()]
+    names = list(tables)
+    banded = "efficiency_low" in tables[names[0]][0]
+    header = f"{'workers':>8} {'nodes':>6}"
+    for name in names:
+        header += f" {name + ' allreduce_s':>18} {name + ' eff':>10}"
+        header += f" {name + ' band':>16}" if banded else ""
+    lines += ["", header]
+    for i, row in enumerate(tables[names[0]]):
+        line = f"{row['workers']:>8} {row['nodes']:>6}"
+        for name in names:
+            r = tables[name][i]
+            line += f" {r['allreduce_s']:>18.4g} {100 * r['efficiency']:>9.2f}%"
+            line += f" {band_text(r):>16}" if banded else ""
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def curve_points(table: Iterable[Mapping[str, float]]) -> list[dict[str, float]]:
+    """A projection table as stored in rows (``extra.projection``): workers and efficiency
+    per worker count, with the straggler band (``efficiency_low``, ``efficiency_high``)
+    where the table has one."""
+    keys = ("workers", "efficiency", "efficiency_low", "efficiency_high")
+    return [{k: row[k] for k in keys if k in row} for row in table]
+
+
+def band_text(row: Mapping[str, float]) -> str:
+    """``92.3-95.1%``: a projection row's straggler band."""
+    return f"{100 * row['efficiency_low']:.1f}-{100 * row['efficiency_high']:.1f}%"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
 
 
 def published_checks(spread: Spread) -> list[dict[str, Any]]:
-    """Each published run of :data:`histoseg.stragglers.PUBLISHED` projected with
+    """Each published run of :data:`histoseg.scaling.stragglers.PUBLISHED` projected with
     ``spread``: its inputs, the projected efficiency and band, and the published figure."""
     checks = []
     for run in PUBLISHED:
@@ -583,7 +403,3 @@ def format_published(spread: Spread, checks: Sequence[Mapping[str, Any]]) -> str
         lines += [f"  published: {item}" for item in run.published]
         lines += [f"  assumed: {item}" for item in run.assumed]
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_main(main))
