@@ -61,8 +61,8 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_PIXEL_BUDGET = 1e8  # ~10 min per size for mobilenetv2 on 2 CPU cores (0.24 Mpx/s)
 DEFAULT_OUT = Path("results/accuracy.json")
 #: Share of the device's free memory a size may plan to use by default (the rest is the
-#: process's own overhead: libraries, graph, data pipeline; on the CPU, RSS sits about
-#: 0.5-0.9 GB above the allocator peak).
+#: process's own overhead: libraries, graph, data pipeline, which on the CPU put RSS above
+#: the allocator peak; docs/memory-harness.md, field ``rss``).
 DEFAULT_BUDGET_FRACTION = 0.8
 
 #: Config keys that name a sweep point independently of how it was made to fit (precision

@@ -73,7 +73,7 @@ def available_bytes(device: str) -> int | None:
 
 
 #: Process memory beyond the allocator peak on the CPU: libraries, the traced graph and
-#: malloc caching (measured 1.3 GB for xception65 at 256 px; see docs/memory-harness.md).
+#: malloc caching (docs/memory-harness.md has the measurement it covers).
 CPU_PROCESS_OVERHEAD_BYTES = 1_500_000_000
 
 

@@ -17,8 +17,8 @@ from histoseg.errors import EngineUnavailableError
 from histoseg.train.engines.base import Engine, check_compression, unwrap_variables
 
 #: Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms to negotiate with the other
-#: ranks; at its default an idle rank was measured here burning 35-41% of a core (0.8% at
-#: 25 ms), stolen from the compute threads. In the separate step one fused allreduce per step
+#: ranks, even when nothing is queued: a short cycle burns a core's share that the compute
+#: threads need (docs/cluster.md has the measurement and its command). In the separate step one fused allreduce per step
 #: waits at most one cycle. In the overlapped step the gradients reach the thread during the
 #: backward pass and each cycle sends what is ready, so only the last cycle's gradients (the
 #: first layers', made last) wait for a cycle after the backward pass (docs/cluster.md has

@@ -24,8 +24,8 @@ from histoseg.errors import ConfigError, EngineUnavailableError
 from histoseg.train.engines.base import Engine, check_compression, unwrap_variables
 
 _STRATEGY: Any = None  # the strategy configures the process's collectives once; keep one
-#: Gradient bytes per packed collective in the overlapped step (a DeepLabV3+ MobileNetV2 has
-#: 10.9 MB of gradients: a few groups, the first ready early in the backward pass).
+#: Gradient bytes per packed collective in the overlapped step: small against a DeepLabV3+'s
+#: gradients, so they go in a few groups, the first ready early in the backward pass.
 BUCKET_BYTES = 2 << 20
 
 
