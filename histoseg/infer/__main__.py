@@ -2,7 +2,8 @@
 
 For each slide: a tumour-probability pyramid (tiled TIFF at the slide's geometry and mpp),
 a heatmap overlay PNG and a JSON summary, in ``--out``. Only tissue tiles run; tiles
-overlap by a margin from the model's receptive field and are cross-faded.
+overlap by a margin from the model's receptive field and are cross-faded. Started by a
+launcher (``horovodrun``, ``mpirun``, ``srun``), the ranks share the slides.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ Examples:
   # several slides at pyramid level 1, 2048 px tiles; an interrupted run resumes by rerunning
   python -m histoseg.infer --checkpoint runs/small/checkpoints/ckpt-00000300.npz \\
       --slide data/synthetic/*.tif --level 1 --tile-size 2048 --out out/
+
+  # two ranks share a folder's slides (each slide's outputs written by one rank)
+  horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.infer --checkpoint runs/small \
+      --slide data/synthetic/*.tif --out out/
 
   # score the outputs against the slides' annotations (CAMELYON16 FROC and slide AUC)
   python -m histoseg.infer.evaluate --summaries out/ --annotations data/synthetic
@@ -80,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_outputs(args.out, slide, args.force)
     if len({s.stem for s in args.slide}) != len(args.slide):
         raise ConfigError("--slide: two slides share a name; their outputs would collide")
+    args.slide, args.threads = _this_ranks_share(args.slide, args.level, args.threads)
+    if not args.slide:
+        return 0
     if args.threads:
         from histoseg.train.cli import configure_threads
 
@@ -88,6 +96,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if warning:
             print(warning, file=sys.stderr)
     return _run(args, info)
+
+
+def _this_ranks_share(
+    slides: list[Path], level: int, threads: int | None
+) -> tuple[list[Path], int | None]:
+    """The slides this rank runs and its compute threads: all of them and ``threads`` in a
+    process no launcher started; under ``horovodrun``/``mpirun``/``srun`` its share of the
+    slides (:mod:`histoseg.infer.share`) and, by default, its share of the host's cores."""
+    from histoseg.config import default_threads
+    from histoseg.infer.share import level_pixels, share_of_slides
+    from histoseg.train.launch import world_from_env
+
+    rank, world, on_host = world_from_env()
+    if world == 1:
+        return slides, threads
+    mine = [
+        slides[i] for i in share_of_slides([level_pixels(s, level) for s in slides], rank, world)
+    ]
+    print(f"rank {rank} of {world}: {len(mine)} of {len(slides)} slides", file=sys.stderr)
+    return mine, threads or max(1, default_threads() // on_host)
 
 
 def _run(args, info) -> int:

@@ -237,6 +237,42 @@ def local_rank_from_env() -> int:
     return 0
 
 
+#: (rank, world size, ranks on this host) variables each launcher sets in the ranks it
+#: starts: horovodrun (Gloo or MPI), Open MPI, MVAPICH, Slurm's srun.
+WORLD_VARIABLES = (
+    ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_SIZE"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE"),
+)
+
+
+def world_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """(rank, world size, ranks on this host) from the first launcher whose variables are
+    set; (0, 1, 1) in a process no launcher started. The host's share defaults to the world.
+
+    Raises:
+        ConfigError: a launcher variable that is not a count, or a rank outside its world.
+    """
+    environ = os.environ if environ is None else environ
+    for rank_name, size_name, local_name in WORLD_VARIABLES:
+        if rank_name not in environ or size_name not in environ:
+            continue
+        values = {}
+        for name in (rank_name, size_name, local_name):
+            text = environ.get(name, environ[size_name] if name == local_name else "")
+            if not text.isdigit():
+                raise ConfigError(f"launcher variable {name}={text!r} is not a count")
+            values[name] = int(text)
+        rank, size = values[rank_name], values[size_name]
+        if not 0 <= rank < size:
+            raise ConfigError(
+                f"launcher variables {rank_name}={rank} {size_name}={size}: no such rank"
+            )
+        return rank, size, max(1, min(values[local_name], size))
+    return 0, 1, 1
+
+
 def pin_to_cores(local_rank: int, threads: int) -> list[int] | None:
     """Pin this process to cores ``local_rank*threads .. +threads`` (Linux; else no-op).
 
