@@ -32,9 +32,7 @@ from bench.memory_args import (
 from bench.memory_runs import locked, median_process, run_worker
 from bench.memory_table import print_largest_patches, summary_markdown, summary_table
 from histoseg.cli import check_output, run_main
-from histoseg.config import (
-    StepConfig,
-)
+from histoseg.config import PRECISIONS, StepConfig
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.memory.calibrate import calibrated_prediction
 from histoseg.memory.devices import fit_problem, parse_size
@@ -323,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out = BASELINE_OUT
     elif args.sample is not None:
         drawn = sample_configs(args.sample, args.seed, steps=args.steps)
+        drawn = [c for c in drawn if c.precision in (args.precision or PRECISIONS)]
         configs = drawn if "train" in args.mode else []
         configs += as_forward_passes(drawn) if "infer" in args.mode else []
     else:

@@ -37,7 +37,8 @@ Examples:
   python -m bench.memory --mode infer --sizes 4096 --predict-only --device-memory 24GB
   python -m bench.memory --sizes 256 --precision mixed_bfloat16 --remat blocks --repeats 3
   python -m bench.memory --baseline       # refresh results/baseline/memory_baseline.json
-  python -m bench.memory --sample 48 --seed 0 --steps 1 --out results/memory_model_grid.json
+  python -m bench.memory --sample 48 --seed 0 --steps 1 --repeats 3 \\
+      --precision float32 mixed_bfloat16 --out results/memory_model_grid.json
   python -m bench.memory --sizes 2048 --precision mixed_bfloat16 --remat full \\
       --calibrate 256 384 512 --predict-only     # extrapolate 2048 px from measured small patches
   python -m bench.memory --refresh-predictions --calibrate 512 1024 \\
@@ -81,7 +82,13 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
         help="extra backbone argument, e.g. alpha=0.35 (repeatable)",
     )
     add("--output-stride", type=int, nargs="+", default=[16], choices=(8, 16))
-    add("--precision", nargs="+", default=["float32"], choices=PRECISIONS)
+    add(
+        "--precision",
+        nargs="+",
+        choices=PRECISIONS,
+        help="(default float32); with --sample, keep only the drawn configs of these "
+        "precisions (float16 steps take minutes each on a CPU)",
+    )
     add(
         "--mode",
         nargs="+",
@@ -234,7 +241,7 @@ def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
             StepConfig(steps=args.steps, backbone_options=options, mode=mode),
             backbone=args.backbone,
             output_stride=args.output_stride,
-            precision=args.precision,
+            precision=args.precision or ["float32"],
             remat=(args.remat or ["none"]) if train else args.remat if alone else None,
             optimizer=(args.optimizer or ["adam"]) if train else args.optimizer if alone else None,
             device=args.device,

@@ -29,6 +29,14 @@ def test_predict_only_writes_one_predicted_row_per_config(tmp_path, capsys):
     assert "predicted" in table and "not measured" in table
 
 
+def test_a_sample_keeps_the_precisions_asked_for(tmp_path):
+    out = tmp_path / "m.json"
+    argv = ["--sample", "6", "--precision", "mixed_bfloat16", "--predict-only", "--quiet"]
+    assert main([*argv, "--out", str(out)]) == 0
+    # the draw gives every precision a third of its configs; the others are left out
+    assert [r["config"]["precision"] for r in load_rows(out)] == ["mixed_bfloat16"] * 2
+
+
 def test_configs_that_cannot_fit_are_predicted_not_run(tmp_path, capsys):
     out = tmp_path / "m.json"
     # xception65 at 8192 px needs ~400 GB: more than this machine has free.
