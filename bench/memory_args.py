@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PRECISION_HELP = (
+    "(default float32); with --sample, keep only the drawn configs of these precisions "
+    "(float16 steps take minutes each on a CPU)"
+)
+
+
 def _sweep_options(parser: argparse.ArgumentParser) -> None:
     """The sweep: each list-valued option multiplies the configs."""
     add = parser.add_argument
@@ -82,13 +88,7 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
         help="extra backbone argument, e.g. alpha=0.35 (repeatable)",
     )
     add("--output-stride", type=int, nargs="+", default=[16], choices=(8, 16))
-    add(
-        "--precision",
-        nargs="+",
-        choices=PRECISIONS,
-        help="(default float32); with --sample, keep only the drawn configs of these "
-        "precisions (float16 steps take minutes each on a CPU)",
-    )
+    add("--precision", nargs="+", choices=PRECISIONS, help=PRECISION_HELP)
     add(
         "--mode",
         nargs="+",

@@ -9,6 +9,7 @@ launcher (``horovodrun``, ``mpirun``, ``srun``), the ranks share the slides.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ Examples:
       --slide data/synthetic/*.tif --level 1 --tile-size 2048 --out out/
 
   # two ranks share a folder's slides (each slide's outputs written by one rank)
-  horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.infer --checkpoint runs/small \
+  horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.infer --checkpoint runs/small \\
       --slide data/synthetic/*.tif --out out/
 
   # score the outputs against the slides' annotations (CAMELYON16 FROC and slide AUC)
@@ -82,12 +83,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for slide in args.slide:
         if not slide.is_file():
             raise ConfigError(f"--slide {printable(slide)}: no such file")
-        check_outputs(args.out, slide, args.force)
     if len({s.stem for s in args.slide}) != len(args.slide):
         raise ConfigError("--slide: two slides share a name; their outputs would collide")
-    args.slide, args.threads = _this_ranks_share(args.slide, args.level, args.threads)
+    args.slide, args.threads, lead = _this_ranks_share(args.slide, args.level, args.threads)
+    # this rank's outputs only: a rank that starts late must not find another rank's
+    for slide in args.slide:
+        check_outputs(args.out, slide, args.force)
     if not args.slide:
         return 0
+    args.no_progress = args.no_progress or not lead
     if args.threads:
         from histoseg.train.cli import configure_threads
 
@@ -100,22 +104,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _this_ranks_share(
     slides: list[Path], level: int, threads: int | None
-) -> tuple[list[Path], int | None]:
-    """The slides this rank runs and its compute threads: all of them and ``threads`` in a
-    process no launcher started; under ``horovodrun``/``mpirun``/``srun`` its share of the
-    slides (:mod:`histoseg.infer.share`) and, by default, its share of the host's cores."""
+) -> tuple[list[Path], int | None, bool]:
+    """The slides this rank runs, its compute threads, and whether it is the rank that
+    shows progress.
+
+    In a process no launcher started: every slide, ``threads``, True. Under ``horovodrun``,
+    ``mpirun`` or ``srun``: its share of the slides (:mod:`histoseg.infer.share`), and, unless
+    ``--threads`` or the environment (``HISTOSEG_THREADS``, ``OMP_NUM_THREADS``,
+    ``TF_NUM_INTRAOP_THREADS``) says otherwise, its cores: those the launcher bound it to,
+    else its share of the host's; only rank 0 shows progress.
+    """
     from histoseg.config import default_threads
     from histoseg.infer.share import level_pixels, share_of_slides
-    from histoseg.train.launch import world_from_env
+    from histoseg.train.launch import THREAD_VARIABLES, world_from_env
 
     rank, world, on_host = world_from_env()
     if world == 1:
-        return slides, threads
+        return slides, threads, True
     mine = [
         slides[i] for i in share_of_slides([level_pixels(s, level) for s in slides], rank, world)
     ]
     print(f"rank {rank} of {world}: {len(mine)} of {len(slides)} slides", file=sys.stderr)
-    return mine, threads or max(1, default_threads() // on_host)
+    told = {"HISTOSEG_THREADS", *THREAD_VARIABLES} & set(os.environ)
+    if threads is None and not told:
+        cores = default_threads()
+        bound = cores < (os.cpu_count() or cores)  # the launcher pinned this rank already
+        threads = cores if bound else max(1, cores // on_host)
+    return mine, threads, rank == 0
 
 
 def _run(args, info) -> int:

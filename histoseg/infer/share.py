@@ -20,9 +20,9 @@ def share_of_slides(sizes_px: Sequence[int], rank: int, world: int) -> list[int]
     load = [0] * world
     owner = [0] * len(sizes_px)
     for index in sorted(range(len(sizes_px)), key=lambda i: (-sizes_px[i], i)):
-        busiest_last = min(range(world), key=lambda r: (load[r], r))
-        owner[index] = busiest_last
-        load[busiest_last] += sizes_px[index]
+        least_loaded = min(range(world), key=lambda r: (load[r], r))
+        owner[index] = least_loaded
+        load[least_loaded] += sizes_px[index]
     return [i for i, r in enumerate(owner) if r == rank]
 
 

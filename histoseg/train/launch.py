@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -238,38 +239,46 @@ def local_rank_from_env() -> int:
 
 
 #: (rank, world size, ranks on this host) variables each launcher sets in the ranks it
-#: starts: horovodrun (Gloo or MPI), Open MPI, MVAPICH, Slurm's srun.
+#: starts: horovodrun (Gloo or MPI), Open MPI, MPICH and Intel MPI (PMI), MVAPICH, and
+#: Slurm's srun. Slurm's world is the job step's (``SLURM_STEP_NUM_TASKS``, set by srun), not
+#: the job's: a plain process in a batch script sees ``SLURM_NTASKS`` too, and is one process.
 WORLD_VARIABLES = (
     ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_SIZE"),
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"),
     ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE"),
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE"),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_TASKS_PER_NODE"),
 )
 
 
+def _count(text: str, *, leading: bool = False) -> int | None:
+    """The count a launcher variable holds, or None. ``leading``: its leading count (Slurm
+    writes ``2(x3)`` for 2 tasks on each of 3 hosts)."""
+    digits = (re.match if leading else re.fullmatch)(r"\s*([0-9]+)\s*", text)
+    return int(digits.group(1)) if digits else None
+
+
 def world_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
-    """(rank, world size, ranks on this host) from the first launcher whose variables are
-    set; (0, 1, 1) in a process no launcher started. The host's share defaults to the world.
+    """(rank, world size, ranks on this host) from the first launcher whose rank and size
+    are set; (0, 1, 1) in a process no launcher started. Ranks on this host fall back to the
+    world when the launcher does not say (it only sets default thread counts).
 
     Raises:
-        ConfigError: a launcher variable that is not a count, or a rank outside its world.
+        ConfigError: a rank or size that is not a count, or a rank outside its world (a
+            misread world would run slides twice or never).
     """
     environ = os.environ if environ is None else environ
     for rank_name, size_name, local_name in WORLD_VARIABLES:
         if rank_name not in environ or size_name not in environ:
             continue
-        values = {}
-        for name in (rank_name, size_name, local_name):
-            text = environ.get(name, environ[size_name] if name == local_name else "")
-            if not text.isdigit():
-                raise ConfigError(f"launcher variable {name}={text!r} is not a count")
-            values[name] = int(text)
-        rank, size = values[rank_name], values[size_name]
-        if not 0 <= rank < size:
+        rank, size = _count(environ[rank_name]), _count(environ[size_name])
+        if rank is None or size is None or not 0 <= rank < size:
             raise ConfigError(
-                f"launcher variables {rank_name}={rank} {size_name}={size}: no such rank"
+                f"launcher variables {rank_name}={environ[rank_name]!r} "
+                f"{size_name}={environ[size_name]!r}: need a whole-number rank below the size"
             )
-        return rank, size, max(1, min(values[local_name], size))
+        on_host = _count(environ.get(local_name, ""), leading=True) or size
+        return rank, size, max(1, min(on_host, size))
     return 0, 1, 1
 
 

@@ -9,6 +9,18 @@ import numpy as np
 import pytest
 
 TILE_PX = 256
+
+
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    """Tests run as one process, whatever launcher started the test run."""
+    from histoseg.train.launch import WORLD_VARIABLES
+
+    for names in WORLD_VARIABLES:
+        for name in names:
+            monkeypatch.delenv(name, raising=False)
+
+
 SLIDE_PX = (2048, 1536)
 
 

@@ -37,10 +37,16 @@ def test_world_from_launcher_variables():
     assert world_from_env({"HOROVOD_RANK": "1", "HOROVOD_SIZE": "4"}) == (1, 4, 4)
     env = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8"}
     assert world_from_env({**env, "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == (3, 8, 2)
-    with pytest.raises(ConfigError, match="HOROVOD_SIZE"):
-        world_from_env({"HOROVOD_RANK": "2", "HOROVOD_SIZE": "2"})
-    with pytest.raises(ConfigError, match="SLURM_NTASKS='x'"):
-        world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "x"})
+    assert world_from_env({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}) == (2, 4, 4)
+    # a batch script's plain process is one process; srun's ranks are its step's
+    assert world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == (0, 1, 1)
+    srun = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "6"}
+    assert world_from_env({**srun, "SLURM_STEP_TASKS_PER_NODE": "2(x3)"}) == (5, 6, 2)
+    # ranks on the host only set default threads: unreadable, they fall back to the world
+    assert world_from_env({**srun, "SLURM_STEP_TASKS_PER_NODE": "?"}) == (5, 6, 6)
+    for rank, size in (("2", "2"), ("\u00b2", "4"), ("1x", "2"), ("0", "")):
+        with pytest.raises(ConfigError, match="HOROVOD_RANK"):
+            world_from_env({"HOROVOD_RANK": rank, "HOROVOD_SIZE": size})
 
 
 def _two_slides(tiny_slide, tmp_path):
@@ -60,14 +66,19 @@ def test_a_rank_runs_only_its_share_on_its_share_of_cores(
     # the process's TensorFlow has started: record the thread count instead of setting it
     monkeypatch.setattr(histoseg.train.cli, "configure_threads", lambda t, pin: threads.append(t))
     monkeypatch.setattr("histoseg.config.default_threads", lambda: 4)
+    monkeypatch.setattr("os.cpu_count", lambda: 4)  # not bound by a launcher: half each
+    for name in ("HISTOSEG_THREADS", "OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOROVOD_RANK", "1")
     monkeypatch.setenv("HOROVOD_SIZE", "2")
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.json").write_text("rank 0 finished first")  # not this rank's: no refusal
     argv = ["--checkpoint", str(tiny_run), "--out", str(out), "--tile-size", "256"]
     argv += ["--no-progress", "--slide", *map(str, _two_slides(tiny_slide, tmp_path))]
     assert run_main(infer_main, argv) == 0
     assert "rank 1 of 2: 1 of 2 slides" in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["b.json", "b.png", "b.tif"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "b.json", "b.png", "b.tif"]
     assert threads == [2]
 
 

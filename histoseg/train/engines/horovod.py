@@ -18,12 +18,12 @@ from histoseg.train.engines.base import Engine, check_compression, unwrap_variab
 
 #: Horovod's background thread wakes every HOROVOD_CYCLE_TIME ms to negotiate with the other
 #: ranks, even when nothing is queued: a short cycle burns a core's share that the compute
-#: threads need (docs/cluster.md has the measurement and its command). In the separate step one fused allreduce per step
-#: waits at most one cycle. In the overlapped step the gradients reach the thread during the
-#: backward pass and each cycle sends what is ready, so only the last cycle's gradients (the
-#: first layers', made last) wait for a cycle after the backward pass (docs/cluster.md has
-#: what the overlapped step exposes here). Set HOROVOD_CYCLE_TIME (or horovodrun
-#: --cycle-time-ms) to override.
+#: threads need (docs/cluster.md has the measurement and its command). In the separate step
+#: one fused allreduce per step waits at most one cycle. In the overlapped step the
+#: gradients reach the thread during the backward pass and each cycle sends what is ready,
+#: so only the last cycle's gradients (the first layers', made last) wait for a cycle after
+#: the backward pass (docs/cluster.md has what the overlapped step exposes here). Set
+#: HOROVOD_CYCLE_TIME (or horovodrun --cycle-time-ms) to override.
 DEFAULT_CYCLE_TIME_MS = "20"
 
 
