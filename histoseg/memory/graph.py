@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from histoseg.errors import ConfigError
@@ -100,7 +100,10 @@ class MemoryGraph:
 
     Attributes:
         tensor_bytes: bytes of each tensor for one sample, by tensor id.
-        ops: layer applications in forward execution order (see :func:`_ready_first`).
+        ops: layer applications, each after its inputs' makers, the first made ready
+            first (:func:`_ready_first`); the backward pass runs them last first.
+        forward_order: indices into ``ops`` in the order the executor runs the forward
+            pass (:func:`executor_order`): each chain to its end before a sibling.
         inputs: ids of the model's input tensors (made inside the step from the uint8
             batch; they get no gradient).
         outputs: ids of the model's output tensors (the logits).
@@ -115,6 +118,7 @@ class MemoryGraph:
     ops: list[Op]
     inputs: list[int]
     outputs: list[int]
+    forward_order: list[int] = dataclasses.field(default_factory=list)
     output_elements: int = 0
     output_pixels: int = 0
     constants: list[tuple[str, int]] = dataclasses.field(default_factory=list)
@@ -233,6 +237,7 @@ def trace_model(model: Any) -> MemoryGraph:
     graph.output_elements = sum(math.prod(t.shape[1:]) for t in _flat(model.outputs))
     graph.output_pixels = sum(math.prod(t.shape[1:-1]) for t in _flat(model.outputs))
     graph.ops = _ready_first(graph.ops, graph.inputs)
+    graph.forward_order = executor_order(graph.ops, graph.inputs)
     _mark_backward(graph)
     graph.loss_scaled = any(
         getattr(layer, "compute_dtype", None) == "float16" for layer in model._flatten_layers()
@@ -242,15 +247,15 @@ def trace_model(model: Any) -> MemoryGraph:
 
 
 def _ready_first(ops: list[Op], inputs: Iterable[int]) -> list[Op]:
-    """``ops`` in the order TensorFlow's executor runs them: each once its inputs exist,
-    the first to become ready first.
+    """``ops`` each after the makers of its inputs, the first to become ready first.
 
     Keras lists a functional model's layers by depth (distance from the outputs), so a
-    branch that joins late runs late: DeepLabV3+'s low-level decoder branch after ASPP.
-    TensorFlow's executor, with one inter-op thread as the harness runs it, runs an op as
-    soon as its inputs are there, in the order they became ready: that branch right after
-    the entry flow (seen in the allocator's trace). Which tensors are alive together, and
-    so which free chunks a request finds, follows this order.
+    branch that joins late would run late: DeepLabV3+'s low-level decoder branch after ASPP.
+    This breadth-first order is the list the backward pass walks, last op first. The
+    forward pass runs in :func:`executor_order` (each chain to its end, then a sibling),
+    which the allocator's traces of the forward pass follow; for the backward pass the
+    reverse of this list matched the measured peaks better than the reverse of that one
+    (docs/memory-harness.md, "Which order the step runs in").
     """
     consumers: dict[int, list[int]] = {}
     for i, op in enumerate(ops):
@@ -272,6 +277,46 @@ def _ready_first(ops: list[Op], inputs: Iterable[int]) -> list[Op]:
     if len(order) != len(ops):  # an op fed by something no op makes: keep Keras's order
         return ops
     return [ops[i] for i in order]
+
+
+def executor_order(
+    ops: Sequence[Op], inputs: Iterable[int], runs_first: Callable[[int], bool] | None = None
+) -> list[int]:
+    """Indices of ``ops`` in the order TensorFlow's executor runs a forward pass.
+
+    With one inter-op thread the executor runs an op that became ready inline and
+    schedules the other newly ready ones on its thread pool, whose queue the running
+    thread takes from the front: a stack. So a chain runs to its end, then the sibling
+    made ready last (seen in the allocator traces: xception65's shortcut convolution runs
+    before its block's first separable convolution, and the decoder's low-level branch
+    right after the entry flow's block that feeds it). Newly ready ops are pushed in
+    ``ops``' order, those for which ``runs_first`` holds last (so they run first: in every
+    trace the ASPP's 1x1 convolution ran before its atrous and pooling branches). An op
+    fed by something no op makes keeps ``ops``' order.
+    """
+    consumers: dict[int, list[int]] = {}
+    for i, op in enumerate(ops):
+        for t in dict.fromkeys(op.inputs):
+            consumers.setdefault(t, []).append(i)
+    produced = set(inputs)
+    stack = [i for i, op in enumerate(ops) if set(op.inputs) <= produced]
+    queued = set(stack)
+    stack.reverse()  # the first op ready runs first
+    order: list[int] = []
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        produced.update(ops[i].outputs)
+        ready = []
+        for t in ops[i].outputs:
+            for j in consumers.get(t, []):
+                if j not in queued and set(ops[j].inputs) <= produced:
+                    ready.append(j)
+                    queued.add(j)
+        stack.extend(sorted(ready, key=lambda j: (bool(runs_first and runs_first(j)), j)))
+    if len(order) != len(ops):
+        return list(range(len(ops)))
+    return order
 
 
 def _nbytes(shape: Iterable[Any], dtype: Any) -> int:
@@ -300,11 +345,11 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> Op:
     saved: list[int] = []
     temp = (0, 0.0, 0.0)
     constant = 0
-    if kind == "conv" and _atrous_depthwise(layer):
-        # tf.nn.depthwise_conv2d runs an atrous depthwise conv on a space-to-batch copy of
-        # its input, padded to a multiple of the rate; that copy is what its gradient reads.
-        # The gradient of the input comes out in that layout too (as large as the copy)
-        # before BatchToSpaceND brings it back.
+    if kind == "conv" and _atrous(layer):
+        # TensorFlow runs an atrous (dilated) Conv2D or DepthwiseConv2D on a space-to-batch
+        # copy of its input, padded to a multiple of the rate; that copy is what its filter
+        # gradient reads. The gradient of the input comes out in that layout too (as large
+        # as the copy) before BatchToSpaceND brings it back.
         space_to_batch = _space_to_batch_bytes(layer, ins[0].shape, compute)
         saved = [new_tensor(space_to_batch)]
         temp = (space_to_batch, 0.0, 1.0)
@@ -391,15 +436,16 @@ def _weight_copies(layer: Any, kind: str, compute: Any) -> tuple[int, ...]:
     )
 
 
-def _atrous_depthwise(layer: Any) -> bool:
+def _atrous(layer: Any) -> bool:
     import keras
 
     rate = getattr(layer, "dilation_rate", (1, 1))
-    return isinstance(layer, keras.layers.DepthwiseConv2D) and any(r > 1 for r in rate)
+    kinds = (keras.layers.DepthwiseConv2D, keras.layers.Conv2D)
+    return isinstance(layer, kinds) and any(r > 1 for r in rate)
 
 
 def _space_to_batch_bytes(layer: Any, shape: Any, dtype: Any) -> int:
-    """Bytes of the padded space-to-batch copy of an atrous depthwise conv's input."""
+    """Bytes of the padded space-to-batch copy of an atrous convolution's input."""
     _, height, width, channels = (int(d) if d is not None else None for d in shape)
     (kh, kw), (rh, rw) = layer.kernel_size, layer.dilation_rate
     if layer.padding == "same":

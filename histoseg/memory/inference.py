@@ -43,12 +43,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from histoseg.errors import ConfigError
 from histoseg.memory.bfc import BFCAllocator
-from histoseg.memory.graph import IN_PLACE_FORWARD, MemoryGraph, Op, dtype_bytes, trace_model
+from histoseg.memory.graph import (
+    IN_PLACE_FORWARD,
+    MemoryGraph,
+    Op,
+    dtype_bytes,
+    executor_order,
+    trace_model,
+)
 from histoseg.memory.simulate import _Timeline
 
 #: Bytes per element of the float32 working copies below float32.
@@ -122,46 +129,6 @@ class InferenceEstimate:
     def as_dict(self) -> dict[str, Any]:
         """The estimate as a row's ``predicted`` section (``method`` "analytic")."""
         return {**dataclasses.asdict(self), "method": "analytic"}
-
-
-def executor_order(
-    ops: Sequence[Op], inputs: Iterable[int], runs_first: Callable[[int], bool] | None = None
-) -> list[int]:
-    """Indices of ``ops`` in the order TensorFlow's executor runs a forward pass.
-
-    With one inter-op thread the executor runs an op that became ready inline and
-    schedules the other newly ready ones on its thread pool, whose queue the running
-    thread takes from the front: a stack. So a chain runs to its end, then the sibling
-    made ready last (seen in the allocator traces: xception65's shortcut convolution runs
-    before its block's first separable convolution, and the decoder's low-level branch
-    right after the entry flow's block that feeds it). Newly ready ops are pushed in
-    ``ops``' order, those for which ``runs_first`` holds last (so they run first: in every
-    trace the ASPP's 1x1 convolution ran before its atrous and pooling branches). An op
-    fed by something no op makes keeps ``ops``' order.
-    """
-    consumers: dict[int, list[int]] = {}
-    for i, op in enumerate(ops):
-        for t in dict.fromkeys(op.inputs):
-            consumers.setdefault(t, []).append(i)
-    produced = set(inputs)
-    stack = [i for i, op in enumerate(ops) if set(op.inputs) <= produced]
-    queued = set(stack)
-    stack.reverse()  # the first op ready runs first
-    order: list[int] = []
-    while stack:
-        i = stack.pop()
-        order.append(i)
-        produced.update(ops[i].outputs)
-        ready = []
-        for t in ops[i].outputs:
-            for j in consumers.get(t, []):
-                if j not in queued and set(ops[j].inputs) <= produced:
-                    ready.append(j)
-                    queued.add(j)
-        stack.extend(sorted(ready, key=lambda j: (bool(runs_first and runs_first(j)), j)))
-    if len(order) != len(ops):
-        return list(range(len(ops)))
-    return order
 
 
 def atrous_buffers(layer: Any, input_shape: Sequence[Any], dtype_size: int) -> tuple[int, int]:

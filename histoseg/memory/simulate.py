@@ -178,7 +178,8 @@ def _remat_blocks(ops: Sequence[Op]) -> tuple[dict[str, list[Op]], dict[str, set
 
 
 def _forward_and_loss(sim: _Timeline, graph: MemoryGraph, size: _Sizing, kept: set[int]) -> None:
-    """The forward pass, then the loss; the logits and the labels die."""
+    """The forward pass in the executor's order, then the loss; the logits and the
+    labels die."""
     ops = graph.ops
     index = {id(op): i for i, op in enumerate(ops)}
 
@@ -186,8 +187,12 @@ def _forward_and_loss(sim: _Timeline, graph: MemoryGraph, size: _Sizing, kept: s
         if op.block is not None:
             sim.give_back(("copy", index[id(op)]))
 
+    forward = [ops[i] for i in graph.forward_order] if graph.forward_order else ops
     sim.forward(
-        ops, keep=kept | set(graph.outputs), temp=size.unsaved_forward_temp, after=forward_copy_dies
+        forward,
+        keep=kept | set(graph.outputs),
+        temp=size.unsaved_forward_temp,
+        after=forward_copy_dies,
     )
     # The loss: softmax cross-entropy keeps a float32 backprop tensor per logit, and the
     # logits themselves die once the loss is computed.

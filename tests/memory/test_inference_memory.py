@@ -8,11 +8,10 @@ import pytest
 keras = pytest.importorskip("keras")
 
 from histoseg.config import StepConfig  # noqa: E402
-from histoseg.memory.graph import Op  # noqa: E402
+from histoseg.memory.graph import Op, executor_order  # noqa: E402
 from histoseg.memory.inference import (  # noqa: E402
     atrous_buffers,
     estimate_inference_model,
-    executor_order,
     inference_facts,
     simulate_inference,
 )
