@@ -116,6 +116,7 @@ def sweep(
     lock_file: Path | None = None,
     note: str | None = None,
     command: str | None = None,
+    draw: dict[str, int] | None = None,
     allocator_trace: bool = False,
     repeats: int = 1,
     calibration_sizes: Sequence[int] = (),
@@ -125,7 +126,9 @@ def sweep(
 
     With ``calibration_sizes`` each config is first measured at those patch sizes (rows
     of their own, reused when ``out`` has them), and its prediction is the calibrated
-    route's (:mod:`histoseg.memory.calibrate`), the analytic one kept beside it.
+    route's (:mod:`histoseg.memory.calibrate`), the analytic one kept beside it. ``draw``
+    (``{"sample": N, "seed": S}``) marks rows of a random draw (``--sample``) in
+    ``extra.draw``: scattered points, which the patch-size figure leaves out.
 
     Returns:
         The rows of this sweep, in config order (old rows kept for configs not re-run).
@@ -160,6 +163,8 @@ def sweep(
             row.setdefault("extra", {})["note"] = note
         if command:
             row.setdefault("extra", {})["command"] = command
+        if draw:
+            row.setdefault("extra", {})["draw"] = dict(draw)
         # Re-read before writing: another sweep may have added rows to the same file.
         write_rows(out, merge_rows(load_rows_if_exists(out), [row]))
         return row
@@ -351,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lock_file=args.lock_file,
         note=args.note,
         command=_command(argv),
+        draw=None if args.sample is None else {"sample": args.sample, "seed": args.seed},
         allocator_trace=args.allocator_trace,
         repeats=args.repeats,
         calibration_sizes=args.calibrate or (),

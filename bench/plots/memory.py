@@ -43,6 +43,12 @@ def drawn_rows(rows: Sequence[dict], notes: list[str]) -> list[dict]:
                 f"{len(torch_rows)} rows of Keras's torch backend left out "
                 "(docs/torch-backend.md draws them as a table)"
             )
+    # A random draw (bench.memory --sample) scatters single points over the whole config
+    # space: not curves over patch size (docs/memory-harness.md tables them).
+    drawn = [r for r in memory_rows if (r.get("extra") or {}).get("draw")]
+    if drawn:
+        memory_rows = [r for r in memory_rows if r not in drawn]
+        notes.append(f"{len(drawn)} rows of a random draw (bench.memory --sample) left out")
     # Batch 1 only, where there is any: more batch sizes make the plot unreadable, and
     # memory per patch is near-linear in the batch (the table in results/ has them all).
     batch_one = [r for r in memory_rows if r.get("config", {}).get("batch_size") == 1]

@@ -291,3 +291,17 @@ def test_inference_rows_are_never_a_training_runs_memory():
     assert not select.is_train_memory_row(infer)
     training = make_row("accuracy", {**config, "optimizer": "adam"})
     assert select.accuracy_memory(training, select.memory_index([infer])) == (None, None)
+
+
+def test_the_patch_size_figure_leaves_a_random_draw_out():
+    from bench.plots.memory import drawn_rows
+
+    def row(size, draw=None):
+        extra = {"draw": draw} if draw else {}
+        config = {"patch_size": size, "batch_size": 1, "backbone": "xception65"}
+        return make_row("memory", config, measured={"peak_bytes": 1e9}, extra=extra)
+
+    notes: list[str] = []
+    kept = drawn_rows([row(256), row(512), row(288, {"sample": 48, "seed": 0})], notes)
+    assert [r["config"]["patch_size"] for r in kept] == [256, 512]
+    assert notes == ["1 rows of a random draw (bench.memory --sample) left out"]
