@@ -17,6 +17,7 @@ from pathlib import Path
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.config import MAX_ALPHA, parse_alpha
 from histoseg.errors import ConfigError
+from histoseg.train.launch import WORLD_VARIABLES
 from histoseg.train.split import SPLITS
 
 # Kept here (not imported from the modules that validate them, which import TensorFlow) so
@@ -369,16 +370,10 @@ def configure_threads(threads: int | None, pin: bool) -> int | None:
     return threads
 
 
-#: Variables a launcher sets in each rank it starts: horovodrun (Gloo), Open MPI, MPICH and
-#: Intel MPI, PMIx, MVAPICH, Slurm's srun.
-RANK_VARIABLES = (
-    "HOROVOD_RANK",
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "PMIX_RANK",
-    "MV2_COMM_WORLD_RANK",
-    "SLURM_PROCID",
-)
+#: A rank variable of each launcher (:data:`histoseg.train.launch.WORLD_VARIABLES`), and
+#: PMIx's, whose world size has no variable of its own: any one of them set means a
+#: launcher started this process.
+RANK_VARIABLES = (*(rank for rank, _, _ in WORLD_VARIABLES), "PMIX_RANK")
 
 
 def check_launcher(engine: str, environ: Mapping[str, str] | None = None) -> None:
