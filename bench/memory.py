@@ -135,6 +135,8 @@ def sweep(
     """
     from tqdm import tqdm
 
+    marks = {k: v for k, v in (("note", note), ("command", command), ("draw", draw)) if v}
+
     def old_row(config: StepConfig) -> dict[str, Any] | None:
         key = config_key(config.as_dict())
         rows = [r for r in load_rows_if_exists(out) if r.get("kind") == "memory"]
@@ -159,12 +161,8 @@ def sweep(
             repeats=repeats,
             calibration=calibration,
         )
-        if note:
-            row.setdefault("extra", {})["note"] = note
-        if command:
-            row.setdefault("extra", {})["command"] = command
-        if draw:
-            row.setdefault("extra", {})["draw"] = dict(draw)
+        if marks:
+            row.setdefault("extra", {}).update(marks)
         # Re-read before writing: another sweep may have added rows to the same file.
         write_rows(out, merge_rows(load_rows_if_exists(out), [row]))
         return row

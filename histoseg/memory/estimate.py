@@ -395,19 +395,24 @@ def estimate(
     Example:
         >>> estimate(patch_size=2048, backbone="xception65").peak_bytes / 1e9
     """
-    options = dict(
-        backbone_options.items() if isinstance(backbone_options, Mapping) else backbone_options
-    )
     facts = _facts_for(
         backbone,
         int(patch_size),
         int(output_stride),
         precision,
         remat,
-        tuple(sorted(options.items())),
+        _options_key(backbone_options),
         int(num_classes),
     )
     return estimate_model(facts, batch_size=batch_size, optimizer=optimizer, device=device)
+
+
+def _options_key(
+    backbone_options: Mapping[str, Any] | Iterable[tuple[str, Any]],
+) -> tuple[tuple[str, Any], ...]:
+    """Backbone options as a cache key: the same options in any order, one key."""
+    items = backbone_options.items() if isinstance(backbone_options, Mapping) else backbone_options
+    return tuple(sorted(dict(items).items()))
 
 
 def estimate_inference(
@@ -432,15 +437,12 @@ def estimate_inference(
     """
     from histoseg.memory.inference import estimate_inference_model, inference_facts_for
 
-    options = dict(
-        backbone_options.items() if isinstance(backbone_options, Mapping) else backbone_options
-    )
     facts = inference_facts_for(
         backbone,
         int(patch_size),
         int(output_stride),
         precision,
-        tuple(sorted(options.items())),
+        _options_key(backbone_options),
         int(num_classes),
     )
     return estimate_inference_model(facts, batch_size=batch_size, device=device)
