@@ -77,27 +77,18 @@ def predict(config: StepConfig) -> dict[str, int]:
     step's, or a forward pass's (:mod:`histoseg.memory.inference`) for mode infer."""
     from histoseg.memory.estimate import estimate, estimate_inference
 
+    step = {
+        "patch_size": config.patch_size,
+        "batch_size": config.batch_size,
+        "backbone": config.backbone,
+        "output_stride": config.output_stride,
+        "precision": config.precision,
+        "device": config.device,
+        "backbone_options": config.backbone_options,
+    }
     if config.mode == "infer":
-        return estimate_inference(
-            patch_size=config.patch_size,
-            batch_size=config.batch_size,
-            backbone=config.backbone,
-            output_stride=config.output_stride,
-            precision=config.precision,
-            device=config.device,
-            backbone_options=config.backbone_options,
-        ).as_dict()
-    return estimate(
-        patch_size=config.patch_size,
-        batch_size=config.batch_size,
-        backbone=config.backbone,
-        output_stride=config.output_stride,
-        precision=config.precision,
-        remat=config.remat,
-        optimizer=config.optimizer,
-        device=config.device,
-        backbone_options=config.backbone_options,
-    ).as_dict()
+        return estimate_inference(**step).as_dict()
+    return estimate(**step, remat=config.remat, optimizer=config.optimizer).as_dict()
 
 
 def fit_check(config: StepConfig, predicted: dict[str, int]) -> str | None:
