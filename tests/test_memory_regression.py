@@ -5,7 +5,11 @@ by ``python -m bench.memory --baseline``. Each is measured again here in a fresh
 ``bench.worker`` process (the baseline configs are float32, whose allocator figures repeat
 closely from process to process, see docs/memory-harness.md; time is never asserted).
 The test fails when activation or peak bytes per patch grew by more than 5%, and warns
-when they shrank by more than 5%, so that the baseline is refreshed on purpose.
+when they shrank by more than 5%, so that the baseline is refreshed on purpose. A growth
+seen in the first process is measured in two more, and the median of the three decides,
+as the harness reports a config (``--repeats 3``): where the executor runs ops in another
+order, one process's peak can land a chunk higher (+6.7% once for mobilenetv2 at 128 px,
+whose peak is 25 MB), while a real growth shows in every process.
 
 To see it bite, widen the model (test-only knob, read by bench.worker)::
 
@@ -14,12 +18,19 @@ To see it bite, widen the model (test-only knob, read by bench.worker)::
 
 from __future__ import annotations
 
+import statistics
 import warnings
 from pathlib import Path
 
 import pytest
 
-from bench.memory import BASELINE_OUT, REGRESSION_TOLERANCE, compare_to_baseline, run_worker
+from bench.memory import (
+    BASELINE_OUT,
+    REGRESSION_METRICS,
+    REGRESSION_TOLERANCE,
+    compare_to_baseline,
+    run_worker,
+)
 from histoseg.config import StepConfig
 from histoseg.results import load_rows
 
@@ -62,6 +73,14 @@ def test_memory_per_patch_has_not_grown(baseline):
     fresh = run_worker(config, timeout_s=240)
     assert fresh["status"] == "ok", f"worker failed: {fresh.get('reason')}"
     comparison = compare_to_baseline(baseline, fresh, REGRESSION_TOLERANCE)
+    if any(c["verdict"] == "grew" for c in comparison):
+        runs = [fresh] + [run_worker(config, timeout_s=240) for _ in range(2)]
+        assert all(r["status"] == "ok" for r in runs), [r.get("reason") for r in runs]
+        fresh["measured"] = {
+            **fresh["measured"],
+            **{m: statistics.median(r["measured"][m] for r in runs) for m in REGRESSION_METRICS},
+        }
+        comparison = compare_to_baseline(baseline, fresh, REGRESSION_TOLERANCE)
     shrank = [c for c in comparison if c["verdict"] == "shrank"]
     grew = [c for c in comparison if c["verdict"] == "grew"]
     if shrank:
