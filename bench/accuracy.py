@@ -29,9 +29,11 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -46,8 +48,9 @@ from bench.accuracy_plan import (
 )
 from bench.accuracy_worker import run_worker, worker_main
 from histoseg.cli import ArgumentParser, command_line, finite_float, int_in_range, run_main
-from histoseg.config import MAX_ALPHA, StepConfig, default_threads, parse_alpha
+from histoseg.config import HEAD_FILTERS, MAX_ALPHA, StepConfig, default_threads, parse_alpha
 from histoseg.errors import ConfigError
+from histoseg.files import locked
 from histoseg.results import load_rows_if_exists, write_rows
 from histoseg.train.cli import (
     NORM_CHOICES,
@@ -90,6 +93,13 @@ def replace_point(rows: list[dict], new_row: dict) -> list[dict]:
         if not (r.get("kind") == "accuracy" and point_key(r.get("config", {})) == key)
     ]
     return [*kept, new_row]
+
+
+def rows_lock(out: Path) -> Path:
+    """The lock file that serialises read-merge-write of ``out`` between sweep processes
+    (in the temporary folder, so nothing is left beside the user's results)."""
+    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"histoseg-rows-{key}.lock"
 
 
 def finished_row(rows: Sequence[dict], config: dict) -> dict | None:
@@ -158,7 +168,12 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
     if norm != "batch":
         config["norm"] = norm
     # likewise only when not the default
-    for key, default in (("tumour_weight", 1.0), ("tumor_ratio", 0.5), ("warmup_steps", None)):
+    for key, default in (
+        ("head_filters", HEAD_FILTERS),
+        ("tumour_weight", 1.0),
+        ("tumor_ratio", 0.5),
+        ("warmup_steps", None),
+    ):
         if getattr(args, key) != default:
             config[key] = getattr(args, key)
     return config
@@ -209,10 +224,13 @@ def run_sweep(
 ) -> list[dict]:
     """Plan, run (or resume, or skip) every size and write the rows after each; returns the rows."""
     out = Path(args.out)
-    rows = load_rows_if_exists(out)
+    with locked(rows_lock(out)):
+        rows = load_rows_if_exists(out)
     budget, budget_source = memory_budget(args)
     if predict is None:
         options = {"alpha": args.alpha} if args.alpha is not None else {}
+        if args.head_filters != HEAD_FILTERS:
+            options["head_filters"] = args.head_filters
         predict = estimate_predictor(
             args.backbone, args.batch_size, args.output_stride, args.optimizer, options
         )
@@ -274,8 +292,10 @@ def run_sweep(
             row = size_row(config, plan, result, extra)
             trained += 1
             log(f"{head}: {_row_summary(row)}; {_eta(started_sweep, trained, points, index)}")
-        rows = replace_point(rows, row)
-        write_rows(out, rows)  # after every size: an interrupted sweep keeps what it measured
+        # After every size, so an interrupted sweep keeps what it measured; merged with what
+        # is in the file now, so sweeps of other seeds or tasks may share one --out.
+        with locked(rows_lock(out)):
+            write_rows(out, replace_point(load_rows_if_exists(out), row))
         results.append(row)
     return results
 
@@ -402,6 +422,12 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         choices=NORM_CHOICES,
         help="normalisation: batch, frozen, group, or auto: group at --batch-size 1, "
         "else batch (default auto)",
+    )
+    parser.add_argument(
+        "--head-filters",
+        type=int_in_range(1, 4096),
+        default=HEAD_FILTERS,
+        help=f"channels of ASPP and the decoder (default {HEAD_FILTERS}, the paper's)",
     )
     parser.add_argument(
         "--tumour-weight",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bench.isolated import run_isolated
-from histoseg.config import thread_env
+from histoseg.config import HEAD_FILTERS, thread_env
 from histoseg.errors import HistosegError
 
 #: What the worker keeps of the training run's own row (the rest is rebuilt by the sweep).
@@ -68,6 +68,7 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
         precision=config["precision"],
         remat=config["remat"],
         norm=config.get("norm", "batch"),
+        head_filters=int(config.get("head_filters", HEAD_FILTERS)),
         tumour_weight=float(config.get("tumour_weight", 1.0)),
         tumor_ratio=float(config.get("tumor_ratio", 0.5)),
         warmup_steps=config.get("warmup_steps"),

@@ -29,11 +29,12 @@ from bench.memory_args import (
     build_parser,
     configs_from_args,
 )
-from bench.memory_runs import locked, median_process, run_worker
+from bench.memory_runs import median_process, run_worker
 from bench.memory_table import print_largest_patches, summary_markdown, summary_table
 from histoseg.cli import check_output, run_main
 from histoseg.config import PRECISIONS, StepConfig
 from histoseg.errors import ConfigError, HistosegError
+from histoseg.files import locked
 from histoseg.memory.calibrate import calibrated_prediction
 from histoseg.memory.devices import fit_problem, parse_size
 from histoseg.results import (

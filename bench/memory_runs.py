@@ -4,31 +4,13 @@ why, and the median process of a repeated config."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from bench.isolated import run_isolated
 from histoseg.config import StepConfig
 from histoseg.results import make_row
-
-
-@contextlib.contextmanager
-def locked(path: Path | None):
-    """Hold an exclusive ``flock`` on ``path`` (nothing when None): one timed run at a time."""
-    if path is None:
-        yield
-        return
-    import fcntl
-
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_worker(

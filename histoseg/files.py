@@ -68,6 +68,26 @@ def atomic_outputs(
             tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def locked(path: str | os.PathLike | None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (nothing when None) for the block.
+
+    Serialises what must not overlap between processes: timed runs on a shared machine,
+    and read-merge-write of one results file by sweeps running side by side.
+    """
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def new_file_mode() -> int:
     """The mode ``open(path, "w")`` gives a new file: 0666 less the umask (0644 under 022)."""
     return 0o666 & ~_umask()

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from histoseg.config import HEAD_FILTERS
 from histoseg.errors import ConfigError
 
-MODEL_KEYS = ("backbone", "alpha", "output_stride", "norm", "patch_size", "remat")
+MODEL_KEYS = ("backbone", "alpha", "output_stride", "norm", "head_filters", "patch_size", "remat")
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,7 @@ def build_tile_model(info: CheckpointInfo, tile_size_px: int):
         "none",
         norm=cfg.get("norm") or "batch",
         image_pooling_px=int(cfg.get("patch_size") or tile_size_px),
+        head_filters=int(cfg.get("head_filters") or HEAD_FILTERS),
         **kwargs,
     )
     assign_variables(info.path, list(model.variables), prefix=True)

@@ -149,6 +149,7 @@ def _build(
         options.precision,
         options.remat,
         norm=options.norm,
+        head_filters=options.head_filters,
         **backbone_kwargs,
     )
     peak_lr = options.learning_rate * (engine.size if options.scale_lr else 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from histoseg.config import StepConfig, default_threads
+from histoseg.config import HEAD_FILTERS, StepConfig, default_threads
 from histoseg.train.engines.base import DEFAULT_STEP_MODE
 
 
@@ -43,6 +43,7 @@ class TrainOptions:
     precision: str = "float32"
     remat: str = "none"
     norm: str = "batch"
+    head_filters: int = HEAD_FILTERS
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     momentum: float = 0.9
@@ -103,7 +104,12 @@ class TrainOptions:
             config["synthetic_seed"] = self.synthetic_seed
         if synthetic and self.synthetic_task != "local":
             config["synthetic_task"] = self.synthetic_task
-        for key, default in (("norm", "batch"), ("tumour_weight", 1.0), ("tumor_ratio", 0.5)):
+        for key, default in (
+            ("norm", "batch"),
+            ("head_filters", HEAD_FILTERS),
+            ("tumour_weight", 1.0),
+            ("tumor_ratio", 0.5),
+        ):
             if getattr(self, key) != default:
                 config[key] = getattr(self, key)
         return config

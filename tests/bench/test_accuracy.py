@@ -11,7 +11,7 @@ import pytest
 
 from bench import accuracy
 from histoseg.errors import ConfigError
-from histoseg.results import load_rows
+from histoseg.results import load_rows, write_rows
 
 REPO = Path(__file__).resolve().parents[2]
 GB = 10**9
@@ -168,6 +168,30 @@ def test_sweep_trains_every_task_and_seed_seed_by_seed_and_resumes(tmp_path):
     again = FakeRunner()
     accuracy.run_sweep(_args(tmp_path, *argv), runner=again, predict=_predict, log=print)
     assert again.specs == []  # every (seed, task, size) already measured
+
+
+def test_sweeps_side_by_side_keep_each_others_rows(tmp_path):
+    """Another seed's sweep writing the same --out while this one trains loses nothing."""
+    other = accuracy.run_sweep(
+        _args(tmp_path, "--seeds", "1", "--sizes", "256"), runner=FakeRunner(), predict=_predict
+    )
+    (tmp_path / "accuracy.json").unlink()  # this sweep starts from no file at all
+
+    class WritesMeanwhile(FakeRunner):
+        def __call__(self, spec):
+            if not self.specs:  # the other sweep lands its row after this one has started
+                write_rows(tmp_path / "accuracy.json", other)
+            return super().__call__(spec)
+
+    accuracy.run_sweep(
+        _args(tmp_path, "--sizes", "256", "512"), runner=WritesMeanwhile(), predict=_predict
+    )
+    saved = load_rows(tmp_path / "accuracy.json")
+    assert sorted((r["config"]["seed"], r["config"]["patch_size"]) for r in saved) == [
+        (0, 256),
+        (0, 512),
+        (1, 256),
+    ]
 
 
 def test_sweep_records_an_out_of_memory_size_and_goes_on(tmp_path):

@@ -33,16 +33,18 @@ def trainable(model) -> int:
     return sum(math.prod(v.shape) for v in model.trainable_weights)
 
 
-def head_params(high_channels: int, low_channels: int, num_classes: int) -> int:
-    """Trainable parameters of ASPP + decoder, written out from the paper's layer list."""
+def head_params(high_channels: int, low_channels: int, num_classes: int, f: int = 256) -> int:
+    """Trainable parameters of ASPP + decoder, written out from the paper's layer list
+    (``f`` channels in ASPP and the decoder; the paper's 256)."""
     bn = 2  # gamma, beta
-    aspp = 2 * (high_channels * 256 + bn * 256)  # image pooling 1x1, 1x1 branch
-    aspp += 3 * (9 * high_channels + bn * high_channels + high_channels * 256 + bn * 256)
-    aspp += 5 * 256 * 256 + bn * 256  # projection of the concatenation
+    aspp = 2 * (high_channels * f + bn * f)  # image pooling 1x1, 1x1 branch
+    aspp += 3 * (9 * high_channels + bn * high_channels + high_channels * f + bn * f)
+    aspp += 5 * f * f + bn * f  # projection of the concatenation
     decoder = low_channels * 48 + bn * 48
-    decoder += 9 * 304 + bn * 304 + 304 * 256 + bn * 256
-    decoder += 9 * 256 + bn * 256 + 256 * 256 + bn * 256
-    return aspp + decoder + 256 * num_classes + num_classes
+    fused = f + 48
+    decoder += 9 * fused + bn * fused + fused * f + bn * f
+    decoder += 9 * f + bn * f + f * f + bn * f
+    return aspp + decoder + f * num_classes + num_classes
 
 
 @pytest.mark.parametrize("output_stride", [8, 16])
@@ -89,6 +91,12 @@ def test_mobilenetv2_parameter_count_matches_keras_applications():
         for v in layer.trainable_weights
     )
     assert count_params("mobilenetv2", 64, 2, alpha=1.0) == backbone + head_params(320, 24, 2)
+
+
+def test_head_filters_set_the_width_of_aspp_and_the_decoder():
+    backbone = count_params("mobilenetv2", 64, 2, **TINY) - head_params(112, 8, 2)
+    narrow = count_params("mobilenetv2", 64, 2, head_filters=64, **TINY)
+    assert narrow == backbone + head_params(112, 8, 2, f=64)
 
 
 def test_xception65_multiply_adds_match_model_zoo():
@@ -139,6 +147,7 @@ def test_mixed_precision_keeps_float32_variables_and_logits(precision):
         ({"remat": "layers"}, ["layers", *REMAT_MODES]),
         ({"num_classes": 0}, ["num_classes=0"]),
         ({"backbone": "xception65", "alpha": 0.5}, ["alpha"]),
+        ({"head_filters": 0}, ["head_filters=0"]),
     ],
 )
 def test_bad_configuration_raises_config_error_naming_what_is_allowed(kwargs, words):

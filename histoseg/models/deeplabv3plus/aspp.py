@@ -7,11 +7,14 @@ import keras
 from histoseg.models.layers import ResizeBilinear, conv_bn, separable_conv_bn
 from histoseg.models.remat import apply_block
 
-ASPP_FILTERS = 256
-
 
 def aspp(
-    x, *, rates: tuple[int, int, int], remat: bool = False, image_pooling_cells: int | None = None
+    x,
+    *,
+    rates: tuple[int, int, int],
+    filters: int,
+    remat: bool = False,
+    image_pooling_cells: int | None = None,
 ):
     """Apply ASPP to the backbone's high-level feature.
 
@@ -24,6 +27,7 @@ def aspp(
     Args:
         x: High-level feature, NHWC.
         rates: Atrous rates, (6, 12, 18) at output stride 16 and (12, 24, 36) at 8.
+        filters: Channels of every branch and of the projection (the paper's 256).
         remat: Recompute each branch and the projection in the backward pass.
         image_pooling_cells: Pool over a ``cells x cells`` window around each position
             instead of the whole image (DeepLab's ``image_pooling_crop_size``): a model
@@ -31,7 +35,7 @@ def aspp(
             with, and its output no longer depends on where a tile was cut.
 
     Returns:
-        The 256-channel ASPP feature at the input's resolution.
+        The ``filters``-channel ASPP feature at the input's resolution.
     """
     height, width = x.shape[1], x.shape[2]
 
@@ -41,15 +45,15 @@ def aspp(
             t = keras.layers.AveragePooling2D(
                 image_pooling_cells, strides=1, padding="same", name="aspp_pool"
             )(t)
-            return conv_bn(t, ASPP_FILTERS, 1, epsilon=1e-5, name="aspp_pool")
+            return conv_bn(t, filters, 1, epsilon=1e-5, name="aspp_pool")
         t = keras.layers.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(t)
-        t = conv_bn(t, ASPP_FILTERS, 1, epsilon=1e-5, name="aspp_pool")
+        t = conv_bn(t, filters, 1, epsilon=1e-5, name="aspp_pool")
         return ResizeBilinear(height, width, name="aspp_pool_upsample")(t)
 
     branches = [
         apply_block(pooling, x, name="aspp_pooling", remat=remat),
         apply_block(
-            lambda t: conv_bn(t, ASPP_FILTERS, 1, epsilon=1e-5, name="aspp_conv0"),
+            lambda t: conv_bn(t, filters, 1, epsilon=1e-5, name="aspp_conv0"),
             x,
             name="aspp_branch0",
             remat=remat,
@@ -59,7 +63,7 @@ def aspp(
         branches.append(
             apply_block(
                 lambda t, r=rate, n=f"aspp_separable{i}": separable_conv_bn(
-                    t, ASPP_FILTERS, 3, dilation_rate=r, depth_activation=True, epsilon=1e-5, name=n
+                    t, filters, 3, dilation_rate=r, depth_activation=True, epsilon=1e-5, name=n
                 ),
                 x,
                 name=f"aspp_branch{i}",
@@ -69,6 +73,6 @@ def aspp(
 
     def projection(ts):
         t = keras.layers.Concatenate(name="aspp_concat")(ts)
-        return conv_bn(t, ASPP_FILTERS, 1, epsilon=1e-5, name="aspp_projection")
+        return conv_bn(t, filters, 1, epsilon=1e-5, name="aspp_projection")
 
     return apply_block(projection, branches, name="aspp_projection", remat=remat)

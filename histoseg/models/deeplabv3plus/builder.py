@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import keras
 
+from histoseg.config import HEAD_FILTERS
 from histoseg.errors import ConfigError
 from histoseg.models.backbones import BACKBONES
 from histoseg.models.deeplabv3plus.aspp import aspp
@@ -91,6 +92,7 @@ def build_deeplabv3plus(
     allow_any_size: bool = False,
     norm: str = DEFAULT_NORM,
     image_pooling_px: int | None = None,
+    head_filters: int = HEAD_FILTERS,
     **backbone_kwargs,
 ) -> keras.Model:
     """Build DeepLabV3+ (Chen et al., 2018): backbone, ASPP, decoder, logits.
@@ -116,6 +118,8 @@ def build_deeplabv3plus(
         image_pooling_px: ASPP image pooling over a window of this many input px around
             each position (the training patch size, for tiled inference) instead of the
             whole input; None (training) pools globally. The weights are the same.
+        head_filters: Channels of ASPP and of the decoder's separable convs (the
+            paper's 256; fewer make a narrow backbone's step much cheaper).
         **backbone_kwargs: Passed to the backbone, e.g. ``alpha=0.35`` for mobilenetv2.
 
     Returns:
@@ -140,6 +144,8 @@ def build_deeplabv3plus(
         allow_any_size=allow_any_size,
     )
     check_norm(norm)
+    if isinstance(head_filters, bool) or not isinstance(head_filters, int) or head_filters < 1:
+        raise ConfigError(f"head_filters={head_filters!r} must be a positive int")
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
@@ -151,6 +157,7 @@ def build_deeplabv3plus(
                 output_stride,
                 remat,
                 image_pooling_px,
+                head_filters,
                 backbone_kwargs,
             )
     finally:
@@ -164,6 +171,7 @@ def _assemble(
     output_stride: int,
     remat: str,
     image_pooling_px: int | None,
+    head_filters: int,
     backbone_kwargs: dict,
 ) -> keras.Model:
     """Backbone, ASPP, decoder, under the dtype policy and normalisation already set."""
@@ -177,8 +185,19 @@ def _assemble(
     pooling_cells = None
     if image_pooling_px is not None:
         pooling_cells = max(1, int(image_pooling_px) // output_stride)
-    features = aspp(high_level, rates=rates, remat=head_remat, image_pooling_cells=pooling_cells)
+    features = aspp(
+        high_level,
+        rates=rates,
+        filters=head_filters,
+        remat=head_remat,
+        image_pooling_cells=pooling_cells,
+    )
     logits = decoder(
-        features, low_level, num_classes=num_classes, output_size=(height, width), remat=head_remat
+        features,
+        low_level,
+        num_classes=num_classes,
+        output_size=(height, width),
+        filters=head_filters,
+        remat=head_remat,
     )
     return keras.Model(images, logits, name=f"deeplabv3plus_{backbone}")

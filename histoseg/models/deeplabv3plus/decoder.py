@@ -8,17 +8,22 @@ from histoseg.models.layers import ResizeBilinear, conv_bn, separable_conv_bn
 from histoseg.models.remat import apply_block
 
 LOW_LEVEL_FILTERS = 48
-DECODER_FILTERS = 256
 
 
 def decoder(
-    high, low_level, *, num_classes: int, output_size: tuple[int, int], remat: bool = False
+    high,
+    low_level,
+    *,
+    num_classes: int,
+    output_size: tuple[int, int],
+    filters: int,
+    remat: bool = False,
 ):
     """Decode ASPP features into per-pixel logits at the input resolution.
 
     The low-level feature is projected to 48 channels (1x1 conv, BN, ReLU); the ASPP
     feature is upsampled bilinearly to its size and concatenated; two 3x3 separable convs
-    of 256 channels refine it; a 1x1 conv gives ``num_classes`` logits, upsampled
+    of ``filters`` channels (the paper's 256) refine it; a 1x1 conv gives ``num_classes`` logits, upsampled
     bilinearly to ``output_size``. The final upsampling runs in float32, so the logits are
     float32 under any mixed-precision policy.
 
@@ -27,6 +32,7 @@ def decoder(
         low_level: Backbone's stride-4 feature.
         num_classes: Number of logit channels.
         output_size: ``(height, width)`` of the input image.
+        filters: Channels of the two separable convs.
         remat: Recompute the projection and each separable conv in the backward pass.
 
     Returns:
@@ -44,13 +50,13 @@ def decoder(
         up = ResizeBilinear(low_height, low_width, name="decoder_upsample")(ts[0])
         t = keras.layers.Concatenate(name="decoder_concat")([up, ts[1]])
         return separable_conv_bn(
-            t, DECODER_FILTERS, 3, depth_activation=True, epsilon=1e-5, name="decoder_separable1"
+            t, filters, 3, depth_activation=True, epsilon=1e-5, name="decoder_separable1"
         )
 
     x = apply_block(fuse, [high, low], name="decoder_fuse", remat=remat)
     x = apply_block(
         lambda t: separable_conv_bn(
-            t, DECODER_FILTERS, 3, depth_activation=True, epsilon=1e-5, name="decoder_separable2"
+            t, filters, 3, depth_activation=True, epsilon=1e-5, name="decoder_separable2"
         ),
         x,
         name="decoder_refine",
