@@ -102,6 +102,14 @@ def rows_lock(out: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"histoseg-rows-{key}.lock"
 
 
+def save_row(out: Path, row: dict) -> None:
+    """Write ``row`` into ``out`` as soon as it is made, so an interrupted sweep keeps what it
+    measured; merged with what the file holds now, so sweeps of other seeds or tasks may
+    share one ``--out``."""
+    with locked(rows_lock(out)):
+        write_rows(out, replace_point(load_rows_if_exists(out), row))
+
+
 def finished_row(rows: Sequence[dict], config: dict) -> dict | None:
     """The ok accuracy row already measured for this sweep point, if any (what resume skips)."""
     key = point_key(config)
@@ -292,10 +300,7 @@ def run_sweep(
             row = size_row(config, plan, result, extra)
             trained += 1
             log(f"{head}: {_row_summary(row)}; {_eta(started_sweep, trained, points, index)}")
-        # After every size, so an interrupted sweep keeps what it measured; merged with what
-        # is in the file now, so sweeps of other seeds or tasks may share one --out.
-        with locked(rows_lock(out)):
-            write_rows(out, replace_point(load_rows_if_exists(out), row))
+        save_row(out, row)
         results.append(row)
     return results
 

@@ -28,6 +28,11 @@ def _check_choice(name: str, value, allowed: Sequence) -> None:
         )
 
 
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} must be a positive int")
+
+
 def validate_config(
     backbone: str,
     input_shape: Sequence[int],
@@ -62,8 +67,7 @@ def validate_config(
         raise ConfigError(
             f"input size {height}x{width} px is smaller than output_stride={output_stride}"
         )
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(f"num_classes={num_classes!r} must be a positive int")
+    _check_positive_int("num_classes", num_classes)
     accepted = set(inspect.signature(BACKBONES[backbone]).parameters) - {
         "inputs",
         "output_stride",
@@ -144,8 +148,7 @@ def build_deeplabv3plus(
         allow_any_size=allow_any_size,
     )
     check_norm(norm)
-    if isinstance(head_filters, bool) or not isinstance(head_filters, int) or head_filters < 1:
-        raise ConfigError(f"head_filters={head_filters!r} must be a positive int")
+    _check_positive_int("head_filters", head_filters)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
