@@ -43,6 +43,7 @@ SERIES_KEYS = (
     "backbone_options",
     "batch_size",
     "norm",
+    "head_filters",
     "tumour_weight",
     "learning_rate",
     "pixel_budget",

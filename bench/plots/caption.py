@@ -111,6 +111,10 @@ def label_part(key: str, value: Any) -> str:
         return f"batch {value}"
     if key == "tumour_weight":
         return f"tumour weight {value:g}"
+    if key == "head_filters":
+        return f"head {value} ch"
+    if key == "learning_rate" and number(value):
+        return f"lr {float(value):g}"
     if isinstance(value, Mapping):
         return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
     return str(value)
