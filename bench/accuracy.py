@@ -46,6 +46,7 @@ from bench.accuracy_plan import (
     plan_size,
     steps_for_budget,
 )
+from bench.accuracy_table import seed_summary, summary_table
 from bench.accuracy_worker import run_worker, worker_main
 from histoseg.cli import ArgumentParser, command_line, finite_float, int_in_range, run_main
 from histoseg.config import HEAD_FILTERS, MAX_ALPHA, StepConfig, default_threads, parse_alpha
@@ -342,36 +343,6 @@ def _row_summary(row: dict) -> str:
     return f"accuracy {m.get('accuracy', math.nan):.4f}, mIoU {m.get('miou', math.nan):.4f}, AUC {m.get('auc', math.nan):.4f}"
 
 
-def summary_table(rows: Sequence[dict]) -> str:
-    """The sweep's rows as a fixed-width table (one line per size)."""
-    header = (
-        f"{'patch px':>8} {'steps':>6} {'Mpx seen':>8} {'precision/remat':>22} {'peak GB':>8} "
-        f"{'pred GB':>8} {'accuracy':>8} {'mIoU':>7} {'AUC':>7} {'val':>5} {'wall s':>7}  status"
-    )
-    lines = [header, "-" * len(header)]
-    for row in sorted(rows, key=lambda r: r["config"]["patch_size"]):
-        c, m = row["config"], row.get("metrics", {})
-        measured, predicted, extra = (
-            row.get("measured", {}),
-            row.get("predicted", {}),
-            row.get("extra", {}),
-        )
-
-        def num(value, fmt):
-            return format(value, fmt) if isinstance(value, int | float) else "-"
-
-        lines.append(
-            f"{c['patch_size']:>8} {c.get('steps', 0):>6} {extra.get('pixels_seen', 0) / 1e6:>8.0f} "
-            f"{c['precision'] + '/' + c['remat']:>22} "
-            f"{num(measured.get('peak_bytes', 0) / 1e9 if measured.get('peak_bytes') else None, '.2f'):>8} "
-            f"{num(predicted.get('peak_bytes', 0) / 1e9 if predicted.get('peak_bytes') else None, '.2f'):>8} "
-            f"{num(m.get('accuracy'), '.4f'):>8} {num(m.get('miou'), '.4f'):>7} {num(m.get('auc'), '.4f'):>7} "
-            f"{num(m.get('val_patches'), 'd'):>5} {num(extra.get('wall_s'), '.0f'):>7}  "
-            + (row["status"] if row["status"] == "ok" else f"{row['status']}: {row.get('reason')}")
-        )
-    return "\n".join(lines)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="python -m bench.accuracy",
@@ -427,6 +398,11 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         choices=NORM_CHOICES,
         help="normalisation: batch, frozen, group, or auto: group at --batch-size 1, "
         "else batch (default auto)",
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the end-of-sweep summary over seeds as a Markdown table",
     )
     parser.add_argument(
         "--head-filters",
@@ -577,6 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run_sweep(args)
     print()
     print(summary_table(rows))
+    print()
+    print(seed_summary(rows, markdown=args.markdown))
     if not args.no_plots:
         from bench.plots import draw_all, load_results, report_lines
         from bench.plots.readme import write_readme

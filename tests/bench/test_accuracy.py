@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import accuracy
+from bench import accuracy, accuracy_table
 from histoseg.errors import ConfigError
 from histoseg.results import load_rows, write_rows
 
@@ -203,7 +203,7 @@ def test_sweep_records_an_out_of_memory_size_and_goes_on(tmp_path):
     )
     assert [r["status"] for r in rows] == ["oom"] * 3
     assert "ResourceExhaustedError" in rows[0]["reason"] and "metrics" not in rows[0]
-    table = accuracy.summary_table(rows)
+    table = accuracy_table.summary_table(rows)
     assert table.count("oom: ResourceExhaustedError") == 3
 
 
@@ -273,3 +273,27 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert row["measured"]["peak_bytes"] > 0 and row["predicted"]["peak_bytes"] > 0
     assert (out.parent / "memory_vs_accuracy.png").exists()
     assert "accuracy.json" in (out.parent / "README.md").read_text(encoding="utf-8")
+
+
+def test_seed_summary_gives_each_point_its_mean_and_range_over_seeds():
+    def row(task, size, seed, miou, status="ok"):
+        config = {"patch_size": size, "seed": seed, "steps": 10, "data": "synthetic 6x8000x6000"}
+        if task != "local":
+            config["synthetic_task"] = task
+        metrics = {"miou": miou, "iou_tumour": miou - 0.4, "baseline_miou": 0.41}
+        extra = {"bayes_ceiling": {"miou": 0.843 if size == 256 else 1.0}}
+        return {"status": status, "config": config, "metrics": metrics, "extra": extra}
+
+    rows = [
+        row("context", 256, 0, 0.6),
+        row("context", 256, 1, 0.7),
+        row("context", 1024, 0, 0.9),
+        row("context", 1024, 1, 0.1, status="oom"),  # not an ok run: not in the summary
+        row("local", 256, 0, 0.98),
+    ]
+    lines = accuracy_table.seed_summary(rows, markdown=True).splitlines()
+    assert lines[2] == (
+        "| context | 256 | 10 | 2 | 0.650 (0.600-0.700) | 0.250 (0.200-0.300) | 0.843 | 0.410 | - | - |"
+    )
+    assert lines[3].startswith("| context | 1024 | 10 | 1 | 0.900 (0.900-0.900)")
+    assert lines[4].startswith("| local | 256 |") and len(lines) == 5
