@@ -22,7 +22,7 @@ Examples:
     python -m bench.accuracy --backbone xception65 --slides data/c16/images --annotations data/c16/xml
     python -m bench.accuracy --synthetic-task context --batch-size 1 --sizes 256 512 1024
     python -m bench.accuracy --synthetic-task local context --seeds 0 1 2 --batch-size 1 \
-        --alpha 0.35 --sizes 256 512 1024 --tumour-weight 3 --out results/accuracy_tasks.json
+        --alpha 0.35 --head-filters 64 --sizes 256 512 1024 --tumour-weight 3 --markdown
     python -m bench.accuracy --data camelyon16=/data/camelyon16 --batch-size 1
 """
 
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m bench.accuracy --sizes 256 704 1024 2048 --allow-remat --pixel-budget 5e8\n"
         "  python -m bench.accuracy --backbone xception65 --slides c16/images --annotations c16/xml\n"
         "  python -m bench.accuracy --synthetic-task context --seeds 0 1 2 --batch-size 1 "
-        "--alpha 0.35 --sizes 256 512 1024 --tumour-weight 3\n\n"
+        "--alpha 0.35 --head-filters 64 --sizes 256 512 1024 --tumour-weight 3 --markdown\n\n"
         "Re-running keeps sizes already measured (--force re-runs them).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -398,11 +398,6 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         choices=NORM_CHOICES,
         help="normalisation: batch, frozen, group, or auto: group at --batch-size 1, "
         "else batch (default auto)",
-    )
-    parser.add_argument(
-        "--markdown",
-        action="store_true",
-        help="print the end-of-sweep summary over seeds as a Markdown table",
     )
     parser.add_argument(
         "--head-filters",
@@ -497,6 +492,11 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="re-run sizes already measured")
     parser.add_argument("--no-plots", action="store_true", help="skip bench.plots at the end")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print the end-of-sweep summary over seeds as a Markdown table",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
