@@ -14,7 +14,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from histoseg.cli import ArgumentParser, int_in_range, run_main
+from histoseg.cli import ArgumentParser, command_line, int_in_range, run_main
 from histoseg.config import HEAD_FILTERS, MAX_ALPHA, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.train.launch import WORLD_VARIABLES
@@ -409,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_launcher(args.engine)
     options = options_from_args(args)
     options.threads = configure_threads(args.threads, args.pin_cores)
+    options.command = command_line("histoseg.train", argv)
 
     from histoseg.train.engines import get_engine
 

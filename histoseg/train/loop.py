@@ -334,6 +334,7 @@ def _row(
             "bayes_ceiling": validation_ceiling(options, plan.val_refs),
             "run_dir": str(Path(options.run_dir)),
             "checkpoint": str(trained.last_checkpoint) if trained.last_checkpoint else None,
+            **({"command": options.command} if options.command else {}),
         },
     )
 

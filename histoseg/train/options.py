@@ -63,6 +63,8 @@ class TrainOptions:
     threads: int | None = None
     progress: bool = True
     bn_recalibration_batches: int = 20
+    # the command line the run was started with, kept in its results row (None: not known)
+    command: str | None = None
 
     def step_config(self, *, device: str, engine: str, workers: int) -> StepConfig:
         """The run's train step as the one config type every results row is written from."""

@@ -143,6 +143,8 @@ def test_context_task_at_batch_1_with_group_norm(tmp_path):
     assert row["config"]["synthetic_task"] == "context" and row["config"]["norm"] == "group"
     assert row["config"]["tumour_weight"] == 3.0
     assert row["extra"]["bn_recalibration_batches"] == 0  # group norm has no statistics
+    assert row["extra"]["command"].startswith("python -m histoseg.train ")
+    assert "--synthetic-task context" in row["extra"]["command"]
     ceiling = row["extra"]["bayes_ceiling"]
     # 64 px patches: part of the lesions is out of sight, the ceiling is below 1
     assert 0 < ceiling["decidable_fraction"] < 1 and row["metrics"]["miou"] <= ceiling["miou"]
