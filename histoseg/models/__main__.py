@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.precision,
         args.remat,
         allow_any_size=True,
+        head_filters=args.head_filters,
         **kwargs,
     )
     trainable = sum(math.prod(v.shape) for v in model.trainable_weights)
@@ -67,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "output_stride": args.output_stride,
         "precision": args.precision,
         "remat": args.remat,
+        "head_filters": args.head_filters,
         "params": trainable,
         "params_total": total,
         "macs": model_macs(model),

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 
 from histoseg.cli import ArgumentParser, int_in_range, positive_int, run_main
+from histoseg.config import HEAD_FILTERS
 from histoseg.errors import OutOfMemoryError
 
 # Below 32 px the stride-32 features vanish; above 16384 px no accelerator holds one step.
@@ -80,7 +81,10 @@ def check_fit(args: argparse.Namespace, device: str) -> None:
         remat=args.remat,
         optimizer=args.optimizer,
         device=device,
-        backbone_options={} if args.alpha is None else {"alpha": args.alpha},
+        backbone_options={
+            **({} if args.alpha is None else {"alpha": args.alpha}),
+            **({} if args.head_filters == HEAD_FILTERS else {"head_filters": args.head_filters}),
+        },
         num_classes=args.num_classes,
     )
     problem = fit_problem(predicted.peak_bytes, device)
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> dict:
         args.output_stride,
         args.precision,
         args.remat,
+        head_filters=args.head_filters,
         **kwargs,
     )
     device = "GPU:0" if gpu else "CPU:0"
@@ -164,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = result["config"]
     print(
         f"{c['backbone']} {c['patch_size']} px x{c['batch_size']} OS{c['output_stride']} "
-        f"{c['precision']} remat={c['remat']} {c['optimizer']} on {result['device']} "
+        f"{c['precision']} remat={c['remat']} {c['optimizer']} head {c['head_filters']} ch "
+        f"on {result['device']} "
         f"({result['params']:,} params)"
     )
     print(f"  median step time     {result['step_s_median']:.3f} s over {c['steps']} steps")

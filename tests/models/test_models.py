@@ -171,3 +171,15 @@ def test_models_cli_prints_json(capsys):
     assert summary["macs"] == count_macs("mobilenetv2", 72, 2, alpha=0.35)
     assert summary["output_shape"] == [None, 72, 72, 2]
     assert summary["ceil_feature_sizes"] is True
+
+
+def test_models_cli_counts_a_narrow_head(capsys):
+    import json
+
+    from histoseg.models.__main__ import main
+
+    argv = ["--backbone", "mobilenetv2", "--alpha", "0.35", "--input-size", "64", "--json"]
+    assert main([*argv, "--head-filters", "64"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["head_filters"] == 64
+    assert summary["params"] == count_params("mobilenetv2", 64, 2, head_filters=64, alpha=0.35)
