@@ -23,9 +23,9 @@ def decoder(
 
     The low-level feature is projected to 48 channels (1x1 conv, BN, ReLU); the ASPP
     feature is upsampled bilinearly to its size and concatenated; two 3x3 separable convs
-    of ``filters`` channels (the paper's 256) refine it; a 1x1 conv gives ``num_classes`` logits, upsampled
-    bilinearly to ``output_size``. The final upsampling runs in float32, so the logits are
-    float32 under any mixed-precision policy.
+    of ``filters`` channels (the paper's 256) refine it; a 1x1 conv gives ``num_classes``
+    logits, upsampled bilinearly to ``output_size``. The final upsampling runs in float32,
+    so the logits are float32 under any mixed-precision policy.
 
     Args:
         high: ASPP output (stride ``output_stride``).
