@@ -6,18 +6,12 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
-def task_name(config: Mapping[str, Any]) -> str:
-    """The synthetic task of a run ("local" unless the row names another), or "slides"."""
-    data = str(config.get("data") or "synthetic")
-    if not data.startswith("synthetic"):
-        return "slides"
-    return str(config.get("synthetic_task") or "local")
+from bench.config import task_of
 
 
 def _run_order(row: Mapping[str, Any]) -> tuple:
     c = row["config"]
-    return (task_name(c), c["patch_size"], c.get("seed") or 0)
+    return (task_of(row), c["patch_size"], c.get("seed") or 0)
 
 
 def summary_table(rows: Sequence[dict]) -> str:
@@ -39,7 +33,7 @@ def summary_table(rows: Sequence[dict]) -> str:
             return format(value, fmt) if isinstance(value, int | float) else "-"
 
         lines.append(
-            f"{task_name(c):>8} {c['patch_size']:>8} {c.get('seed', '-'):>4} {c.get('steps', 0):>6} {extra.get('pixels_seen', 0) / 1e6:>8.0f} "
+            f"{task_of(row):>8} {c['patch_size']:>8} {c.get('seed', '-'):>4} {c.get('steps', 0):>6} {extra.get('pixels_seen', 0) / 1e6:>8.0f} "
             f"{c['precision'] + '/' + c['remat']:>22} "
             f"{num(measured.get('peak_bytes', 0) / 1e9 if measured.get('peak_bytes') else None, '.2f'):>8} "
             f"{num(predicted.get('peak_bytes', 0) / 1e9 if predicted.get('peak_bytes') else None, '.2f'):>8} "
@@ -57,8 +51,7 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         if row.get("status") == "ok" and "miou" in row.get("metrics", {}):
-            c = row["config"]
-            groups.setdefault((task_name(c), int(c["patch_size"])), []).append(row)
+            groups.setdefault((task_of(row), int(row["config"]["patch_size"])), []).append(row)
     head = [
         "task", "patch px", "steps", "seeds", "mIoU mean (range)", "tumour IoU mean (range)",
         "Bayes ceiling mIoU", "all-background mIoU", "val. patches", "peak GB",

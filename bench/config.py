@@ -4,7 +4,7 @@ asks for, and random draws from the whole config space."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from histoseg.config import BACKBONES, OPTIMIZERS, PRECISIONS, REMAT_MODES, StepConfig
@@ -83,3 +83,12 @@ def sample_configs(
             )
         )
     return configs
+
+
+def task_of(row: Mapping[str, Any]) -> str:
+    """The task a row measured: its synthetic task, else its data (real slides)."""
+    config = row.get("config", {})
+    if config.get("synthetic_task"):
+        return str(config["synthetic_task"])
+    data = str(config.get("data") or "synthetic")
+    return "local" if data.startswith("synthetic") else data

@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import NullFormatter
 
 from bench import reference
+from bench.config import task_of
 from bench.plots import caption
 from bench.plots.select import GB, accuracy_memory, memory_index, number, section, study_memory
 from bench.plots.style import (
@@ -53,15 +54,6 @@ TASK_TITLES = {
     "context": "context task: lesions marked only by their margin",
     "local": "local task (control): tumour has its own texture",
 }
-
-
-def task_of(row: Mapping[str, Any]) -> str:
-    """The task a row measured: its synthetic task, else its data (real slides)."""
-    config = row.get("config", {})
-    if config.get("synthetic_task"):
-        return str(config["synthetic_task"])
-    data = str(config.get("data") or "synthetic")
-    return "local" if data.startswith("synthetic") else data
 
 
 def series_key(config: Mapping[str, Any]) -> str:
