@@ -87,6 +87,57 @@ def test_max_pool_border_uses_the_fill_value():
     assert got[-1] == -np.inf and out == 4
 
 
+class _TwinRank:
+    """Rank 0 of 2 in one process: the other rank's boundary rows are this rank's own."""
+
+    rank, size = 0, 2
+
+    def gather_values(self, x, name: str):
+        import tensorflow as tf
+
+        return tf.stack([x, x])
+
+    def sum_values(self, x, name: str):
+        return x
+
+
+def test_halo_apply_keeps_the_slab_not_the_extended_rows_and_gets_the_same_gradients():
+    import tensorflow as tf
+
+    from histoseg.spatial.halo import fetch_rows, halo_apply
+
+    rows, width, channels = 256, 512, 16  # an 8 MB slab
+    _, needs = conv_rows(2 * rows, 2, kernel=3, stride=1, dilation=12, padding="same")
+    plan = exchange_plan(2 * rows, 2, needs)
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((1, rows, width, channels)).astype(np.float32))
+    kernel = tf.constant(rng.standard_normal((3, 1, channels, 4)).astype(np.float32))
+
+    def conv(extended, k):
+        return tf.nn.conv2d(extended, k, 1, "VALID", dilations=(12, 1))
+
+    def forward(kept: bool):
+        """The bytes the tape holds after the forward pass, and the gradients."""
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            if kept:
+                y = conv(fetch_rows(x, plan, _TwinRank(), name="t"), kernel)
+            else:
+                y = halo_apply(x, plan, _TwinRank(), conv, weights=[kernel], name="t")
+            held = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
+            loss = tf.reduce_sum(y * y)
+        return held - y.numpy().nbytes, tape.gradient(loss, [x, kernel])
+
+    kept_bytes, kept_grads = forward(kept=True)
+    bytes_, grads = forward(kept=False)
+    for got, want in zip(grads, kept_grads, strict=True):
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-3)
+    row_bytes = width * channels * 4
+    assert kept_bytes >= (rows + 24) * row_bytes  # the extended copy: slab + 2 x 12 rows
+    assert bytes_ <= 2 * (plan.top + plan.bottom) * row_bytes  # both ranks' boundary rows
+
+
 def test_single_process_executor_is_the_model():
     """With one rank the executor runs every layer through its own code path (halo-free
     convs with explicit padding, distributed batch norm, pooling, resizing)."""

@@ -31,7 +31,7 @@ from histoseg.errors import ConfigError
 from histoseg.models.layers import ResizeBilinear
 from histoseg.models.norm import FrozenBatchNorm
 from histoseg.models.remat import RematBlock
-from histoseg.spatial.halo import fetch_rows
+from histoseg.spatial.halo import fetch_rows, halo_apply
 from histoseg.spatial.slabs import (
     conv_rows,
     exchange_plan,
@@ -161,8 +161,10 @@ class SpatialExecutor:
             return op(inputs, training=self.training)
         return op(inputs)
 
-    def _extended(self, op, slab: Slab, name: str, *, fill: float):
-        """This rank's rows of ``op``'s input with halo, border fill and column padding."""
+    def _with_halo(self, op, slab: Slab, name: str, layer, *, fill: float, weights=()) -> Slab:
+        """``layer`` on this rank's rows of ``op``'s input extended by the halo rows, the
+        map's border fill and the column padding; the extended rows are recomputed, not
+        kept, for the backward pass (:func:`~histoseg.spatial.halo.halo_apply`)."""
         kernel, stride, dilation = _geometry(op)
         out_height, needs = conv_rows(
             slab.height,
@@ -173,37 +175,45 @@ class SpatialExecutor:
             padding=op.padding,
         )
         exchange = exchange_plan(slab.height, self.comm.size, needs)
-        x = ops.cast(slab.value, op.compute_dtype)
-        x = fetch_rows(x, exchange, self.comm, name=name, fill=fill)
+        columns = (0, 0)
         if op.padding == "same":
-            width = int(x.shape[2])
+            width = int(slab.value.shape[2])
             _, left, right = same_padding(width, kernel[1], stride[1], dilation[1])
-            x = ops.pad(x, [[0, 0], [0, 0], [left, right], [0, 0]], constant_values=fill)
-        return x, out_height
+            columns = (left, right)
+
+        def padded_layer(rows, *weights):
+            if any(columns):
+                rows = ops.pad(rows, [[0, 0], [0, 0], list(columns), [0, 0]], constant_values=fill)
+            return layer(rows, *weights)
+
+        x = ops.cast(slab.value, op.compute_dtype)
+        y = halo_apply(x, exchange, self.comm, padded_layer, weights=weights, name=name, fill=fill)
+        return Slab(y, out_height)
 
     def _conv(self, op, slab: Slab, name: str) -> Slab:
         if op.data_format != "channels_last" or getattr(op, "groups", 1) != 1:
             raise ConfigError(f"{op.name}: only channels-last, ungrouped convolutions")
-        x, out_height = self._extended(op, slab, name, fill=0.0)
-        kernel = ops.cast(op.kernel, x.dtype)
-        if isinstance(op, keras.layers.DepthwiseConv2D):
-            y = ops.depthwise_conv(
+        depthwise = isinstance(op, keras.layers.DepthwiseConv2D)
+        convolve = ops.depthwise_conv if depthwise else ops.conv
+
+        def layer(x, kernel, *bias):
+            y = convolve(
                 x, kernel, strides=op.strides, padding="valid", dilation_rate=op.dilation_rate
             )
-        else:
-            y = ops.conv(
-                x, kernel, strides=op.strides, padding="valid", dilation_rate=op.dilation_rate
-            )
-        if op.use_bias:
-            y = ops.add(y, ops.cast(op.bias, y.dtype))
-        if op.activation is not None:
-            y = op.activation(y)
-        return Slab(y, out_height)
+            if bias:
+                y = ops.add(y, bias[0])
+            return y if op.activation is None else op.activation(y)
+
+        dtype = op.compute_dtype
+        weights = [op.kernel, *([op.bias] if op.use_bias else [])]
+        weights = [ops.cast(w, dtype) for w in weights]
+        return self._with_halo(op, slab, name, layer, fill=0.0, weights=weights)
 
     def _max_pool(self, op, slab: Slab, name: str) -> Slab:
-        x, out_height = self._extended(op, slab, name, fill=float("-inf"))
-        y = ops.max_pool(x, op.pool_size, strides=op.strides, padding="valid")
-        return Slab(y, out_height)
+        def layer(x):  # no weights
+            return ops.max_pool(x, op.pool_size, strides=op.strides, padding="valid")
+
+        return self._with_halo(op, slab, name, layer, fill=float("-inf"))
 
     def _batch_norm(self, op, slab: Slab, name: str) -> Slab:
         frozen = isinstance(op, FrozenBatchNorm) or not op.trainable

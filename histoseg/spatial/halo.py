@@ -53,45 +53,77 @@ def fetch_rows(local, exchange: Exchange, comm, *, name: str, fill: float = 0.0)
         name: Unique collective name (the same on every rank).
         fill: Value of rows outside the map (0 for convolutions, -inf for max pooling).
     """
+    return halo_apply(local, exchange, comm, lambda rows: rows, name=name, fill=fill)
+
+
+def halo_apply(local, exchange: Exchange, comm, layer, *, weights=(), name: str, fill: float = 0.0):
+    """``layer(rows, *weights)`` on the rows ``exchange`` plans for this rank (see
+    :func:`fetch_rows`); differentiable in ``local`` and ``weights``.
+
+    The extended rows are not kept for the backward pass, which assembles them again from
+    this rank's slab and the gathered boundary rows (a few rows per rank). Kept (by the
+    tape, for the layer's gradient) they would be a second copy of the slab beside the
+    one the layer before keeps, for every convolution. ``layer`` must read no variables:
+    pass them as ``weights`` (tensors), whose gradients it returns.
+    """
     import tensorflow as tf
 
     pieces = exchange.pieces[comm.rank]
     top, bottom = exchange.top, exchange.bottom
     if top + bottom == 0:  # nothing to exchange: plain ops, plain autodiff
-        return _assemble(local, None, pieces, top, fill)
+        return layer(_assemble(local, None, pieces, top, fill), *weights)
     rows = int(local.shape[1])
-    shared = top + bottom
 
     @tf.custom_gradient
-    def run(x):
+    def run(x, *w):
+        # Ops on stopped tensors are not recorded by the caller's tape, so it keeps
+        # nothing of the forward pass but ``x`` and ``w`` (held by the closure below).
+        x, w = tf.stop_gradient(x), [tf.stop_gradient(t) for t in w]
         send = tf.concat([x[:, :top], x[:, rows - bottom :]], axis=1)
         gathered = comm.gather_values(send, name)
+        y = layer(_assemble(x, gathered, pieces, top, fill), *w)
 
-        def grad(d_ext):
-            d_local = tf.zeros_like(x)
-            d_send = [None] * comm.size
-            offset = 0
-            for piece in pieces:
-                d = d_ext[:, offset : offset + piece.rows]
-                offset += piece.rows
-                if piece.source == "local":
-                    d_local += _pad_rows(d, piece.start, rows - piece.stop)
-                    continue
-                if piece.source == "fill":
-                    continue
-                start = piece.start + (top if piece.source == "bottom" else 0)
-                padded = _pad_rows(d, start, shared - start - piece.rows)
-                previous = d_send[piece.rank]
-                d_send[piece.rank] = padded if previous is None else previous + padded
-            zeros = tf.zeros_like(send)
-            stacked = tf.stack([zeros if d is None else d for d in d_send])
-            mine = comm.sum_values(stacked, f"{name}.grad")[comm.rank]
-            if top:
-                d_local += _pad_rows(mine[:, :top], 0, rows - top)
-            if bottom:
-                d_local += _pad_rows(mine[:, top:], rows - bottom, 0)
-            return d_local
+        def grad(dy):
+            extended = _assemble(x, gathered, pieces, top, fill)
+            with tf.GradientTape() as tape:
+                tape.watch([extended, *w])
+                y_again = layer(extended, *w)
+            d_ext, *d_w = tape.gradient(y_again, [extended, *w], output_gradients=dy)
+            return (_local_gradient(d_ext, x, pieces, exchange, comm, name), *d_w)
 
-        return _assemble(x, gathered, pieces, top, fill), grad
+        return y, grad
 
-    return run(local)
+    return run(local, *weights)
+
+
+def _local_gradient(d_ext, x, pieces, exchange: Exchange, comm, name: str):
+    """The gradient of this rank's slab from that of its extended rows: its own rows'
+    share plus, for its boundary rows, the sum over the ranks that read them."""
+    import tensorflow as tf
+
+    top, bottom = exchange.top, exchange.bottom
+    rows = int(x.shape[1])
+    shared = top + bottom
+    d_local = tf.zeros_like(x)
+    d_send = [None] * comm.size
+    offset = 0
+    for piece in pieces:
+        d = d_ext[:, offset : offset + piece.rows]
+        offset += piece.rows
+        if piece.source == "local":
+            d_local += _pad_rows(d, piece.start, rows - piece.stop)
+            continue
+        if piece.source == "fill":
+            continue
+        start = piece.start + (top if piece.source == "bottom" else 0)
+        padded = _pad_rows(d, start, shared - start - piece.rows)
+        previous = d_send[piece.rank]
+        d_send[piece.rank] = padded if previous is None else previous + padded
+    zeros = tf.zeros((tf.shape(x)[0], shared, *x.shape[2:]), x.dtype)
+    stacked = tf.stack([zeros if d is None else d for d in d_send])
+    mine = comm.sum_values(stacked, f"{name}.grad")[comm.rank]
+    if top:
+        d_local += _pad_rows(mine[:, :top], 0, rows - top)
+    if bottom:
+        d_local += _pad_rows(mine[:, top:], rows - bottom, 0)
+    return d_local
