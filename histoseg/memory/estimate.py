@@ -67,7 +67,7 @@ from histoseg.memory.graph import (
     dtype_bytes,
     trace_model,
 )
-from histoseg.memory.simulate import simulate_step
+from histoseg.memory.simulate import BACKWARD_ORDERS, simulate_step
 
 #: Mixed precision: the allocator figures are the median over this many orders of the
 #: step's weight casts (:func:`cast_orders`). Odd, so the median is one of them; enough
@@ -184,9 +184,7 @@ def estimate_model(
 
     slots = OPTIMIZER_SLOTS[optimizer]
     early = OPTIMIZER_EARLY_BUFFERS[optimizer] * facts.trainable_sizes
-    sim = simulate_step(
-        facts.graph, batch_size, untracked_below_bytes=floor, early_update_sizes=early
-    )
+    sim = _higher_peak_order(facts.graph, batch_size, floor, early)
     pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
     batch = [pixels * 3, pixels * (batch_bytes_per_pixel - 3)]
@@ -227,6 +225,26 @@ def estimate_model(
         requested_peak_bytes=int(peak),
         input_bytes=pixels * batch_bytes_per_pixel,
         constant_bytes=constants,
+    )
+
+
+def _higher_peak_order(
+    graph: MemoryGraph, batch_size: int, floor: int, early: Sequence[int]
+) -> dict[str, int]:
+    """The simulated step (bytes requested) in the backward order that peaks higher: the
+    executor runs either (:data:`~histoseg.memory.simulate.BACKWARD_ORDERS`)."""
+    return max(
+        (
+            simulate_step(
+                graph,
+                batch_size,
+                untracked_below_bytes=floor,
+                early_update_sizes=early,
+                backward_order=order,
+            )
+            for order in BACKWARD_ORDERS
+        ),
+        key=lambda result: result["peak_delta_bytes"],
     )
 
 
@@ -295,7 +313,7 @@ def _allocator_figures(
     trainable = tracked(facts.trainable_sizes)
     held = tracked(batch + constants)
 
-    def replay(cast_order: Sequence[int] | None) -> tuple[int, int]:
+    def replay(cast_order: Sequence[int] | None, backward_order: str) -> tuple[int, int]:
         bfc = BFCAllocator()
         for i, nbytes in enumerate(weights):
             bfc.allocate(("draw", i), nbytes)
@@ -309,10 +327,17 @@ def _allocator_figures(
         for i, nbytes in enumerate(held):
             bfc.allocate(("held", i), nbytes)
 
-        # The warm-up step and the measured one run the same compiled graph: one cast order.
+        # The warm-up step and the measured one run the same compiled graph: one cast
+        # order, one backward order.
         def step() -> dict[str, int]:
             return simulate_step(
-                facts.graph, batch_size, untracked_below_bytes, bfc, cast_order, early
+                facts.graph,
+                batch_size,
+                untracked_below_bytes,
+                bfc,
+                cast_order,
+                early,
+                backward_order=backward_order,
             )
 
         step()
@@ -320,7 +345,14 @@ def _allocator_figures(
         sim = step()
         return sim["allocator_activation_bytes"], sim["allocator_peak_bytes"]
 
-    figures = [replay(order) for order in cast_orders(facts.graph)]
+    # The step's backward order is the executor's choice: plan for the one that peaks higher.
+    figures = [
+        max(
+            (replay(cast, backward) for backward in BACKWARD_ORDERS),
+            key=lambda figure: figure[1],
+        )
+        for cast in cast_orders(facts.graph)
+    ]
     activation = statistics.median_low(a for a, _ in figures)
     peak = statistics.median_low(p for _, p in figures)
     return activation, peak

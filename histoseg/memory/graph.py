@@ -34,7 +34,11 @@ OPTIMIZER_EARLY_BUFFERS: dict[str, int] = {"adam": 0, "adamw": 0, "sgd": 1, "sgd
 #: size, alive only while the layer (or its gradient) runs. Calibrated on this machine
 #: (TF 2.21, oneDNN on); see the module docstring and docs/memory-harness.md.
 TRANSIENT_FACTORS: dict[str, float] = {
-    "batchnorm": 2.0,  # unfused Keras BN: x - mean and x * inv are full-size float32
+    # Unfused Keras BN, forward: the variance's squared difference (float32), and below
+    # float32 also x * inv, a float32 map before the cast back (in float32 x * inv is the
+    # output itself: allocator traces of resnet50 and mobilenetv2 float32 steps).
+    "batchnorm": 1.0,
+    "batchnorm_below_float32": 2.0,
     # Its gradient: two full-size float32 buffers at a time beside the output gradient and
     # the kept input (the broadcast moment terms, then the products with the scale),
     # read off the allocator's trace of xception65 steps (TensorFlow's profiler). Below
@@ -319,6 +323,42 @@ def executor_order(
     return order
 
 
+def backward_executor_order(ops: Sequence[Op]) -> list[int]:
+    """Indices of ``ops`` in an order the executor runs their backward pass in.
+
+    The same stack as :func:`executor_order`, over the reversed graph: an op's backward
+    pass is ready once the backward passes of all its consumers have run, and a chain of
+    gradients runs back to its start before a sibling's; of the ops made ready together,
+    the one latest in ``ops`` runs first. (In the trace of resnet50 at output stride 8,
+    ASPP's rate-36 branch ran its whole backward pass while the other branches still held
+    their saved tensors.)
+    """
+    producer: dict[int, int] = {}
+    for i, op in enumerate(ops):
+        for t in op.outputs:
+            producer[t] = i
+    waiting = [0] * len(ops)
+    feeds: list[list[int]] = [[] for _ in ops]
+    for i, op in enumerate(ops):
+        for p in dict.fromkeys(producer[t] for t in op.inputs if t in producer):
+            waiting[p] += 1
+            feeds[i].append(p)
+    stack = [i for i in range(len(ops)) if waiting[i] == 0]
+    order: list[int] = []
+    while stack:
+        i = stack.pop()
+        order.append(i)
+        ready = []
+        for p in feeds[i]:
+            waiting[p] -= 1
+            if waiting[p] == 0:
+                ready.append(p)
+        stack.extend(sorted(ready))
+    if len(order) != len(ops):
+        return list(range(len(ops) - 1, -1, -1))
+    return order
+
+
 def _nbytes(shape: Iterable[Any], dtype: Any) -> int:
     """Bytes of one sample of a (batch, ...) tensor."""
     dims = list(shape)[1:]
@@ -346,13 +386,8 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> Op:
     temp = (0, 0.0, 0.0)
     constant = 0
     if kind == "conv" and _atrous(layer):
-        # TensorFlow runs an atrous (dilated) Conv2D or DepthwiseConv2D on a space-to-batch
-        # copy of its input, padded to a multiple of the rate; that copy is what its filter
-        # gradient reads. The gradient of the input comes out in that layout too (as large
-        # as the copy) before BatchToSpaceND brings it back.
-        space_to_batch = _space_to_batch_bytes(layer, ins[0].shape, compute)
+        space_to_batch, temp = _atrous_buffers(layer, ins[0].shape, outs[0].shape, compute)
         saved = [new_tensor(space_to_batch)]
-        temp = (space_to_batch, 0.0, 1.0)
     elif kind == "conv":
         saved = [as_compute(kt, tid) for kt, tid in zip(ins, in_ids, strict=True)]
     elif kind == "separable":
@@ -368,7 +403,8 @@ def _make_op(layer, kind, ins, outs, tensor_of, new_tensor, block) -> Op:
         # more float32 map, less the output gradient's own bytes.
         cast_grad = 1.0 - dtype_bytes(outs[0].dtype) / 4
         backward = TRANSIENT_FACTORS["batchnorm_backward"] + cast_grad
-        temp = (f32, TRANSIENT_FACTORS["batchnorm"], backward)
+        forward = "batchnorm" if dtype_bytes(outs[0].dtype) == 4 else "batchnorm_below_float32"
+        temp = (f32, TRANSIENT_FACTORS[forward], backward)
     elif kind == "relu" or (
         kind == "activation" and getattr(layer.activation, "__name__", "") in KEEP_OUTPUT
     ):
@@ -444,11 +480,31 @@ def _atrous(layer: Any) -> bool:
     return isinstance(layer, kinds) and any(r > 1 for r in rate)
 
 
-def _space_to_batch_bytes(layer: Any, shape: Any, dtype: Any) -> int:
-    """Bytes of the padded space-to-batch copy of an atrous convolution's input."""
+def _atrous_buffers(layer: Any, in_shape: Any, out_shape: Any, compute: Any) -> tuple:
+    """The saved copy and the backward buffers of an atrous (dilated) convolution.
+
+    TensorFlow runs an atrous Conv2D or DepthwiseConv2D on a space-to-batch copy of its
+    input, padded to a multiple of the rate; that copy is what its filter gradient reads.
+    The backward pass moves the output gradient into that layout too, computes the input
+    gradient there (as large as the copy) and brings it back with BatchToSpaceND while
+    both are still alive: three buffers at once, the last of which becomes the input
+    gradient (allocator trace of resnet50 at output stride 8).
+
+    Returns:
+        The copy's bytes and the op's ``temp_bytes``.
+    """
+    space_to_batch = _space_to_batch_bytes(layer, in_shape, compute)
+    grad_layout = _space_to_batch_bytes(layer, out_shape, compute, kernel=False)
+    input_grad = _nbytes(in_shape, compute)
+    return space_to_batch, (space_to_batch, 0.0, 1.0 + (grad_layout + input_grad) / space_to_batch)
+
+
+def _space_to_batch_bytes(layer: Any, shape: Any, dtype: Any, kernel: bool = True) -> int:
+    """Bytes of the padded space-to-batch copy of an atrous convolution's input (of its
+    output, with ``kernel=False``: padded to a multiple of the rate only)."""
     _, height, width, channels = (int(d) if d is not None else None for d in shape)
     (kh, kw), (rh, rw) = layer.kernel_size, layer.dilation_rate
-    if layer.padding == "same":
+    if kernel and layer.padding == "same":
         height += (kh - 1) * rh
         width += (kw - 1) * rw
     height = -(-height // rh) * rh

@@ -17,7 +17,12 @@ from histoseg.memory.graph import (
     TRANSIENT_FACTORS,
     MemoryGraph,
     Op,
+    backward_executor_order,
 )
+
+#: The backward orders TensorFlow's executor was seen to run (``simulate_step``'s
+#: ``backward_order``); the estimate plans for the one that peaks higher.
+BACKWARD_ORDERS: tuple[str, ...] = ("ops", "executor")
 
 
 def simulate_step(
@@ -27,6 +32,7 @@ def simulate_step(
     allocator: BFCAllocator | None = None,
     cast_order: Sequence[int] | None = None,
     early_update_sizes: Sequence[int] = (),
+    backward_order: str = "ops",
 ) -> dict[str, int]:
     """Walk a train step through ``graph`` and return the bytes it keeps and peaks at.
 
@@ -46,6 +52,7 @@ def simulate_step(
             :func:`cast_orders`.
         early_update_sizes: Bytes of the buffers the optimizer's update makes at the
             step's start and holds until the update (:data:`OPTIMIZER_EARLY_BUFFERS`).
+        backward_order: One of :data:`BACKWARD_ORDERS` (see :func:`_backward_order`).
 
     Returns:
         ``activation_bytes`` (alive after the forward pass, beyond the step's inputs) and
@@ -76,7 +83,7 @@ def simulate_step(
     # after the forward pass after the labels died: the activation figure is net of both.
     activation = sim.live - start
     allocator_activation = sim.allocator_bytes() - first_read
-    _backward(sim, graph, size, blocks, block_inputs, kept)
+    _backward(sim, graph, size, blocks, block_inputs, kept, _backward_order(ops, backward_order))
     result = {
         "activation_bytes": int(activation),
         "peak_delta_bytes": int(sim.peak),
@@ -90,6 +97,19 @@ def simulate_step(
         result["allocator_activation_bytes"] = int(allocator_activation)
         result["allocator_peak_bytes"] = int(allocator.peak_bytes)
     return result
+
+
+def _backward_order(ops: Sequence[Op], name: str) -> list[int]:
+    """Indices of ``ops`` in backward order ``name``: ``"ops"``, last op first (breadth
+    first: sibling branches interleaved), or ``"executor"``, each chain of gradients back
+    to its start before a sibling's (:func:`~histoseg.memory.graph.backward_executor_order`).
+    Allocator traces show TensorFlow running either, from config to config
+    (docs/memory-harness.md, "The backward pass: two orders, ...")."""
+    if name not in BACKWARD_ORDERS:
+        raise ValueError(f"backward_order {name!r}: one of {BACKWARD_ORDERS}")
+    if name == "executor":
+        return backward_executor_order(ops)
+    return list(range(len(ops) - 1, -1, -1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,22 +230,26 @@ def _backward(
     blocks: dict[str, list[Op]],
     block_inputs: dict[str, set[int]],
     kept: set[int],
+    order: Sequence[int],
 ) -> None:
-    """The backward pass, last op first. An op reads the gradients of its outputs and what
-    it saved, makes the gradients of its inputs and of its weights, then frees both. A remat
-    block is run forward again just before the backward pass of its last op."""
+    """The backward pass over the ops in ``order`` (the reverse of a forward order). An op
+    reads the gradients of its outputs and what it saved, makes the gradients of its inputs
+    and of its weights, then frees both. A remat block is run forward again just before
+    the backward pass of its first op in ``order``."""
     ops = graph.ops
-    first_saver: dict[int, int] = {}
-    for i, op in enumerate(ops):
-        for t in op.saved:
-            first_saver.setdefault(t, i)
+    # Where in ``order`` each saved tensor is read for the last time.
+    last_reader: dict[int, int] = {}
+    for position, i in enumerate(order):
+        op = ops[i]
+        reads = list(op.saved)
         if op.block is not None:
-            for t in block_inputs[op.block]:
-                first_saver[t] = min(first_saver.get(t, i), i)
+            reads += block_inputs[op.block]
+        for t in reads:
+            last_reader[t] = position
     sim.grad(graph.outputs)
     sim.give_back("loss backprop")
     recomputed: set[str] = set()
-    for i in range(len(ops) - 1, -1, -1):
+    for position, i in enumerate(order):
         op = ops[i]
         if not op.needs_backward:
             continue
@@ -243,9 +267,9 @@ def _backward(
         # weight's compute-dtype copy and lives until the update.
         sim.spike(size.backward_temp(op))
         sim.take(("weight gradient", i), [size.tracked(b) for b in op.grad_sizes])
-        last = [t for t in op.saved if first_saver.get(t, -1) >= i]
+        last = [t for t in op.saved if last_reader.get(t, -1) <= position]
         if op.block is not None:
-            last += [t for t in block_inputs[op.block] if first_saver.get(t, -1) >= i]
+            last += [t for t in block_inputs[op.block] if last_reader.get(t, -1) <= position]
         if op.kind in IN_PLACE_GRAD:
             sim.pass_grad(op.outputs, op.inputs)
             sim.free(last)

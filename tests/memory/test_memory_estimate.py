@@ -23,6 +23,7 @@ from histoseg.memory.estimate import (
     model_facts,
     trace_model,
 )
+from histoseg.memory.graph import backward_executor_order
 from histoseg.models import build_deeplabv3plus
 from histoseg.models.layers import conv_bn, separable_conv_bn
 from histoseg.train.step import make_optimizer, make_train_step
@@ -170,6 +171,56 @@ def test_ops_run_in_the_order_they_become_ready_not_in_keras_depth_order():
     model = keras.Model(inputs, keras.layers.Concatenate(name="join")([deep, side]))
     names = [op.name for op in trace_model(model).ops]
     assert names == ["a", "b1", "side", "b2", "b3", "join"]
+
+
+def test_backward_runs_each_chain_back_to_its_start_before_a_sibling():
+    # The diamond above: the backward pass starts at the join; "b3" (the later of the two
+    # ops made ready) runs its chain back to "b1" before "side"; "a" waits for both.
+    conv = keras.layers.Conv2D
+    inputs = keras.Input((16, 16, 3))
+    a = conv(8, 3, padding="same", name="a")(inputs)
+    deep = conv(8, 3, padding="same", name="b3")(
+        conv(8, 3, padding="same", name="b2")(conv(8, 3, padding="same", name="b1")(a))
+    )
+    side = conv(8, 1, name="side")(a)
+    model = keras.Model(inputs, keras.layers.Concatenate(name="join")([deep, side]))
+    ops = trace_model(model).ops
+    order = [ops[i].name for i in backward_executor_order(ops)]
+    assert order == ["join", "b3", "b2", "b1", "side", "a"]
+
+
+def test_an_atrous_backward_holds_three_space_to_batch_buffers_at_once():
+    # Read off the allocator trace of resnet50 at output stride 8: the output gradient in
+    # space-to-batch layout, the input gradient in that layout (as large as the saved
+    # copy) and the input gradient brought back, alive together.
+    inputs = keras.Input((32, 32, 256))
+    outputs = keras.layers.DepthwiseConv2D(3, padding="same", dilation_rate=12, name="atrous")(
+        inputs
+    )
+    (op,) = [op for op in trace_model(keras.Model(inputs, outputs)).ops if op.name == "atrous"]
+    saved_copy = 60 * 60 * 256 * 4  # 32 + 2 x 12 rows and columns, padded to 5 x 12
+    output_grad = 36 * 36 * 256 * 4  # 32 padded to 3 x 12
+    input_grad = 32 * 32 * 256 * 4
+    nbytes, forward, backward = op.temp_bytes
+    assert nbytes == saved_copy and forward == 0
+    assert nbytes * backward == pytest.approx(saved_copy + output_grad + input_grad)
+
+
+def test_float32_batch_norm_makes_one_transient_map_below_float32_two():
+    # float32: the variance's squared difference; x * inv is the output itself. Below
+    # float32, x * inv is a float32 map before the cast back (allocator traces).
+    def bn_forward_count(precision):
+        keras.mixed_precision.set_dtype_policy(precision)
+        try:
+            inputs = keras.Input((8, 8, 4))
+            model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(inputs))
+        finally:
+            keras.mixed_precision.set_dtype_policy("float32")
+        (op,) = [op for op in trace_model(model).ops if op.name == "bn"]
+        return op.temp_bytes[1]
+
+    assert bn_forward_count("float32") == 1.0
+    assert bn_forward_count("mixed_bfloat16") == 2.0
 
 
 def test_mixed_precision_figures_are_the_median_over_fixed_cast_orders():
