@@ -157,10 +157,8 @@ def test_constants_of_the_compiled_step_match_what_the_first_step_leaves(precisi
     assert left == pytest.approx(predicted, abs=64 * 1024)
 
 
-def test_ops_run_in_the_order_they_become_ready_not_in_keras_depth_order():
-    # A branch that leaves early and joins late (DeepLabV3+'s low-level decoder branch):
-    # Keras lists it by depth, next to the join; TensorFlow's executor runs it as soon as
-    # its input exists, and what is alive together follows that order.
+def _diamond():
+    """A branch "b1-b2-b3" and a 1x1 "side" from "a", joined by a concatenation."""
     conv = keras.layers.Conv2D
     inputs = keras.Input((16, 16, 3))
     a = conv(8, 3, padding="same", name="a")(inputs)
@@ -169,22 +167,21 @@ def test_ops_run_in_the_order_they_become_ready_not_in_keras_depth_order():
     )
     side = conv(8, 1, name="side")(a)
     model = keras.Model(inputs, keras.layers.Concatenate(name="join")([deep, side]))
-    names = [op.name for op in trace_model(model).ops]
+    return model
+
+
+def test_ops_run_in_the_order_they_become_ready_not_in_keras_depth_order():
+    # A branch that leaves early and joins late (DeepLabV3+'s low-level decoder branch):
+    # Keras lists it by depth, next to the join; TensorFlow's executor runs it as soon as
+    # its input exists, and what is alive together follows that order.
+    names = [op.name for op in trace_model(_diamond()).ops]
     assert names == ["a", "b1", "side", "b2", "b3", "join"]
 
 
 def test_backward_runs_each_chain_back_to_its_start_before_a_sibling():
     # The diamond above: the backward pass starts at the join; "b3" (the later of the two
     # ops made ready) runs its chain back to "b1" before "side"; "a" waits for both.
-    conv = keras.layers.Conv2D
-    inputs = keras.Input((16, 16, 3))
-    a = conv(8, 3, padding="same", name="a")(inputs)
-    deep = conv(8, 3, padding="same", name="b3")(
-        conv(8, 3, padding="same", name="b2")(conv(8, 3, padding="same", name="b1")(a))
-    )
-    side = conv(8, 1, name="side")(a)
-    model = keras.Model(inputs, keras.layers.Concatenate(name="join")([deep, side]))
-    ops = trace_model(model).ops
+    ops = trace_model(_diamond()).ops
     order = [ops[i].name for i in backward_executor_order(ops)]
     assert order == ["join", "b3", "b2", "b1", "side", "a"]
 
