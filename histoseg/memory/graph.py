@@ -583,6 +583,11 @@ def accumulator_bytes(graph: MemoryGraph) -> int:
     if not norms:
         return 0
     norm = graph.ops[norms[-1]]
+    if norm.block is not None:
+        # Full recomputation: Grappler's estimate puts the peak in the recomputed block of
+        # the largest batch norm (xception65 512 px bfloat16 ``full``: the 256x256x128
+        # entry-flow norm, not the decoder's).
+        return max(int(graph.ops[i].temp_bytes[0]) for i in norms)
     accumulator = int(norm.temp_bytes[0])
     later = [t for op in graph.ops[norms[-1] + 1 :] for t in op.outputs]
     if any(graph.tensor_bytes[t] > accumulator for t in later):

@@ -238,12 +238,15 @@ def _backward(
     the backward pass of its first op in ``order``."""
     ops = graph.ops
     # Where in ``order`` each saved tensor is read for the last time.
+    # What a member saves of its own block's outputs is made again by the recomputation:
+    # the first pass's copy dies with its last reader outside the block.
+    own = {name: {t for m in members for t in m.outputs} for name, members in blocks.items()}
     last_reader: dict[int, int] = {}
     for position, i in enumerate(order):
         op = ops[i]
         reads = list(op.saved)
         if op.block is not None:
-            reads += block_inputs[op.block]
+            reads = [t for t in reads if t not in own[op.block]] + list(block_inputs[op.block])
         for t in reads:
             last_reader[t] = position
     sim.grad(graph.outputs)

@@ -23,7 +23,8 @@ from histoseg.memory.estimate import (
     model_facts,
     trace_model,
 )
-from histoseg.memory.graph import backward_executor_order
+from histoseg.memory.graph import MemoryGraph, Op, accumulator_bytes, backward_executor_order
+from histoseg.memory.simulate import simulate_step
 from histoseg.models import build_deeplabv3plus
 from histoseg.models.layers import conv_bn, separable_conv_bn
 from histoseg.train.step import make_optimizer, make_train_step
@@ -201,6 +202,56 @@ def test_an_atrous_backward_holds_three_space_to_batch_buffers_at_once():
     nbytes, forward, backward = op.temp_bytes
     assert nbytes == saved_copy and forward == 0
     assert nbytes * backward == pytest.approx(saved_copy + output_grad + input_grad)
+
+
+def _two_blocks_and_a_wide_backward(first_block_keeps_its_output: bool) -> MemoryGraph:
+    """Block "A" makes tensor 1; block "B" reads it; "wide", outside both blocks and run
+    backward between them, has a large backward buffer."""
+    keep = [1] if first_block_keeps_its_output else [0]  # a ReLU keeps its output
+    ops = [
+        Op("a", "relu", inputs=[0], outputs=[1], saved=keep, temp_bytes=(0, 0, 0), block="A"),
+        Op("wide", "conv", inputs=[0], outputs=[4], saved=[0], temp_bytes=(5000, 0, 1), block=None),
+        Op("b", "conv", inputs=[1], outputs=[2], saved=[1], temp_bytes=(0, 0, 0), block="B"),
+        Op(
+            "head",
+            "conv",
+            inputs=[2, 4],
+            outputs=[3],
+            saved=[2, 4],
+            temp_bytes=(0, 0, 0),
+            block=None,
+        ),
+    ]
+    sizes = {0: 16, 1: 1000, 2: 100, 3: 10, 4: 10}
+    return MemoryGraph(tensor_bytes=sizes, ops=ops, inputs=[0], outputs=[3])
+
+
+def test_a_block_output_its_own_member_keeps_dies_with_its_last_reader_outside():
+    # Allocator trace of a float32 ``full`` step: the first pass's copy of a block's output
+    # that one of its members keeps (a ReLU's) dies once the next block's backward pass has
+    # read it; the recomputation makes it again. So it is not alive during "wide".
+    def peak(keeps):
+        return simulate_step(_two_blocks_and_a_wide_backward(keeps))["peak_delta_bytes"]
+
+    assert peak(True) == peak(False)
+
+
+def test_full_recomputation_puts_grapplers_accumulator_at_the_largest_batch_norm():
+    # Allocator traces of xception65 at 512 px, bfloat16: without recomputation Grappler's
+    # accumulator is the float32 input of the norm nearest the loss (the decoder's); with
+    # ``full`` it is that of the largest norm (entry flow, 256 x 256 x 128), twice as large.
+    def norms_and_accumulator(remat):
+        model = build_deeplabv3plus("xception65", (64, 64, 3), num_classes=2, remat=remat)
+        graph = trace_model(model)
+        norms = [
+            op.temp_bytes[0] for op in graph.ops if op.kind == "batchnorm" and op.needs_backward
+        ]
+        return norms, accumulator_bytes(graph)
+
+    norms, accumulator = norms_and_accumulator("none")
+    assert accumulator == norms[-1]
+    norms, accumulator = norms_and_accumulator("full")
+    assert accumulator == max(norms) > norms[-1]
 
 
 def test_float32_batch_norm_makes_one_transient_map_below_float32_two():
