@@ -183,7 +183,7 @@ def estimate_model(
         return sum(b for b in sizes if b >= floor)
 
     slots = OPTIMIZER_SLOTS[optimizer]
-    early = OPTIMIZER_EARLY_BUFFERS[optimizer] * facts.trainable_sizes
+    early = _early_update_sizes(facts, optimizer)
     sim = _higher_peak_order(facts.graph, batch_size, floor, early)
     pixels = batch_size * facts.height_px * facts.width_px
     # uint8 image (3 bytes per pixel) and uint8 mask (1) are separate buffers.
@@ -226,6 +226,16 @@ def estimate_model(
         input_bytes=pixels * batch_bytes_per_pixel,
         constant_bytes=constants,
     )
+
+
+def _early_update_sizes(facts: ModelFacts, optimizer: str) -> tuple[int, ...]:
+    """Bytes of the update's terms that the step makes at its start (they read only the
+    optimizer's state) and holds until the update. Under loss scaling the update runs in a
+    conditional (finite gradients only), so none starts early: the allocator trace of a
+    float16 SGD step shows its momentum products made after the backward pass."""
+    if facts.graph.loss_scaled:
+        return ()
+    return OPTIMIZER_EARLY_BUFFERS[optimizer] * facts.trainable_sizes
 
 
 def _higher_peak_order(

@@ -270,6 +270,10 @@ def _backward(
         # weight's compute-dtype copy and lives until the update.
         sim.spike(size.backward_temp(op))
         sim.take(("weight gradient", i), [size.tracked(b) for b in op.grad_sizes])
+        if graph.loss_scaled:
+            # The loss-scale check: a bool per element of each gradient (``IsFinite``),
+            # all held until the one reduction before the update reads them.
+            sim.take(("finite", i), [size.tracked(b // 4) for b in op.param_sizes])
         last = [t for t in op.saved if last_reader.get(t, -1) <= position]
         if op.block is not None:
             last += [t for t in block_inputs[op.block] if last_reader.get(t, -1) <= position]

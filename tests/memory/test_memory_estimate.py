@@ -114,6 +114,49 @@ def test_optimizer_state_follows_the_optimizer_type():
     assert adam.gradient_bytes <= adam.weights_bytes
 
 
+def test_under_loss_scaling_sgd_holds_no_early_update_buffer():
+    # bfloat16: SGD's momentum product depends on its state only and runs at the step's
+    # start, held to the update. float16: the update runs inside the loss scale's
+    # finite-gradients conditional (allocator trace: made after the backward pass).
+    def state_and_early(precision):
+        def peak(optimizer):
+            return _mnv2(patch_size=64, precision=precision, optimizer=optimizer)
+
+        sgd, plain = peak("sgd"), peak("sgd_nomomentum")
+        return (sgd.requested_peak_bytes - plain.requested_peak_bytes) / sgd.optimizer_bytes
+
+    assert state_and_early("mixed_bfloat16") == pytest.approx(2.0, rel=1e-3)
+    assert state_and_early("mixed_float16") == pytest.approx(1.0, rel=1e-3)
+
+
+def test_under_loss_scaling_each_gradient_holds_a_bool_per_element_until_the_update():
+    # The loss scale's finite check (IsFinite on each gradient) keeps a bool map per
+    # weight until the one reduction that reads them all (allocator trace, float16 step).
+    conv = Op(
+        "conv",
+        "conv",
+        inputs=[0],
+        outputs=[1],
+        saved=[0],
+        temp_bytes=(0, 0, 0),
+        block=None,
+        param_sizes=(4000,),
+        grad_sizes=(2000,),
+    )
+
+    def peak(loss_scaled):
+        graph = MemoryGraph(
+            tensor_bytes={0: 10, 1: 10},
+            ops=[conv],
+            inputs=[0],
+            outputs=[1],
+            loss_scaled=loss_scaled,
+        )
+        return simulate_step(graph)["peak_delta_bytes"]
+
+    assert peak(True) - peak(False) == 1000
+
+
 def test_largest_patch_is_the_last_size_that_fits():
     budget = 300_000_000
     best = largest_patch(budget, backbone="mobilenetv2", device="gpu")
