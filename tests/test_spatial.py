@@ -182,18 +182,21 @@ def _horovodrun_missing() -> bool:
 
 @pytest.mark.skipif(_horovodrun_missing(), reason="horovodrun (Horovod) not installed")
 def test_two_ranks_compute_the_single_rank_step():
-    """2 ranks under horovodrun, float64 so that float32 rounding (which this tiny model
-    at initialisation amplifies to percent-level gradient differences) does not hide a
+    """2 ranks under horovodrun, the partitioned step compiled as training runs it (at
+    64 px the stride-2 stem leaves the last rank reading no gathered rows: the case that
+    hung a compiled step), float64 so that float32 rounding (which this tiny model at
+    initialisation amplifies to percent-level gradient differences) does not hide a
     partitioning error; see docs/spatial.md."""
     command = [
         sys.executable, "-m", "bench.spatial", "--check", "--workers", "2", "--size", "64",
-        "--backbone", "mobilenetv2", "--alpha", "0.35", "--dtype", "float64",
+        "--backbone", "mobilenetv2", "--alpha", "0.35", "--dtype", "float64", "--compiled",
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["workers"] == 2
+    assert result["compiled"] is True
     assert result["max_rel_logit_error"] < 1e-4
     assert result["max_rel_grad_error"] < 1e-3
     assert result["ok"] is True

@@ -82,6 +82,12 @@ def halo_apply(local, exchange: Exchange, comm, layer, *, weights=(), name: str,
         send = tf.concat([x[:, :top], x[:, rows - bottom :]], axis=1)
         gathered = comm.gather_values(send, name)
         y = layer(_assemble(x, gathered, pieces, top, fill), *w)
+        if not any(piece.source in ("top", "bottom") for piece in pieces):
+            # This rank reads none of the gathered rows, but the collective must still run
+            # here: a compiled step never runs a collective whose result no op reads as
+            # data (a control dependency is not enough), and the other ranks would wait
+            # for it forever.
+            y = y + tf.cast(tf.reduce_sum(gathered), y.dtype) * 0
 
         def grad(dy):
             extended = _assemble(x, gathered, pieces, top, fill)
@@ -120,6 +126,11 @@ def _local_gradient(d_ext, x, pieces, exchange: Exchange, comm, name: str):
         previous = d_send[piece.rank]
         d_send[piece.rank] = padded if previous is None else previous + padded
     zeros = tf.zeros((tf.shape(x)[0], shared, *x.shape[2:]), x.dtype)
+    if all(d is None for d in d_send):
+        # A rank that read no other rank's rows sends only zeros. Were they a constant,
+        # TensorFlow would fold the collective at compile time, running it in this rank's
+        # optimizer before the step, where it waits for the other ranks forever.
+        zeros += tf.reduce_sum(d_ext) * 0
     stacked = tf.stack([zeros if d is None else d for d in d_send])
     mine = comm.sum_values(stacked, f"{name}.grad")[comm.rank]
     if top:
