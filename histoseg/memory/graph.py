@@ -28,6 +28,7 @@ OPTIMIZER_SLOTS: dict[str, int] = {"adam": 2, "adamw": 2, "sgd": 1, "sgd_nomomen
 #: them until the gradient arrives. Keras 3's SGD with momentum updates
 #: ``m = m * momentum - g * lr``: ``m * momentum`` reads only the slot. Adam's terms all
 #: read the gradient (its ``sqrt(v)`` reads ``v`` after the gradient's update of it).
+#: Under loss scaling (float16) the update runs in a conditional and none starts early.
 OPTIMIZER_EARLY_BUFFERS: dict[str, int] = {"adam": 0, "adamw": 0, "sgd": 1, "sgd_nomomentum": 0}
 
 #: Transient working buffers per layer type, as multiples of the layer's float32 output
