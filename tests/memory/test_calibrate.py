@@ -37,9 +37,12 @@ def test_the_prediction_names_its_route_and_sizes():
     assert predicted["peak_bytes"] == 10**8 + 3_000 * 1024**2
 
 
+@pytest.mark.slow
 def test_calibrate_measures_small_patches_and_extrapolates(tmp_path):
     """A real sweep: the 64 and 96 px points are measured (rows of their own), the 160 px
-    target is predicted from them, the analytic estimate kept beside it."""
+    target is predicted from them, the analytic estimate kept beside it. Slow (two worker
+    processes, about 35 s): the default run tests the fit on rows above and the worker in
+    tests/memory/test_memory_cli.py."""
     from bench.memory import main
     from histoseg.results import load_rows
 

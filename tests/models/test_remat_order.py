@@ -74,7 +74,9 @@ def test_remat_step_peak_is_the_same_on_every_trace_and_below_no_remat():
     # remat); with _sequenced_remat's two control dependencies dropped (recomputation in
     # no set order), 35.0 to 36.0 maps, as without remat. (Unordered keras.remat =
     # tf.recompute_grad peaked at 14 to 36 maps on it.)
-    assert max(peaks) - min(peaks) <= MAP_BYTES // 4, [p / MAP_BYTES for p in peaks]
+    # One map apart is chunk placement (14.0 and 15.0 maps in fresh processes, above; CI
+    # once read 14.0, 15.0, 15.0); unordered recomputation varies by up to 22 maps.
+    assert max(peaks) - min(peaks) <= MAP_BYTES, [p / MAP_BYTES for p in peaks]
     assert max(peaks) < plain / 2, (peaks, plain)
 
 
