@@ -299,29 +299,17 @@ def executor_order(
     trace the ASPP's 1x1 convolution ran before its atrous and pooling branches). An op
     fed by something no op makes keeps ``ops``' order.
     """
-    consumers: dict[int, list[int]] = {}
-    for i, op in enumerate(ops):
-        for t in dict.fromkeys(op.inputs):
-            consumers.setdefault(t, []).append(i)
-    produced = set(inputs)
-    stack = [i for i, op in enumerate(ops) if set(op.inputs) <= produced]
-    queued = set(stack)
-    stack.reverse()  # the first op ready runs first
-    order: list[int] = []
-    while stack:
-        i = stack.pop()
-        order.append(i)
-        produced.update(ops[i].outputs)
-        ready = []
-        for t in ops[i].outputs:
-            for j in consumers.get(t, []):
-                if j not in queued and set(ops[j].inputs) <= produced:
-                    ready.append(j)
-                    queued.add(j)
-        stack.extend(sorted(ready, key=lambda j: (bool(runs_first and runs_first(j)), j)))
-    if len(order) != len(ops):
-        return list(range(len(ops)))
-    return order
+    producer = {t: i for i, op in enumerate(ops) for t in op.outputs}
+    available = set(inputs)
+    waits_on = [
+        # a tensor neither given nor made by an op (None) is never ready
+        list(dict.fromkeys(producer.get(t) for t in op.inputs if t not in available))
+        for op in ops
+    ]
+    order = _stack_order(
+        waits_on, key=lambda j: (bool(runs_first and runs_first(j)), j), first_ready_first=True
+    )
+    return list(range(len(ops))) if order is None else order
 
 
 def backward_executor_order(ops: Sequence[Op]) -> list[int]:
@@ -334,30 +322,43 @@ def backward_executor_order(ops: Sequence[Op]) -> list[int]:
     ASPP's rate-36 branch ran its whole backward pass while the other branches still held
     their saved tensors.)
     """
-    producer: dict[int, int] = {}
-    for i, op in enumerate(ops):
-        for t in op.outputs:
-            producer[t] = i
-    waiting = [0] * len(ops)
-    feeds: list[list[int]] = [[] for _ in ops]
+    producer = {t: i for i, op in enumerate(ops) for t in op.outputs}
+    consumers: list[list[int]] = [[] for _ in ops]
     for i, op in enumerate(ops):
         for p in dict.fromkeys(producer[t] for t in op.inputs if t in producer):
-            waiting[p] += 1
-            feeds[i].append(p)
-    stack = [i for i in range(len(ops)) if waiting[i] == 0]
+            consumers[p].append(i)
+    order = _stack_order(consumers, key=lambda j: j, first_ready_first=False)
+    return list(range(len(ops) - 1, -1, -1)) if order is None else order
+
+
+def _stack_order(
+    waits_on: Sequence[Sequence[int | None]], key: Callable[[int], Any], first_ready_first: bool
+) -> list[int] | None:
+    """The executor's stack over a dependency graph: node ``i`` is ready once every node in
+    ``waits_on[i]`` has run (``None`` never runs). A running node's newly ready successors
+    are pushed sorted by ``key``, so the last pushed runs next. The nodes ready at the start
+    run lowest index first with ``first_ready_first``, else highest first. None when some
+    node never becomes ready."""
+    waiting = [len(w) for w in waits_on]
+    successors: list[list[int]] = [[] for _ in waits_on]
+    for i, deps in enumerate(waits_on):
+        for d in deps:
+            if d is not None:
+                successors[d].append(i)
+    stack = [i for i, n in enumerate(waiting) if n == 0]
+    if first_ready_first:
+        stack.reverse()
     order: list[int] = []
     while stack:
         i = stack.pop()
         order.append(i)
         ready = []
-        for p in feeds[i]:
-            waiting[p] -= 1
-            if waiting[p] == 0:
-                ready.append(p)
-        stack.extend(sorted(ready))
-    if len(order) != len(ops):
-        return list(range(len(ops) - 1, -1, -1))
-    return order
+        for j in successors[i]:
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                ready.append(j)
+        stack.extend(sorted(ready, key=key))
+    return order if len(order) == len(waits_on) else None
 
 
 def _nbytes(shape: Iterable[Any], dtype: Any) -> int:
