@@ -237,10 +237,10 @@ def _backward(
     and of its weights, then frees both. A remat block is run forward again just before
     the backward pass of its first op in ``order``."""
     ops = graph.ops
-    # Where in ``order`` each saved tensor is read for the last time.
     # What a member saves of its own block's outputs is made again by the recomputation:
     # the first pass's copy dies with its last reader outside the block.
     own = {name: {t for m in members for t in m.outputs} for name, members in blocks.items()}
+    # Where in ``order`` each saved tensor is read for the last time.
     last_reader: dict[int, int] = {}
     for position, i in enumerate(order):
         op = ops[i]
