@@ -63,24 +63,16 @@ from histoseg.memory.graph import (
     OPTIMIZER_EARLY_BUFFERS,
     OPTIMIZER_SLOTS,
     MemoryGraph,
-    accumulator_bytes,
     dtype_bytes,
     trace_model,
 )
+from histoseg.memory.grappler import accumulator_sizes
 from histoseg.memory.simulate import BACKWARD_ORDERS, simulate_step
 
 #: Mixed precision: the allocator figures are the median over this many orders of the
 #: step's weight casts (:func:`cast_orders`). Odd, so the median is one of them; enough
 #: that another set of seeds moves the median by little (docs/memory-harness.md).
 CAST_ORDERS = 51
-
-#: Grappler's memory optimizer rewrites gradient sums only when its estimate of the peak
-#: exceeds this fraction of the device's memory limit (``SchedulingPass``, TF 2.21).
-GRAPPLER_REWRITE_FRACTION = 0.8
-
-#: The memory limit TensorFlow's CPU device reports to Grappler: 256 MiB, whatever the RAM
-#: (``device_lib.list_local_devices()``), so every step bigger than a toy's is rewritten.
-CPU_DEVICE_MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,18 +193,16 @@ def estimate_model(
     )
     # A GPU's limit is its memory: the rewrite only comes near the card's capacity, where
     # the estimate cannot know the card, so it is left out there.
-    accumulator = 0
-    if device == "cpu" and peak > GRAPPLER_REWRITE_FRACTION * CPU_DEVICE_MEMORY_LIMIT_BYTES:
-        accumulator = tracked([accumulator_bytes(facts.graph) * batch_size])
-        constants += accumulator
-        peak += accumulator
+    accumulators = accumulator_sizes(facts.graph, batch_size, peak) if device == "cpu" else []
+    constants += tracked(accumulators)
+    peak += tracked(accumulators)
     allocator_activation, allocator_peak = _allocator_figures(
         facts,
         batch_size=batch_size,
         slots=slots,
         early=early,
         batch=batch,
-        constants=[b * batch_size for _, b in facts.graph.constants] + [accumulator],
+        constants=[b * batch_size for _, b in facts.graph.constants] + accumulators,
         untracked_below_bytes=floor,
     )
     return MemoryEstimate(

@@ -554,7 +554,7 @@ def _step_constants(graph: MemoryGraph) -> list[tuple[str, int]]:
     - the ``zeros_like`` of each mixed-precision resize's clip gradient (see
       :func:`_make_op`).
 
-    The accumulator Grappler may add is :func:`accumulator_bytes`.
+    The accumulators Grappler may add are :func:`histoseg.memory.grappler.accumulator_sizes`.
     """
     constants = [
         (f"{op.name}: zeros of the float32 clip gradient", op.constant_bytes)
@@ -564,34 +564,3 @@ def _step_constants(graph: MemoryGraph) -> list[tuple[str, int]]:
     if not graph.loss_scaled:
         constants.append(("loss: per-pixel gradient of the mean", graph.output_pixels * 4))
     return constants
-
-
-def accumulator_bytes(graph: MemoryGraph) -> int:
-    """Bytes per sample of the zeros constant of Grappler's gradient accumulator, if made.
-
-    Grappler's memory optimizer rewrites a sum of more than two gradients whose terms are
-    alive at its static estimate of the step's memory peak into a temporary variable
-    started from ``zeros_like(first term)`` (constant folding then makes that a
-    constant), but only when that estimate exceeds 80% of the device's memory limit. The
-    unfused batch norm's input gradient sums three terms. When no tensor between the batch
-    norm nearest the loss and the loss is larger than that norm's float32 input (as in
-    DeepLabV3+, whose head ends in a 1x1 conv to two classes), the start of the backward
-    pass, where that sum runs, is the peak: one float32 constant the size of its input.
-    Small steps, whose peak Grappler's own estimate keeps under the threshold, get none
-    (docs/memory-harness.md); nor does a model that widens after its last batch norm (a
-    toy stack with an upsampling there), whose peak is elsewhere.
-    """
-    norms = [i for i, op in enumerate(graph.ops) if op.kind == "batchnorm" and op.needs_backward]
-    if not norms:
-        return 0
-    norm = graph.ops[norms[-1]]
-    if norm.block is not None:
-        # Full recomputation: Grappler's estimate puts the peak in the recomputed block of
-        # the largest batch norm (xception65 512 px bfloat16 ``full``: the 256x256x128
-        # entry-flow norm, not the decoder's).
-        return max(int(graph.ops[i].temp_bytes[0]) for i in norms)
-    accumulator = int(norm.temp_bytes[0])
-    later = [t for op in graph.ops[norms[-1] + 1 :] for t in op.outputs]
-    if any(graph.tensor_bytes[t] > accumulator for t in later):
-        return 0
-    return accumulator

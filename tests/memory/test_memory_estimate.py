@@ -23,7 +23,8 @@ from histoseg.memory.estimate import (
     model_facts,
     trace_model,
 )
-from histoseg.memory.graph import MemoryGraph, Op, accumulator_bytes, backward_executor_order
+from histoseg.memory.graph import MemoryGraph, Op, backward_executor_order
+from histoseg.memory.grappler import accumulator_sizes
 from histoseg.memory.simulate import simulate_step
 from histoseg.models import build_deeplabv3plus
 from histoseg.models.layers import conv_bn, separable_conv_bn
@@ -279,22 +280,50 @@ def test_a_block_output_its_own_member_keeps_dies_with_its_last_reader_outside()
     assert peak(True) == peak(False)
 
 
-def test_full_recomputation_puts_grapplers_accumulator_at_the_largest_batch_norm():
-    # Allocator traces of xception65 at 512 px, bfloat16: without recomputation Grappler's
-    # accumulator is the float32 input of the norm nearest the loss (the decoder's); with
-    # ``full`` it is that of the largest norm (entry flow, 256 x 256 x 128), twice as large.
-    def norms_and_accumulator(remat):
-        model = build_deeplabv3plus("xception65", (64, 64, 3), num_classes=2, remat=remat)
-        graph = trace_model(model)
-        norms = [
-            op.temp_bytes[0] for op in graph.ops if op.kind == "batchnorm" and op.needs_backward
-        ]
-        return norms, accumulator_bytes(graph)
+def _accumulators_mib(backbone, patch_size_px, output_stride=16, remat="none", batch_size=1):
+    model = build_deeplabv3plus(
+        backbone,
+        (patch_size_px, patch_size_px, 3),
+        num_classes=2,
+        output_stride=output_stride,
+        remat=remat,
+    )
+    graph = trace_model(model)
+    return sorted(b / 2**20 for b in accumulator_sizes(graph, batch_size, step_peak_bytes=2**40))
 
-    norms, accumulator = norms_and_accumulator("none")
-    assert accumulator == norms[-1]
-    norms, accumulator = norms_and_accumulator("full")
-    assert accumulator == max(norms) > norms[-1]
+
+def test_grapplers_accumulator_at_output_stride_16_is_the_decoder_norms_input():
+    # Allocator trace of xception65 512 px float32: one 16 MiB ``AddN_*/tmp_var_zeros``,
+    # the float32 input of the decoder's last batch norm (128 x 128 x 256).
+    assert _accumulators_mib("xception65", 512) == [16.0]
+
+
+def test_grapplers_accumulators_at_output_stride_8_are_in_aspp():
+    # Allocator traces at output stride 8, float32: xception65 384 px made four of 18 MiB
+    # (the three atrous depthwise norms' inputs and the sum of ASPP's five input
+    # gradients, 48 x 48 x 2048); resnet50 448 px four of 24.5 MiB and the low-level
+    # feature's three-term sum, 12.25 MiB (112 x 112 x 256).
+    assert _accumulators_mib("xception65", 384, output_stride=8) == [18.0] * 4
+    assert _accumulators_mib("resnet50", 448, output_stride=8) == [12.25] + [24.5] * 4
+
+
+def test_full_recomputation_puts_grapplers_accumulator_at_the_largest_batch_norm():
+    # Allocator traces of xception65 at 512 px, bfloat16: with ``full`` the accumulator is
+    # the float32 input of the largest norm (entry flow, 256 x 256 x 128), not the
+    # decoder's; under the threshold there is none.
+    model = build_deeplabv3plus("xception65", (64, 64, 3), num_classes=2, remat="full")
+    graph = trace_model(model)
+    norms = [op.temp_bytes[0] for op in graph.ops if op.kind == "batchnorm" and op.needs_backward]
+    assert accumulator_sizes(graph, 1, step_peak_bytes=2**40) == [max(norms)]
+    assert max(norms) > norms[-1]
+    assert accumulator_sizes(graph, 1, step_peak_bytes=2**20) == []
+
+
+def test_a_small_step_gets_no_accumulator():
+    # xception65 256 px float32 ``blocks``: no accumulator at batch 1, one at batch 2
+    # (results/memory.json): Grappler's estimate stays under 80% of 256 MiB at batch 1.
+    assert _accumulators_mib("xception65", 256, remat="blocks") == []
+    assert _accumulators_mib("xception65", 256, remat="blocks", batch_size=2) == [8.0]
 
 
 def test_float32_batch_norm_makes_one_transient_map_below_float32_two():
