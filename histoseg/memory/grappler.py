@@ -39,7 +39,7 @@ _MAX_TERMS_LEFT_ALONE = 2
 def accumulator_sizes(graph: MemoryGraph, batch_size: int, step_peak_bytes: int) -> list[int]:
     """Bytes of each accumulator Grappler adds to a CPU step of ``batch_size`` patches.
 
-    None when the estimate's peak stays under the rewrite's threshold (small steps: e.g.
+    Empty when the estimate's peak stays under the rewrite's threshold (small steps: e.g.
     xception65 256 px float32 ``blocks`` makes none at batch 1, one at batch 2).
 
     Under ``full`` remat (the norm nearest the loss recomputed too) the estimate is not
@@ -54,11 +54,11 @@ def accumulator_sizes(graph: MemoryGraph, batch_size: int, step_peak_bytes: int)
     if norms and norms[-1].block is not None:
         largest = max(op.temp_bytes[0] for op in norms) * batch_size
         return [largest] if step_peak_bytes > threshold else []
-    peak, at_peak = _estimate(graph, graph.ops, batch_size)
+    peak, at_peak = _estimate(graph, batch_size)
     return at_peak if peak > threshold else []
 
 
-def _estimate(graph: MemoryGraph, ops: Sequence[Op], batch_size: int) -> tuple[int, list[int]]:
+def _estimate(graph: MemoryGraph, batch_size: int) -> tuple[int, list[int]]:
     """The peak of Grappler's estimate over the backward pass, and the bytes of each sum of
     more than two terms under way there.
 
@@ -66,6 +66,7 @@ def _estimate(graph: MemoryGraph, ops: Sequence[Op], batch_size: int) -> tuple[i
     first ready first, the ``AddN`` waits behind the ops made ready before it, and
     parallel branches make their terms side by side (the three atrous norms of ASPP).
     """
+    ops = graph.ops
     producer = {t: i for i, op in enumerate(ops) for t in op.outputs if op.needs_backward}
     readers = _gradient_readers(ops, producer)
     order = _first_ready_backward(ops, producer)
@@ -165,12 +166,13 @@ class _Live:
 
 
 def _gradient_readers(ops: Sequence[Op], producer: dict[int, int]) -> dict[int, int]:
-    """How many ops read each tensor that gets a gradient: its gradient sums that many terms."""
+    """How many ops read each tensor that gets a gradient (``producer``: the makers that
+    need a backward pass): its gradient sums that many terms."""
     readers: dict[int, int] = collections.Counter()
     for op in ops:
         if op.needs_backward:
             for t in set(op.inputs):
-                if t in producer and ops[producer[t]].needs_backward:
+                if t in producer:
                     readers[t] += 1
     return readers
 
