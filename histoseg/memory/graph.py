@@ -361,6 +361,19 @@ def _stack_order(
     return order if len(order) == len(waits_on) else None
 
 
+def remat_blocks(ops: Sequence[Op]) -> tuple[dict[str, list[Op]], dict[str, set[int]]]:
+    """Each remat block's ops, and the tensors it reads from outside itself."""
+    blocks: dict[str, list[Op]] = {}
+    for op in ops:
+        if op.block is not None:
+            blocks.setdefault(op.block, []).append(op)
+    block_inputs: dict[str, set[int]] = {}
+    for name, members in blocks.items():
+        produced = {t for op in members for t in op.outputs}
+        block_inputs[name] = {t for op in members for t in op.inputs if t not in produced}
+    return blocks, block_inputs
+
+
 def _nbytes(shape: Iterable[Any], dtype: Any) -> int:
     """Bytes of one sample of a (batch, ...) tensor."""
     dims = list(shape)[1:]

@@ -26,7 +26,7 @@ import collections
 import dataclasses
 from collections.abc import Sequence
 
-from histoseg.memory.graph import MemoryGraph, Op
+from histoseg.memory.graph import MemoryGraph, Op, remat_blocks
 
 #: The estimate must exceed this fraction of the device's memory limit for the rewrite.
 GRAPPLER_REWRITE_FRACTION = 0.8
@@ -181,14 +181,8 @@ def _kept_for_backward(ops: Sequence[Op]) -> set[int]:
     """What the forward pass leaves for the backward pass: the saved tensors of ops outside
     remat blocks and each block's inputs."""
     kept = {t for op in ops if op.block is None and op.needs_backward for t in op.saved}
-    made_in: dict[str, set[int]] = collections.defaultdict(set)
-    for op in ops:
-        if op.block is not None:
-            made_in[op.block].update(op.outputs)
-    for op in ops:
-        if op.block is not None:
-            kept.update(t for t in op.inputs if t not in made_in[op.block])
-    return kept
+    _, block_inputs = remat_blocks(ops)
+    return kept.union(*block_inputs.values())
 
 
 def _last_saved_read(ops: Sequence[Op], order: Sequence[int]) -> dict[int, int]:

@@ -18,6 +18,7 @@ from histoseg.memory.graph import (
     MemoryGraph,
     Op,
     backward_executor_order,
+    remat_blocks,
 )
 
 #: The backward orders TensorFlow's executor was seen to run (``simulate_step``'s
@@ -73,7 +74,7 @@ def simulate_step(
     start = sim.live
     first_read = sim.allocator_bytes()
     sim.alloc(graph.inputs)
-    blocks, block_inputs = _remat_blocks(ops)
+    blocks, block_inputs = remat_blocks(ops)
     # What the backward pass reads after the forward pass: the tensors saved by ops outside
     # remat blocks, and each remat block's inputs.
     kept = {t for op in ops if op.block is None for t in op.saved}
@@ -182,19 +183,6 @@ def _before_first_read(
     labels = size.tracked(graph.output_pixels * 4 * size.batch_size)
     sim.take("labels", [labels])
     return labels, early
-
-
-def _remat_blocks(ops: Sequence[Op]) -> tuple[dict[str, list[Op]], dict[str, set[int]]]:
-    """Each remat block's ops, and the tensors it reads from outside itself."""
-    blocks: dict[str, list[Op]] = {}
-    for op in ops:
-        if op.block is not None:
-            blocks.setdefault(op.block, []).append(op)
-    block_inputs: dict[str, set[int]] = {}
-    for name, members in blocks.items():
-        produced = {t for op in members for t in op.outputs}
-        block_inputs[name] = {t for op in members for t in op.inputs if t not in produced}
-    return blocks, block_inputs
 
 
 def _forward_and_loss(sim: _Timeline, graph: MemoryGraph, size: _Sizing, kept: set[int]) -> None:
@@ -318,16 +306,12 @@ def _last_slice_positions(graph: MemoryGraph, order: Sequence[int]) -> dict[int,
             continue
         if sum(sizes[t] for t in inputs) != sizes[op.outputs[0]]:
             continue  # not a concatenation (an addition's inputs are each the output's size)
-        made_by = [graph.ops[maker[t]] for t in inputs if t in maker]
-        if op.block is not None or any(m.block is not None for m in made_by):
+        made_by = [maker[t] for t in inputs if t in maker]
+        if op.block is not None or any(graph.ops[m].block is not None for m in made_by):
             continue
-        makers = [
-            position[maker[t]]
-            for t in inputs
-            if maker.get(t) in position and graph.ops[maker[t]].needs_backward
-        ]
-        if makers and max(makers) > position.get(i, -1):
-            last[i] = max(makers)
+        runs = [position[m] for m in made_by if m in position and graph.ops[m].needs_backward]
+        if runs and max(runs) > position.get(i, -1):
+            last[i] = max(runs)
     return last
 
 
