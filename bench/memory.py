@@ -75,7 +75,12 @@ DONE_STATUSES = ("ok", "oom")
 
 def predict(config: StepConfig) -> dict[str, int]:
     """The analytic estimate of ``config`` (the ``predicted`` section of its row): a train
-    step's, or a forward pass's (:mod:`histoseg.memory.inference`) for mode infer."""
+    step's, or a forward pass's (:mod:`histoseg.memory.inference`) for mode infer; on the
+    torch backend, the step replayed on fake tensors (:mod:`histoseg.memory.torch_replay`)."""
+    if config.backend == "torch":
+        from histoseg.memory.torch_replay import replay
+
+        return replay(config).as_dict()
     from histoseg.memory.estimate import estimate, estimate_inference
 
     step = {
@@ -176,7 +181,11 @@ def sweep(
     return mine
 
 
-def _gpu_visible() -> bool:
+def _gpu_visible(backend: str) -> bool:
+    if backend == "torch":
+        import torch
+
+        return torch.cuda.is_available()
     from histoseg.memory.devices import tensorflow_sees_gpu
 
     return tensorflow_sees_gpu()
@@ -194,8 +203,9 @@ def _one(
     calibration: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     cfg = config.as_dict()
-    if config.device == "gpu" and not _gpu_visible():
-        return make_row("memory", cfg, status="skipped", reason="no GPU visible to TensorFlow")
+    if config.device == "gpu" and not _gpu_visible(config.backend):
+        framework = "PyTorch" if config.backend == "torch" else "TensorFlow"
+        return make_row("memory", cfg, status="skipped", reason=f"no GPU visible to {framework}")
     extra: dict[str, Any] = {"steps": config.steps}
     try:
         predicted = predict(config)
@@ -316,7 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out = BASELINE_OUT
     elif args.sample is not None:
         drawn = sample_configs(args.sample, args.seed, steps=args.steps)
-        drawn = [c for c in drawn if c.precision in (args.precision or PRECISIONS)]
+        drawn = [
+            c.replace(backend=args.backend)
+            for c in drawn
+            if c.precision in (args.precision or PRECISIONS)
+        ]
         configs = drawn if "train" in args.mode else []
         configs += as_forward_passes(drawn) if "infer" in args.mode else []
     else:
@@ -330,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     check_results_path(args.out)  # the user's JSON or CSV, or an unwritable folder: refused
     check_output(args.out, force=True)  # now, not after the sweep
-    _hide_gpus_from_this_process()
+    _load_backend(_rows_backend(args.out) if args.refresh_predictions else args.backend)
     if args.refresh_predictions:
         rows = refresh_predictions(args.out, args.calibrate or ())
         print(summary_table(rows))
@@ -376,6 +390,34 @@ def _refresh_results_readme(out: Path) -> None:
         print(f"README: wrote {write_readme(out.parent)}")
     except Exception as exc:  # the README is a convenience; the rows are already written
         print(f"README not refreshed: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _rows_backend(out: Path) -> str:
+    """The one Keras backend of the memory rows in ``out`` (what a refresh must load)."""
+    from histoseg.results import load_rows
+
+    backends = {
+        StepConfig.from_dict(r["config"]).backend
+        for r in load_rows(out)
+        if r.get("kind") == "memory"
+    }
+    if len(backends) > 1:
+        raise ConfigError(
+            f"{out} holds rows of both backends; a process loads Keras with one, so refresh "
+            "a file of one backend"
+        )
+    return backends.pop() if backends else "tensorflow"
+
+
+def _load_backend(backend: str) -> None:
+    """Load Keras's ``backend`` in this process before anything imports Keras: the torch
+    backend for its replay, or TensorFlow with the GPU hidden."""
+    if backend == "torch":
+        from histoseg.memory.torch_replay import torch_backend
+
+        torch_backend()
+    else:
+        _hide_gpus_from_this_process()
 
 
 def _hide_gpus_from_this_process() -> None:

@@ -14,6 +14,7 @@ from bench.config import expand_sweep
 from histoseg.cli import ArgumentParser, finite_float, int_in_range
 from histoseg.config import (
     BACKBONES,
+    BACKENDS,
     MODES,
     OPTIMIZERS,
     PRECISIONS,
@@ -41,8 +42,11 @@ Examples:
       --precision float32 mixed_bfloat16 --out results/memory_model_grid.json
   python -m bench.memory --sizes 2048 --precision mixed_bfloat16 --remat full \\
       --calibrate 256 384 512 --predict-only     # extrapolate 2048 px from measured small patches
-  python -m bench.memory --refresh-predictions --calibrate 512 1024 \\
-      --out results/memory_torch_gpu.json        # re-predict rows from their own small patches
+  python -m bench.memory --backend torch --sizes 256 512 --remat none full \\
+      --out results/memory_torch_cpu.json        # Keras on PyTorch, measured and replayed
+  python -m bench.memory --backend torch --device gpu --sizes 512 1024 2048 \\
+      --precision float32 mixed_bfloat16 --remat none blocks full --out results/memory_torch_gpu.json
+  python -m bench.memory --refresh-predictions --out results/memory_torch_gpu.json
 """
 
 
@@ -154,6 +158,14 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     add("--out", type=Path, default=DEFAULT_OUT, help=f"results JSON (default {DEFAULT_OUT})")
     add("--predict-only", action="store_true", help="predict every config; train none")
     add(
+        "--backend",
+        default="tensorflow",
+        choices=BACKENDS,
+        help="Keras backend of the steps (default tensorflow); torch: PyTorch's allocators, "
+        "predicted by replaying the step on fake tensors (train steps only; one backend per "
+        "sweep, as one process loads Keras once)",
+    )
+    add(
         "--force",
         action="store_true",
         help="re-measure configs already in --out, and run configs predicted not to fit",
@@ -238,7 +250,7 @@ def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
     for mode in modes:
         train, alone = mode == "train", modes == [mode]
         configs += expand_sweep(
-            StepConfig(steps=args.steps, backbone_options=options, mode=mode),
+            StepConfig(steps=args.steps, backbone_options=options, mode=mode, backend=args.backend),
             backbone=args.backbone,
             output_stride=args.output_stride,
             precision=args.precision or ["float32"],

@@ -175,10 +175,19 @@ def largest_patches(
         if config.mode == "train":
             kwargs.update(remat=config.remat, optimizer=config.optimizer)
         predict_peak = estimate_inference if config.mode == "infer" else estimate
-        best = largest_patch(memory_bytes, mode=config.mode, **kwargs)
+        if config.backend == "torch":
+            predict_peak = _torch_replay
+        best = largest_patch(memory_bytes, mode=config.mode, predict=predict_peak, **kwargs)
         peak = predict_peak(patch_size=best, **kwargs).peak_bytes if best else None
         seen[key] = (config, best, peak)
     return list(seen.values())
+
+
+def _torch_replay(**config: Any):
+    """The torch backend's prediction, replayed (:mod:`histoseg.memory.torch_replay`)."""
+    from histoseg.memory.torch_replay import replay
+
+    return replay(StepConfig(backend="torch", **config))
 
 
 def print_largest_patches(configs: Sequence[StepConfig], memory_bytes: int) -> None:
@@ -193,7 +202,8 @@ def print_largest_patches(configs: Sequence[StepConfig], memory_bytes: int) -> N
         if rows:
             print(f"\n{header} {format_bytes(memory_bytes)}:")
         for config, best, peak in rows:
-            what = f"{config.backbone} OS{config.output_stride} {config.precision} "
+            what = "torch: " if config.backend == "torch" else ""
+            what += f"{config.backbone} OS{config.output_stride} {config.precision} "
             what += (
                 f"remat {config.remat} batch {config.batch_size} {config.optimizer}"
                 if mode == "train"

@@ -21,8 +21,8 @@ import gc
 import numpy as np
 import pytest
 
-from bench.worker import build_model
 from histoseg.config import StepConfig
+from histoseg.models import build_for_step
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def test_train_step(benchmark, bench_config):
     config = bench_config
     keras.backend.clear_session()
     gc.collect()
-    model = build_model(config)
+    model = build_for_step(config)
     step = make_train_step(model, make_optimizer("adam", 1e-3), memory_device="CPU:0")
     rng = np.random.default_rng(0)
     shape = (config.batch_size, config.patch_size, config.patch_size)

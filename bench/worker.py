@@ -69,21 +69,6 @@ def _synthetic_batch(config: StepConfig, num_classes: int | None):
         return tf.constant(images), tf.constant(masks)
 
 
-def build_model(config: StepConfig, num_classes: int = 2):
-    """The config's DeepLabV3+ (the harness's one model builder call)."""
-    from histoseg.models import build_deeplabv3plus
-
-    return build_deeplabv3plus(
-        config.backbone,
-        (config.patch_size, config.patch_size, 3),
-        num_classes=num_classes,
-        output_stride=config.output_stride,
-        precision=config.precision,
-        remat=config.remat,
-        **dict(config.backbone_options),
-    )
-
-
 def allocator_events(logdir: str) -> list[tuple[str, dict[str, Any]]]:
     """Every allocation and free TensorFlow's profiler recorded in ``logdir``, in order.
 
@@ -219,13 +204,14 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
     import tensorflow as tf
 
     from histoseg.memory.probe import MemoryProbe
+    from histoseg.models import build_for_step
     from histoseg.train.step import make_optimizer, make_train_step
 
     _configure_tensorflow(config)
     device = config.tf_device
     probe = MemoryProbe(device)
     with tf.device(device):
-        model = build_model(config, num_classes)
+        model = build_for_step(config, num_classes)
         optimizer = make_optimizer(config.optimizer, 1e-3)
         step = make_train_step(model, optimizer, num_classes=num_classes, memory_device=device)
         images, masks = _synthetic_batch(config, num_classes)
@@ -331,11 +317,12 @@ def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
     import tensorflow as tf
 
     from histoseg.memory.probe import MemoryProbe
+    from histoseg.models import build_for_step
 
     _configure_tensorflow(config)
     probe = MemoryProbe(config.tf_device)
     with tf.device(config.tf_device):
-        model = build_model(config)
+        model = build_for_step(config)
         forward = forward_function(model)
         images, _ = _synthetic_batch(config, None)
         before_warmup = probe.snapshot().allocator_current_bytes
@@ -386,6 +373,10 @@ def run_config(config: StepConfig, trace: bool = False) -> dict[str, Any]:
     from histoseg.memory.devices import tensorflow_sees_gpu
     from histoseg.results import make_row
 
+    if config.backend == "torch":
+        from bench.torch_worker import run_config as run_torch_config
+
+        return run_torch_config(config)
     row_config = config.as_dict()
     if config.device == "gpu" and not tensorflow_sees_gpu():
         return make_row(

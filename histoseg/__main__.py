@@ -23,7 +23,6 @@ COMMANDS = {
     "evaluate": ("histoseg.infer.evaluate", "CAMELYON16 slide AUC and lesion FROC of inferences"),
     "project": ("histoseg.scaling", "project weak-scaling efficiency to N workers (a model)"),
     "memory": ("bench.memory", "memory per patch size: measured, predicted, largest that fits"),
-    "torch-step": ("bench.torch_step", "the same step under Keras's torch backend on a GPU"),
     "accuracy": ("bench.accuracy", "what a bigger patch buys: each size on the same pixel budget"),
     "scaling": ("bench.scaling", "weak scaling over workers, measured beside the projection"),
     "cores": ("bench.cores", "does this machine scale over its cores at all?"),

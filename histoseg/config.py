@@ -27,6 +27,9 @@ OPTIMIZERS = ("adam", "sgd")
 #: "train": a train step (forward, loss, gradients, update); "infer": a forward pass only
 #: (``training=False``), as ``histoseg.infer`` runs the model over a slide.
 MODES = ("train", "infer")
+#: The Keras backend a step runs on: "tensorflow" (compiled step, TensorFlow's allocators)
+#: or "torch" (eager PyTorch, its CPU allocator or CUDA caching allocator).
+BACKENDS = ("tensorflow", "torch")
 #: The widest MobileNetV2 width multiplier accepted: Keras ships 0.35 to 1.4, and past a few
 #: the network is no longer "mobile".
 MAX_ALPHA = 4.0
@@ -95,6 +98,7 @@ class StepConfig:
             e.g. ``(("alpha", 0.35),)`` for a narrow MobileNetV2.
         mode: "train" (a train step) or "infer" (a forward pass with ``training=False``:
             no optimizer, and no recomputation, which only changes a backward pass).
+        backend: Keras's backend, "tensorflow" or "torch" (train steps only so far).
     """
 
     patch_size: int = 512
@@ -111,6 +115,7 @@ class StepConfig:
     optimizer: str | None = None
     backbone_options: tuple[tuple[str, Any], ...] = ()
     mode: str = "train"
+    backend: str = "tensorflow"
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "batch_size", "output_stride", "threads", "workers", "steps"):
@@ -130,6 +135,7 @@ class StepConfig:
             "device": DEVICES,
             "engine": ENGINES,
             "optimizer": OPTIMIZERS if self.mode == "train" else (None,),
+            "backend": BACKENDS if self.mode == "train" else ("tensorflow",),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -156,6 +162,11 @@ class StepConfig:
         elif self.mode == "infer" and self.optimizer is not None:
             raise ConfigError(
                 f"optimizer {self.optimizer!r}: an inference pass (mode infer) builds no optimizer"
+            )
+        if self.mode == "infer" and self.backend != "tensorflow":
+            raise ConfigError(
+                f"backend {self.backend!r}: forward passes (mode infer) run on the tensorflow "
+                "backend only so far"
             )
         if self.mode == "infer" and self.remat != "none":
             raise ConfigError(
@@ -184,7 +195,8 @@ class StepConfig:
         ``optimizer`` always and ``backbone_options`` when set are added, since both change
         the memory a step needs. An inference pass adds ``mode`` ("infer") and has
         ``optimizer`` None; a train step's row has no ``mode`` key, so every train row keeps
-        the identity it had before modes existed.
+        the identity it had before modes existed. Likewise ``backend`` is there only when
+        it is "torch".
         """
         d = {
             "patch_size": self.patch_size,
@@ -203,6 +215,8 @@ class StepConfig:
             d["backbone_options"] = dict(self.backbone_options)
         if self.mode != "train":
             d["mode"] = self.mode
+        if self.backend != "tensorflow":
+            d["backend"] = self.backend
         return d
 
     def to_json(self) -> str:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check, prepared for a lent device machine (PyTorch with CUDA, no TensorFlow).
 #
-# Runs the GPU tests (tests/bench/test_torch_step.py) and a torch-backend grid of the
-# xception65 train step (512-2048 px, float32 and mixed_bfloat16, remat none and full)
-# in well under 8 minutes; rows and logs go under $OUT (default runs/gpu-check). Keras is
+# Runs the GPU tests (tests/bench/test_torch_backend.py) and a torch-backend grid of the
+# xception65 train step (512 and 2048 px, float32 and mixed_bfloat16, remat none, blocks and
+# full, plus 4096 px bfloat16 full), each measured beside its replay on fake tensors, in
+# under 8 minutes; rows and logs go under $OUT (default runs/gpu-check). Keras is
 # not installed on those machines: fetch its wheels into .whl/ here first, carry them, and
 # this script installs them to /tmp/site before anything else.
 #
@@ -33,9 +34,12 @@ if ! python3 -c "import keras, torch, sys; sys.exit(0 if torch.cuda.is_available
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/bench/test_torch_step.py 2>&1 \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/bench/test_torch_backend.py 2>&1 \
   | tee "$OUT/tests.log" || status=1
-timeout 300 python3 -m bench.torch_step --sizes 512 1024 2048 --precision float32 mixed_bfloat16 \
-  --remat none full --steps 3 --out "$OUT/memory_torch_gpu_check.json" 2>&1 \
-  | tee "$OUT/grid.log" || status=1
+grid=(python3 -m bench.memory --backend torch --device gpu --steps 3 --quiet
+  --out "$OUT/memory_torch_gpu_check.json")
+timeout 240 "${grid[@]}" --sizes 512 2048 --precision float32 mixed_bfloat16 \
+  --remat none blocks full 2>&1 | tee "$OUT/grid.log" || status=1
+timeout 60 "${grid[@]}" --sizes 4096 --precision mixed_bfloat16 --remat full 2>&1 \
+  | tee -a "$OUT/grid.log" || status=1
 exit $status

@@ -15,7 +15,6 @@ MODULES = [
     "bench.plots",
     "bench.results_readme",
     "bench.scaling",
-    "bench.torch_step",
     "bench.worker",
     "histoseg.models.__main__",
     "histoseg.scaling.__main__",

@@ -33,9 +33,9 @@ def drawn_rows(rows: Sequence[dict], notes: list[str]) -> list[dict]:
     infer_rows = sum(r.get("kind") == "memory" for r in rows) - len(memory_rows)
     if infer_rows:
         notes.append(f"{infer_rows} rows of a forward pass alone (--mode infer) left out")
-    # One framework per plot: rows of bench.torch_step (Keras on PyTorch) have their own
-    # allocator and tensors kept, and would read as TensorFlow GPU rows here.
-    torch_rows = [r for r in memory_rows if (r.get("extra") or {}).get("backend") == "torch"]
+    # One framework per plot: rows of Keras's torch backend have their own allocator and
+    # tensors kept, and would read as TensorFlow rows here.
+    torch_rows = [r for r in memory_rows if r["config"].get("backend") == "torch"]
     if len(torch_rows) < len(memory_rows):
         memory_rows = [r for r in memory_rows if r not in torch_rows]
         if torch_rows:

@@ -486,6 +486,7 @@ def largest_patch(
     step_px: int | None = None,
     max_patch_size: int = 16384,
     mode: str = "train",
+    predict: Callable[..., Any] | None = None,
     **config: Any,
 ) -> int | None:
     """The largest square patch (a multiple of ``step_px``) whose predicted peak, plus the
@@ -502,6 +503,8 @@ def largest_patch(
         max_patch_size: Upper end of the search.
         mode: "train" (the train step's peak, :func:`estimate`) or "infer" (a forward
             pass's, :func:`estimate_inference`: the largest inference tile).
+        predict: Instead of those, ``predict(patch_size=P, **config)`` with a
+            ``peak_bytes`` (e.g. the torch backend's replay).
         **config: The other arguments of that estimate (backbone, batch_size, ...).
 
     Returns:
@@ -511,7 +514,7 @@ def largest_patch(
 
     peaks: dict[int, int] = {}
 
-    predict = estimate_inference if mode == "infer" else estimate
+    predict = predict or (estimate_inference if mode == "infer" else estimate)
 
     def peak(p: int) -> int:
         if p not in peaks:

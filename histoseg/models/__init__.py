@@ -1,6 +1,6 @@
 """The DeepLabV3+ model family with memory-saving modes (mixed precision, rematerialisation).
 
-Public API: :func:`build_deeplabv3plus`, :func:`count_macs`, :func:`count_params`,
+Public API: :func:`build_deeplabv3plus`, :func:`build_for_step`, :func:`count_macs`, :func:`count_params`,
 :func:`model_macs` and the registries ``BACKBONES``, ``PRECISIONS``, ``REMAT_MODES``,
 ``OUTPUT_STRIDES``, ``NORMS``.
 """
@@ -10,6 +10,7 @@ from histoseg.models.deeplabv3plus import (
     OUTPUT_STRIDES,
     PRECISIONS,
     build_deeplabv3plus,
+    build_for_step,
     count_macs,
     count_params,
     model_macs,
@@ -24,6 +25,7 @@ __all__ = [
     "PRECISIONS",
     "REMAT_MODES",
     "build_deeplabv3plus",
+    "build_for_step",
     "count_macs",
     "count_params",
     "model_macs",

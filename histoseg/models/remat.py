@@ -87,6 +87,16 @@ class RematBlock(keras.layers.Layer):
             traces.append(True)
             return self.block(x, training=True)
 
+        if keras.backend.backend() == "torch":
+            import torch  # only on the torch backend
+
+            # keras.remat's checkpoint, without early stop: stopping a recomputation once
+            # the tensors it needs exist raises an exception inside the block's call, and
+            # its traceback (with Keras's re-raise) forms reference cycles that hold every
+            # recomputed activation until Python's garbage collector runs.
+            return torch.utils.checkpoint.checkpoint(
+                forward, *tensors, use_reentrant=False, early_stop=False
+            )
         return keras.remat(forward)(*tensors)
 
     def compute_output_spec(self, inputs, training=None):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import keras
 
-from histoseg.config import HEAD_FILTERS
+from histoseg.config import HEAD_FILTERS, StepConfig
 from histoseg.errors import ConfigError
 from histoseg.models.backbones import BACKBONES
 from histoseg.models.deeplabv3plus.aspp import aspp
@@ -83,6 +83,20 @@ def validate_config(
     if not isinstance(alpha, (int, float)) or alpha <= 0:
         raise ConfigError(f"alpha={alpha!r} must be a positive number (width multiplier)")
     return (int(height), int(width), int(input_shape[2]))
+
+
+def build_for_step(config: StepConfig, num_classes: int = 2) -> keras.Model:
+    """The DeepLabV3+ a :class:`StepConfig` describes: a square ``patch_size`` input, its
+    backbone and options, output stride, precision and remat mode (what every harness builds)."""
+    return build_deeplabv3plus(
+        config.backbone,
+        (config.patch_size, config.patch_size, 3),
+        num_classes=num_classes,
+        output_stride=config.output_stride,
+        precision=config.precision,
+        remat=config.remat,
+        **config.backbone_kwargs,
+    )
 
 
 def build_deeplabv3plus(
