@@ -203,7 +203,7 @@ def _one(
     calibration: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     cfg = config.as_dict()
-    if config.device == "gpu" and not _gpu_visible(config.backend):
+    if config.device == "gpu" and not predict_only and not _gpu_visible(config.backend):
         framework = "PyTorch" if config.backend == "torch" else "TensorFlow"
         return make_row("memory", cfg, status="skipped", reason=f"no GPU visible to {framework}")
     extra: dict[str, Any] = {"steps": config.steps}

@@ -44,9 +44,21 @@ class BatchNorm(keras.layers.BatchNormalization):
     :func:`recomputing` (the backward pass of a rematerialised block) it normalises with
     the batch moments again, which gives the same activations, but leaves the moving
     statistics alone, so a remat step updates them exactly as a plain step does.
+
+    Under Keras's torch backend a training-mode call runs PyTorch's fused batch norm
+    (:func:`_torch_batch_norm`): Keras's own computes it op by op from a float32 copy of
+    the input, and autograd keeps that copy and the centred input for the backward pass,
+    two float32 maps per layer beside the layer's input.
     """
 
     def call(self, inputs, training=None, mask=None):
+        fused = training and self.trainable and mask is None and not self.renorm
+        if (
+            fused
+            and keras.backend.backend() == "torch"
+            and self.axis in (-1, len(inputs.shape) - 1)
+        ):
+            return _torch_batch_norm(self, inputs, update=not is_recomputing())
         if not (training and self.trainable and is_recomputing()) or self.renorm:
             return super().call(inputs, training=training, mask=mask)
         # BN overflows in float16/bfloat16, so it computes in float32 like the parent.
@@ -65,6 +77,34 @@ class BatchNorm(keras.layers.BatchNormalization):
             epsilon=self.epsilon,
         )
         return ops.cast(outputs, self.compute_dtype)
+
+
+def _torch_batch_norm(layer: keras.layers.BatchNormalization, inputs, *, update: bool):
+    """``layer`` in training mode as one ``torch.native_batch_norm`` (torch backend only).
+
+    The channels-last map is handed over as its channels-first view, which PyTorch's
+    kernels read in place; the kernel normalises in float32 whatever the input's dtype,
+    returns the input's dtype, and keeps only its input and two per-channel vectors for
+    the backward pass. The batch's mean and (biased) variance come back from the kernel,
+    so the moving statistics are updated as Keras's layer updates them (its momentum, no
+    unbiasing), unless ``update`` is False (a recomputation).
+    """
+    import torch  # only on the torch backend
+
+    def value(variable):
+        return None if variable is None else variable.value
+
+    x = inputs.permute(0, inputs.ndim - 1, *range(1, inputs.ndim - 1))  # NHWC -> NCHW view
+    out, mean, invstd = torch.native_batch_norm(
+        x, value(layer.gamma), value(layer.beta), None, None, True, 0.0, layer.epsilon
+    )
+    if update:
+        with torch.no_grad():
+            variance = invstd.pow(-2) - layer.epsilon
+            m = layer.momentum
+            layer.moving_mean.assign(layer.moving_mean.value * m + mean * (1.0 - m))
+            layer.moving_variance.assign(layer.moving_variance.value * m + variance * (1.0 - m))
+    return out.permute(0, *range(2, inputs.ndim), 1)
 
 
 @keras.saving.register_keras_serializable(package="histoseg")

@@ -144,6 +144,40 @@ def test_no_tensor_of_a_remat_step_waits_for_the_garbage_collector():
     assert out.stdout.split()[-1] == "0", "tensors left in reference cycles"
 
 
+@needs_torch
+def test_fused_torch_batch_norm_is_keras_batch_norm():
+    """histoseg's BatchNorm runs PyTorch's fused kernel under the torch backend: the same
+    outputs, input and weight gradients and moving statistics as Keras's layer."""
+    script = textwrap.dedent(
+        """
+        import numpy as np
+        from histoseg.memory.torch_replay import torch_backend
+        torch = torch_backend()
+        import keras
+        from histoseg.models.layers import BatchNorm
+        rng = np.random.default_rng(0)
+        x = rng.normal(2.0, 3.0, size=(2, 6, 5, 4)).astype("float32")
+        layers = BatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+        gamma = rng.normal(1.0, 0.1, 4).astype("float32")
+        results = []
+        for layer in layers:
+            layer.build(x.shape)
+            layer.gamma.assign(gamma)
+            layer.beta.assign(np.arange(4, dtype="float32"))
+            t = torch.tensor(x, requires_grad=True)
+            y = layer(t, training=True)
+            (y**3 * torch.arange(4.0)).sum().backward()
+            results.append([y.detach().numpy(), t.grad.numpy(), layer.gamma.value.grad.numpy(),
+                            layer.beta.value.grad.numpy(), layer.moving_mean.numpy(),
+                            layer.moving_variance.numpy()])
+        print(max(float(np.abs(a - b).max() / np.abs(b).max()) for a, b in zip(*results)))
+        """
+    )
+    out = _python("-c", script)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split()[-1]) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _torch_cuda(), reason="needs PyTorch with a CUDA GPU")
 def test_gpu_steps_are_replayed_within_5_percent(tmp_path):

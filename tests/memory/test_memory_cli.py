@@ -19,11 +19,10 @@ def test_predict_only_writes_one_predicted_row_per_config(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     rows = load_rows(out)
     assert len(rows) == 4 and out.with_suffix(".csv").exists()
-    cpu = [r for r in rows if r["config"]["device"] == "cpu"]
-    gpu = [r for r in rows if r["config"]["device"] == "gpu"]
-    assert all(r["status"] == "skipped" and r["predicted"]["peak_bytes"] > 0 for r in cpu)
+    # a GPU's figures are predicted without one: nothing runs
+    assert all(r["status"] == "skipped" and r["predicted"]["peak_bytes"] > 0 for r in rows)
+    assert all(r["reason"].startswith("predicted only") for r in rows)
     assert all(r["config"]["backbone_options"] == {"alpha": 0.35} for r in rows)
-    assert all(r["reason"] == "no GPU visible to TensorFlow" for r in gpu)
     assert "machine" in rows[0] and rows[0]["kind"] == "memory"
     table = capsys.readouterr().out
     assert "predicted" in table and "not measured" in table
