@@ -325,6 +325,7 @@ def machine_info() -> dict[str, Any]:
             "tensorflow": _version("tensorflow"),
             "keras": _version("keras"),
             "horovod": _version("horovod"),
+            "torch": _version("torch"),
             "openslide": _version("openslide-python"),
             "histoseg": _version("histoseg"),
         },

@@ -34,11 +34,11 @@ if ! python3 -c "import keras, torch, sys; sys.exit(0 if torch.cuda.is_available
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
 status=0
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/bench/test_torch_backend.py 2>&1 \
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/bench/test_torch_backend.py 2>&1 \
   | tee "$OUT/tests.log" || status=1
 grid=(python3 -m bench.memory --backend torch --device gpu --steps 3 --quiet
   --out "$OUT/memory_torch_gpu_check.json")
-timeout 240 "${grid[@]}" --sizes 512 2048 --precision float32 mixed_bfloat16 \
+timeout 270 "${grid[@]}" --sizes 512 2048 --precision float32 mixed_bfloat16 \
   --remat none blocks full 2>&1 | tee "$OUT/grid.log" || status=1
 timeout 60 "${grid[@]}" --sizes 4096 --precision mixed_bfloat16 --remat full 2>&1 \
   | tee -a "$OUT/grid.log" || status=1

@@ -13,7 +13,7 @@ CAPTION_WIDTH_CHARS = 150
 
 
 def machine_label(machine: Mapping[str, Any] | None, *, commit: bool = True) -> str:
-    """One short line naming a row's machine: CPU, cores, RAM, GPU, TF version, commit."""
+    """One short line naming a row's machine: CPU, cores, RAM, GPU, TF and torch versions, commit."""
     if not machine:
         return "unknown machine"
     parts = [str(machine.get("cpu") or "unknown CPU")]
@@ -27,6 +27,8 @@ def machine_label(machine: Mapping[str, Any] | None, *, commit: bool = True) -> 
     versions = machine.get("versions") or {}
     if versions.get("tensorflow"):
         parts.append(f"TF {versions['tensorflow']}")
+    if versions.get("torch"):
+        parts.append(f"torch {versions['torch']}")
     if commit and machine.get("commit"):
         parts.append(f"commit {str(machine['commit'])[:10]}")
     return ", ".join(parts)
