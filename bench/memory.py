@@ -80,7 +80,13 @@ def predict(config: StepConfig) -> dict[str, int]:
     if config.backend == "torch":
         from histoseg.memory.torch_replay import replay
 
-        return replay(config).as_dict()
+        try:
+            return replay(config).as_dict()
+        except HistosegError:
+            raise
+        except Exception as exc:  # an op the fake tensors do not support: a row, not a crash
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise HistosegError(f"torch replay failed: {type(exc).__name__}: {first}") from exc
     from histoseg.memory.estimate import estimate, estimate_inference
 
     step = {

@@ -174,13 +174,27 @@ def largest_patches(
         )
         if config.mode == "train":
             kwargs.update(remat=config.remat, optimizer=config.optimizer)
-        predict_peak = estimate_inference if config.mode == "infer" else estimate
+        predict = estimate_inference if config.mode == "infer" else estimate
         if config.backend == "torch":
-            predict_peak = _torch_replay
-        best = largest_patch(memory_bytes, mode=config.mode, predict=predict_peak, **kwargs)
-        peak = predict_peak(patch_size=best, **kwargs).peak_bytes if best else None
-        seen[key] = (config, best, peak)
+            predict = _torch_replay
+        once = _PredictOnce(predict)
+        best = largest_patch(memory_bytes, mode=config.mode, predict=once, **kwargs)
+        seen[key] = (config, best, once(patch_size=best, **kwargs).peak_bytes if best else None)
     return list(seen.values())
+
+
+class _PredictOnce:
+    """``predict`` run once per patch size: the search's answer reuses its own prediction
+    (a torch replay takes seconds)."""
+
+    def __init__(self, predict: Any):
+        self._predict = predict
+        self._by_size: dict[int, Any] = {}
+
+    def __call__(self, patch_size: int, **config: Any) -> Any:
+        if patch_size not in self._by_size:
+            self._by_size[patch_size] = self._predict(patch_size=patch_size, **config)
+        return self._by_size[patch_size]
 
 
 def _torch_replay(**config: Any):

@@ -23,24 +23,23 @@ starts the worker (the fit check needs it) and puts that beside the measurement
 from __future__ import annotations
 
 import gc
-import json
 import re
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from histoseg.config import StepConfig
-from histoseg.memory.torch_replay import build_training, torch_backend, train_step
+from histoseg.memory.kernel_scratch import allocated_totals
+from histoseg.memory.torch_replay import (
+    build_training,
+    storage_bytes,
+    torch_backend,
+    train_step,
+)
 from histoseg.results import make_row
 
 #: Terminal colour codes Keras puts into the messages of errors it re-raises.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _storage_bytes(tensors) -> int:
-    return int(sum(t.untyped_storage().nbytes() for t in tensors))
 
 
 def _profiled_cpu_step(torch, model, optimizer, images, masks) -> dict[str, int]:
@@ -54,30 +53,18 @@ def _profiled_cpu_step(torch, model, optimizer, images, masks) -> dict[str, int]
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         train_step(model, optimizer, images, masks, mark)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-    events.sort(key=lambda e: float(e.get("ts", 0)))
-    total, reads, peak = 0, {}, 0
-    for event in events:
-        name = event.get("name", "")
-        if name == "[memory]":
-            total = int(event["args"]["Total Allocated"])
-            peak = max(peak, total)
-        elif name.startswith("histoseg::"):
-            reads[name.split("::", 1)[1]] = total
+    totals = allocated_totals(prof)
+    reads = {name: total for name, total in totals if name}
+    peak = max((total for _, total in totals), default=0)
     return {"forward": reads["forward"], "gradients": reads["gradients"], "peak": peak}
 
 
 def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
     """Train ``config`` for 1 + ``steps`` steps here; the row's ``measured`` section."""
-    torch = torch_backend()
+    torch = torch_backend(config.device)
     cuda = config.device == "gpu"
     torch.set_num_threads(config.threads)
-    model, optimizer, images, masks = build_training(
-        config, num_classes, device="cuda" if cuda else "cpu"
-    )
+    model, optimizer, images, masks = build_training(config, num_classes)
     held = [v.value for v in (*model.variables, *optimizer.variables)] + [images, masks]
     reads: dict[str, int] = {}
 
@@ -96,7 +83,7 @@ def measure(config: StepConfig, num_classes: int = 2) -> dict[str, Any]:
     times = []
     for i in range(config.steps):
         start = time.perf_counter()
-        before = int(torch.cuda.memory_allocated()) if cuda else _storage_bytes(held)
+        before = int(torch.cuda.memory_allocated()) if cuda else storage_bytes(held)
         train_step(model, optimizer, images, masks, mark if i == 0 else lambda _: None)
         sync()
         times.append(time.perf_counter() - start)
@@ -121,8 +108,8 @@ def _measured_section(config, torch, model, optimizer, before, forward, gradient
     nvml = nvml_memory(0) if cuda else None
     patches, megapixels = config.batch_size, config.megapixels_per_step
     return {
-        "weights_bytes": _storage_bytes(v.value for v in model.weights),
-        "optimizer_bytes": _storage_bytes(v.value for v in optimizer.variables),
+        "weights_bytes": storage_bytes(v.value for v in model.weights),
+        "optimizer_bytes": storage_bytes(v.value for v in optimizer.variables),
         "activation_bytes": forward,
         "gradient_bytes": gradients,
         "peak_bytes": peak,
@@ -142,7 +129,7 @@ def _measured_section(config, torch, model, optimizer, before, forward, gradient
 
 def run_config(config: StepConfig) -> dict[str, Any]:
     """Measure ``config`` here and return its results row (an "oom" row instead of raising)."""
-    torch = torch_backend()
+    torch = torch_backend(config.device)
     row_config = config.as_dict()
     if config.device == "gpu" and not torch.cuda.is_available():
         return make_row("memory", row_config, status="skipped", reason="no GPU visible to PyTorch")

@@ -30,7 +30,8 @@ class ResultsError(HistosegError):
 
 
 class EngineUnavailableError(HistosegError):
-    """A distributed engine (horovod, tf) was asked for and is not installed or usable."""
+    """An engine or framework was asked for and is not installed or usable: a distributed
+    engine (horovod, tf), or PyTorch for Keras's torch backend."""
 
 
 class OutOfMemoryError(HistosegError):

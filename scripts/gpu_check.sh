@@ -17,7 +17,7 @@ if [ "${1:-}" = --fetch-wheels ]; then
   keras_version=$(.venv/bin/python -c "import keras; print(keras.__version__)" 2> /dev/null) || exit 1
   exec python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl "keras==$keras_version" namex optree
+    --platform manylinux2014_x86_64 -d .whl "keras==$keras_version" namex optree tqdm nvidia-ml-py
 fi
 
 OUT=${OUT:-runs/gpu-check}

@@ -38,8 +38,10 @@ from histoseg.errors import EngineUnavailableError
 CUDA_BLOCK_BYTES = 512
 
 
-def torch_backend():
-    """Select Keras's torch backend (before Keras is imported) and return ``torch``.
+def torch_backend(device: str = "cpu"):
+    """Select Keras's torch backend on ``device`` ("cpu" or "gpu") before Keras is imported,
+    and return ``torch``. Keras puts its tensors on a GPU wherever one is visible unless
+    told otherwise; the replay and a CPU config must run on the CPU even there.
 
     Raises:
         EngineUnavailableError: PyTorch is not installed, or Keras was already imported
@@ -51,7 +53,6 @@ def torch_backend():
             f"Keras is already loaded with the {keras.backend.backend()} backend; a torch "
             "config runs in its own process"
         )
-    os.environ["KERAS_BACKEND"] = "torch"
     try:
         import torch
     except ImportError:
@@ -59,17 +60,18 @@ def torch_backend():
             "PyTorch is not installed; `bash scripts/setup.sh` installs its CPU build "
             "(HISTOSEG_TORCH=0 skips it)"
         ) from None
+    os.environ["KERAS_BACKEND"] = "torch"
+    os.environ["KERAS_TORCH_DEVICE"] = "cuda" if device == "gpu" else "cpu"
     from histoseg.models import torch_tree_fix
 
     torch_tree_fix.apply()
     return torch
 
 
-def build_training(config: StepConfig, num_classes: int = 2, device: str = "cpu"):
+def build_training(config: StepConfig, num_classes: int = 2, *, batch: bool = True):
     """The config's model, its optimizer (built: slots allocated) and one fixed synthetic
-    uint8 batch on ``device`` ("cpu" or "cuda"); the weights are seeded, so every process
-    builds the same step."""
-    torch = torch_backend()
+    uint8 batch (None, None without ``batch``) on the config's device."""
+    torch = torch_backend(config.device)
     import keras
 
     from histoseg.models import build_for_step
@@ -83,10 +85,13 @@ def build_training(config: StepConfig, num_classes: int = 2, device: str = "cpu"
     else:
         optimizer = keras.optimizers.SGD(1e-3, momentum=0.9)
     optimizer.build(model.trainable_variables)
+    if not batch:
+        return model, optimizer, None, None
     shape = (config.batch_size, config.patch_size, config.patch_size)
     generator = torch.Generator(device="cpu").manual_seed(0)
     images = torch.randint(0, 256, (*shape, 3), dtype=torch.uint8, generator=generator)
     masks = torch.randint(0, num_classes, shape, dtype=torch.uint8, generator=generator)
+    device = "cuda" if config.device == "gpu" else "cpu"
     return model, optimizer, images.to(device), masks.to(device)
 
 
@@ -127,9 +132,11 @@ class TorchStepMemory:
         return {**dataclasses.asdict(self), "method": "replay"}
 
 
-def _live_storages(torch, block_bytes: int):
+def _live_storages(torch, block_bytes: int, scratch=None):
     """A dispatch mode that counts the bytes of every storage an op returns until the
-    storage is released; ``track`` adds tensors made outside it (weights, the batch)."""
+    storage is released; ``track`` adds tensors made outside it (weights, the batch).
+    ``scratch(func, args)``, if given, is what the op's kernel allocates inside itself:
+    alive, with the op's outputs, only while it runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
@@ -168,12 +175,15 @@ def _live_storages(torch, block_bytes: int):
             out = func(*args, **(kwargs or {}))
             if self.tracking:
                 self.track(tree_leaves(out))
+                if scratch is not None:
+                    self.peak = max(self.peak, self.live + scratch(func, args))
             return out
 
     return LiveStorages()
 
 
-def _tensor_bytes(tensors: Iterable[Any]) -> int:
+def storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the storages behind ``tensors`` (each counted once per tensor)."""
     return int(sum(t.untyped_storage().nbytes() for t in tensors))
 
 
@@ -183,17 +193,24 @@ def replay(config: StepConfig, num_classes: int = 2) -> TorchStepMemory:
 
     The model is built for real on the CPU (its weights are initialised, a few seconds for
     Xception-65) and every variable is then swapped for a fake one of the same shape and
-    dtype, so the replay needs no memory for the patch.
+    dtype; the batch is fake from the start, so the replay needs no memory for the patch.
     """
     torch = torch_backend()
     import keras
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    model, optimizer, images, masks = build_training(config, num_classes)
+    # Built on the CPU, whatever the config's device: what the step allocates does not
+    # depend on where it runs, beyond the allocator's rounding and the kernels' scratch.
+    model, optimizer, _, _ = build_training(config.replace(device="cpu"), num_classes, batch=False)
     variables = [*model.variables, *optimizer.variables]
-    weights_bytes = _tensor_bytes(v.value for v in model.weights)
-    optimizer_bytes = _tensor_bytes(v.value for v in optimizer.variables)
-    block = CUDA_BLOCK_BYTES if config.device == "gpu" else 1
+    weights_bytes = storage_bytes(v.value for v in model.weights)
+    optimizer_bytes = storage_bytes(v.value for v in optimizer.variables)
+    from histoseg.memory.kernel_scratch import KernelScratch
+
+    # A GPU's kernels (cuDNN's workspaces) would need the GPU to be probed.
+    block, scratch = (
+        (CUDA_BLOCK_BYTES, None) if config.device == "gpu" else (1, KernelScratch(torch))
+    )
     reads: dict[str, int] = {}
     with FakeTensorMode(allow_non_fake_inputs=True):
         for v in variables:
@@ -202,9 +219,10 @@ def replay(config: StepConfig, num_classes: int = 2) -> TorchStepMemory:
                 torch.empty(v._value.shape, dtype=v._value.dtype),
                 requires_grad=v._value.requires_grad,
             )
-        images = torch.empty(images.shape, dtype=images.dtype)
-        masks = torch.zeros(masks.shape, dtype=masks.dtype)
-        live = _live_storages(torch, block)
+        shape = (config.batch_size, config.patch_size, config.patch_size)
+        images = torch.empty((*shape, 3), dtype=torch.uint8)
+        masks = torch.zeros(shape, dtype=torch.uint8)
+        live = _live_storages(torch, block, scratch)
         with live:
             train_step(model, optimizer, images, masks)  # warm-up, as the harness runs it
             live.track([v.value for v in variables] + [images, masks])

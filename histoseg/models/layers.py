@@ -52,12 +52,9 @@ class BatchNorm(keras.layers.BatchNormalization):
     """
 
     def call(self, inputs, training=None, mask=None):
-        fused = training and self.trainable and mask is None and not self.renorm
-        if (
-            fused
-            and keras.backend.backend() == "torch"
-            and self.axis in (-1, len(inputs.shape) - 1)
-        ):
+        batch_moments = training and self.trainable and mask is None and not self.renorm
+        last_axis = self.axis in (-1, len(inputs.shape) - 1)
+        if batch_moments and last_axis and keras.backend.backend() == "torch":
             return _torch_batch_norm(self, inputs, update=not is_recomputing())
         if not (training and self.trainable and is_recomputing()) or self.renorm:
             return super().call(inputs, training=training, mask=mask)
@@ -100,9 +97,9 @@ def _torch_batch_norm(layer: keras.layers.BatchNormalization, inputs, *, update:
     )
     if update:
         with torch.no_grad():
-            variance = invstd.pow(-2) - layer.epsilon
+            variance = (invstd.float().pow(-2) - layer.epsilon).clamp_min(0.0)
             m = layer.momentum
-            layer.moving_mean.assign(layer.moving_mean.value * m + mean * (1.0 - m))
+            layer.moving_mean.assign(layer.moving_mean.value * m + mean.float() * (1.0 - m))
             layer.moving_variance.assign(layer.moving_variance.value * m + variance * (1.0 - m))
     return out.permute(0, *range(2, inputs.ndim), 1)
 

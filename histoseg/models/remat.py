@@ -93,10 +93,10 @@ class RematBlock(keras.layers.Layer):
             # keras.remat's checkpoint, without early stop: stopping a recomputation once
             # the tensors it needs exist raises an exception inside the block's call, and
             # its traceback (with Keras's re-raise) forms reference cycles that hold every
-            # recomputed activation until Python's garbage collector runs.
-            return torch.utils.checkpoint.checkpoint(
-                forward, *tensors, use_reentrant=False, early_stop=False
-            )
+            # recomputed activation until Python's garbage collector runs. (The context
+            # manager, not checkpoint's early_stop argument, which needs torch >= 2.9.)
+            with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                return torch.utils.checkpoint.checkpoint(forward, *tensors, use_reentrant=False)
         return keras.remat(forward)(*tensors)
 
     def compute_output_spec(self, inputs, training=None):

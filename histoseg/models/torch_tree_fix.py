@@ -39,8 +39,9 @@ def apply() -> bool:
     original = impl.traverse
     if getattr(original, "__histoseg_fixed__", False):
         return False
-    if "x is not structure" not in _source(original):
-        return False  # a Keras without the cycle
+    source = _source(original)
+    if source and "x is not structure" not in source:
+        return False  # a Keras without the cycle (without its source: patched anyway)
 
     def children_of(structure):
         top = id(structure)  # an int in the closure, not the structure
