@@ -76,12 +76,12 @@ class KernelScratch:
         geometry = args[4:10] if backward else args[3:9]  # stride ... groups
         if geometry[3] or x.ndim != 4:  # transposed, or not 2-D
             return 0
-        present = tuple(a is None for a in args[:3])
+        absent = tuple(a is None for a in args[:3])
         key = (
             func,
             x.dtype,
             tuple(weight.shape),
-            present,
+            absent,
             _formats(self._torch, args),
             repr(args[3:]),
         )

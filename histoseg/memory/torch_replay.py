@@ -11,15 +11,17 @@ keeps alive exactly as long as the storage). Nothing is fitted and no per-layer 
 kept, so the replay holds for any backbone, stride, precision, remat mode, optimizer, batch
 and patch size the model builds with, in seconds, for patches no machine here could run.
 
-What it counts is what the allocator is asked for. On the CPU that is what PyTorch's
-profiler reports (``Total Allocated``); the CUDA caching allocator counts each block
-rounded up to a multiple of :data:`CUDA_BLOCK_BYTES`, and beyond that may hand a large
-request up to 1 MiB more (an unsplit remainder of a cached segment) and allocates cuDNN
-workspaces inside convolutions, neither of which the replay sees: on a GPU it is a lower
-bound, to be read with the measured error band of docs/torch-backend.md.
+What it counts is what the ops ask the allocator for. A kernel's own scratch no fake
+tensor shows; on the CPU the convolutions' is probed by running each one for real at small
+sizes (:mod:`histoseg.memory.kernel_scratch`), and the sum is what PyTorch's profiler
+reports. The CUDA caching allocator counts each block rounded up to a multiple of
+:data:`CUDA_BLOCK_BYTES` (the replay rounds too), may hand a large request up to 1 MiB more
+(an unsplit remainder of a cached segment) and allocates cuDNN workspaces inside
+convolutions, neither of which the replay sees: on a GPU it is a lower bound until a GPU
+run has checked it (docs/torch-backend.md).
 
 This module needs Keras on its torch backend: call :func:`torch_backend` before anything
-imports Keras in the process (``bench.worker`` does, for a config with backend "torch").
+imports Keras in the process (``bench.memory`` and ``bench.worker`` do, for backend "torch").
 """
 
 from __future__ import annotations
@@ -199,6 +201,8 @@ def replay(config: StepConfig, num_classes: int = 2) -> TorchStepMemory:
     import keras
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    # The kernels' scratch (probed on the CPU) can depend on their thread count.
+    torch.set_num_threads(config.threads)
     # Built on the CPU, whatever the config's device: what the step allocates does not
     # depend on where it runs, beyond the allocator's rounding and the kernels' scratch.
     model, optimizer, _, _ = build_training(config.replace(device="cpu"), num_classes, batch=False)
