@@ -20,7 +20,8 @@ gradient exists (a control dependency on it), and hands its input gradient back 
 previous block only once all of the block's weight gradients exist, so the recomputed
 tensors of one block die before the next block is recomputed (the one-block-at-a-time
 order :mod:`histoseg.memory.estimate` assumes; the same model then peaked at 14-15 maps on
-every trace). Other backends keep ``keras.remat``, which has no such ordering hooks.
+every trace). On the torch backend it calls ``torch.utils.checkpoint`` as ``keras.remat``
+does, with early stop off (see :meth:`RematBlock.call`); other backends keep ``keras.remat``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class RematBlock(keras.layers.Layer):
 
     In training mode the forward pass keeps only the block's inputs; the backward pass
     runs the block again (on TensorFlow through a sequenced ``tf.custom_gradient``, see
-    the module docstring; elsewhere through ``keras.remat``; both under
+    the module docstring; elsewhere through ``keras.remat`` or torch's checkpoint; all under
     :func:`histoseg.models.layers.recomputing`, so batch norm uses the batch moments
     without updating its moving statistics a second time) and backpropagates through
     the recomputed activations. In inference mode it is the plain block.
