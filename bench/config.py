@@ -1,9 +1,10 @@
 """Benchmark sweeps as :class:`~histoseg.config.StepConfig` points: the grid a command line
-asks for, and random draws from the whole config space."""
+asks for, random draws from the whole config space, and a point's throughput figures."""
 
 from __future__ import annotations
 
 import itertools
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -92,3 +93,20 @@ def task_of(row: Mapping[str, Any]) -> str:
         return str(config["synthetic_task"])
     data = str(config.get("data") or "synthetic")
     return "local" if data.startswith("synthetic") else data
+
+
+def step_rates(config: StepConfig, times: list[float], activation: int, peak: int) -> dict:
+    """Step time (median), throughput and bytes per patch and per megapixel: the figures
+    every measured section shares (train steps and forward passes, on either backend)."""
+    step_s = statistics.median(times)
+    patches, megapixels = config.batch_size, config.megapixels_per_step
+    return {
+        "step_s": step_s,
+        "step_times_s": times,
+        "patches_per_s": patches / step_s,
+        "megapixels_per_s": megapixels / step_s,
+        "activation_bytes_per_patch": activation / patches,
+        "peak_bytes_per_patch": peak / patches,
+        "activation_bytes_per_megapixel": activation / megapixels,
+        "peak_bytes_per_megapixel": peak / megapixels,
+    }

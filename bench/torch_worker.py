@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import gc
 import re
-import statistics
 import time
 from typing import Any
 
+from bench.config import step_rates
 from histoseg.config import StepConfig
 from histoseg.memory.kernel_scratch import allocated_totals
 from histoseg.memory.torch_replay import (
@@ -104,9 +104,7 @@ def _measured_section(config, torch, model, optimizer, before, forward, gradient
     from histoseg.memory.devices import nvml_memory
 
     cuda = config.device == "gpu"
-    step_s = statistics.median(times)
     nvml = nvml_memory(0) if cuda else None
-    patches, megapixels = config.batch_size, config.megapixels_per_step
     return {
         "weights_bytes": storage_bytes(v.value for v in model.weights),
         "optimizer_bytes": storage_bytes(v.value for v in optimizer.variables),
@@ -116,14 +114,7 @@ def _measured_section(config, torch, model, optimizer, before, forward, gradient
         "reserved_peak_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None,
         "before_step_bytes": before,
         "gpu_used_bytes": None if nvml is None else nvml["used"],
-        "step_s": step_s,
-        "step_times_s": times,
-        "patches_per_s": patches / step_s,
-        "megapixels_per_s": megapixels / step_s,
-        "activation_bytes_per_patch": forward / patches,
-        "peak_bytes_per_patch": peak / patches,
-        "activation_bytes_per_megapixel": forward / megapixels,
-        "peak_bytes_per_megapixel": peak / megapixels,
+        **step_rates(config, times, forward, peak),
     }
 
 

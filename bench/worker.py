@@ -33,13 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.config import step_rates
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.config import StepConfig, thread_env
 from histoseg.errors import ConfigError
@@ -249,26 +249,9 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
         ),
         "rss_peak_bytes": final.rss_peak_bytes,
         "gpu_used_bytes": final.gpu_used_bytes,
-        **_rates(config, times, activation, peak),
+        **step_rates(config, times, activation, peak),
         "_model": model,
         "_trace": traced,
-    }
-
-
-def _rates(config: StepConfig, times: list[float], activation: int, peak: int) -> dict:
-    """Step time (median), throughput and bytes per patch and per megapixel: the figures a
-    train step's and a forward pass's measured sections share."""
-    step_s = statistics.median(times)
-    patches, megapixels = config.batch_size, config.megapixels_per_step
-    return {
-        "step_s": step_s,
-        "step_times_s": times,
-        "patches_per_s": patches / step_s,
-        "megapixels_per_s": megapixels / step_s,
-        "activation_bytes_per_patch": activation / patches,
-        "peak_bytes_per_patch": peak / patches,
-        "activation_bytes_per_megapixel": activation / megapixels,
-        "peak_bytes_per_megapixel": peak / megapixels,
     }
 
 
@@ -346,7 +329,7 @@ def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
         "constant_bytes": None if before_warmup is None else int(before) - before_warmup,
         "rss_peak_bytes": after.rss_peak_bytes,
         "gpu_used_bytes": after.gpu_used_bytes,
-        **_rates(config, times, activation, peak),
+        **step_rates(config, times, activation, peak),
         "_model": model,
         "_trace": traced,
     }
