@@ -62,6 +62,10 @@ def torch_backend(device: str = "cpu"):
             "PyTorch is not installed; `bash scripts/setup.sh` installs its CPU build "
             "(HISTOSEG_TORCH=0 skips it)"
         ) from None
+    from histoseg.startup import verbose
+
+    if not verbose():  # PyTorch's profiler (the CPU measurement, the kernel probes) logs
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # each start and stop at level 4
     os.environ["KERAS_BACKEND"] = "torch"
     os.environ["KERAS_TORCH_DEVICE"] = "cuda" if device == "gpu" else "cpu"
     from histoseg.models import torch_tree_fix
@@ -175,6 +179,10 @@ def _live_storages(torch, block_bytes: int, scratch=None):
                 # tensor has no value, and the step's memory does not depend on it.
                 return False if args[0].dtype == torch.bool else 1
             out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.native_batch_norm.default and out[1].dtype != torch.float32:
+                # The kernels keep the saved mean and inverse std in float32 whatever the
+                # input's type; the fake (meta) kernel gives them the input's type.
+                out = (out[0], out[1].float(), out[2].float())
             if self.tracking:
                 self.track(tree_leaves(out))
                 if scratch is not None:

@@ -97,7 +97,9 @@ class RematBlock(keras.layers.Layer):
             # recomputed activation until Python's garbage collector runs. (The context
             # manager, not checkpoint's early_stop argument, which needs torch >= 2.9.)
             with torch.utils.checkpoint.set_checkpoint_early_stop(False):
-                return torch.utils.checkpoint.checkpoint(forward, *tensors, use_reentrant=False)
+                return torch.utils.checkpoint.checkpoint(
+                    forward, *tensors, use_reentrant=False, preserve_rng_state=False
+                )
         return keras.remat(forward)(*tensors)
 
     def compute_output_spec(self, inputs, training=None):
