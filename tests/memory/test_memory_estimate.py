@@ -184,6 +184,7 @@ def test_constants_of_the_compiled_step_match_what_the_first_step_leaves(precisi
     # Under mixed precision the resize's clip gradient has a zeros_like that Grappler folds
     # into a float32 constant of the resize's output (4 MiB here); float32 has none above
     # the CPU allocator's floor.
+    keras.backend.clear_session()  # what earlier tests in this process built can fold more
     keras.mixed_precision.set_dtype_policy(precision)
     try:
         model = _upsampling_stack(SIDE)
