@@ -180,8 +180,10 @@ def _live_storages(torch, block_bytes: int, scratch=None):
                 return False if args[0].dtype == torch.bool else 1
             out = func(*args, **(kwargs or {}))
             if func is torch.ops.aten.native_batch_norm.default and out[1].dtype != torch.float32:
-                # The kernels keep the saved mean and inverse std in float32 whatever the
-                # input's type; the fake (meta) kernel gives them the input's type.
+                # The CPU kernel keeps the saved mean and inverse std in float32 whatever
+                # the input's type (torch 2.13.0+cpu; the CUDA kernel's, its accumulation
+                # type, is assumed the same, unchecked without a GPU); the fake (meta)
+                # kernel gives them the input's type.
                 out = (out[0], out[1].float(), out[2].float())
             if self.tracking:
                 self.track(tree_leaves(out))

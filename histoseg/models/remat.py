@@ -96,6 +96,7 @@ class RematBlock(keras.layers.Layer):
             # its traceback (with Keras's re-raise) forms reference cycles that hold every
             # recomputed activation until Python's garbage collector runs. (The context
             # manager, not checkpoint's early_stop argument, which needs torch >= 2.9.)
+            # The blocks draw no random numbers, so no generator state is kept per block.
             with torch.utils.checkpoint.set_checkpoint_early_stop(False):
                 return torch.utils.checkpoint.checkpoint(
                     forward, *tensors, use_reentrant=False, preserve_rng_state=False
