@@ -111,43 +111,44 @@ class KernelScratch:
 
     def _run(self, func, args, backward: bool, batch: int, hw: tuple[int, int]) -> int:
         """Scratch bytes of one real run of ``func`` on ``batch`` x C x ``hw`` inputs."""
+        torch = self._torch
+        from torch.profiler import ProfilerActivity, profile
         from torch.utils._python_dispatch import _disable_current_modes
 
         with _disable_current_modes():  # real tensors, outside the fake mode
-            return self._probe(func, args, backward, batch, hw)
-
-    def _probe(self, func, args, backward: bool, batch: int, hw: tuple[int, int]) -> int:
-        torch = self._torch
-        from torch.profiler import ProfilerActivity, profile
-
-        if backward:
-            grad, x, weight = args[:3]
-            stride, padding, dilation = args[4:7]
-            x_real = _like(torch, x, (batch, x.shape[1], *hw))
-            out_hw = [
-                (size + 2 * p - d * (k - 1) - 1) // s + 1
-                for size, p, d, k, s in zip(
-                    hw, padding, dilation, weight.shape[2:], stride, strict=True
-                )
-            ]
-            tensors = [_like(torch, grad, (batch, grad.shape[1], *out_hw)), x_real]
-            tensors.append(_like(torch, weight, tuple(weight.shape)))
-        else:
-            x, weight, bias = args[:3]
-            tensors = [_like(torch, x, (batch, x.shape[1], *hw))]
-            tensors.append(_like(torch, weight, tuple(weight.shape)))
-            tensors.append(None if bias is None else _like(torch, bias, tuple(bias.shape)))
-
-        def run():
-            return func(*tensors, *args[3:])
-
-        run()  # first call: oneDNN's primitive caches
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            outputs = run()
+            tensors = _real_inputs(torch, args, backward, batch, hw)
+            func(*tensors, *args[3:])  # first call: oneDNN's primitive caches
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                outputs = func(*tensors, *args[3:])
+            flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+            kept = sum(t.untyped_storage().nbytes() for t in flat if isinstance(t, torch.Tensor))
         peak = max((total for _, total in allocated_totals(prof)), default=0)
-        flat = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        kept = sum(t.untyped_storage().nbytes() for t in flat if isinstance(t, torch.Tensor))
         return max(0, peak - kept)
+
+
+def _real_inputs(torch, args, backward: bool, batch: int, hw: tuple[int, int]) -> list[Any]:
+    """Random real tensors for a convolution (or its backward) with ``args``' dtypes,
+    channels, kernel and memory formats, on ``batch`` x C x ``hw`` inputs."""
+    if backward:
+        grad, x, weight = args[:3]
+        stride, padding, dilation = args[4:7]
+        out_hw = [
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                hw, padding, dilation, weight.shape[2:], stride, strict=True
+            )
+        ]
+        return [
+            _like(torch, grad, (batch, grad.shape[1], *out_hw)),
+            _like(torch, x, (batch, x.shape[1], *hw)),
+            _like(torch, weight, tuple(weight.shape)),
+        ]
+    x, weight, bias = args[:3]
+    return [
+        _like(torch, x, (batch, x.shape[1], *hw)),
+        _like(torch, weight, tuple(weight.shape)),
+        None if bias is None else _like(torch, bias, tuple(bias.shape)),
+    ]
 
 
 def _formats(torch, args) -> tuple[bool, ...]:
