@@ -62,17 +62,26 @@ def _measure_small_stack(kind: str) -> dict[str, int]:
     }
 
 
+def _in_fresh_process(measure: str, arg: str) -> dict[str, int]:
+    """``_MEASURES[measure](arg)``, run in a fresh Python process (this file as a script)."""
+    out = subprocess.run(
+        [sys.executable, __file__, measure, arg],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 # The estimate replays a fresh process through the allocator model, so the step is
 # measured in a fresh process too: in the pytest process the allocator holds whatever
 # earlier tests left and places chunks otherwise (up to 7% off for the separable stack).
 # In fresh processes both stacks matched to the byte (7,340,032 and 15,728,640 bytes).
 @pytest.mark.parametrize("kind", ["conv_bn_relu", "separable_atrous"])
 def test_estimate_matches_the_allocator_on_small_stacks(kind):
-    out = subprocess.run(
-        [sys.executable, __file__, kind], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    figures = _in_fresh_process("stack", kind)
     assert figures["measured"] > 5 * TENSOR
     assert figures["predicted"] == pytest.approx(figures["measured"], rel=TOLERANCE)
 
@@ -179,9 +188,9 @@ def _upsampling_stack(side):
     return keras.Model(inputs, x)
 
 
-def constants_left_and_predicted(precision: str) -> tuple[int, int]:
+def _measure_constants(precision: str) -> dict[str, int]:
     """CPU allocator bytes the first step of the upsampling stack leaves, and the model's
-    constant bytes for it (run in a fresh process by the test below)."""
+    constant bytes for it."""
     keras.mixed_precision.set_dtype_policy(precision)
     try:
         model = _upsampling_stack(SIDE)
@@ -194,16 +203,7 @@ def constants_left_and_predicted(precision: str) -> tuple[int, int]:
     before = tf.config.experimental.get_memory_info("CPU:0")["current"]
     step(images, masks)
     left = tf.config.experimental.get_memory_info("CPU:0")["current"] - before
-    return left, estimate_model(model, batch_size=1).constant_bytes
-
-
-_CONSTANTS = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("estimate_tests", sys.argv[1])
-tests = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tests)
-print(json.dumps(tests.constants_left_and_predicted(sys.argv[2])))
-"""
+    return {"left": left, "predicted": estimate_model(model, batch_size=1).constant_bytes}
 
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
@@ -212,14 +212,8 @@ def test_constants_of_the_compiled_step_match_what_the_first_step_leaves(precisi
     # into a float32 constant of the resize's output (4 MiB here); float32 has none above
     # the CPU allocator's floor. In a fresh process, as bench.memory measures: a process
     # that had run tests/infer/test_infer.py first left 1 MiB more (5242880 bytes).
-    out = subprocess.run(
-        [sys.executable, "-c", _CONSTANTS, __file__, precision],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    left, predicted = json.loads(out.stdout.splitlines()[-1])
+    figures = _in_fresh_process("constants", precision)
+    left, predicted = figures["left"], figures["predicted"]
     expected = 4 * (2 * SIDE) ** 2 * CHANNELS if precision == "mixed_bfloat16" else 0
     assert predicted == expected
     assert left == pytest.approx(predicted, abs=64 * 1024)
@@ -431,8 +425,10 @@ def test_float32_has_no_casts_to_order():
     assert cast_orders(model_facts(model).graph) == [None]
 
 
+_MEASURES = {"stack": _measure_small_stack, "constants": _measure_constants}
+
 if __name__ == "__main__":
-    print(json.dumps(_measure_small_stack(sys.argv[1])))
+    print(json.dumps(_MEASURES[sys.argv[1]](sys.argv[2])))
 
 
 def test_largest_patch_brackets_and_bisects_when_the_quadratic_guess_is_far_off():
