@@ -214,12 +214,18 @@ def _one(
         return make_row("memory", cfg, status="skipped", reason=f"no GPU visible to {framework}")
     extra: dict[str, Any] = {"steps": config.steps}
     try:
-        predicted = predict(config)
+        # a slab has no analytic estimate: only the measured route predicts it
+        predicted = predict(config) if config.spatial_workers == 1 else None
         if calibration is not None:
             extra["analytic"] = predicted
-            predicted = calibrated_prediction(calibration, config.patch_size)
+            predicted = calibrated_prediction(
+                calibration, config.patch_size, halo=config.spatial_workers > 1
+            )
     except HistosegError as exc:
         return make_row("memory", cfg, status="error", reason=str(exc), extra=extra)
+    if predicted is None and predict_only:
+        reason = "a patch cut across ranks is predicted by the measured route only: --calibrate"
+        return make_row("memory", cfg, status="skipped", reason=reason, extra=extra)
     if predict_only:
         reason = "predicted only (--predict-only), not measured"
         return make_row(
@@ -227,7 +233,7 @@ def _one(
         )
     # The fit check runs once the lock is held: a run that held it may have held memory too.
     with locked(lock):
-        why_not = None if force else fit_check(config, predicted)
+        why_not = None if force or predicted is None else fit_check(config, predicted)
         if why_not:
             return make_row(
                 "memory", cfg, status="skipped", reason=why_not, predicted=predicted, extra=extra
@@ -241,7 +247,8 @@ def _one(
         # the worker's own prediction is the analytic one of the model it built
         row.setdefault("extra", {})["analytic"] = row.pop("predicted", extra["analytic"])
         row["predicted"] = predicted
-    row.setdefault("predicted", predicted)
+    if predicted is not None:
+        row.setdefault("predicted", predicted)
     return row
 
 
@@ -274,17 +281,21 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
 
     for row in memory:
         extra = row.setdefault("extra", {})
+        config = StepConfig.from_dict(row["config"])
         try:
-            analytic = predict(StepConfig.from_dict(row["config"]))
+            analytic = predict(config) if config.spatial_workers == 1 else None
         except HistosegError as exc:
             extra["predict_error"] = str(exc)
             continue
         calibration = calibration_for(row)
         if calibration is None:
-            row["predicted"] = analytic
+            if analytic is not None:
+                row["predicted"] = analytic
             extra.pop("analytic", None)
         else:
-            row["predicted"] = calibrated_prediction(calibration, row["config"]["patch_size"])
+            row["predicted"] = calibrated_prediction(
+                calibration, config.patch_size, halo=config.spatial_workers > 1
+            )
             extra["analytic"] = analytic
     write_rows(out, rows)
     return memory
@@ -375,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{len(rows)} rows -> {args.out} (+ {args.out.with_suffix('.csv').name})")
     _refresh_results_readme(args.out)
     if memory is not None:
-        print_largest_patches(configs, memory)
+        print_largest_patches(configs, memory, load_rows_if_exists(args.out))
     return 0
 
 

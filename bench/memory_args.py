@@ -47,6 +47,8 @@ Examples:
   python -m bench.memory --backend torch --device gpu --sizes 512 1024 2048 \\
       --precision float32 mixed_bfloat16 --remat none blocks full --out results/memory_torch_gpu.json
   python -m bench.memory --refresh-predictions --out results/memory_torch_gpu.json
+  python -m bench.memory --backbone xception65 --sizes 768 --spatial-workers 2 4 \
+      --calibrate 256 384 512 --out results/memory_spatial.json  # one patch over 2 and 4 ranks
 """
 
 
@@ -117,6 +119,16 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
         help="intra-op threads",
     )
     add(
+        "--spatial-workers",
+        type=int_in_range(1, 64),
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="ranks one patch is cut across (horizontal slabs with halo exchange, started "
+        "under horovodrun; float32, remat none); a row's figures are the largest rank's. "
+        "Default 1: the whole patch in one process",
+    )
+    add(
         "--optimizer",
         nargs="+",
         default=None,
@@ -129,6 +141,12 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
         default=3,
         help="timed steps after the warm-up step (default 3)",
     )
+    _draw_options(parser)
+
+
+def _draw_options(parser: argparse.ArgumentParser) -> None:
+    """Configs that are not a product: a random draw, and the measured route's sizes."""
+    add = parser.add_argument
     add(
         "--sample",
         type=int_in_range(1),
@@ -260,6 +278,7 @@ def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
             threads=args.threads,
             batch_size=args.batch_sizes,
             patch_size=args.sizes,
+            spatial_workers=getattr(args, "spatial_workers", None) if train else None,
         )
     return configs
 

@@ -16,13 +16,16 @@ from histoseg.results import make_row
 def run_worker(
     config: StepConfig, timeout_s: float | None = None, allocator_trace: bool = False
 ) -> dict[str, Any]:
-    """Run ``config`` in a fresh ``bench.worker`` process (:func:`bench.isolated.run_isolated`)
-    and return its row; a worker that failed to give one becomes an "oom" or "error" row
+    """Run ``config`` in a fresh ``bench.worker`` process (:func:`bench.isolated.run_isolated`;
+    ``bench.spatial_worker``, which starts the ranks, for a patch cut across ranks) and
+    return its row; a worker that failed to give one becomes an "oom" or "error" row
     naming why. With ``allocator_trace`` the worker profiles one more step and records the
     allocator's chunk waste in ``extra.allocator_trace`` (``bench.worker.allocator_chunk_waste``).
     """
-    command = [sys.executable, "-m", "bench.worker", "--config", config.to_json()]
-    if allocator_trace:
+    # a patch cut across ranks is measured by ranks that horovodrun starts
+    module = "bench.spatial_worker" if config.spatial_workers > 1 else "bench.worker"
+    command = [sys.executable, "-m", module, "--config", config.to_json()]
+    if allocator_trace and config.spatial_workers == 1:
         command.append("--allocator-trace")
     result = run_isolated(command, timeout_s=timeout_s)
     if "schema" in result:  # the worker's own row

@@ -23,11 +23,17 @@ def _pct(measured: Any, predicted: Any) -> str:
 
 def config_label(config: dict[str, Any]) -> str:
     """A config's model and step in a few characters: ``mobilenetv2@0.35 os8 sgd`` (no
-    optimizer for a forward pass: ``xception65 os16``)."""
+    optimizer for a forward pass: ``xception65 os16``; a patch cut across 4 ranks:
+    ``xception65 os16 adam /4``)."""
     alpha = (config.get("backbone_options") or {}).get("alpha")
     backbone = config["backbone"] + (f"@{alpha:g}" if alpha else "")
     optimizer = config.get("optimizer", "adam")
-    return f"{backbone} os{config['output_stride']}" + (f" {optimizer}" if optimizer else "")
+    slabs = config.get("spatial_workers", 1)
+    return (
+        f"{backbone} os{config['output_stride']}"
+        + (f" {optimizer}" if optimizer else "")
+        + (f" /{slabs}" if slabs > 1 else "")
+    )
 
 
 def mode_of(config: dict[str, Any]) -> str:
@@ -56,7 +62,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     would not fit, or --predict-only); the reason is listed below.
     """
     peaks = [
-        r.get(section, {}).get("peak_bytes") or 0
+        (r.get(section) or {}).get("peak_bytes") or 0
         for r in rows
         for section in ("measured", "predicted")
     ]
@@ -71,7 +77,7 @@ def summary_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     notes = []
     for r in rows:
-        c, m, p = r["config"], r.get("measured", {}), r.get("predicted", {})
+        c, m, p = r["config"], r.get("measured", {}), r.get("predicted") or {}
         status = "predicted" if r["status"] == "skipped" and p else r["status"]
         act_spread, peak_spread = spread(r, "activation_bytes"), spread(r, "peak_bytes")
         spreads = (
@@ -153,16 +159,22 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def largest_patches(
-    configs: Sequence[StepConfig], memory_bytes: int
+    configs: Sequence[StepConfig], memory_bytes: int, rows: Sequence[dict[str, Any]] = ()
 ) -> list[tuple[StepConfig, int | None, int | None]]:
     """For each distinct config apart from patch size: the largest patch that fits (for a
-    forward pass, mode infer, the largest inference tile)."""
+    forward pass, mode infer, the largest inference tile). A patch cut across ranks is
+    answered from the slab law fitted to the measured ``rows`` of its config at other rank
+    counts and sizes (:func:`histoseg.memory.calibrate.fit_slabs`; the most loaded rank
+    must fit); with too few such rows its answer is None and its peak None."""
     from histoseg.memory.estimate import estimate, estimate_inference, largest_patch
 
     seen: dict[str, tuple[StepConfig, int | None, int | None]] = {}
     for config in configs:
         key = config_key({**config.as_dict(), "patch_size": None, "threads": None, "device": None})
         if key in seen:
+            continue
+        if config.spatial_workers > 1:
+            seen[key] = (config, *_largest_slab_patch(config, memory_bytes, rows))
             continue
         kwargs: dict[str, Any] = dict(
             batch_size=config.batch_size,
@@ -181,6 +193,49 @@ def largest_patches(
         best = largest_patch(memory_bytes, mode=config.mode, predict=once, **kwargs)
         seen[key] = (config, best, once(patch_size=best, **kwargs).peak_bytes if best else None)
     return list(seen.values())
+
+
+def slab_points(config: StepConfig, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
+    """``(patch_size, spatial_workers, peak_bytes)`` of the measured rows of ``config`` cut
+    across 2 or more ranks, any patch size and rank count."""
+
+    def key(c: dict[str, Any]) -> str:
+        c = {**c, "patch_size": None, "spatial_workers": None, "threads": None}
+        return config_key(c)
+
+    want = key(config.as_dict())
+    return [
+        (r["config"]["patch_size"], r["config"]["spatial_workers"], r["measured"]["peak_bytes"])
+        for r in rows
+        if r.get("kind") == "memory"
+        and r.get("status") == "ok"
+        and r["config"].get("spatial_workers", 1) > 1
+        and key(r["config"]) == want
+    ]
+
+
+def _largest_slab_patch(
+    config: StepConfig, memory_bytes: int, rows: Sequence[dict[str, Any]]
+) -> tuple[int | None, int | None]:
+    from types import SimpleNamespace
+
+    from histoseg.errors import ConfigError
+    from histoseg.memory.calibrate import fit_slabs
+    from histoseg.memory.estimate import largest_patch
+
+    try:
+        fit = fit_slabs(slab_points(config, rows))
+    except ConfigError:
+        return None, None
+    n = config.spatial_workers
+
+    def predict(patch_size: int, **_: Any) -> Any:
+        return SimpleNamespace(peak_bytes=fit.at(patch_size, n))
+
+    best = largest_patch(
+        memory_bytes, step_px=n * config.output_stride, predict=predict, max_patch_size=65536
+    )
+    return best, None if best is None else fit.at(best, n)
 
 
 class _PredictOnce:
@@ -204,9 +259,12 @@ def _torch_replay(**config: Any):
     return replay(StepConfig(backend="torch", **config))
 
 
-def print_largest_patches(configs: Sequence[StepConfig], memory_bytes: int) -> None:
-    """The ``--device-memory`` answer: train steps first, then inference tiles."""
-    answers = largest_patches(configs, memory_bytes)
+def print_largest_patches(
+    configs: Sequence[StepConfig], memory_bytes: int, rows: Sequence[dict[str, Any]] = ()
+) -> None:
+    """The ``--device-memory`` answer: train steps first, then inference tiles (a patch
+    cut across ranks: per rank, from the slab law fitted to ``rows``)."""
+    answers = largest_patches(configs, memory_bytes, rows)
     headers = {
         "train": "largest patch whose predicted step peak fits",
         "infer": "largest inference tile whose predicted forward-pass peak fits",
@@ -223,5 +281,10 @@ def print_largest_patches(configs: Sequence[StepConfig], memory_bytes: int) -> N
                 if mode == "train"
                 else f"batch {config.batch_size}"
             )
-            answer = "none (not even the smallest)" if best is None else f"{best} px"
+            if config.spatial_workers > 1:
+                what += f", {config.spatial_workers} ranks (per rank; slab law of measured rows)"
+            if best is None and peak is None and config.spatial_workers > 1:
+                answer = "unknown: measure it at 2+ rank counts and sizes first (--calibrate)"
+            else:
+                answer = "none (not even the smallest)" if best is None else f"{best} px"
             print(f"  {what}: {answer} (predicted peak {format_bytes(peak)})")

@@ -48,8 +48,8 @@ def _confusion(model: Any, batches: Iterable, training: bool) -> Any:
     import numpy as np
     import tensorflow as tf
 
+    from histoseg.models.layers import prepare_images
     from histoseg.train.metrics import confusion_matrix
-    from histoseg.train.step import prepare_images
 
     predict = tf.function(lambda x: tf.argmax(model(prepare_images(x), training=training), -1))
     confusion = np.zeros((2, 2), dtype=np.int64)
@@ -66,13 +66,14 @@ def check(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     from histoseg.data import iterate_batches, make_dataset
     from histoseg.models import build_deeplabv3plus
+    from histoseg.models.layers import prepare_images
     from histoseg.train.distributed import DistributedStep
     from histoseg.train.engines import get_engine
     from histoseg.train.metrics import confusion_matrix
     from histoseg.train.options import TrainOptions
     from histoseg.train.schedule import WarmupSchedule
     from histoseg.train.slides import train_and_val_slides, training_patches, validation_patches
-    from histoseg.train.step import make_optimizer, prepare_images
+    from histoseg.train.step import make_optimizer
     from histoseg.train.validation import recalibrate_batch_norm
     from histoseg.wsi.synth import parse_size
 

@@ -49,23 +49,24 @@ from histoseg.errors import ConfigError
 WIDEN_ENV = "HISTOSEG_BENCH_WIDEN"
 
 
-def _nbytes(variables) -> int:
+def variable_bytes(variables) -> int:
     return int(sum(v.numpy().nbytes for v in variables))
 
 
-def _synthetic_batch(config: StepConfig, num_classes: int | None):
+def synthetic_batch(config: StepConfig, num_classes: int | None, rows: slice = slice(None)):
     """A uint8 image batch and uint8 label masks, as the data pipeline delivers them (no
-    masks, None, for ``num_classes`` None: an inference pass reads images only)."""
+    masks, None, for ``num_classes`` None: an inference pass reads images only). ``rows``:
+    only these rows of every patch (a spatial rank's slab; the same patch on every rank)."""
     import numpy as np
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     shape = (config.batch_size, config.patch_size, config.patch_size)
-    images = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)[:, rows]
     with tf.device(config.tf_device):
         if num_classes is None:
             return tf.constant(images), None
-        masks = rng.integers(0, num_classes, size=shape, dtype=np.uint8)
+        masks = rng.integers(0, num_classes, size=shape, dtype=np.uint8)[:, rows]
         return tf.constant(images), tf.constant(masks)
 
 
@@ -177,7 +178,7 @@ def _profiled(run: Any, read: Any) -> Any:
         return read(logdir, result)
 
 
-def _configure_tensorflow(config: StepConfig) -> None:
+def configure_tensorflow(config: StepConfig) -> None:
     """Threads (inter-op 1: one op at a time) and the device the config runs on."""
     import tensorflow as tf
 
@@ -207,14 +208,14 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
     from histoseg.models import build_for_step
     from histoseg.train.step import make_optimizer, make_train_step
 
-    _configure_tensorflow(config)
+    configure_tensorflow(config)
     device = config.tf_device
     probe = MemoryProbe(device)
     with tf.device(device):
         model = build_for_step(config, num_classes)
         optimizer = make_optimizer(config.optimizer, 1e-3)
         step = make_train_step(model, optimizer, num_classes=num_classes, memory_device=device)
-        images, masks = _synthetic_batch(config, num_classes)
+        images, masks = synthetic_batch(config, num_classes)
         before_warmup = probe.snapshot().allocator_current_bytes
         step(images, masks)["loss"].numpy()  # warm-up: trace, build, first allocations
         # What the first step leaves allocated for good: the constants Grappler folded
@@ -238,8 +239,8 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
     peak = int(after.allocator_peak_bytes)
     final = probe.snapshot()
     return {
-        "weights_bytes": _nbytes(model.weights),
-        "optimizer_bytes": _nbytes(step.optimizer.variables),
+        "weights_bytes": variable_bytes(model.weights),
+        "optimizer_bytes": variable_bytes(step.optimizer.variables),
         "activation_bytes": activation,
         "gradient_bytes": int(out["bytes_after_gradients"]) - before,
         "peak_bytes": peak,
@@ -260,7 +261,7 @@ def forward_function(model):
     (``histoseg.infer.model.tumour_probability_fn``, for a whole batch)."""
     import tensorflow as tf
 
-    from histoseg.train.step import prepare_images
+    from histoseg.models.layers import prepare_images
 
     @tf.function
     def forward(images):
@@ -302,12 +303,12 @@ def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
     from histoseg.memory.probe import MemoryProbe
     from histoseg.models import build_for_step
 
-    _configure_tensorflow(config)
+    configure_tensorflow(config)
     probe = MemoryProbe(config.tf_device)
     with tf.device(config.tf_device):
         model = build_for_step(config)
         forward = forward_function(model)
-        images, _ = _synthetic_batch(config, None)
+        images, _ = synthetic_batch(config, None)
         before_warmup = probe.snapshot().allocator_current_bytes
         forward(images).numpy()  # warm-up: trace, compile, first allocations
         before = probe.snapshot().allocator_current_bytes
@@ -322,7 +323,7 @@ def measure_infer(config: StepConfig, trace: bool = False) -> dict[str, Any]:
     peak = int(after.allocator_peak_bytes)
     activation = peak - int(before)
     return {
-        "weights_bytes": _nbytes(model.weights),
+        "weights_bytes": variable_bytes(model.weights),
         "activation_bytes": activation,
         "peak_bytes": peak,
         "before_step_bytes": int(before),

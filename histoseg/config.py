@@ -99,6 +99,11 @@ class StepConfig:
         mode: "train" (a train step) or "infer" (a forward pass with ``training=False``:
             no optimizer, and no recomputation, which only changes a backward pass).
         backend: Keras's backend, "tensorflow" or "torch" (train steps only so far).
+        spatial_workers: Ranks one patch is cut across (``histoseg.spatial``: horizontal
+            slabs, halo exchange); 1 = the whole patch in one process. Above 1 the patch
+            must be a multiple of ``spatial_workers x output_stride`` px, and the step is
+            a float32 TensorFlow train step without recomputation (what the spatial
+            executor runs).
     """
 
     patch_size: int = 512
@@ -116,9 +121,18 @@ class StepConfig:
     backbone_options: tuple[tuple[str, Any], ...] = ()
     mode: str = "train"
     backend: str = "tensorflow"
+    spatial_workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "batch_size", "output_stride", "threads", "workers", "steps"):
+        for name in (
+            "patch_size",
+            "batch_size",
+            "output_stride",
+            "threads",
+            "workers",
+            "steps",
+            "spatial_workers",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -128,6 +142,7 @@ class StepConfig:
                 f"{self.output_stride}"
             )
         self._check_mode()
+        self._check_spatial()
         choices = {
             "backbone": BACKBONES,
             "precision": PRECISIONS,
@@ -174,6 +189,30 @@ class StepConfig:
                 "inference pass (mode infer) takes remat none"
             )
 
+    def _check_spatial(self) -> None:
+        """A patch cut across ranks: every slab the same height, and only what the spatial
+        executor runs (refused here, before any work, not after a launch of N ranks)."""
+        n = self.spatial_workers
+        if n == 1:
+            return
+        if self.patch_size % (n * self.output_stride):
+            raise ConfigError(
+                f"patch_size {self.patch_size} px cannot be cut into {n} slabs: it must be a "
+                f"multiple of spatial_workers x output stride ({n * self.output_stride})"
+            )
+        wanted = {"mode": "train", "backend": "tensorflow", "precision": "float32", "remat": "none"}
+        for name, value in wanted.items():
+            if getattr(self, name) != value:
+                raise ConfigError(
+                    f"{name} {getattr(self, name)!r} with spatial_workers {n}: the spatial "
+                    f"executor runs {name} {value!r} only so far"
+                )
+        if self.engine != "none" or self.workers != 1:
+            raise ConfigError(
+                f"engine {self.engine!r} x {self.workers} workers with spatial_workers {n}: "
+                "spatial and data parallelism do not compose in one run yet"
+            )
+
     @property
     def megapixels_per_step(self) -> float:
         """Input pixels per step, in millions."""
@@ -196,7 +235,7 @@ class StepConfig:
         the memory a step needs. An inference pass adds ``mode`` ("infer") and has
         ``optimizer`` None; a train step's row has no ``mode`` key, so every train row keeps
         the identity it had before modes existed. Likewise ``backend`` is there only when
-        it is "torch".
+        it is "torch", and ``spatial_workers`` only above 1.
         """
         d = {
             "patch_size": self.patch_size,
@@ -217,6 +256,8 @@ class StepConfig:
             d["mode"] = self.mode
         if self.backend != "tensorflow":
             d["backend"] = self.backend
+        if self.spatial_workers != 1:
+            d["spatial_workers"] = self.spatial_workers
         return d
 
     def to_json(self) -> str:

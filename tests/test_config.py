@@ -141,3 +141,19 @@ def test_a_forward_pass_claims_no_optimizer_and_train_rows_keep_their_identity()
 def test_a_forward_pass_refuses_what_it_would_not_use(changes, expect):
     with pytest.raises(ConfigError, match=expect):
         STEP.replace(**changes)
+
+
+def test_a_patch_cut_across_ranks_keeps_old_rows_identity_and_refuses_what_cannot_run():
+    cut = StepConfig(patch_size=256, spatial_workers=2)
+    assert cut.as_dict()["spatial_workers"] == 2
+    assert StepConfig.from_json(cut.to_json()) == cut
+    assert "spatial_workers" not in StepConfig(patch_size=256).as_dict()
+    refusals = [
+        ({"patch_size": 240}, "multiple of spatial_workers x output stride \\(32\\)"),
+        ({"precision": "mixed_bfloat16"}, "precision 'mixed_bfloat16' with spatial_workers 2"),
+        ({"remat": "blocks"}, "remat 'blocks' with spatial_workers 2"),
+        ({"engine": "horovod", "workers": 2}, "do not compose in one run yet"),
+    ]
+    for changes, expect in refusals:
+        with pytest.raises(ConfigError, match=expect):
+            cut.replace(**changes)

@@ -200,3 +200,29 @@ def test_two_ranks_compute_the_single_rank_step():
     assert result["max_rel_logit_error"] < 1e-4
     assert result["max_rel_grad_error"] < 1e-3
     assert result["ok"] is True
+
+
+@pytest.mark.skipif(_horovodrun_missing(), reason="horovodrun (Horovod) not installed")
+def test_the_memory_harness_measures_each_rank_of_a_patch_cut_in_two(tmp_path):
+    """``bench.memory --spatial-workers 2``: two ranks under horovodrun run the compiled
+    spatial train step; the row keeps every rank's figures, reports the most loaded one,
+    and a rank holds clearly less of the forward pass than the whole patch's step does."""
+    from bench.memory import main, predict
+    from histoseg.config import StepConfig
+    from histoseg.results import load_rows
+
+    out = tmp_path / "spatial.json"
+    argv = ["--backbone", "mobilenetv2", "--backbone-option", "alpha=0.35", "--sizes", "128"]
+    argv += ["--spatial-workers", "2", "--steps", "1", "--quiet", "--out", str(out)]
+    assert main(argv) == 0
+    (row,) = load_rows(out)
+    assert row["status"] == "ok", row.get("reason")
+    assert row["config"]["spatial_workers"] == 2 and "predicted" not in row
+    per_rank, measured = row["extra"]["per_rank"], row["measured"]
+    assert len(per_rank["peak_bytes"]) == 2
+    assert measured["peak_bytes"] == max(per_rank["peak_bytes"])
+    whole = predict(StepConfig(patch_size=128, backbone="mobilenetv2", **_ALPHA))
+    assert max(per_rank["activation_bytes"]) < 0.75 * whole["activation_bytes"]
+
+
+_ALPHA = {"backbone_options": (("alpha", 0.35),)}

@@ -150,7 +150,7 @@ def tumour_probability_fn(model):
     """A compiled ``uint8 (1, T, T, 3) -> float32 (T, T)`` tumour-probability function."""
     import tensorflow as tf
 
-    from histoseg.train.step import prepare_images
+    from histoseg.models.layers import prepare_images
 
     @tf.function(reduce_retracing=True)
     def predict(images):

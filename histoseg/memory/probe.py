@@ -35,6 +35,21 @@ def reset_allocator_peak(device: str = "CPU:0") -> None:
     tf.config.experimental.reset_memory_stats(device)
 
 
+def allocator_bytes_op(device: str = "CPU:0"):
+    """A graph op returning TF's allocator bytes in use on ``device`` when it runs.
+
+    Inside a compiled step, pin it with control dependencies to read the allocator between
+    two ops (e.g. after the loss and before the first gradient op).
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    def read():
+        return np.int64(tf.config.experimental.get_memory_info(device)["current"])
+
+    return tf.reshape(tf.py_function(read, [], tf.int64), [])
+
+
 def rss_bytes() -> int:
     """The process's resident set size now (psutil)."""
     import psutil

@@ -5,14 +5,14 @@ halo exchange); everything global (batch-norm moments in training, ASPP's image 
 the loss) is reduced across the ranks; gradients are summed as in data parallelism. The
 result is the same function as the single-rank model (``bench.spatial --check``).
 
-Public API: :class:`SpatialExecutor`, :func:`spatial_gradients`, :func:`gather_rows`,
+Public API: :class:`SpatialExecutor`, :func:`spatial_gradients`, :func:`gather_rows`, :func:`make_spatial_train_step`,
 :class:`HorovodComm`, :class:`SingleProcess`, :func:`slab_rows`.
 """
 
 from histoseg.spatial.comm import HorovodComm, SingleProcess, under_horovod
 from histoseg.spatial.executor import Slab, SpatialExecutor
 from histoseg.spatial.slabs import slab_rows
-from histoseg.spatial.step import gather_rows, spatial_gradients
+from histoseg.spatial.step import gather_rows, make_spatial_train_step, spatial_gradients
 
 __all__ = [
     "HorovodComm",
@@ -20,6 +20,7 @@ __all__ = [
     "Slab",
     "SpatialExecutor",
     "gather_rows",
+    "make_spatial_train_step",
     "slab_rows",
     "spatial_gradients",
     "under_horovod",

@@ -90,7 +90,12 @@ def halo_apply(local, exchange: Exchange, comm, layer, *, weights=(), name: str,
             y = y + tf.cast(tf.reduce_sum(gathered), y.dtype) * 0
 
         def grad(dy):
-            extended = _assemble(x, gathered, pieces, top, fill)
+            # Assembled from copies that wait for the incoming gradient: otherwise the
+            # graph optimiser sees the forward pass's own assembly and convolution again
+            # and merges them, keeping the forward's extended rows alive until here.
+            with tf.control_dependencies([dy]):
+                x_again, gathered_again = tf.identity(x), tf.identity(gathered)
+            extended = _assemble(x_again, gathered_again, pieces, top, fill)
             with tf.GradientTape() as tape:
                 tape.watch([extended, *w])
                 y_again = layer(extended, *w)

@@ -16,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from histoseg.errors import ConfigError
+from histoseg.memory.probe import allocator_bytes_op
+from histoseg.models.layers import prepare_images
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 MEMORY_DEVICES: tuple[str, ...] = ("CPU:0", "GPU:0")
@@ -38,18 +39,6 @@ def make_optimizer(name: str = "adam", learning_rate: float = 1e-3, momentum: fl
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
     raise ConfigError(f"optimizer={name!r} is not allowed; choose one of: {', '.join(OPTIMIZERS)}")
-
-
-def prepare_images(images):
-    """Images as the model wants them: uint8 [0, 255] -> float32 [-1, 1]; floats pass as float32.
-
-    The data pipeline delivers uint8 patches (4x smaller than float32 in transit); the cast
-    and scaling happen here, at the model's edge.
-    """
-    images = tf.convert_to_tensor(images)
-    if images.dtype == tf.uint8:
-        return tf.cast(images, tf.float32) / 127.5 - 1.0
-    return tf.cast(images, tf.float32)
 
 
 def pixel_loss(masks, logits, tumour_weight: float = 1.0):
@@ -76,15 +65,6 @@ def uses_float16(model: keras.Model) -> bool:
     )
 
 
-def _read_current_bytes(memory_device: str):
-    """A graph op returning TF's allocator bytes in use on ``memory_device`` when it runs."""
-
-    def read():
-        return np.int64(tf.config.experimental.get_memory_info(memory_device)["current"])
-
-    return tf.reshape(tf.py_function(read, [], tf.int64), [])
-
-
 def _gradients(
     model,
     images,
@@ -98,7 +78,7 @@ def _gradients(
     """Forward + loss + gradients; returns ``(loss, grads, memory_reads)``."""
     reads = {}
     if memory_device is not None:
-        reads["bytes_before_step"] = _read_current_bytes(memory_device)
+        reads["bytes_before_step"] = allocator_bytes_op(memory_device)
         with tf.control_dependencies([reads["bytes_before_step"]]):
             inputs = prepare_images(images)
     else:
@@ -114,13 +94,13 @@ def _gradients(
         scaled_loss = optimizer.scale_loss(loss) if hasattr(optimizer, "scale_loss") else loss
     if memory_device is not None:
         with tf.control_dependencies([scaled_loss]):
-            reads["bytes_after_forward"] = _read_current_bytes(memory_device)
+            reads["bytes_after_forward"] = allocator_bytes_op(memory_device)
         # Every gradient op descends from the seed, so none starts before the read.
         with tf.control_dependencies([reads["bytes_after_forward"]]):
             seed = tf.ones_like(scaled_loss)
         grads = tape.gradient(scaled_loss, variables, output_gradients=seed)
         with tf.control_dependencies([g for g in grads if g is not None]):
-            reads["bytes_after_gradients"] = _read_current_bytes(memory_device)
+            reads["bytes_after_gradients"] = allocator_bytes_op(memory_device)
         with tf.control_dependencies([reads["bytes_after_gradients"]]):
             grads = [None if g is None else tf.identity(g) for g in grads]
     else:

@@ -25,6 +25,19 @@ def test_one_size_is_refused():
         fit_area([(256, 1), (256, 2)])
 
 
+def test_a_halo_term_linear_in_the_side_is_recovered_for_slabs():
+    def figure(p):  # a rank's slab of the area, plus boundary rows as wide as the patch
+        return 150_000_000 + 3_000 * p * p // 2 + 40_000 * p
+
+    points = [(p, figure(p)) for p in (128, 256, 384, 512)]
+    assert abs(fit_area(points).at(2048) / figure(2048) - 1) > 0.02  # area alone: off
+    fit = fit_area(points, halo=True)
+    assert fit.max_residual < 1e-9
+    assert fit.at(2048) == figure(2048)
+    with pytest.raises(ConfigError, match="three or more patch sizes"):
+        fit_area(points[:2], halo=True)
+
+
 def test_the_prediction_names_its_route_and_sizes():
     measured = {
         p: {"activation_bytes": 2_000 * p * p, "peak_bytes": 10**8 + 3_000 * p * p}
@@ -62,3 +75,46 @@ def test_calibrate_measures_small_patches_and_extrapolates(tmp_path):
     )
     expected = rows[64]["measured"]["peak_bytes"] + slope * (160**2 - 64**2)
     assert target["predicted"]["peak_bytes"] == pytest.approx(expected, rel=1e-6)
+
+
+def _slab_bytes(p, n):
+    from histoseg.memory.calibrate import halo_sides
+
+    return 200_000_000 + 6_000 * p * p // n + 90_000 * halo_sides(n) * p
+
+
+def test_the_slab_law_is_recovered_across_rank_counts_and_extrapolated():
+    from histoseg.memory.calibrate import fit_slabs
+
+    points = [(p, n, _slab_bytes(p, n)) for n in (2, 4) for p in (128, 256, 384)]
+    fit = fit_slabs(points)
+    assert fit.max_residual < 1e-9
+    assert fit.fitted_workers == (2, 4) and fit.fitted_sizes_px == (128, 256, 384)
+    assert fit.at(8192, 8) == pytest.approx(_slab_bytes(8192, 8), rel=1e-9)
+    with pytest.raises(ConfigError, match="two or more rank counts"):
+        fit_slabs([p for p in points if p[1] == 2])
+
+
+def test_the_largest_patch_per_rank_comes_from_the_measured_rows_of_its_config():
+    from bench.memory_table import largest_patches
+    from histoseg.config import StepConfig
+    from histoseg.memory.devices import planned_bytes
+    from histoseg.results import make_row
+
+    base = StepConfig(backbone="mobilenetv2", patch_size=128, steps=1)
+    rows = [
+        make_row(
+            "memory",
+            base.replace(patch_size=p, spatial_workers=n).as_dict(),
+            measured={"peak_bytes": _slab_bytes(p, n)},
+        )
+        for n in (2, 4)
+        for p in (128, 256, 384)
+    ]
+    budget = 24 * 10**9
+    ((_, best, peak),) = largest_patches([base.replace(spatial_workers=8)], budget, rows)
+    assert best % 128 == 0 and peak == _slab_bytes(best, 8)
+    assert planned_bytes(_slab_bytes(best, 8)) <= budget < planned_bytes(_slab_bytes(best + 128, 8))
+    # another model's rows say nothing about this one
+    other = base.replace(backbone="xception65", spatial_workers=8)
+    assert largest_patches([other], budget, rows) == [(other, None, None)]
