@@ -30,7 +30,12 @@ from bench.memory_args import (
     configs_from_args,
 )
 from bench.memory_runs import median_process, run_worker
-from bench.memory_table import print_largest_patches, summary_markdown, summary_table
+from bench.memory_table import (
+    print_largest_patches,
+    slab_points,
+    summary_markdown,
+    summary_table,
+)
 from histoseg.cli import check_output, run_main
 from histoseg.config import PRECISIONS, StepConfig
 from histoseg.errors import ConfigError, HistosegError
@@ -156,6 +161,7 @@ def sweep(
             return old
         row = _one(
             config,
+            rows_in_out=load_rows_if_exists(out),
             predict_only=only_predict,
             force=force,
             timeout_s=timeout_s,
@@ -207,6 +213,7 @@ def _one(
     allocator_trace: bool = False,
     repeats: int = 1,
     calibration: dict[int, dict[str, Any]] | None = None,
+    rows_in_out: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     cfg = config.as_dict()
     if config.device == "gpu" and not predict_only and not _gpu_visible(config.backend):
@@ -216,6 +223,8 @@ def _one(
     try:
         # a slab has no analytic estimate: only the measured route predicts it
         predicted = predict(config) if config.spatial_workers == 1 else None
+        if predicted is None and calibration is None:
+            predicted = _slab_law(config, rows_in_out)
         if calibration is not None:
             extra["analytic"] = predicted
             predicted = calibrated_prediction(
@@ -224,7 +233,10 @@ def _one(
     except HistosegError as exc:
         return make_row("memory", cfg, status="error", reason=str(exc), extra=extra)
     if predicted is None and predict_only:
-        reason = "a patch cut across ranks is predicted by the measured route only: --calibrate"
+        reason = (
+            "a patch cut across ranks is predicted by the measured route only: --calibrate, "
+            "or rows of it at 2+ rank counts and sizes in --out"
+        )
         return make_row("memory", cfg, status="skipped", reason=reason, extra=extra)
     if predict_only:
         reason = "predicted only (--predict-only), not measured"
@@ -252,6 +264,22 @@ def _one(
     return row
 
 
+def _slab_law(config: StepConfig, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The slab law's prediction of ``config`` from measured ``rows`` of it at other sizes
+    and rank counts (:func:`histoseg.memory.calibrate.fit_slabs`), or None when they are
+    too few."""
+    from histoseg.memory.calibrate import CALIBRATED_FIGURES, slab_law_prediction
+
+    this = (config.patch_size, config.spatial_workers)  # never fitted on itself
+    points = {
+        f: [q for q in slab_points(config, rows, f) if q[:2] != this] for f in CALIBRATED_FIGURES
+    }
+    try:
+        return slab_law_prediction(points, config.patch_size, config.spatial_workers)
+    except ConfigError:
+        return None
+
+
 def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> list[dict[str, Any]]:
     """Recompute the ``predicted`` section of every memory row in ``out`` (no training).
 
@@ -260,7 +288,10 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
     ``calibration_sizes`` (or for a row already calibrated, its own sizes) a row whose
     config was measured at those patch sizes in ``out`` is predicted by the calibrated
     route from those rows (a file of GPU rows measured elsewhere is re-predicted so), the
-    analytic estimate kept in ``extra.analytic``.
+    analytic estimate kept in ``extra.analytic``; a row at one of those sizes is not
+    predicted from itself. A patch cut across ranks without a calibration is predicted by
+    the slab law of the file's rows of its config at other sizes and rank counts, when
+    there are enough.
     """
     from histoseg.results import load_rows
 
@@ -274,7 +305,7 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
 
     def calibration_for(row: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
         sizes = calibration_sizes or (row.get("predicted") or {}).get("calibration_sizes_px")
-        if not sizes:
+        if not sizes or row["config"]["patch_size"] in sizes:  # never fitted on itself
             return None
         found = {p: measured.get(config_key({**row["config"], "patch_size": p})) for p in sizes}
         return None if None in found.values() else found
@@ -289,8 +320,12 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
             continue
         calibration = calibration_for(row)
         if calibration is None:
-            if analytic is not None:
-                row["predicted"] = analytic
+            # a slab: the slab law from the file's other rows of its config, if enough
+            predicted = analytic if analytic is not None else _slab_law(config, memory)
+            if predicted is None:
+                row.pop("predicted", None)
+            else:
+                row["predicted"] = predicted
             extra.pop("analytic", None)
         else:
             row["predicted"] = calibrated_prediction(

@@ -195,8 +195,10 @@ def largest_patches(
     return list(seen.values())
 
 
-def slab_points(config: StepConfig, rows: Sequence[dict[str, Any]]) -> list[tuple[int, int, int]]:
-    """``(patch_size, spatial_workers, peak_bytes)`` of the measured rows of ``config`` cut
+def slab_points(
+    config: StepConfig, rows: Sequence[dict[str, Any]], figure: str = "peak_bytes"
+) -> list[tuple[int, int, int]]:
+    """``(patch_size, spatial_workers, figure)`` of the measured rows of ``config`` cut
     across 2 or more ranks, any patch size and rank count."""
 
     def key(c: dict[str, Any]) -> str:
@@ -205,7 +207,7 @@ def slab_points(config: StepConfig, rows: Sequence[dict[str, Any]]) -> list[tupl
 
     want = key(config.as_dict())
     return [
-        (r["config"]["patch_size"], r["config"]["spatial_workers"], r["measured"]["peak_bytes"])
+        (r["config"]["patch_size"], r["config"]["spatial_workers"], r["measured"][figure])
         for r in rows
         if r.get("kind") == "memory"
         and r.get("status") == "ok"

@@ -109,9 +109,15 @@ def memory_index(rows: Sequence[dict]) -> dict[tuple, dict]:
 
 
 def is_train_memory_row(row: Mapping[str, Any]) -> bool:
-    """A memory row of a train step (``bench.memory --mode infer`` rows measure a forward
-    pass alone: another quantity, never a training run's memory twin)."""
-    return row.get("kind") == "memory" and row.get("config", {}).get("mode", "train") == "train"
+    """A memory row of a whole train step (``bench.memory --mode infer`` rows measure a
+    forward pass alone, ``--spatial-workers`` rows one rank's share of a patch: other
+    quantities, never a training run's memory twin)."""
+    config = row.get("config", {})
+    return (
+        row.get("kind") == "memory"
+        and config.get("mode", "train") == "train"
+        and config.get("spatial_workers", 1) == 1
+    )
 
 
 def peak_bytes_of(row: dict | None, part: str) -> float | None:

@@ -163,3 +163,31 @@ def fit_slabs(points: Sequence[tuple[int, int, int]]) -> SlabFit:
     fit = SlabFit(*(float(c) for c in coef), 0.0, tuple(workers), tuple(sizes))
     residual = max(abs(fit.at(q, m) - y) / y for q, m, y in points if y)
     return dataclasses.replace(fit, max_residual=float(residual))
+
+
+def slab_law_prediction(
+    points: Mapping[str, Sequence[tuple[int, int, int]]], patch_size_px: int, spatial_workers: int
+) -> dict[str, object]:
+    """The ``predicted`` section of a patch cut across ranks, read off :func:`fit_slabs`.
+
+    Args:
+        points: For each of :data:`CALIBRATED_FIGURES`, ``(patch_size_px,
+            spatial_workers, bytes)`` of the same config measured at other sizes and rank
+            counts.
+        patch_size_px, spatial_workers: The config to predict.
+
+    Returns:
+        ``activation_bytes`` and ``peak_bytes`` of the most loaded rank, ``method``
+        ("slab_law"), the rank counts and sizes fitted and each fit's largest residual.
+
+    Raises:
+        ConfigError: too few points (:func:`fit_slabs`).
+    """
+    out: dict[str, object] = {"method": "slab_law"}
+    for figure in CALIBRATED_FIGURES:
+        fit = fit_slabs(points[figure])
+        out[figure] = fit.at(patch_size_px, spatial_workers)
+        out[f"{figure.removesuffix('_bytes')}_fit_residual"] = round(fit.max_residual, 5)
+        out["fitted_workers"] = list(fit.fitted_workers)
+        out["fitted_sizes_px"] = list(fit.fitted_sizes_px)
+    return out

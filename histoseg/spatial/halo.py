@@ -26,17 +26,38 @@ def _pad_rows(tensor, before: int, after: int):
     return tf.pad(tensor, [[0, 0], [before, after], [0, 0], [0, 0]])
 
 
-def _assemble(local, gathered, pieces, top: int, fill: float):
+def _received(gathered, pieces, top: int):
+    """The other ranks' rows this rank reads, in the order of its pieces, as one compact
+    tensor; None when it reads none. Copied out of the allgather (``tf.gather`` copies; a
+    slice may be a view), so that what the backward pass keeps is these rows, not every
+    rank's boundary rows: with slabs thinner than a layer's reach (ASPP's rate-18
+    convolution at 4 ranks) the allgather holds ``ranks`` x the slab."""
     import tensorflow as tf
 
     parts = []
     for piece in pieces:
+        if piece.source in ("top", "bottom"):
+            first = piece.start + (top if piece.source == "bottom" else 0)
+            rows = list(range(first, first + piece.rows))
+            parts.append(tf.gather(gathered[piece.rank], rows, axis=1))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+
+def _assemble(local, received, pieces, fill: float):
+    """The rows ``pieces`` plan: this rank's own, the ``received`` ones (in piece order)
+    and fill rows outside the map, concatenated."""
+    import tensorflow as tf
+
+    parts = []
+    offset = 0
+    for piece in pieces:
         if piece.source == "local":
             parts.append(local[:, piece.start : piece.stop])
-        elif piece.source == "top":
-            parts.append(gathered[piece.rank][:, piece.start : piece.stop])
-        elif piece.source == "bottom":
-            parts.append(gathered[piece.rank][:, top + piece.start : top + piece.stop])
+        elif piece.source in ("top", "bottom"):
+            parts.append(received[:, offset : offset + piece.rows])
+            offset += piece.rows
         else:
             shape = tf.concat([tf.shape(local)[:1], [piece.rows], tf.shape(local)[2:]], 0)
             parts.append(tf.fill(shape, tf.constant(fill, local.dtype)))
@@ -61,17 +82,18 @@ def halo_apply(local, exchange: Exchange, comm, layer, *, weights=(), name: str,
     :func:`fetch_rows`); differentiable in ``local`` and ``weights``.
 
     The extended rows are not kept for the backward pass, which assembles them again from
-    this rank's slab and the gathered boundary rows (a few rows per rank). Kept (by the
-    tape, for the layer's gradient) they would be a second copy of the slab beside the
-    one the layer before keeps, for every convolution. ``layer`` must read no variables:
-    pass them as ``weights`` (tensors), whose gradients it returns.
+    this rank's slab and the rows it received from its neighbours (a compact copy of just
+    those: :func:`_received`). Kept (by the tape, for the layer's gradient) they would be
+    a second copy of the slab beside the one the layer before keeps, for every
+    convolution. ``layer`` must read no variables: pass them as ``weights`` (tensors),
+    whose gradients it returns.
     """
     import tensorflow as tf
 
     pieces = exchange.pieces[comm.rank]
     top, bottom = exchange.top, exchange.bottom
     if top + bottom == 0:  # nothing to exchange: plain ops, plain autodiff
-        return layer(_assemble(local, None, pieces, top, fill), *weights)
+        return layer(_assemble(local, None, pieces, fill), *weights)
     rows = int(local.shape[1])
 
     @tf.custom_gradient
@@ -81,8 +103,9 @@ def halo_apply(local, exchange: Exchange, comm, layer, *, weights=(), name: str,
         x, w = tf.stop_gradient(x), [tf.stop_gradient(t) for t in w]
         send = tf.concat([x[:, :top], x[:, rows - bottom :]], axis=1)
         gathered = comm.gather_values(send, name)
-        y = layer(_assemble(x, gathered, pieces, top, fill), *w)
-        if not any(piece.source in ("top", "bottom") for piece in pieces):
+        received = _received(gathered, pieces, top)
+        y = layer(_assemble(x, received, pieces, fill), *w)
+        if received is None:
             # This rank reads none of the gathered rows, but the collective must still run
             # here: a compiled step never runs a collective whose result no op reads as
             # data (a control dependency is not enough), and the other ranks would wait
@@ -94,8 +117,9 @@ def halo_apply(local, exchange: Exchange, comm, layer, *, weights=(), name: str,
             # graph optimiser sees the forward pass's own assembly and convolution again
             # and merges them, keeping the forward's extended rows alive until here.
             with tf.control_dependencies([dy]):
-                x_again, gathered_again = tf.identity(x), tf.identity(gathered)
-            extended = _assemble(x_again, gathered_again, pieces, top, fill)
+                x_again = tf.identity(x)
+                received_again = None if received is None else tf.identity(received)
+            extended = _assemble(x_again, received_again, pieces, fill)
             with tf.GradientTape() as tape:
                 tape.watch([extended, *w])
                 y_again = layer(extended, *w)

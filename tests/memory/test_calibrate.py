@@ -118,3 +118,31 @@ def test_the_largest_patch_per_rank_comes_from_the_measured_rows_of_its_config()
     # another model's rows say nothing about this one
     other = base.replace(backbone="xception65", spatial_workers=8)
     assert largest_patches([other], budget, rows) == [(other, None, None)]
+
+
+def test_a_sweep_predicts_more_ranks_from_the_rows_it_holds(tmp_path):
+    """``--predict-only`` at 8 ranks, with rows at 2 and 4 ranks in ``--out``: the row is
+    predicted by the slab law (no rank is started), never fitted on itself."""
+    from bench.memory import main
+    from histoseg.config import StepConfig
+    from histoseg.results import load_rows, make_row, write_rows
+
+    base = StepConfig(backbone="mobilenetv2", patch_size=128, steps=1)
+    out = tmp_path / "slabs.json"
+    measured = [
+        make_row(
+            "memory",
+            base.replace(patch_size=p, spatial_workers=n).as_dict(),
+            measured={"peak_bytes": _slab_bytes(p, n), "activation_bytes": _slab_bytes(p, n)},
+        )
+        for n in (2, 4)
+        for p in (128, 256, 384)
+    ]
+    write_rows(out, measured)
+    argv = ["--backbone", "mobilenetv2", "--sizes", "1024", "--spatial-workers", "8"]
+    assert main([*argv, "--predict-only", "--quiet", "--out", str(out)]) == 0
+    (row,) = [r for r in load_rows(out) if r["config"]["spatial_workers"] == 8]
+    assert row["status"] == "skipped"
+    assert row["predicted"]["method"] == "slab_law"
+    assert row["predicted"]["fitted_workers"] == [2, 4]
+    assert row["predicted"]["peak_bytes"] == pytest.approx(_slab_bytes(1024, 8), rel=1e-9)
