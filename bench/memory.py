@@ -228,7 +228,7 @@ def _one(
         if calibration is not None:
             extra["analytic"] = predicted
             predicted = calibrated_prediction(
-                calibration, config.patch_size, halo=config.spatial_workers > 1
+                calibration, config.patch_size, slabs=config.spatial_workers > 1
             )
     except HistosegError as exc:
         return make_row("memory", cfg, status="error", reason=str(exc), extra=extra)
@@ -266,14 +266,12 @@ def _one(
 
 def _slab_law(config: StepConfig, rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The slab law's prediction of ``config`` from measured ``rows`` of it at other sizes
-    and rank counts (:func:`histoseg.memory.calibrate.fit_slabs`), or None when they are
-    too few."""
-    from histoseg.memory.calibrate import CALIBRATED_FIGURES, slab_law_prediction
+    and rank counts (:func:`histoseg.memory.calibrate.slab_law_prediction`), or None when
+    they are too few."""
+    from histoseg.memory.calibrate import slab_law_prediction
 
     this = (config.patch_size, config.spatial_workers)  # never fitted on itself
-    points = {
-        f: [q for q in slab_points(config, rows, f) if q[:2] != this] for f in CALIBRATED_FIGURES
-    }
+    points = [q for q in slab_points(config, rows) if q[:2] != this]
     try:
         return slab_law_prediction(points, config.patch_size, config.spatial_workers)
     except ConfigError:
@@ -329,7 +327,7 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
             extra.pop("analytic", None)
         else:
             row["predicted"] = calibrated_prediction(
-                calibration, config.patch_size, halo=config.spatial_workers > 1
+                calibration, config.patch_size, slabs=config.spatial_workers > 1
             )
             extra["analytic"] = analytic
     write_rows(out, rows)

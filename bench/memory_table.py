@@ -196,10 +196,10 @@ def largest_patches(
 
 
 def slab_points(
-    config: StepConfig, rows: Sequence[dict[str, Any]], figure: str = "peak_bytes"
-) -> list[tuple[int, int, int]]:
-    """``(patch_size, spatial_workers, figure)`` of the measured rows of ``config`` cut
-    across 2 or more ranks, any patch size and rank count."""
+    config: StepConfig, rows: Sequence[dict[str, Any]]
+) -> list[tuple[int, int, dict[str, Any]]]:
+    """``(patch_size, spatial_workers, measured section)`` of the measured rows of
+    ``config`` cut across 2 or more ranks, any patch size and rank count."""
 
     def key(c: dict[str, Any]) -> str:
         c = {**c, "patch_size": None, "spatial_workers": None, "threads": None}
@@ -207,7 +207,7 @@ def slab_points(
 
     want = key(config.as_dict())
     return [
-        (r["config"]["patch_size"], r["config"]["spatial_workers"], r["measured"][figure])
+        (r["config"]["patch_size"], r["config"]["spatial_workers"], r["measured"])
         for r in rows
         if r.get("kind") == "memory"
         and r.get("status") == "ok"
@@ -222,22 +222,23 @@ def _largest_slab_patch(
     from types import SimpleNamespace
 
     from histoseg.errors import ConfigError
-    from histoseg.memory.calibrate import fit_slabs
+    from histoseg.memory.calibrate import slab_law_prediction
     from histoseg.memory.estimate import largest_patch
 
-    try:
-        fit = fit_slabs(slab_points(config, rows))
-    except ConfigError:
-        return None, None
+    points = slab_points(config, rows)
     n = config.spatial_workers
 
     def predict(patch_size: int, **_: Any) -> Any:
-        return SimpleNamespace(peak_bytes=fit.at(patch_size, n))
+        return SimpleNamespace(peak_bytes=slab_law_prediction(points, patch_size, n)["peak_bytes"])
 
+    try:
+        predict(n * config.output_stride)
+    except ConfigError:
+        return None, None
     best = largest_patch(
         memory_bytes, step_px=n * config.output_stride, predict=predict, max_patch_size=65536
     )
-    return best, None if best is None else fit.at(best, n)
+    return best, None if best is None else predict(best).peak_bytes
 
 
 class _PredictOnce:

@@ -15,7 +15,7 @@ measured points are reported so that such a departure shows.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from histoseg.errors import ConfigError
 
@@ -25,58 +25,42 @@ CALIBRATED_FIGURES = ("activation_bytes", "peak_bytes")
 
 @dataclasses.dataclass(frozen=True)
 class AreaFit:
-    """``bytes = intercept_bytes + bytes_per_px * P ** 2 + bytes_per_row_px * P`` for one
-    figure at a square patch of side P (``bytes_per_row_px`` is 0 unless a halo is fitted)."""
+    """``bytes = intercept_bytes + bytes_per_px * patch_size_px ** 2`` for one figure."""
 
     intercept_bytes: float
     bytes_per_px: float
-    #: Largest |fit - measurement| / measurement over the points fitted (0 for as many
-    #: points as terms).
+    #: Largest |fit - measurement| / measurement over the points fitted (0 for two points).
     max_residual: float
-    bytes_per_row_px: float = 0.0
 
     def at(self, patch_size_px: int) -> int:
         """The fitted bytes at a square patch of ``patch_size_px``."""
-        p = patch_size_px
-        return round(self.intercept_bytes + self.bytes_per_px * p * p + self.bytes_per_row_px * p)
+        return round(self.intercept_bytes + self.bytes_per_px * patch_size_px**2)
 
 
-def fit_area(points: Sequence[tuple[int, int]], *, halo: bool = False) -> AreaFit:
+def fit_area(points: Sequence[tuple[int, int]]) -> AreaFit:
     """Least-squares fit of bytes against patch area through ``(patch_size_px, bytes)``.
 
-    With ``halo`` (a patch cut into slabs across ranks) the fit has a term linear in the
-    side too: a rank keeps its neighbours' boundary rows, a fixed number of rows per layer
-    each as wide as the patch. That term needs a third patch size.
-
     Raises:
-        ConfigError: fewer distinct patch sizes than the fit has terms.
+        ConfigError: fewer than two distinct patch sizes.
     """
-    import numpy as np
-
     sizes = sorted({p for p, _ in points})
-    terms = 3 if halo else 2
-    if len(sizes) < terms:
-        what = "a calibration of a patch cut across ranks" if halo else "a calibration"
+    if len(sizes) < 2:
         raise ConfigError(
-            f"{what} needs measurements at {('two', 'three')[terms - 2]} or more patch sizes, "
-            f"got {sizes or 'none'}"
+            f"a calibration needs measurements at two or more patch sizes, got {sizes or 'none'}"
         )
-    side = np.array([float(p) for p, _ in points])
-    ys = np.array([float(b) for _, b in points])
-    columns = [np.ones_like(side), side**2] + ([side] if halo else [])
-    coef, *_ = np.linalg.lstsq(np.stack(columns, axis=1), ys, rcond=None)
-    fit = AreaFit(
-        intercept_bytes=float(coef[0]),
-        bytes_per_px=float(coef[1]),
-        max_residual=0.0,
-        bytes_per_row_px=float(coef[2]) if halo else 0.0,
-    )
-    residual = max(abs(fit.at(int(p)) - y) / y for p, y in zip(side, ys, strict=True) if y)
-    return dataclasses.replace(fit, max_residual=float(residual))
+    xs = [float(p * p) for p, _ in points]
+    ys = [float(b) for _, b in points]
+    n = len(xs)
+    mean_x, mean_y = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / sxx
+    intercept = mean_y - slope * mean_x
+    residual = max(abs(intercept + slope * x - y) / y for x, y in zip(xs, ys, strict=True) if y)
+    return AreaFit(intercept_bytes=intercept, bytes_per_px=slope, max_residual=residual)
 
 
 def calibrated_prediction(
-    measured: Mapping[int, Mapping[str, int]], patch_size_px: int, *, halo: bool = False
+    measured: Mapping[int, Mapping[str, int]], patch_size_px: int, *, slabs: bool = False
 ) -> dict[str, object]:
     """The calibrated route's ``predicted`` section for ``patch_size_px``.
 
@@ -84,7 +68,9 @@ def calibrated_prediction(
         measured: The ``measured`` section of each calibration row, by its patch size
             (same config otherwise).
         patch_size_px: The patch to predict.
-        halo: The config cuts the patch across ranks: fit a halo term too (:func:`fit_area`).
+        slabs: The config cuts the patch across ranks: its peak is predicted as the fitted
+            activations plus what the step held beyond them at the calibration sizes
+            (:func:`held_beyond_activations`).
 
     Returns:
         ``activation_bytes`` and ``peak_bytes`` read off the fits, ``method``
@@ -95,10 +81,25 @@ def calibrated_prediction(
         "calibration_sizes_px": sorted(measured),
     }
     for figure in CALIBRATED_FIGURES:
-        fit = fit_area([(p, int(m[figure])) for p, m in measured.items()], halo=halo)
+        fit = fit_area([(p, int(m[figure])) for p, m in measured.items()])
         out[figure] = fit.at(patch_size_px)
         out[f"{figure.removesuffix('_bytes')}_fit_residual"] = round(fit.max_residual, 5)
+    if slabs:
+        out["peak_bytes"] = out["activation_bytes"] + held_beyond_activations(measured.values())
+        out["peak_method"] = "activations + the most held beyond them at the calibration sizes"
     return out
+
+
+def held_beyond_activations(measured: Iterable[Mapping[str, int]]) -> int:
+    """The most a step held at its peak beyond its activations, over measured sections.
+
+    What a rank holds besides its slab's activations is weights, gradients, optimizer
+    state, Horovod's fusion buffer and the constants TensorFlow folds into the step: none
+    of it grows with the patch, but it moves by tens of MB from one size to the next
+    (which constants are folded depends on their size), so an affine fit of the peak over
+    a few small sizes reads that jitter as a slope. Activations are fitted smoothly.
+    """
+    return max(int(m["peak_bytes"]) - int(m["activation_bytes"]) for m in measured)
 
 
 def halo_sides(spatial_workers: int) -> int:
@@ -137,9 +138,14 @@ class SlabFit:
         )
 
 
-def fit_slabs(points: Sequence[tuple[int, int, int]]) -> SlabFit:
+def fit_slabs(points: Sequence[tuple[int, int, int]], *, largest: int = 2) -> SlabFit:
     """Least-squares :class:`SlabFit` through ``(patch_size_px, spatial_workers, bytes)``
     measurements of one config at two or more rank counts (N >= 2) and patch sizes.
+
+    Only the ``largest`` patch sizes of each rank count are fitted: small slabs are in
+    another regime (xception65 at 256 px over 2 ranks: 4-row maps at stride 16, whose
+    step peaks come in the gradient sum, not after the forward pass), and it is large
+    patches the fit is asked about.
 
     Raises:
         ConfigError: fewer than three points, or all at one rank count or one patch size.
@@ -147,6 +153,10 @@ def fit_slabs(points: Sequence[tuple[int, int, int]]) -> SlabFit:
     import numpy as np
 
     points = [(int(p), int(n), int(b)) for p, n, b in points if n >= 2]
+    kept = {
+        n: sorted({p for p, m, _ in points if m == n})[-largest:] for n in {m for _, m, _ in points}
+    }
+    points = [q for q in points if q[0] in kept[q[1]]]
     workers = sorted({n for _, n, _ in points})
     sizes = sorted({p for p, _, _ in points})
     if len(points) < 3 or len(workers) < 2 or len(sizes) < 2:
@@ -166,28 +176,35 @@ def fit_slabs(points: Sequence[tuple[int, int, int]]) -> SlabFit:
 
 
 def slab_law_prediction(
-    points: Mapping[str, Sequence[tuple[int, int, int]]], patch_size_px: int, spatial_workers: int
+    measured: Sequence[tuple[int, int, Mapping[str, int]]],
+    patch_size_px: int,
+    spatial_workers: int,
 ) -> dict[str, object]:
     """The ``predicted`` section of a patch cut across ranks, read off :func:`fit_slabs`.
 
     Args:
-        points: For each of :data:`CALIBRATED_FIGURES`, ``(patch_size_px,
-            spatial_workers, bytes)`` of the same config measured at other sizes and rank
-            counts.
+        measured: ``(patch_size_px, spatial_workers, measured section)`` of the same
+            config at other sizes and rank counts.
         patch_size_px, spatial_workers: The config to predict.
 
     Returns:
-        ``activation_bytes`` and ``peak_bytes`` of the most loaded rank, ``method``
-        ("slab_law"), the rank counts and sizes fitted and each fit's largest residual.
+        ``activation_bytes`` of the most loaded rank from the slab law, ``peak_bytes`` as
+        those plus the most held beyond activations in the rows fitted
+        (:func:`held_beyond_activations`), ``method`` ("slab_law"), the rank counts and
+        sizes fitted and the fit's largest residual.
 
     Raises:
         ConfigError: too few points (:func:`fit_slabs`).
     """
-    out: dict[str, object] = {"method": "slab_law"}
-    for figure in CALIBRATED_FIGURES:
-        fit = fit_slabs(points[figure])
-        out[figure] = fit.at(patch_size_px, spatial_workers)
-        out[f"{figure.removesuffix('_bytes')}_fit_residual"] = round(fit.max_residual, 5)
-        out["fitted_workers"] = list(fit.fitted_workers)
-        out["fitted_sizes_px"] = list(fit.fitted_sizes_px)
-    return out
+    fit = fit_slabs([(p, n, m["activation_bytes"]) for p, n, m in measured])
+    fitted = [m for p, n, m in measured if n in fit.fitted_workers and p in fit.fitted_sizes_px]
+    activations = fit.at(patch_size_px, spatial_workers)
+    return {
+        "method": "slab_law",
+        "activation_bytes": activations,
+        "peak_bytes": activations + held_beyond_activations(fitted),
+        "activation_fit_residual": round(fit.max_residual, 5),
+        "fitted_workers": list(fit.fitted_workers),
+        "fitted_sizes_px": list(fit.fitted_sizes_px),
+        "peak_method": "activations + the most held beyond them in the rows fitted",
+    }
