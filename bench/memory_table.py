@@ -164,7 +164,7 @@ def largest_patches(
     """For each distinct config apart from patch size: the largest patch that fits (for a
     forward pass, mode infer, the largest inference tile). A patch cut across ranks is
     answered from the slab law fitted to the measured ``rows`` of its config at other rank
-    counts and sizes (:func:`histoseg.memory.calibrate.fit_slabs`; the most loaded rank
+    counts and sizes (:func:`histoseg.memory.calibrate.slab_law_prediction`; the most loaded rank
     must fit); with too few such rows its answer is None and its peak None."""
     from histoseg.memory.estimate import estimate, estimate_inference, largest_patch
 

@@ -5,8 +5,9 @@ halo exchange); everything global (batch-norm moments in training, ASPP's image 
 the loss) is reduced across the ranks; gradients are summed as in data parallelism. The
 result is the same function as the single-rank model (``bench.spatial --check``).
 
-Public API: :class:`SpatialExecutor`, :func:`spatial_gradients`, :func:`gather_rows`, :func:`make_spatial_train_step`,
-:class:`HorovodComm`, :class:`SingleProcess`, :func:`slab_rows`.
+Public API: :class:`SpatialExecutor`, :func:`spatial_gradients`,
+:func:`make_spatial_train_step`, :func:`gather_rows`, :class:`HorovodComm`,
+:class:`SingleProcess`, :func:`slab_rows`.
 """
 
 from histoseg.spatial.comm import HorovodComm, SingleProcess, under_horovod
