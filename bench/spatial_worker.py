@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.config import step_rates
-from bench.isolated import run_process, worker_env
+from bench.isolated import worker_env
 from bench.worker import configure_tensorflow, synthetic_batch, variable_bytes
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.config import StepConfig, thread_env
@@ -149,7 +150,10 @@ def launch(config: StepConfig, argv: Sequence[str]) -> dict[str, Any]:
         env = worker_env()
         env.update(thread_env(rank_threads(config)))
         try:
-            finished = run_process(command, env=env)
+            # In this process's group (not a session of its own, as run_process would
+            # start it): the sweep ends a timed-out worker by killing its group, and
+            # horovodrun and the ranks must go with it.
+            finished = subprocess.run(command, env=env, capture_output=True, check=False)
         except FileNotFoundError:
             return make_row(
                 "memory",
@@ -159,10 +163,10 @@ def launch(config: StepConfig, argv: Sequence[str]) -> dict[str, Any]:
             )
         if result.exists():
             return json.loads(result.read_text())
-    output = finished.stdout.decode("utf-8", "replace") + finished.last_stderr_line
+    output = (finished.stdout + finished.stderr).decode("utf-8", "replace")
     # horovodrun reports a rank the kernel's out-of-memory killer ended as exit code 137
     oom = "status code 137" in output or "ResourceExhausted" in output
-    lines = [line for line in output.splitlines() if line.strip()]
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.strip()]
     return make_row(
         "memory",
         config.as_dict(),
