@@ -47,8 +47,8 @@ Examples:
   python -m bench.memory --backend torch --device gpu --sizes 512 1024 2048 \\
       --precision float32 mixed_bfloat16 --remat none blocks full --out results/memory_torch_gpu.json
   python -m bench.memory --refresh-predictions --out results/memory_torch_gpu.json
-  python -m bench.memory --backbone xception65 --sizes 768 --spatial-workers 2 4 \
-      --calibrate 256 384 512 --out results/memory_spatial.json  # one patch over 2 and 4 ranks
+  python -m bench.memory --backbone xception65 --sizes 768 1024 --spatial-workers 2 4 \\
+      --calibrate 384 512 --out results/memory_spatial.json   # one patch over 2 and 4 ranks
 """
 
 
