@@ -25,14 +25,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.config import step_rates
 from bench.isolated import worker_env
-from bench.worker import configure_tensorflow, synthetic_batch, variable_bytes
+from bench.worker import configure_tensorflow, synthetic_batch, timed_steps, variable_bytes
 from histoseg.cli import ArgumentParser, run_main
 from histoseg.config import StepConfig, thread_env
 from histoseg.errors import ConfigError
@@ -75,22 +74,7 @@ def measure_rank(config: StepConfig, num_classes: int = 2) -> dict[str, Any] | N
         start, stop = slab_rows(config.patch_size, comm.size, comm.rank)
         images, masks = synthetic_batch(config, num_classes, slice(start, stop))
         step(images, masks)["loss"].numpy()  # warm-up: trace, build, first allocations
-        probe.reset_peak()
-        times, reads = [], []
-        for _ in range(config.steps):
-            clock = time.perf_counter()
-            result = step(images, masks)
-            result["loss"].numpy()
-            times.append(time.perf_counter() - clock)
-            reads.append({k: int(v) for k, v in result.items() if k.startswith("bytes_")})
-        peak = int(probe.snapshot().allocator_peak_bytes)
-        before = reads[0]["bytes_before_step"]
-        mine = {
-            "activation_bytes": reads[0]["bytes_after_forward"] - before,
-            "gradient_bytes": reads[0]["bytes_after_gradients"] - before,
-            "peak_bytes": peak,
-            "before_step_bytes": before,
-        }
+        times, mine = timed_steps(step, images, masks, config.steps, probe)
         mine_vector = tf.constant([[mine[k] for k in RANK_FIGURES]], tf.int64)
         gathered = comm.gather_values(mine_vector, "spatial_worker.figures").numpy()
         step_times = comm.gather_values(

@@ -221,38 +221,49 @@ def measure(config: StepConfig, num_classes: int = 2, trace: bool = False) -> di
         # What the first step leaves allocated for good: the constants Grappler folded
         # into the compiled step (the estimate's ``constant_bytes``).
         after_warmup = probe.snapshot().allocator_current_bytes
-        # The allocator peak spans the timed steps; memory is the same in each, so the
-        # in-step reads are taken from the first.
-        probe.reset_peak()
-        times, outs = [], []
-        for _ in range(config.steps):
-            start = time.perf_counter()
-            result = step(images, masks)
-            result["loss"].numpy()
-            times.append(time.perf_counter() - start)
-            outs.append({k: int(v) for k, v in result.items() if k.startswith("bytes_")})
-        after = probe.snapshot()
+        times, figures = timed_steps(step, images, masks, config.steps, probe)
         traced = _traced_step(step, images, masks) if trace else None
-    out = outs[0]
-    before = int(out["bytes_before_step"])
-    activation = int(out["bytes_after_forward"]) - before
-    peak = int(after.allocator_peak_bytes)
     final = probe.snapshot()
     return {
         "weights_bytes": variable_bytes(model.weights),
         "optimizer_bytes": variable_bytes(step.optimizer.variables),
-        "activation_bytes": activation,
-        "gradient_bytes": int(out["bytes_after_gradients"]) - before,
-        "peak_bytes": peak,
-        "before_step_bytes": before,
+        **figures,
         "constant_bytes": (
             None if before_warmup is None or after_warmup is None else after_warmup - before_warmup
         ),
         "rss_peak_bytes": final.rss_peak_bytes,
         "gpu_used_bytes": final.gpu_used_bytes,
-        **step_rates(config, times, activation, peak),
+        **step_rates(config, times, figures["activation_bytes"], figures["peak_bytes"]),
         "_model": model,
         "_trace": traced,
+    }
+
+
+def timed_steps(step, images, masks, steps: int, probe) -> tuple[list[float], dict[str, int]]:
+    """Run a compiled train step (one whose result carries the in-step allocator reads)
+    ``steps`` times after resetting the allocator's peak.
+
+    Returns:
+        Each step's wall time, and the step's figures: ``activation_bytes`` and
+        ``gradient_bytes`` (the reads after the forward pass and after the gradients, less
+        the one before the step), ``before_step_bytes`` and ``peak_bytes`` (the
+        allocator's peak over the steps). Memory is the same in each step, so the reads
+        are the first step's.
+    """
+    probe.reset_peak()
+    times, reads = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        result = step(images, masks)
+        result["loss"].numpy()
+        times.append(time.perf_counter() - start)
+        reads.append({k: int(v) for k, v in result.items() if k.startswith("bytes_")})
+    before = reads[0]["bytes_before_step"]
+    return times, {
+        "activation_bytes": reads[0]["bytes_after_forward"] - before,
+        "gradient_bytes": reads[0]["bytes_after_gradients"] - before,
+        "peak_bytes": int(probe.snapshot().allocator_peak_bytes),
+        "before_step_bytes": before,
     }
 
 
