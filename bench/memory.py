@@ -40,7 +40,7 @@ from histoseg.cli import check_output, run_main
 from histoseg.config import PRECISIONS, StepConfig
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.files import locked
-from histoseg.memory.calibrate import calibrated_prediction
+from histoseg.memory.calibrate import calibrated_prediction, peak_from_activations
 from histoseg.memory.devices import fit_problem, parse_size
 from histoseg.results import (
     check_results_path,
@@ -109,8 +109,9 @@ def predict(config: StepConfig) -> dict[str, int]:
 
 
 def fit_check(config: StepConfig, predicted: dict[str, int]) -> str | None:
-    """Why ``config`` cannot run here (as a row reason), or None when it should fit."""
-    return fit_problem(predicted["peak_bytes"], config.device)
+    """Why ``config`` cannot run here (as a row reason), or None when it should fit; a
+    patch cut across ranks runs all its ranks here, each at the predicted peak."""
+    return fit_problem(predicted["peak_bytes"], config.device, config.spatial_workers)
 
 
 def sweep(
@@ -228,7 +229,9 @@ def _one(
         if calibration is not None:
             extra["analytic"] = predicted
             predicted = calibrated_prediction(
-                calibration, config.patch_size, slabs=config.spatial_workers > 1
+                calibration,
+                config.patch_size,
+                peak_from_activations=peak_from_activations(config.spatial_workers, config.remat),
             )
     except HistosegError as exc:
         return make_row("memory", cfg, status="error", reason=str(exc), extra=extra)
@@ -273,7 +276,12 @@ def _slab_law(config: StepConfig, rows: Sequence[dict[str, Any]]) -> dict[str, A
     this = (config.patch_size, config.spatial_workers)  # never fitted on itself
     points = [q for q in slab_points(config, rows) if q[:2] != this]
     try:
-        return slab_law_prediction(points, config.patch_size, config.spatial_workers)
+        return slab_law_prediction(
+            points,
+            config.patch_size,
+            config.spatial_workers,
+            peak_from_activations=peak_from_activations(config.spatial_workers, config.remat),
+        )
     except ConfigError:
         return None
 
@@ -327,7 +335,9 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
             extra.pop("analytic", None)
         else:
             row["predicted"] = calibrated_prediction(
-                calibration, config.patch_size, slabs=config.spatial_workers > 1
+                calibration,
+                config.patch_size,
+                peak_from_activations=peak_from_activations(config.spatial_workers, config.remat),
             )
             extra["analytic"] = analytic
     write_rows(out, rows)

@@ -222,14 +222,16 @@ def _largest_slab_patch(
     from types import SimpleNamespace
 
     from histoseg.errors import ConfigError
-    from histoseg.memory.calibrate import slab_law_prediction
+    from histoseg.memory.calibrate import peak_from_activations, slab_law_prediction
     from histoseg.memory.estimate import largest_patch
 
     points = slab_points(config, rows)
     n = config.spatial_workers
+    from_activations = peak_from_activations(n, config.remat)
 
     def predict(patch_size: int, **_: Any) -> Any:
-        return SimpleNamespace(peak_bytes=slab_law_prediction(points, patch_size, n)["peak_bytes"])
+        law = slab_law_prediction(points, patch_size, n, peak_from_activations=from_activations)
+        return SimpleNamespace(peak_bytes=law["peak_bytes"])
 
     try:
         predict(n * config.output_stride)

@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.isolated import run_process
-from bench.scaling_table import markdown_table, summary_table
-from bench.scaling_worker import summarise, worker_main
+from bench.scaling_spatial import spatial_projection
+from bench.scaling_table import markdown_table, spatial_markdown_table, summary_table
+from bench.scaling_worker import spatial_worker_main, summarise, summarise_spatial, worker_main
 from histoseg.cli import ArgumentParser, command_line, run_main
 from histoseg.config import MAX_ALPHA, StepConfig, parse_alpha
 from histoseg.errors import ConfigError, EngineUnavailableError
@@ -96,13 +97,16 @@ def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> str | None:
     every rank. Returns None when the launcher exited 0, else ``"status: reason"``."""
     from histoseg.train.launch import horovodrun_path
 
-    if spec["engine"] == "horovod":
+    if spec["engine"] == "horovod" or (spec["engine"] == "spatial" and workers > 1):
         try:
             horovodrun_path()
         except EngineUnavailableError as exc:
             return f"skipped: {exc}"
     log_dir = Path(spec["out_dir"]) / "logs"
-    command = [sys.executable, "-m", "histoseg.train.launch", "--engine", spec["engine"]]
+    engine = spec["engine"]
+    if engine == "spatial":  # one patch over horovodrun's ranks; one rank runs alone
+        engine = "horovod" if workers > 1 else "none"
+    command = [sys.executable, "-m", "histoseg.train.launch", "--engine", engine]
     command += ["-n", str(workers), "--threads-per-worker", str(spec["threads"])]
     command += ["--log-dir", str(log_dir), "--"]
     command += [sys.executable, "-m", "bench.scaling", "--worker", json.dumps(spec)]
@@ -118,17 +122,21 @@ def point_config(
     args: argparse.Namespace, engine: str, size: int, compression: str, step: str, workers: int
 ) -> dict[str, Any]:
     """The config section of a point's row: the step's keys (the rank worker trains
-    float32, output stride 16, no recomputation, Adam on the CPU), then the point's own."""
-    step_config = StepConfig(
+    float32, output stride 16, no recomputation, Adam on the CPU), then the point's own.
+    Engine "spatial" cuts each patch across ``workers`` ranks (``spatial_workers``)."""
+    common: dict[str, Any] = dict(
         patch_size=size,
         batch_size=args.batch_size,
         backbone=args.backbone,
         threads=args.threads_per_worker,
-        engine=engine,
-        workers=workers,
         backbone_options=() if args.alpha is None else (("alpha", args.alpha),),
     )
-    return {**step_config.as_dict(), "compression": compression, "step": step}
+    if engine == "spatial":
+        config = StepConfig(**common, spatial_workers=workers).as_dict()
+        config.update(engine=engine, workers=workers)
+    else:
+        config = StepConfig(**common, engine=engine, workers=workers).as_dict()
+    return {**config, "compression": compression, "step": step}
 
 
 def run_point(
@@ -155,14 +163,21 @@ def run_point(
     # median launch by step time is the point's figure, and every launch's time is kept.
     launches.sort(key=lambda launch: launch[0]["step_s"])
     measured, records = launches[(len(launches) - 1) // 2]
+    if engine == "spatial":  # the ranks share each patch
+        scaling = {
+            "throughput_per_worker": measured["patches_per_s"] / workers,
+            "halo_s": measured["halo_s"],
+        }
+    else:
+        scaling = {
+            "throughput_per_worker": args.batch_size / measured["step_s"],
+            "allreduce_s": measured["allreduce_s"],
+        }
     return make_row(
         "scaling",
         config,
         measured=measured,
-        scaling={
-            "throughput_per_worker": args.batch_size / measured["step_s"],
-            "allreduce_s": measured["allreduce_s"],
-        },
+        scaling=scaling,
         extra={
             "steps": args.steps,
             "warmup": args.warmup,
@@ -205,7 +220,8 @@ def _launch_once(
         if failed or len(files) != workers:
             return failed or f"error: {len(files)} of {workers} ranks wrote a record"
         records = [json.loads(f.read_text()) for f in files]
-    measured = summarise(records, args.batch_size, size)
+    summary = summarise_spatial if engine == "spatial" else summarise
+    measured = summary(records, args.batch_size, size)
     # Cores' worth of CPU that processes other than the ranks (the launcher included) used
     # during the launch: on a shared machine, what tells a disturbed launch from a clean one.
     ranks_cpu_s = sum(r.get("cpu_s", 0.0) for r in records)
@@ -252,6 +268,7 @@ def attach_projection(
     spread = spread_from_rows(rows if spread_rows is None else spread_rows)
     # the calibration histoseg.scaling makes of the same rows (the control has no allreduce)
     overhead = calibrated_overhead(rows, {})
+    rows = [r for r in rows if r["config"]["engine"] != "spatial"]  # not data parallel
     engine_rows = [r for r in rows if r["config"]["engine"] != "none"]
     max_workers = args.nodes * args.workers_per_node
     workers = [n for n in DEFAULT_WORKERS if n <= max_workers]
@@ -357,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  python -m bench.scaling --workers 1 2 --sizes 512 1024 --engine horovod tf\n"
             "  python -m bench.scaling --workers 1 2 --sizes 512 --engine horovod "
             "--compression none fp16 --backbone xception65 --out results/scaling_x65.json\n"
+            "  python -m bench.scaling --spatial-workers 2 --sizes 512 1024 "
+            "--backbone xception65 --out results/scaling_spatial.json\n"
         ),
     )
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -367,6 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ENGINES,
         default=["horovod", "tf"],
         help="none = N independent processes, the no-communication control",
+    )
+    p.add_argument(
+        "--spatial-workers",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="measure engine spatial instead: each patch cut across N ranks (and the "
+        "1-rank step it is compared with); halo_s is the halo exchange's exposed time",
     )
     p.add_argument("--compression", nargs="+", choices=("none", "fp16"), default=["none"])
     p.add_argument(
@@ -391,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="launches per point; the median launch by step time is reported (default 1)",
     )
+    _launch_options(p)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--show",
+        action="store_true",
+        help="measure nothing: print the 2-worker table of the rows in --out (Markdown)",
+    )
+    p.add_argument(
+        "--reproject",
+        action="store_true",
+        help="measure nothing: project the measured rows in --out again (the projection "
+        "options below apply) and rewrite its projection rows and curves",
+    )
+    _projection_options(p)
+    return p
+
+
+def _launch_options(p: argparse.ArgumentParser) -> None:
+    """How each point's ranks are launched and when a launch is taken as disturbed."""
     p.add_argument(
         "--threads-per-worker",
         type=int,
@@ -413,20 +459,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave workers unpinned (default: each rank on its own block of cores)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results (default {DEFAULT_OUT})")
-    p.add_argument(
-        "--show",
-        action="store_true",
-        help="measure nothing: print the 2-worker table of the rows in --out (Markdown)",
-    )
-    p.add_argument(
-        "--reproject",
-        action="store_true",
-        help="measure nothing: project the measured rows in --out again (the projection "
-        "options below apply) and rewrite its projection rows and curves",
-    )
-    _projection_options(p)
-    return p
 
 
 def _projection_options(p: argparse.ArgumentParser) -> None:
@@ -439,6 +471,15 @@ def _projection_options(p: argparse.ArgumentParser) -> None:
     proj.add_argument("--latency-us", type=float, default=1.0)
     proj.add_argument(
         "--compute-scale", type=float, default=1.0, help="scale the measured compute time"
+    )
+    proj.add_argument(
+        "--project-spatial-size",
+        type=int,
+        default=8192,
+        help="patch size, px, of the spatial projection (from rows of engine spatial)",
+    )
+    proj.add_argument(
+        "--project-spatial-workers", type=int, default=8, help="ranks per patch of it"
     )
     p.add_argument("--worker", help=argparse.SUPPRESS)
 
@@ -454,6 +495,10 @@ def reproject(rows: list[dict], args: argparse.Namespace) -> int:
         r for r in rows if r.get("kind") == "scaling" and r["config"].get("engine") != "projection"
     ]
     text, projection_rows = attach_projection(measured, args)
+    spatial_text, spatial_rows = spatial_projection(measured, args, measured)
+    projection_rows += spatial_rows
+    if spatial_text:
+        text += f"\n\n{spatial_text}"
     if not projection_rows:
         raise ConfigError(f"--reproject: {args.out}: {text}")
     write_rows(args.out, merge_rows(rows, projection_rows))
@@ -467,7 +512,8 @@ def reproject(rows: list[dict], args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        return worker_main(json.loads(args.worker))
+        spec = json.loads(args.worker)
+        return (spatial_worker_main if spec["engine"] == "spatial" else worker_main)(spec)
 
     args.command = command_line("bench.scaling", argv)
     if args.out.suffix != ".json":
@@ -477,8 +523,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--show/--reproject: no results file {args.out}; run a sweep first")
         if args.reproject:
             return reproject(load_rows(args.out), args)
-        print(markdown_table(load_rows(args.out)))
+        rows = load_rows(args.out)
+        print("\n\n".join(t for t in (markdown_table(rows), spatial_markdown_table(rows)) if t))
         return 0
+    if args.spatial_workers:
+        args.engine, args.workers = ["spatial"], sorted({1, *args.spatial_workers})
+        args.step, args.compression = ["spatial"], ["none"]
     if any(w < 1 for w in args.workers) or any(s < 16 or s % 16 for s in args.sizes):
         raise ConfigError("--workers must be >= 1 and --sizes multiples of 16")
     if args.repeats < 1:
@@ -509,9 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(row)
         add_efficiency(rows)
         m = row.get("measured", {})
+        kind = "halo" if engine == "spatial" else "allreduce"
         done = (
-            f"{m['step_s']:.3f} s/step, allreduce {m['allreduce_s']:.4f} s "
-            f"({100 * m['allreduce_share']:.1f}%)"
+            f"{m['step_s']:.3f} s/step, {kind} {m[f'{kind}_s']:.4f} s "
+            f"({100 * m[f'{kind}_share']:.1f}%)"
             if row["status"] == "ok"
             else f"{row['status']}: {row.get('reason', '')[:200]}"
         )
@@ -528,11 +579,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the straggler spread pools every row without a collective that the file will hold:
     # this sweep's and those already there (a sweep of one launch per point has none)
     text, projection_rows = attach_projection(rows, args, spread_rows=merge_rows(kept, rows))
-    write_rows(args.out, merge_rows(kept, rows + projection_rows))
+    spatial_text, spatial_rows = spatial_projection(rows, args, merge_rows(kept, rows))
+    write_rows(args.out, merge_rows(kept, rows + projection_rows + spatial_rows))
     print()
     print(summary_table(rows))
     print()
     print(text)
+    if spatial_text:
+        print(f"\n{spatial_text}")
     print(f"\nrows: {args.out} (+ .csv)")
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 

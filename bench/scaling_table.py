@@ -12,10 +12,12 @@ from histoseg.scaling.model import band_text
 def summary_table(rows: Sequence[dict]) -> str:
     """Measured rows, one line each; a row that carries a cluster projection
     (``extra.projection``) ends with its efficiency at the largest worker count and the
-    straggler band (``projected``: ``93.9% (92.2-95.0%) @512``)."""
+    straggler band (``projected``: ``93.9% (92.2-95.0%) @512``). ``comm`` is the
+    gradient allreduce's time of a data-parallel row and the halo exchange's of an engine
+    "spatial" row (``share``: of the step)."""
     head = (
         f"{'engine':<8} {'px':>5} {'comp':>5} {'step':>8} {'workers':>7} {'step_s':>8} "
-        f"{'allreduce':>10} "
+        f"{'comm':>8} {'kind':>9} "
         f"{'share':>6} {'patch/s/worker':>14} {'total/s':>8} {'efficiency':>10}  projected"
     )
     lines = [head, "-" * len(head)]
@@ -31,10 +33,12 @@ def summary_table(rows: Sequence[dict]) -> str:
             )
             continue
         m, s = r["measured"], r["scaling"]
+        kind = "halo" if c["engine"] == "spatial" else "allreduce"
         eff = s.get("efficiency")
         line = (
             f"{c['engine']:<8} {c['patch_size']:>5} {c['compression']:>5} "
-            f"{c.get('step', '-'):>8} {c['workers']:>7} {m['step_s']:>8.3f} {m['allreduce_s']:>10.4f} {100 * m['allreduce_share']:>5.1f}% "
+            f"{c.get('step', '-'):>8} {c['workers']:>7} {m['step_s']:>8.3f} "
+            f"{m[f'{kind}_s']:>8.4f} {kind:>9} {100 * m[f'{kind}_share']:>5.1f}% "
             f"{s['throughput_per_worker']:>14.3f} {m['patches_per_s']:>8.3f} "
             f"{'' if eff is None else f'{100 * eff:.1f}%':>10}  {projected_text(r)}"
         )
@@ -73,7 +77,7 @@ def markdown_table(rows: Sequence[dict]) -> str:
         for r in rows
         if r.get("kind") == "scaling"
         and r.get("status") == "ok"
-        and r["config"].get("engine") != "projection"
+        and r["config"].get("engine") not in ("projection", "spatial")
         and r["config"].get("workers") == 2
     ]
     by_point: dict[tuple, dict[str, dict]] = {}
@@ -118,5 +122,36 @@ def markdown_table(rows: Sequence[dict]) -> str:
             f"| {pair([r['measured']['step_s'] for r in variants], '{:.3f}')} "
             f"| {pair(threads_ms, '{:.0f}')} "
             f"| {pair(others, '{:.2f}')} |"
+        )
+    return "\n".join(lines)
+
+
+def spatial_markdown_table(rows: Sequence[dict]) -> str:
+    """The measured rows of engine "spatial" as a Markdown table ("" without any): per
+    patch size and rank count, the step, the same step without the halo exchange, the
+    exchange's exposed time and share, its collectives and bytes per step (the most loaded
+    rank's), and the efficiency against the 1-rank step (T1 / (N x TN))."""
+    spatial = [
+        r
+        for r in rows
+        if r.get("kind") == "scaling"
+        and r.get("status") == "ok"
+        and r["config"].get("engine") == "spatial"
+    ]
+    if not spatial:
+        return ""
+    lines = [
+        "| patch px | ranks | step s | without exchange s | halo s | halo share "
+        "| collectives per step | halo MB per step | efficiency |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(spatial, key=lambda r: (r["config"]["patch_size"], r["config"]["workers"])):
+        c, m = r["config"], r["measured"]
+        eff = r["scaling"].get("efficiency")
+        lines.append(
+            f"| {c['patch_size']} | {c['workers']} | {m['step_s']:.3f} | {m['compute_s']:.3f} "
+            f"| {m['halo_s']:.3f} | {100 * m['halo_share']:.1f}% | {m['halo_collectives']} "
+            f"| {(m['halo_gather_bytes'] + m['halo_sum_bytes']) / 1e6:.1f} "
+            f"| {'-' if eff is None else f'{100 * eff:.1f}%'} |"
         )
     return "\n".join(lines)

@@ -1,6 +1,10 @@
 """One rank of a bench.scaling launch: build the model, train a fixed batch of its own, time
 every step (and the same step without its collective), probe the allreduce alone, and write
-``rank<r>.json``; and the launcher's summary of a launch from its ranks' records."""
+``rank<r>.json``; and the launcher's summary of a launch from its ranks' records.
+
+Engine "spatial" (:func:`spatial_worker_main`) is one patch cut across the ranks instead:
+every rank trains its slab of the same patches, and the step is timed again without the
+halo exchange (:class:`histoseg.spatial.comm.NoExchange`)."""
 
 from __future__ import annotations
 
@@ -88,6 +92,82 @@ def worker_main(spec: dict[str, Any]) -> int:
     out = Path(spec["out_dir"]) / f"rank{rank}.json"
     out.write_text(json.dumps(record))
     engine.shutdown()
+    return 0
+
+
+def spatial_worker_main(spec: dict[str, Any]) -> int:
+    """One rank of engine "spatial": the compiled spatial train step on this rank's slab of
+    the same patches (one rank: the executor on the whole patch), timed; then the same
+    step with the halo exchange and moment reductions left out, timed as well; the
+    collectives the step's trace built (``HorovodComm.traffic``); ``rank<r>.json``."""
+    threads = int(spec["threads"])
+    from histoseg.train.launch import local_rank_from_env, pin_to_cores
+
+    cores = pin_to_cores(local_rank_from_env(), threads) if spec.get("pin", True) else None
+    import numpy as np
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import keras
+
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.spatial import SpatialExecutor, make_spatial_train_step, slab_rows
+    from histoseg.spatial.comm import HorovodComm, NoExchange, SingleProcess, under_horovod
+    from histoseg.train.distributed import gradient_bytes
+    from histoseg.train.engines.selfcheck import global_batch
+    from histoseg.train.step import make_optimizer
+
+    comm = HorovodComm() if under_horovod() else SingleProcess()
+    keras.utils.set_random_seed(0)
+    size_px = int(spec["patch_size"])
+    kwargs = {"alpha": spec["alpha"]} if spec.get("alpha") is not None else {}
+    model = build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
+    if comm.size > 1:
+        comm.broadcast_variables(model.variables)
+        comm.traffic = []
+    images, masks = global_batch(0, int(spec["batch_size"]), size_px, seed=99)
+    start, stop = slab_rows(size_px, comm.size, comm.rank)
+    images, masks = tf.constant(images[:, start:stop]), tf.constant(masks[:, start:stop])
+    warmup, steps = int(spec["warmup"]), int(spec["steps"])
+
+    def timed(step) -> tuple[list[float], list[float]]:
+        times, losses = [], []
+        for i in range(warmup + steps):
+            clock = time.perf_counter()
+            loss = float(step(images, masks)["loss"])
+            if i >= warmup:
+                times.append(time.perf_counter() - clock)
+                losses.append(loss)
+        return times, losses
+
+    step = make_spatial_train_step(SpatialExecutor(model, comm), make_optimizer("adam", 1e-4))
+    times, losses = timed(step)
+    traffic = getattr(comm, "traffic", None) or []  # the step's trace, nothing after it
+    comm.traffic = None
+    local: list[float] = []
+    if comm.size > 1:
+        quiet = NoExchange(comm.rank, comm.size)
+        step = make_spatial_train_step(SpatialExecutor(model, quiet), make_optimizer("adam", 1e-4))
+        comm.sum_values(tf.zeros([1]), "spatial_worker.barrier").numpy()  # ranks in step
+        local = timed(step)[0]
+    record = {
+        "rank": comm.rank,
+        "size": comm.size,
+        "step_mode": "spatial",
+        "step_s": times,
+        "local_step_s": local,
+        "loss": losses,
+        "gradient_bytes": gradient_bytes(model),
+        "parameters": int(sum(np.prod(v.shape) for v in model.trainable_variables)),
+        "halo_collectives": len(traffic),
+        "halo_gather_bytes": sum(t["bytes"] or 0 for t in traffic if t["kind"] == "gather"),
+        "halo_sum_bytes": sum(t["bytes"] or 0 for t in traffic if t["kind"] == "sum"),
+        "cores": cores,
+        "cpu_s": _own_cpu_s(),
+    }
+    out = Path(spec["out_dir"]) / f"rank{comm.rank}.json"
+    out.write_text(json.dumps(record))
     return 0
 
 
@@ -241,4 +321,51 @@ def summarise(records: list[dict[str, Any]], batch_size: int, patch_size: int) -
         # every timed step of every rank: the step-to-step spread a launch's median hides
         "per_rank_steps_s": [list(r["step_s"]) for r in ranks],
         **extra,
+    }
+
+
+#: What ``halo_s`` of a spatial row is (kept in ``measured.halo_timing``).
+HALO_TIMING = (
+    "exposed: the step minus the same ranks' step with the halo exchange and moment "
+    "reductions left out (histoseg.spatial.comm.NoExchange)"
+)
+
+
+def summarise_spatial(
+    records: list[dict[str, Any]], batch_size: int, patch_size: int
+) -> dict[str, Any]:
+    """Measured figures of one launch of engine "spatial" (medians over steps).
+
+    The ranks train the same ``batch_size`` patches together, so ``patches_per_s`` is the
+    launch's, not per rank. ``halo_s`` is the spatial communication the step exposes: the
+    slowest rank's median step minus the slowest rank's median step without it
+    (``compute_s``; the gradient sum over the ranks is in both), clamped at zero, the
+    unclamped difference kept as ``halo_exposed_s``. ``halo_collectives`` and the bytes
+    put into them per step (``halo_gather_bytes``, ``halo_sum_bytes``; the traffic of
+    :func:`histoseg.spatial.traffic.halo_traffic`) are the most loaded rank's, from the
+    trace of its step.
+    """
+    med = statistics.median
+    ranks = sorted(records, key=lambda r: r["rank"])
+    step_s = max(med(r["step_s"]) for r in records)
+    local = [r["local_step_s"] for r in records if r.get("local_step_s")]
+    compute_s = max(med(steps) for steps in local) if local else step_s
+    exposed_s = step_s - compute_s
+    most = max(records, key=lambda r: r["halo_gather_bytes"] + r["halo_sum_bytes"])
+    return {
+        "step_s": step_s,
+        "compute_s": compute_s,
+        "halo_s": max(0.0, exposed_s),
+        "halo_exposed_s": exposed_s,
+        "halo_share": max(0.0, exposed_s) / step_s,
+        "halo_timing": HALO_TIMING,
+        "halo_collectives": most["halo_collectives"],
+        "halo_gather_bytes": most["halo_gather_bytes"],
+        "halo_sum_bytes": most["halo_sum_bytes"],
+        "patches_per_s": batch_size / step_s,
+        "megapixels_per_s": batch_size * patch_size**2 / 1e6 / step_s,
+        "gradient_bytes": records[0]["gradient_bytes"],
+        "parameters": records[0]["parameters"],
+        "per_rank_step_s": [med(r["step_s"]) for r in ranks],
+        "per_rank_steps_s": [list(r["step_s"]) for r in ranks],
     }

@@ -42,6 +42,7 @@ EPILOG = """Examples:
   python -m bench.spatial --check --workers 2 --size 128 --backbone mobilenetv2 --alpha 0.35
   python -m bench.spatial --check --workers 2 --size 512 --backbone xception65
   python -m bench.spatial --check --workers 2 --size 64 --dtype float64 --compiled
+  python -m bench.spatial --check --workers 2 --size 64 --dtype float64 --compiled --remat full
   horovodrun -np 4 -H localhost:4 --gloo python -m bench.spatial --check --workers 4 --size 512
 """
 LOGIT_BOUND = 1e-4
@@ -116,9 +117,12 @@ def build_model(args: argparse.Namespace):
 
     keras.utils.set_random_seed(args.seed)
     kwargs = {"alpha": args.alpha} if args.backbone == "mobilenetv2" else {}
+    kwargs["remat"] = args.remat
     shape = (args.size, args.size, 3)
-    if args.dtype == "float32":
-        return build_deeplabv3plus(args.backbone, shape, num_classes=args.classes, **kwargs)
+    if args.dtype != "float64":
+        return build_deeplabv3plus(
+            args.backbone, shape, num_classes=args.classes, precision=args.dtype, **kwargs
+        )
     with mock.patch.object(builder, "PRECISIONS", (*builder.PRECISIONS, "float64")):
         model = build_deeplabv3plus(
             args.backbone, shape, num_classes=args.classes, precision="float64", **kwargs
@@ -204,6 +208,7 @@ def check(args: argparse.Namespace) -> dict | None:
     return {
         "backbone": args.backbone,
         "dtype": args.dtype,
+        "remat": args.remat,
         "size": args.size,
         "workers": comm.size,
         "batch": args.batch,
@@ -268,8 +273,14 @@ def _parser() -> ArgumentParser:
     parser.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "float64"),
+        choices=("float32", "float64", "mixed_bfloat16"),
         help="float64: every layer in float64, to see the partitioning without float32 rounding",
+    )
+    parser.add_argument(
+        "--remat",
+        default="none",
+        choices=("none", "blocks", "full"),
+        help="recompute blocks in the backward pass, in both steps (default none)",
     )
     parser.add_argument(
         "--baseline",

@@ -102,8 +102,8 @@ class StepConfig:
         spatial_workers: Ranks one patch is cut across (``histoseg.spatial``: horizontal
             slabs, halo exchange); 1 = the whole patch in one process. Above 1 the patch
             must be a multiple of ``spatial_workers x output_stride`` px, and the step is
-            a float32 TensorFlow train step without recomputation (what the spatial
-            executor runs).
+            a TensorFlow train step in float32 or mixed_bfloat16, any remat mode (what the
+            spatial executor runs: it has no loss scaling for mixed_float16).
     """
 
     patch_size: int = 512
@@ -200,12 +200,16 @@ class StepConfig:
                 f"patch_size {self.patch_size} px cannot be cut into {n} slabs: it must be a "
                 f"multiple of spatial_workers x output stride ({n * self.output_stride})"
             )
-        wanted = {"mode": "train", "backend": "tensorflow", "precision": "float32", "remat": "none"}
-        for name, value in wanted.items():
-            if getattr(self, name) != value:
+        wanted = {
+            "mode": ("train",),
+            "backend": ("tensorflow",),
+            "precision": ("float32", "mixed_bfloat16"),
+        }
+        for name, values in wanted.items():
+            if getattr(self, name) not in values:
                 raise ConfigError(
                     f"{name} {getattr(self, name)!r} with spatial_workers {n}: the spatial "
-                    f"executor runs {name} {value!r} only so far"
+                    f"executor runs {name} {' or '.join(map(repr, values))} only so far"
                 )
         if self.engine != "none" or self.workers != 1:
             raise ConfigError(

@@ -150,10 +150,11 @@ def test_a_patch_cut_across_ranks_keeps_old_rows_identity_and_refuses_what_canno
     assert "spatial_workers" not in StepConfig(patch_size=256).as_dict()
     refusals = [
         ({"patch_size": 240}, "multiple of spatial_workers x output stride \\(32\\)"),
-        ({"precision": "mixed_bfloat16"}, "precision 'mixed_bfloat16' with spatial_workers 2"),
-        ({"remat": "blocks"}, "remat 'blocks' with spatial_workers 2"),
+        ({"precision": "mixed_float16"}, "precision 'mixed_float16' with spatial_workers 2"),
+        ({"backend": "torch"}, "backend 'torch' with spatial_workers 2"),
         ({"engine": "horovod", "workers": 2}, "do not compose in one run yet"),
     ]
     for changes, expect in refusals:
         with pytest.raises(ConfigError, match=expect):
             cut.replace(**changes)
+    assert cut.replace(precision="mixed_bfloat16", remat="full").remat == "full"  # runs

@@ -337,3 +337,48 @@ def test_weak_scaling_plot_shades_the_band_a_projection_row_stores(tmp_path):
     assert draw_weak_scaling([fp32, fp16], tmp_path).drawn
     svg = (tmp_path / "weak_scaling.svg").read_text()
     assert "no stragglers" not in svg and "fp32 (band)" in svg
+
+
+def test_the_spatial_projection_costs_the_halo_exchange_as_implemented():
+    """Allgathers of every rank's boundary rows and allreduces of the stacked halo
+    gradients, each collective paying the framework's overhead and a ring's latency; only
+    rank counts that are whole groups; a band from the spread."""
+    from histoseg.scaling.model import Network
+    from histoseg.scaling.spatial import halo_exchange_s, project_spatial
+    from histoseg.scaling.stragglers import Spread
+
+    network = Network(100.0, 1e-6, 2)
+    traffic = {"collectives": 100, "gather_bytes": 1e6, "sum_bytes": 2e6}
+    wire = 7 * 1e6 + 2 * 7 / 8 * 2e6
+    expected = 100 * (1e-3 + 7 * 1e-6) + wire / 12.5e9
+    assert halo_exchange_s(traffic, 8, network, 1e-3) == pytest.approx(expected)
+    assert halo_exchange_s(traffic, 1, network, 1e-3) == 0.0
+    spread = Spread(0.02, 0.015, 0.03, "given")
+    table = project_spatial(
+        10.0, traffic, 4e6, 8, [1, 4, 8, 12, 16, 512], network=network, overhead_s=1e-3,
+        spread=spread,
+    )  # fmt: skip
+    assert [t["workers"] for t in table] == [8, 16, 512]
+    assert [t["groups"] for t in table] == [1, 2, 64]
+    for t in table:
+        assert t["halo_s"] == pytest.approx(expected)
+        assert t["efficiency_low"] < t["efficiency"] < t["efficiency_high"] < 1.0
+        assert t["patches_per_s"] == pytest.approx(t["groups"] / t["step_s"])
+    assert table[0]["efficiency"] > table[-1]["efficiency"]  # stragglers and the allreduce
+
+
+def test_partition_figures_come_from_the_spatial_rows():
+    from histoseg.scaling.spatial import partition_figures
+
+    def row(px, ranks, compute_s):
+        config = {"engine": "spatial", "patch_size": px, "workers": ranks, "backbone": "b"}
+        measured = {"compute_s": compute_s, "gradient_bytes": 8e6}
+        return make_row("scaling", config, measured=measured, machine={})
+
+    rows = [row(256, 1, 1.0), row(512, 1, 4.0), row(512, 2, 2.2), row(256, 2, 0.6)]
+    figures = partition_figures(rows)
+    assert figures["compute_s_per_megapixel"] == pytest.approx(4.0 / 0.262144)
+    assert figures["partition_overhead"] == pytest.approx(2 * 2.2 / 4.0)  # the largest patch
+    assert figures["partition_measured_at"] == "512 px over 2 ranks"
+    with pytest.raises(ConfigError, match="no measured 1-rank row"):
+        partition_figures([row(512, 2, 2.2)])

@@ -169,6 +169,50 @@ def test_single_process_executor_is_the_model():
     assert abs(float(loss) - float(want_loss)) < 1e-6
 
 
+def test_recomputed_blocks_give_the_same_step_and_update_batch_norm_once():
+    """A remat model (``full``) through the executor, compiled: its blocks are recomputed
+    in the backward pass (``sequenced_recompute``) and the gradients and moving statistics
+    are the Keras step's, so the recomputation updated no moving statistic again."""
+    import keras
+    import tensorflow as tf
+
+    from bench.spatial import grad_errors
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.spatial import SingleProcess, SpatialExecutor, spatial_gradients
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return build_deeplabv3plus("mobilenetv2", (64, 64, 3), alpha=0.35, remat="full")
+
+    spatial, whole = build(), build()
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32))
+    masks = tf.constant(rng.integers(0, 2, (1, 64, 64)).astype(np.int32))
+    executor = SpatialExecutor(spatial, SingleProcess())
+
+    @tf.function  # variables are closed over: as arguments they would be traced as values
+    def spatial_step():
+        return spatial_gradients(executor, images, masks, spatial.trainable_variables)[2]
+
+    grads = spatial_step()
+
+    @tf.function
+    def keras_step():
+        with tf.GradientTape() as tape:
+            logits = whole(images, training=True)
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=masks, logits=logits)
+            )
+        return tape.gradient(loss, whole.trainable_variables)
+
+    assert grad_errors(grads, keras_step())["rel_grad_l2_error"] < 1e-4
+    pairs = zip(spatial.weights, whole.weights, strict=True)
+    moving = [(a, b) for a, b in pairs if "moving" in a.path]
+    assert moving
+    for a, b in moving:
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+
+
 def _horovodrun_missing() -> bool:
     from histoseg.errors import EngineUnavailableError
     from histoseg.train.launch import horovodrun_path
@@ -186,10 +230,12 @@ def test_two_ranks_compute_the_single_rank_step():
     64 px the stride-2 stem leaves the last rank reading no gathered rows: the case that
     hung a compiled step), float64 so that float32 rounding (which this tiny model at
     initialisation amplifies to percent-level gradient differences) does not hide a
-    partitioning error; see docs/spatial.md."""
+    partitioning error; see docs/spatial.md. With every block recomputed (remat full), so
+    the recomputations' halo exchanges and moments run across the ranks too."""
     command = [
         sys.executable, "-m", "bench.spatial", "--check", "--workers", "2", "--size", "64",
         "--backbone", "mobilenetv2", "--alpha", "0.35", "--dtype", "float64", "--compiled",
+        "--remat", "full",
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -206,14 +252,16 @@ def test_two_ranks_compute_the_single_rank_step():
 def test_the_memory_harness_measures_each_rank_of_a_patch_cut_in_two(tmp_path):
     """``bench.memory --spatial-workers 2``: two ranks under horovodrun run the compiled
     spatial train step; the row keeps every rank's figures, reports the most loaded one,
-    and a rank holds clearly less of the forward pass than the whole patch's step does."""
+    and a rank holds clearly less of the forward pass than the whole patch's step does.
+    In mixed_bfloat16, whose maps Horovod's ops do not take (sent as their bits)."""
     from bench.memory import main, predict
     from histoseg.config import StepConfig
     from histoseg.results import load_rows
 
     out = tmp_path / "spatial.json"
     argv = ["--backbone", "mobilenetv2", "--backbone-option", "alpha=0.35", "--sizes", "128"]
-    argv += ["--spatial-workers", "2", "--steps", "1", "--quiet", "--out", str(out)]
+    argv += ["--precision", "mixed_bfloat16", "--spatial-workers", "2", "--steps", "1"]
+    argv += ["--quiet", "--out", str(out)]
     assert main(argv) == 0
     (row,) = load_rows(out)
     assert row["status"] == "ok", row.get("reason")
@@ -221,7 +269,8 @@ def test_the_memory_harness_measures_each_rank_of_a_patch_cut_in_two(tmp_path):
     per_rank, measured = row["extra"]["per_rank"], row["measured"]
     assert len(per_rank["peak_bytes"]) == 2
     assert measured["peak_bytes"] == max(per_rank["peak_bytes"])
-    whole = predict(StepConfig(patch_size=128, backbone="mobilenetv2", **_ALPHA))
+    whole = StepConfig(patch_size=128, backbone="mobilenetv2", precision="mixed_bfloat16")
+    whole = predict(whole.replace(**_ALPHA))
     assert max(per_rank["activation_bytes"]) < 0.75 * whole["activation_bytes"]
 
 

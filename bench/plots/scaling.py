@@ -36,6 +36,7 @@ Band = tuple[str, list[tuple[int, float, float, float]]]
 #: The study's cluster run the band projects: 2048 px patches, 256 nodes x 2 workers.
 STUDY_PATCH_PX, STUDY_NODES, STUDY_WORKERS_PER_NODE = 2048, 256, 2
 BAND_COLOR = "#7B3294"
+SPATIAL_COLOR = "#1B7837"
 
 
 def engine_label(engine: str, compression: str) -> str:
@@ -226,6 +227,38 @@ def stored_band(row: dict) -> list[dict]:
     return sorted(band, key=lambda item: item["workers"])
 
 
+def spatial_band(projection_rows: Sequence[dict]) -> tuple[Band | None, list[str]]:
+    """The spatial projection (a row of engine "projection" with ``spatial_workers``, as
+    ``bench.scaling`` writes it from rows of engine "spatial") as a band, and its caption."""
+    row = next((r for r in projection_rows if r.get("config", {}).get("spatial_workers")), None)
+    if row is None:
+        return None, []
+    config, inputs = row["config"], section(row, "extra").get("inputs") or {}
+    band = stored_band(row)
+    if not band:
+        return None, ["no spatial band: its projection row holds no straggler band"]
+    last = band[-1]
+    label = (
+        f"spatial projection, {config['patch_size']} px over {config['spatial_workers']} ranks "
+        "per patch (band)"
+    )
+    points = [
+        (b["workers"], b["efficiency_low"], b["efficiency"], b["efficiency_high"]) for b in band
+    ]
+    lines = [
+        f"Green: one {config['patch_size']} px patch per group of {config['spatial_workers']} "
+        f"ranks (spatial parallelism, a model), {band_text(last)} at {last['workers']} workers; "
+        f"efficiency against the slab's compute alone (compute_s={number(inputs.get('compute_s')) or 0:.3g}: "
+        f"the whole patch's, scaled by pixels from measured 1-rank steps, over the ranks, x "
+        f"{number(inputs.get('partition_overhead')) or 0:.3f} partition overhead measured at "
+        f"{inputs.get('partition_measured_at')}); halo exchange "
+        f"{inputs.get('halo_collectives')} collectives per step costed as implemented "
+        f"(allgathers and allreduces); check on this machine: "
+        f"{inputs.get('halo_s_check_on_this_machine')}.",
+    ]
+    return (label, points), lines
+
+
 def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     """Weak-scaling efficiency and total throughput against workers, per engine and compression.
 
@@ -239,7 +272,14 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
         outcome.notes.append("no scaling rows (kind 'scaling'); run python -m bench.scaling")
         return outcome
     projection_rows = [r for r in scaling_rows if r.get("config", {}).get("engine") == "projection"]
-    measured_rows = [r for r in scaling_rows if r not in projection_rows]
+    # one patch across ranks: strong scaling, drawn as its cluster projection only
+    spatial, spatial_lines = spatial_band(projection_rows)
+    projection_rows = [r for r in projection_rows if not r["config"].get("spatial_workers")]
+    measured_rows = [
+        r
+        for r in scaling_rows
+        if r.get("config", {}).get("engine") not in ("projection", "spatial")
+    ]
     # One train-step mode per figure (bench.scaling --step): the default where measured.
     modes = sorted({step_mode_of(r) for r in measured_rows})
     shown_mode = DEFAULT_STEP_MODE if DEFAULT_STEP_MODE in modes or not modes else modes[0]
@@ -258,7 +298,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     with matplotlib.rc_context(STYLE):
         fig = new_figure(12.5, 4.8)
         ax_eff, ax_tp = fig.subplots(1, 2)
-        handles = _draw(ax_eff, ax_tp, points, curves, band)
+        handles = _draw(ax_eff, ax_tp, points, curves, band, spatial)
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
         fig.suptitle("Weak scaling: fixed patches per worker", fontsize=12)
         plotted = measured_rows or projection_rows
@@ -267,6 +307,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
             "scaling.throughput_per_worker x workers; the 1-worker point (no allreduce) starts every "
             "compression's line. Dashed: the ring-allreduce projection (a model, not a measurement).",
             *band_lines,
+            *spatial_lines,
             caption.config_line(
                 plotted, varied=("workers", "engine", "patch_size", "threads", "compression")
             ),
@@ -287,7 +328,9 @@ def _curve_color(compression: str) -> str:
     return "#444444" if compression == "fp16" else "#AAAAAA"
 
 
-def _draw(ax_eff, ax_tp, points: Points, curves: Curves, band: Band | None) -> list:
+def _draw(
+    ax_eff, ax_tp, points: Points, curves: Curves, band: Band | None, spatial: Band | None = None
+) -> list:
     """Both panels; returns the legend's handles (colours, markers, then curves)."""
     combos = sorted({(e, c) for e, c, _ in points})
     colour_of = {combo: PALETTE[i % len(PALETTE)] for i, combo in enumerate(combos)}
@@ -310,19 +353,11 @@ def _draw(ax_eff, ax_tp, points: Points, curves: Curves, band: Band | None) -> l
             color=_curve_color(compression),
             label=label,
         )
-    if band:
-        band_workers = [w for w, *_ in band[1]]
-        ax_eff.fill_between(
-            band_workers,
-            [100 * low for _, low, _, _ in band[1]],
-            [100 * high for *_, high in band[1]],
-            color=BAND_COLOR,
-            alpha=0.25,
-            lw=0,
-        )
-        ax_eff.plot(band_workers, [100 * c for _, _, c, _ in band[1]], color=BAND_COLOR, lw=1.2)
+    for shown, colour, ls in ((band, BAND_COLOR, "-"), (spatial, SPATIAL_COLOR, "-.")):
+        if shown:
+            _fill_band(ax_eff, shown[1], colour, ls)
     measured_workers = [w for pts in points.values() for w, *_ in pts]
-    band_seen = [w for w, *_ in band[1]] if band else []
+    band_seen = [w for b in (band, spatial) if b for w, *_ in b[1]]
     _style_axes(
         ax_eff,
         ax_tp,
@@ -346,9 +381,18 @@ def _draw(ax_eff, ax_tp, points: Points, curves: Curves, band: Band | None) -> l
         Line2D([], [], color=_curve_color(c), ls="--", lw=1.6, label=label)
         for (label, c) in sorted(curves)
     ]
-    if band:
-        handles.append(Patch(facecolor=BAND_COLOR, alpha=0.4, edgecolor=BAND_COLOR, label=band[0]))
+    for shown, colour in ((band, BAND_COLOR), (spatial, SPATIAL_COLOR)):
+        if shown:
+            handles.append(Patch(facecolor=colour, alpha=0.4, edgecolor=colour, label=shown[0]))
     return handles
+
+
+def _fill_band(ax, points: list[tuple[int, float, float, float]], colour: str, ls: str) -> None:
+    """A projection's band (low .. high efficiency, shaded) and its central line."""
+    workers = [w for w, *_ in points]
+    low, central, high = ([100 * p[i] for p in points] for i in (1, 2, 3))
+    ax.fill_between(workers, low, high, color=colour, alpha=0.25, lw=0)
+    ax.plot(workers, central, color=colour, lw=1.2, ls=ls)
 
 
 def _draw_point_series(ax_eff, ax_tp, pts, color: str, marker: str) -> None:

@@ -59,8 +59,23 @@ def fit_area(points: Sequence[tuple[int, int]]) -> AreaFit:
     return AreaFit(intercept_bytes=intercept, bytes_per_px=slope, max_residual=residual)
 
 
+def peak_from_activations(spatial_workers: int, remat: str) -> bool:
+    """Whether a config's step peak is predicted as its fitted activations plus what it
+    held beyond them (:func:`held_beyond_activations`) rather than by a fit of the peak.
+
+    So for a patch cut across ranks without recomputation: its peak comes after the
+    forward pass, and the rest does not grow with the patch. With recomputation the peak
+    comes in the backward pass, while a block is recomputed, and that grows with the
+    patch as the activations do; its peak is fitted as they are.
+    """
+    return spatial_workers > 1 and remat == "none"
+
+
 def calibrated_prediction(
-    measured: Mapping[int, Mapping[str, int]], patch_size_px: int, *, slabs: bool = False
+    measured: Mapping[int, Mapping[str, int]],
+    patch_size_px: int,
+    *,
+    peak_from_activations: bool = False,
 ) -> dict[str, object]:
     """The calibrated route's ``predicted`` section for ``patch_size_px``.
 
@@ -68,9 +83,9 @@ def calibrated_prediction(
         measured: The ``measured`` section of each calibration row, by its patch size
             (same config otherwise).
         patch_size_px: The patch to predict.
-        slabs: The config cuts the patch across ranks: its peak is predicted as the fitted
-            activations plus what the step held beyond them at the calibration sizes
-            (:func:`held_beyond_activations`).
+        peak_from_activations: Predict the peak as the fitted activations plus what the
+            step held beyond them at the calibration sizes (:func:`held_beyond_activations`;
+            see :func:`peak_from_activations`), not from a fit of the peak.
 
     Returns:
         ``activation_bytes`` and ``peak_bytes`` read off the fits, ``method``
@@ -84,7 +99,7 @@ def calibrated_prediction(
         fit = fit_area([(p, int(m[figure])) for p, m in measured.items()])
         out[figure] = fit.at(patch_size_px)
         out[f"{figure.removesuffix('_bytes')}_fit_residual"] = round(fit.max_residual, 5)
-    if slabs:
+    if peak_from_activations:
         out["peak_bytes"] = out["activation_bytes"] + held_beyond_activations(measured.values())
         out["peak_method"] = "activations + the most held beyond them at the calibration sizes"
     return out
@@ -179,6 +194,8 @@ def slab_law_prediction(
     measured: Sequence[tuple[int, int, Mapping[str, int]]],
     patch_size_px: int,
     spatial_workers: int,
+    *,
+    peak_from_activations: bool = True,
 ) -> dict[str, object]:
     """The ``predicted`` section of a patch cut across ranks, read off :func:`fit_slabs`.
 
@@ -186,12 +203,13 @@ def slab_law_prediction(
         measured: ``(patch_size_px, spatial_workers, measured section)`` of the same
             config at other sizes and rank counts.
         patch_size_px, spatial_workers: The config to predict.
+        peak_from_activations: ``peak_bytes`` as the activations plus the most held beyond
+            them in the rows fitted (:func:`held_beyond_activations`); False: the slab law
+            fitted to the peaks (:func:`peak_from_activations` says which).
 
     Returns:
-        ``activation_bytes`` of the most loaded rank from the slab law, ``peak_bytes`` as
-        those plus the most held beyond activations in the rows fitted
-        (:func:`held_beyond_activations`), ``method`` ("slab_law"), the rank counts and
-        sizes fitted and the fit's largest residual.
+        ``activation_bytes`` and ``peak_bytes`` of the most loaded rank, ``method``
+        ("slab_law"), the rank counts and sizes fitted and the fits' largest residual.
 
     Raises:
         ConfigError: too few points (:func:`fit_slabs`).
@@ -199,12 +217,18 @@ def slab_law_prediction(
     fit = fit_slabs([(p, n, m["activation_bytes"]) for p, n, m in measured])
     fitted = [m for p, n, m in measured if n in fit.fitted_workers and p in fit.fitted_sizes_px]
     activations = fit.at(patch_size_px, spatial_workers)
-    return {
+    out: dict[str, object] = {
         "method": "slab_law",
         "activation_bytes": activations,
-        "peak_bytes": activations + held_beyond_activations(fitted),
         "activation_fit_residual": round(fit.max_residual, 5),
         "fitted_workers": list(fit.fitted_workers),
         "fitted_sizes_px": list(fit.fitted_sizes_px),
-        "peak_method": "activations + the most held beyond them in the rows fitted",
     }
+    if peak_from_activations:
+        out["peak_bytes"] = activations + held_beyond_activations(fitted)
+        out["peak_method"] = "activations + the most held beyond them in the rows fitted"
+    else:
+        peak = fit_slabs([(p, n, m["peak_bytes"]) for p, n, m in measured])
+        out["peak_bytes"] = peak.at(patch_size_px, spatial_workers)
+        out["peak_fit_residual"] = round(peak.max_residual, 5)
+    return out

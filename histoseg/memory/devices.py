@@ -97,25 +97,28 @@ def planned_bytes(peak_bytes: int) -> int:
     return round(peak_bytes * (1 + PEAK_ERROR_BAND)) + CHUNK_WASTE_ALLOWANCE_BYTES
 
 
-def fit_problem(peak_bytes: int, device: str) -> str | None:
+def fit_problem(peak_bytes: int, device: str, processes: int = 1) -> str | None:
     """Why a train step predicted to peak at ``peak_bytes`` cannot run on ``device`` now.
 
     Compares the peak plus its error band (:func:`planned_bytes`; plus
-    :data:`CPU_PROCESS_OVERHEAD_BYTES` on the CPU) with :func:`available_bytes`.
+    :data:`CPU_PROCESS_OVERHEAD_BYTES` on the CPU), times ``processes`` (the ranks of a
+    patch cut across ranks, all on this machine), with :func:`available_bytes`.
 
     Returns:
         A reason such as ``"predicted 26.5 GB (+1.3 GB error band, +1.5 GB process
-        overhead) > 21.9 GB free"``, or None when it should fit.
+        overhead) > 21.9 GB free"`` (``"2 ranks x predicted ..."``), or None when it
+        should fit.
     """
     free = available_bytes(device)
     if free is None:
         return f"no {device.upper()} memory information (NVML sees no GPU)"
     band = planned_bytes(peak_bytes) - peak_bytes
     overhead = CPU_PROCESS_OVERHEAD_BYTES if device == "cpu" else 0
-    if peak_bytes + band + overhead > free:
+    if processes * (peak_bytes + band + overhead) > free:
         extra = f" (+{format_bytes(band)} error band"
         extra += f", +{format_bytes(overhead)} process overhead)" if overhead else ")"
-        return f"predicted {format_bytes(peak_bytes)}{extra} > {format_bytes(free)} free"
+        ranks = f"{processes} ranks x " if processes > 1 else ""
+        return f"{ranks}predicted {format_bytes(peak_bytes)}{extra} > {format_bytes(free)} free"
     return None
 
 

@@ -77,7 +77,10 @@ class RematBlock(keras.layers.Layer):
             return self.block(inputs, training=training)
         tensors = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         if keras.backend.backend() == "tensorflow":
-            return _sequenced_remat(self.block, tensors)
+            many = len(tensors) > 1
+            return sequenced_recompute(
+                lambda *xs: self.block(list(xs) if many else xs[0], training=True), tensors
+            )
         traces: list[bool] = []
 
         def forward(*args):
@@ -116,20 +119,24 @@ class RematBlock(keras.layers.Layer):
         return cls(**config)
 
 
-def _sequenced_remat(block: keras.Model, tensors: list):
-    """Apply ``block`` in training mode, recomputing it in order in the backward pass.
+def sequenced_recompute(forward: Callable, tensors: list):
+    """``forward(*tensors)``, recomputed in order in the backward pass (TensorFlow only).
 
-    TensorFlow only. ``tf.custom_gradient`` records the trainable variables the forward
-    pass reads and hands them to the gradient function as ``variables``, which must return
-    one gradient per variable (``None`` where the block's output does not depend on it).
+    The forward pass keeps only ``tensors``; the backward pass runs ``forward`` again under
+    :func:`~histoseg.models.layers.recomputing`, once the incoming gradient exists, and
+    releases the input gradients only once every weight gradient exists (see the module
+    docstring). ``forward`` returns a tensor or a list of tensors. Also used by the spatial
+    executor (``histoseg.spatial``) to recompute a block of slabs.
+
+    ``tf.custom_gradient`` records the trainable variables the forward pass reads and hands
+    them to the gradient function as ``variables``, which must return one gradient per
+    variable (``None`` where the block's output does not depend on it).
     """
     import tensorflow as tf  # only on the TensorFlow backend
 
-    many = len(tensors) > 1
-
     @tf.custom_gradient
     def run(*xs):
-        outputs = block(list(xs) if many else xs[0], training=True)
+        outputs = forward(*xs)
 
         def grad(*output_grads, variables=None):
             variables = list(variables or [])
@@ -141,7 +148,7 @@ def _sequenced_remat(block: keras.Model, tensors: list):
             with tf.GradientTape() as tape:
                 tape.watch(xs_again)
                 with recomputing():
-                    outputs_again = block(list(xs_again) if many else xs_again[0], training=True)
+                    outputs_again = forward(*xs_again)
             grads = tape.gradient(
                 outputs_again,
                 xs_again + variables,

@@ -18,7 +18,13 @@ from histoseg.scaling.stragglers import DEFAULT_CONFIDENCE, Spread, pooled_sprea
 
 
 def _ok_scaling(row: Mapping[str, Any]) -> bool:
-    return row.get("kind") == "scaling" and row.get("status") == "ok"
+    """A measured data-parallel row (engine "spatial" cuts one patch across its ranks: its
+    step and communication are another model's)."""
+    return (
+        row.get("kind") == "scaling"
+        and row.get("status") == "ok"
+        and row.get("config", {}).get("engine") != "spatial"
+    )
 
 
 def compute_s_from_rows(rows: Iterable[Mapping[str, Any]], patch_size: int) -> dict[str, Any]:

@@ -11,7 +11,9 @@ topological order and applies every layer to this rank's slab of that layer's in
 - global average pooling allreduces local sums; its output is *replicated* (the whole
   tensor on every rank), and layers on a replicated tensor run as they are;
 - bilinear resizing reads, for this rank's output rows, exactly the input rows (and
-  weights) ``tf.image.resize`` would, fetched through the halo exchange.
+  weights) ``tf.image.resize`` would, fetched through the halo exchange;
+- a remat block (:class:`~histoseg.models.remat.RematBlock`) in training is recomputed in
+  the backward pass, its halo exchanges and moments included, as the Keras step does.
 
 Every slab of a map is ``height / workers`` rows, so every map's height must be a multiple
 of the number of ranks: an input size that is a multiple of ``workers x output stride``.
@@ -28,9 +30,9 @@ import keras
 from keras import ops
 
 from histoseg.errors import ConfigError
-from histoseg.models.layers import ResizeBilinear
+from histoseg.models.layers import ResizeBilinear, is_recomputing
 from histoseg.models.norm import FrozenBatchNorm
-from histoseg.models.remat import RematBlock
+from histoseg.models.remat import RematBlock, sequenced_recompute
 from histoseg.spatial.halo import fetch_rows, halo_apply
 from histoseg.spatial.slabs import (
     conv_rows,
@@ -77,7 +79,7 @@ class SpatialExecutor:
 
     Args:
         model: A functional Keras model (channels-last), e.g. from
-            ``histoseg.models.build_deeplabv3plus`` (any remat mode runs, without remat).
+            ``histoseg.models.build_deeplabv3plus``, in any remat mode and precision.
         comm: :class:`~histoseg.spatial.comm.HorovodComm` or ``SingleProcess``.
         training: Batch norm with batch moments (global over all slabs) and moving
             statistics updated, as ``model(x, training=True)``; False: inference mode.
@@ -92,6 +94,7 @@ class SpatialExecutor:
         self.comm = comm
         self.training = training
         self._calls = 0
+        self._again = ""  # ".again" per recomputation being traced (collective names)
         #: Set to a dict to record every layer's output :class:`Slab` by layer name.
         self.trace: dict | None = None
 
@@ -124,12 +127,12 @@ class SpatialExecutor:
         return [values[id(t)] for t in function.outputs]
 
     def _apply(self, op, args: list[Slab], outputs) -> list[Slab]:
-        if isinstance(op, RematBlock):
-            return self._run(op.block, args)
+        if isinstance(op, RematBlock):  # recomputed in training, as in the Keras step
+            return self._recomputed(op.block, args) if self.training else self._run(op.block, args)
         if isinstance(op, keras.Model):
             return self._run(op, args)
         self._calls += 1
-        name = f"spatial.{self._calls}.{op.name}"
+        name = f"spatial.{self._calls}{self._again}.{op.name}"
         if isinstance(op, ResizeBilinear):  # a replicated map is resized into slabs too
             return [self._resize(op, args[0], name)]
         if all(a.replicated for a in args):  # the whole map on every rank
@@ -153,6 +156,36 @@ class SpatialExecutor:
         raise ConfigError(
             f"spatial parallelism does not support layer {op.name} ({type(op).__name__})"
         )
+
+    def _recomputed(self, block, args: list[Slab]) -> list[Slab]:
+        """``block`` on ``args``, recomputed in the backward pass as a :class:`RematBlock`
+        is in the Keras step (``histoseg.models.remat.sequenced_recompute``).
+
+        The recomputation's collectives are named after the forward pass's, plus
+        ``.again``: every rank traces the backward pass's recomputations in its own order,
+        and the names, not that order, match the ranks' collectives.
+        """
+        first, outer = self._calls, self._again  # where the forward pass names them from
+        shapes: list[tuple[int, bool]] = []
+
+        def forward(*values):
+            again = bool(shapes)
+            calls, suffix = self._calls, self._again
+            if again:
+                self._calls, self._again = first, outer + ".again"
+            try:
+                slabs = [Slab(v, a.height, a.replicated) for v, a in zip(values, args, strict=True)]
+                outs = self._run(block, slabs)
+            finally:
+                if again:
+                    self._calls, self._again = calls, suffix
+            shapes[:] = [(o.height, o.replicated) for o in outs]
+            values = [o.value for o in outs]
+            return values[0] if len(values) == 1 else values
+
+        values = sequenced_recompute(forward, [a.value for a in args])
+        values = values if isinstance(values, (list, tuple)) else [values]
+        return [Slab(v, h, r) for v, (h, r) in zip(values, shapes, strict=True)]
 
     def _call_whole(self, op, args: list[Slab]):
         values = [a.value for a in args]
@@ -231,9 +264,10 @@ class SpatialExecutor:
         mean = total / count
         squares = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
         variance = self.comm.allreduce_sum(squares, f"{name}.squares") / count
-        momentum = op.momentum
-        op.moving_mean.assign(op.moving_mean * momentum + mean * (1.0 - momentum))
-        op.moving_variance.assign(op.moving_variance * momentum + variance * (1.0 - momentum))
+        if not is_recomputing():  # a recomputed block updates nothing a second time
+            momentum = op.momentum
+            op.moving_mean.assign(op.moving_mean * momentum + mean * (1.0 - momentum))
+            op.moving_variance.assign(op.moving_variance * momentum + variance * (1.0 - momentum))
         y = ops.batch_normalization(
             x,
             mean,

@@ -286,3 +286,45 @@ def test_a_launch_keeps_every_rank_step():
     m = summarise(records, batch_size=1, patch_size=64)
     assert m["per_rank_steps_s"] == [[0.9, 1.0, 1.2], [1.0, 1.3, 1.1]]  # by rank, in order
     assert m["per_rank_step_s"] == [1.0, 1.1]
+
+
+def _horovodrun_missing() -> bool:
+    from histoseg.errors import EngineUnavailableError
+    from histoseg.train.launch import horovodrun_path
+
+    try:
+        horovodrun_path()
+    except EngineUnavailableError:
+        return True
+    return False
+
+
+@pytest.mark.skipif(_horovodrun_missing(), reason="horovodrun (Horovod) not installed")
+def test_a_patch_cut_across_ranks_reports_its_halo_exchange_and_a_cluster_projection(
+    tmp_path, capsys
+):
+    """``--spatial-workers 2``: the 1-rank step and 2 ranks under horovodrun, each timed
+    with and without the halo exchange; the exchange's collectives come from the trace;
+    the spatial projection row's curve has whole groups only."""
+    out = tmp_path / "spatial.json"
+    argv = ["--spatial-workers", "2", "--sizes", "64", "--backbone", "mobilenetv2"]
+    argv += ["--alpha", "0.35", "--steps", "1", "--warmup", "1", "--threads-per-worker", "1"]
+    argv += ["--max-other-cpu", "99", "--retries", "0", "--out", str(out)]
+    argv += ["--project-spatial-size", "128", "--project-spatial-workers", "4", "--nodes", "4"]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())
+    measured = {r["config"]["workers"]: r for r in rows if r["config"]["engine"] == "spatial"}
+    assert sorted(measured) == [1, 2]
+    one, two = measured[1]["measured"], measured[2]["measured"]
+    assert measured[2]["status"] == "ok" and measured[2]["config"]["spatial_workers"] == 2
+    assert one["halo_collectives"] == 0 and one["halo_s"] == 0.0
+    assert two["halo_collectives"] > 50 and two["halo_gather_bytes"] > 0
+    assert two["halo_s"] == max(0.0, two["step_s"] - two["compute_s"])
+    assert two["patches_per_s"] == pytest.approx(1 / two["step_s"])  # one patch per step
+    assert measured[2]["scaling"]["efficiency"] > 0
+    (projection,) = [r for r in rows if r["config"]["engine"] == "projection"]
+    assert projection["config"]["spatial_workers"] == 4
+    assert [p["workers"] for p in projection["extra"]["projection"]] == [4, 8]
+    assert projection["extra"]["inputs"]["halo_collectives"] > 50
+    printed = capsys.readouterr().out
+    assert "halo" in printed and "spatial projection: 128 px over 4 ranks" in printed

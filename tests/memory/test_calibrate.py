@@ -141,3 +141,25 @@ def test_a_sweep_predicts_more_ranks_from_the_rows_it_holds(tmp_path):
     assert row["predicted"]["fitted_workers"] == [2, 4]
     assert row["predicted"]["activation_bytes"] == pytest.approx(_slab_bytes(1024, 8), rel=1e-9)
     assert row["predicted"]["peak_bytes"] == row["predicted"]["activation_bytes"] + 1000
+
+
+def test_with_recomputation_the_slab_peak_is_fitted_not_activations_plus_a_constant():
+    """A recomputed block's tensors, at the peak in the backward pass, grow with the slab:
+    the peak has a slab law of its own; without recomputation what is beyond the
+    activations is held constant."""
+    from histoseg.memory.calibrate import peak_from_activations, slab_law_prediction
+
+    def peak(p, n):  # block inputs kept, plus one block recomputed: 3x the slab
+        return 4 * _slab_bytes(p, n) - 300_000_000
+
+    rows = [
+        (p, n, {"activation_bytes": _slab_bytes(p, n), "peak_bytes": peak(p, n)})
+        for n in (2, 4)
+        for p in (256, 384)
+    ]
+    assert not peak_from_activations(8, "full") and peak_from_activations(8, "none")
+    assert not peak_from_activations(1, "none")  # a whole step's peak is fitted as well
+    fitted = slab_law_prediction(rows, 4096, 8, peak_from_activations=False)
+    assert fitted["peak_bytes"] == pytest.approx(peak(4096, 8), rel=1e-9)
+    held = slab_law_prediction(rows, 4096, 8)
+    assert held["peak_bytes"] == _slab_bytes(4096, 8) + peak(384, 2) - _slab_bytes(384, 2)

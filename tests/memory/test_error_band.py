@@ -44,3 +44,14 @@ def test_no_measured_step_peak_exceeds_its_planned_bytes(path):
                 f"{predicted:,} B ({(predicted - measured) / measured:+.1%})"
             )
     assert not misses, f"under-predicted by more than {PEAK_ERROR_BAND:.0%}:\n" + "\n".join(misses)
+
+
+def test_a_patch_cut_across_ranks_must_fit_every_rank_on_this_machine():
+    """bench.memory runs all N ranks of a spatial config here: the fit check counts N."""
+    from histoseg.memory.devices import available_bytes, fit_problem
+
+    free = available_bytes("cpu")
+    peak = int(free * 0.3)
+    assert fit_problem(peak, "cpu") is None
+    reason = fit_problem(peak, "cpu", processes=4)
+    assert reason is not None and reason.startswith("4 ranks x predicted")

@@ -71,7 +71,7 @@ def test_remat_step_peak_is_the_same_on_every_trace_and_below_no_remat():
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     peaks, plain = measured["remat"], measured["plain"][0]
     # This toy, in four fresh processes: 14.0 maps on every trace (35.0 to 36.0 without
-    # remat); with _sequenced_remat's two control dependencies dropped (recomputation in
+    # remat); with sequenced_recompute's two control dependencies dropped (recomputation in
     # no set order), 35.0 to 36.0 maps, as without remat. (Unordered keras.remat =
     # tf.recompute_grad peaked at 14 to 36 maps on it.)
     # One map apart is chunk placement (14.0 and 15.0 maps in fresh processes, above; CI
