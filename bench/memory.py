@@ -276,7 +276,7 @@ def _slab_law(config: StepConfig, rows: Sequence[dict[str, Any]]) -> dict[str, A
     this = (config.patch_size, config.spatial_workers)  # never fitted on itself
     points = [q for q in slab_points(config, rows) if q[:2] != this]
     try:
-        return slab_law_prediction(
+        predicted = slab_law_prediction(
             points,
             config.patch_size,
             config.spatial_workers,
@@ -284,6 +284,17 @@ def _slab_law(config: StepConfig, rows: Sequence[dict[str, Any]]) -> dict[str, A
         )
     except ConfigError:
         return None
+    return predicted if extrapolates(config, predicted["fitted_sizes_px"]) else None
+
+
+def extrapolates(config: StepConfig, sizes: Sequence[int]) -> bool:
+    """Whether a measured route fitted at patch ``sizes`` predicts ``config``: with
+    recomputation only upwards. Below the sizes it was fitted at, a recomputed step's
+    peak is in another phase: the fixed bytes of the gradient sum and the update, not the
+    recomputed block's tensors that grow with the patch (xception65 bfloat16 ``full``
+    over 2 and 4 ranks: flat at 384-768 px, growing from 1024 px), which an affine fit in
+    area misses by 10-20%."""
+    return config.remat == "none" or config.patch_size >= min(sizes)
 
 
 def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> list[dict[str, Any]]:
@@ -295,7 +306,8 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
     config was measured at those patch sizes in ``out`` is predicted by the calibrated
     route from those rows (a file of GPU rows measured elsewhere is re-predicted so), the
     analytic estimate kept in ``extra.analytic``; a row at one of those sizes is not
-    predicted from itself. A patch cut across ranks without a calibration is predicted by
+    predicted from itself, and with recomputation a row below those sizes not at all
+    (:func:`extrapolates`). A patch cut across ranks without a calibration is predicted by
     the slab law of the file's rows of its config at other sizes and rank counts, when
     there are enough.
     """
@@ -312,6 +324,8 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
     def calibration_for(row: dict[str, Any]) -> dict[int, dict[str, Any]] | None:
         sizes = calibration_sizes or (row.get("predicted") or {}).get("calibration_sizes_px")
         if not sizes or row["config"]["patch_size"] in sizes:  # never fitted on itself
+            return None
+        if not extrapolates(StepConfig.from_dict(row["config"]), sizes):
             return None
         found = {p: measured.get(config_key({**row["config"], "patch_size": p})) for p in sizes}
         return None if None in found.values() else found

@@ -382,3 +382,44 @@ def test_partition_figures_come_from_the_spatial_rows():
     assert figures["partition_measured_at"] == "512 px over 2 ranks"
     with pytest.raises(ConfigError, match="no measured 1-rank row"):
         partition_figures([row(512, 2, 2.2)])
+
+
+def test_weak_scaling_plot_draws_the_spatial_projection_as_its_own_band(tmp_path):
+    """A projection row with ``spatial_workers`` is the green band, not a dashed curve or
+    the study's band; measured rows of engine spatial (strong scaling) are not points."""
+    from bench.plots.scaling import draw_weak_scaling, spatial_band
+
+    curve = [
+        {"workers": w, "efficiency_low": lo, "efficiency": c, "efficiency_high": hi}
+        for w, lo, c, hi in ((8, 0.97, 0.98, 0.99), (512, 0.85, 0.9, 0.93))
+    ]
+    inputs = {"compute_s": 20.0, "partition_overhead": 1.05, "halo_collectives": 308}
+    projection = make_row(
+        "scaling",
+        {
+            "engine": "projection",
+            "patch_size": 8192,
+            "spatial_workers": 8,
+            "workers": 512,
+            "compression": "none",
+            "workers_per_node": 2,
+        },
+        predicted={"efficiency": 0.9},
+        extra={"inputs": inputs, "projection": curve},
+        machine={},
+    )
+    strong = make_row(
+        "scaling",
+        {"engine": "spatial", "patch_size": 512, "workers": 2, "compression": "none"},
+        measured={"step_s": 1.0},
+        scaling={"efficiency": 0.6, "throughput_per_worker": 0.5},
+        machine={},
+    )
+    (label, points), lines = spatial_band([projection])
+    assert label.startswith("spatial projection, 8192 px over 8 ranks per patch")
+    assert points == [(8, 0.97, 0.98, 0.99), (512, 0.85, 0.9, 0.93)]
+    assert "308 collectives" in lines[0] and "x 1.050 partition overhead" in lines[0]
+    outcome = draw_weak_scaling([projection, strong], tmp_path)
+    assert outcome.drawn
+    svg = (tmp_path / "weak_scaling.svg").read_text()
+    assert "8192 px over 8 ranks" in svg and "512 px (measured)" not in svg

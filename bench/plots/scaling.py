@@ -291,7 +291,7 @@ def draw_weak_scaling(rows: Sequence[dict], out_dir: Path) -> PlotOutcome:
     banded = study_row(projection_rows)
     shaded = banded if band and banded and stored_band(banded) else None
     curves, inputs_lines = projection_curves(projection_rows, measured_rows, points, shaded)
-    if not points and not curves:
+    if not points and not curves and not spatial:
         outcome.notes.insert(0, "scaling rows hold no measured efficiency/throughput or projection")
         return outcome
 

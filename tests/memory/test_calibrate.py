@@ -163,3 +163,13 @@ def test_with_recomputation_the_slab_peak_is_fitted_not_activations_plus_a_const
     assert fitted["peak_bytes"] == pytest.approx(peak(4096, 8), rel=1e-9)
     held = slab_law_prediction(rows, 4096, 8)
     assert held["peak_bytes"] == _slab_bytes(4096, 8) + peak(384, 2) - _slab_bytes(384, 2)
+
+
+def test_with_recomputation_the_measured_routes_predict_upwards_only():
+    from bench.memory import extrapolates
+    from histoseg.config import StepConfig
+
+    assert extrapolates(StepConfig(patch_size=256), (384, 512))  # plain backprop: both ways
+    assert not extrapolates(StepConfig(patch_size=256, remat="full"), (384, 512))
+    assert extrapolates(StepConfig(patch_size=384, remat="full"), (384, 512))
+    assert extrapolates(StepConfig(patch_size=4096, remat="blocks"), (768, 1024))
