@@ -380,8 +380,14 @@ def test_partition_figures_come_from_the_spatial_rows():
     assert figures["compute_s_per_megapixel"] == pytest.approx(4.0 / 0.262144)
     assert figures["partition_overhead"] == pytest.approx(2 * 2.2 / 4.0)  # the largest patch
     assert figures["partition_measured_at"] == "512 px over 2 ranks"
-    with pytest.raises(ConfigError, match="no measured 1-rank row"):
+    with pytest.raises(ConfigError, match="no multi-rank row of engine spatial"):
         partition_figures([row(512, 2, 2.2)])
+    other = [row(1024, 1, 2.0), row(1024, 2, 1.5)]  # another model, at a larger patch
+    for r in other:
+        r["config"]["backbone"] = "c"
+    mixed = partition_figures([*rows, *other])  # the largest patch's model, alone
+    assert mixed["backbone"] == "c" and mixed["partition_overhead"] == pytest.approx(1.5)
+    assert mixed["compute_s_per_megapixel"] == pytest.approx(2.0 / 1.048576)
 
 
 def test_weak_scaling_plot_draws_the_spatial_projection_as_its_own_band(tmp_path):

@@ -170,7 +170,7 @@ def test_single_process_executor_is_the_model():
 
 
 def test_recomputed_blocks_give_the_same_step_and_update_batch_norm_once():
-    """A remat model (``full``) through the executor, compiled: its blocks are recomputed
+    """A remat model (``full``) through the executor: its blocks are recomputed
     in the backward pass (``sequenced_recompute``) and the gradients and moving statistics
     are the Keras step's, so the recomputation updated no moving statistic again."""
     import keras
@@ -190,13 +190,9 @@ def test_recomputed_blocks_give_the_same_step_and_update_batch_norm_once():
     masks = tf.constant(rng.integers(0, 2, (1, 64, 64)).astype(np.int32))
     executor = SpatialExecutor(spatial, SingleProcess())
 
-    @tf.function  # variables are closed over: as arguments they would be traced as values
-    def spatial_step():
-        return spatial_gradients(executor, images, masks, spatial.trainable_variables)[2]
+    # eager (the 2-rank check below runs the compiled step with every block recomputed)
+    grads = spatial_gradients(executor, images, masks, spatial.trainable_variables)[2]
 
-    grads = spatial_step()
-
-    @tf.function
     def keras_step():
         with tf.GradientTape() as tape:
             logits = whole(images, training=True)
@@ -211,6 +207,23 @@ def test_recomputed_blocks_give_the_same_step_and_update_batch_norm_once():
     assert moving
     for a, b in moving:
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+
+
+def test_the_halo_traffic_of_a_step_is_read_off_its_trace():
+    """``halo_traffic`` traces a step with ``NoExchange`` (no Horovod, nothing run): the
+    same collectives at every patch size and rank count; a rank's boundary rows grow with
+    the patch's width, the stacked halo gradients with the ranks too."""
+    from histoseg.models import build_deeplabv3plus
+    from histoseg.spatial.traffic import halo_traffic
+
+    def traffic(px, ranks):
+        return halo_traffic(build_deeplabv3plus("mobilenetv2", (px, px, 3), alpha=0.35), ranks)
+
+    small, large = traffic(128, 2), traffic(256, 4)
+    assert small["collectives"] == large["collectives"] > 50
+    assert (small["rank"], large["rank"]) == (0, 1)  # an inner rank where there is one
+    assert large["gather_bytes"] > 1.8 * small["gather_bytes"]  # twice as wide
+    assert large["sum_bytes"] > 3 * small["sum_bytes"]  # and twice the ranks
 
 
 def _horovodrun_missing() -> bool:

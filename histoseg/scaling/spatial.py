@@ -118,42 +118,52 @@ def _spatial_rows(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     ]
 
 
+def _model_of(row: Mapping[str, Any]) -> tuple:
+    config = row["config"]
+    return config.get("backbone"), str(config.get("backbone_options") or ())
+
+
 def partition_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The compute figures a spatial projection needs, from measured rows of engine
-    "spatial" (``bench.scaling --spatial-workers``).
+    "spatial" (``bench.scaling --spatial-workers``) of one model: that of the largest
+    patch measured on more ranks whose size was measured on one rank too.
 
     Returns:
-        ``compute_s_per_megapixel`` (the whole-patch step of 1-rank rows, a least-squares
-        fit through the origin in pixels), ``partition_overhead`` (at the largest patch
-        measured on more ranks: the ranks' summed compute without the exchange over the
-        1-rank step's) with the rank count and patch it was measured at, and the backbone.
+        ``backbone``, ``compute_s_per_megapixel`` (the 1-rank steps of that model, a
+        least-squares fit through the origin in pixels), ``partition_overhead`` (at that
+        patch: the ranks' summed compute without the exchange over the 1-rank step's) and
+        where it was measured, and the model's ``gradient_bytes``.
 
     Raises:
-        ConfigError: no 1-rank row, or no multi-rank row at a size a 1-rank row has.
+        ConfigError: no multi-rank row at a size a 1-rank row of its model has.
     """
     spatial = _spatial_rows(rows)
-    singles = {int(r["config"]["patch_size"]): r for r in spatial if r["config"]["workers"] == 1}
-    if not singles:
-        raise ConfigError(
-            "no measured 1-rank row of engine spatial: run bench.scaling --spatial-workers N first"
-        )
-    megapixels = [p * p / 1e6 for p in singles]
-    seconds = [float(r["measured"]["compute_s"]) for r in singles.values()]
-    per_megapixel = sum(m * t for m, t in zip(megapixels, seconds, strict=True)) / sum(
-        m * m for m in megapixels
-    )
+    singles = {
+        (_model_of(r), int(r["config"]["patch_size"])): r
+        for r in spatial
+        if r["config"]["workers"] == 1
+    }
     multi = [
-        r for r in spatial if r["config"]["workers"] > 1 and r["config"]["patch_size"] in singles
+        r
+        for r in spatial
+        if r["config"]["workers"] > 1 and (_model_of(r), r["config"]["patch_size"]) in singles
     ]
     if not multi:
-        raise ConfigError("no multi-rank row of engine spatial at a size with a 1-rank row")
+        raise ConfigError(
+            "no multi-rank row of engine spatial at a size with a 1-rank row: run "
+            "bench.scaling --spatial-workers N first"
+        )
     ref = max(multi, key=lambda r: (r["config"]["patch_size"], r["config"]["workers"]))
-    size, n = int(ref["config"]["patch_size"]), int(ref["config"]["workers"])
-    whole = float(singles[size]["measured"]["compute_s"])
+    model, size, n = _model_of(ref), int(ref["config"]["patch_size"]), ref["config"]["workers"]
+    ones = {p: float(r["measured"]["compute_s"]) for (m, p), r in singles.items() if m == model}
+    megapixels = [p * p / 1e6 for p in ones]
+    per_megapixel = sum(m * t for m, t in zip(megapixels, ones.values(), strict=True)) / sum(
+        m * m for m in megapixels
+    )
     return {
         "backbone": ref["config"].get("backbone"),
         "compute_s_per_megapixel": per_megapixel,
-        "partition_overhead": n * float(ref["measured"]["compute_s"]) / whole,
+        "partition_overhead": n * float(ref["measured"]["compute_s"]) / ones[size],
         "partition_measured_at": f"{size} px over {n} ranks",
         "gradient_bytes": float(ref["measured"]["gradient_bytes"]),
     }

@@ -299,6 +299,9 @@ def _horovodrun_missing() -> bool:
     return False
 
 
+# ~95 s here (two launches, each step traced twice, and the projection's trace): CI runs
+# its parts below; --runslow runs it whole.
+@pytest.mark.slow
 @pytest.mark.skipif(_horovodrun_missing(), reason="horovodrun (Horovod) not installed")
 def test_a_patch_cut_across_ranks_reports_its_halo_exchange_and_a_cluster_projection(
     tmp_path, capsys
@@ -328,3 +331,34 @@ def test_a_patch_cut_across_ranks_reports_its_halo_exchange_and_a_cluster_projec
     assert projection["extra"]["inputs"]["halo_collectives"] > 50
     printed = capsys.readouterr().out
     assert "halo" in printed and "spatial projection: 128 px over 4 ranks" in printed
+
+
+def test_a_spatial_launch_reports_the_exposed_halo_exchange_of_its_slowest_rank():
+    from bench.scaling_worker import summarise_spatial
+
+    def record(rank, steps, local, gather):
+        return {
+            "rank": rank,
+            "step_s": steps,
+            "local_step_s": local,
+            "gradient_bytes": 400,
+            "parameters": 100,
+            "halo_collectives": 300,
+            "halo_gather_bytes": gather,
+            "halo_sum_bytes": 2 * gather,
+        }
+
+    records = [
+        record(0, [2.0, 2.2, 2.1], [0.6, 0.7, 0.65], 10),
+        record(1, [2.1] * 3, [0.7] * 3, 20),
+    ]
+    m = summarise_spatial(records, batch_size=1, patch_size=512)
+    assert m["step_s"] == 2.1 and m["compute_s"] == 0.7
+    assert m["halo_s"] == pytest.approx(1.4) == m["halo_exposed_s"]
+    assert m["halo_share"] == pytest.approx(1.4 / 2.1)
+    assert m["patches_per_s"] == pytest.approx(1 / 2.1)  # the ranks share the patch
+    assert (m["halo_gather_bytes"], m["halo_sum_bytes"]) == (20, 40)  # the most loaded rank
+    assert m["halo_timing"].startswith("exposed")
+    # one rank: no exchange to leave out, nothing exposed
+    alone = summarise_spatial([record(0, [1.0], [], 0)], batch_size=1, patch_size=512)
+    assert alone["halo_s"] == 0.0 and alone["compute_s"] == 1.0
