@@ -24,6 +24,11 @@ with its inputs and stored as rows of engine "projection" (``predicted.efficienc
 ``efficiency_low``, ``efficiency_high``; the curve per worker count in ``extra.projection``).
 ``--reproject`` makes the projection again from the measured rows of ``--out``, measuring
 nothing.
+
+``--spatial-workers N`` measures engine "spatial" instead: one patch cut across N ranks
+(and the 1-rank step it is compared with, strong scaling), each launch timed again without
+the halo exchange (``scaling.halo_s``, :func:`bench.scaling_worker.spatial_worker_main`);
+its rows feed the spatial projection (:mod:`bench.scaling_spatial`).
 """
 
 from __future__ import annotations
@@ -529,6 +534,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.spatial_workers:
         args.engine, args.workers = ["spatial"], sorted({1, *args.spatial_workers})
         args.step, args.compression = ["spatial"], ["none"]
+        ranks = args.project_spatial_workers
+        if ranks < 2 or args.project_spatial_size % (16 * ranks):
+            raise ConfigError(
+                f"--project-spatial-size {args.project_spatial_size} must be a multiple of 16 "
+                f"x --project-spatial-workers ({ranks}, at least 2)"
+            )
     if any(w < 1 for w in args.workers) or any(s < 16 or s % 16 for s in args.sizes):
         raise ConfigError("--workers must be >= 1 and --sizes multiples of 16")
     if args.repeats < 1:

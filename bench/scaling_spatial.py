@@ -20,14 +20,16 @@ from histoseg.scaling.model import DEFAULT_WORKERS, Network, band_text, calibrat
 from histoseg.scaling.spatial import halo_exchange_s, partition_figures, project_spatial
 
 
-def halo_traffic_at(config: dict[str, Any], patch_size: int, spatial_workers: int) -> dict:
-    """The halo traffic of one step of ``config``'s model at ``patch_size`` px over
+def halo_traffic_at(
+    backbone: str, backbone_options: Any, patch_size: int, spatial_workers: int
+) -> dict:
+    """The halo traffic of one step of the model at ``patch_size`` px over
     ``spatial_workers`` ranks, from a trace (:func:`histoseg.spatial.traffic.halo_traffic`)."""
     from histoseg.models import build_deeplabv3plus
     from histoseg.spatial.traffic import halo_traffic
 
-    options = dict(config.get("backbone_options") or ())
-    model = build_deeplabv3plus(config["backbone"], (patch_size, patch_size, 3), **options)
+    options = dict(backbone_options or ())
+    model = build_deeplabv3plus(backbone, (patch_size, patch_size, 3), **options)
     return halo_traffic(model, spatial_workers)
 
 
@@ -51,7 +53,7 @@ def spatial_projection(
     data_parallel = [r for r in spread_rows if r["config"]["engine"] != "spatial"]
     inputs: dict[str, Any] = {"patch_size_px": size, "spatial_workers": ranks, **figures}
     overhead = calibrated_overhead(data_parallel, inputs)
-    traffic = halo_traffic_at(spatial[0]["config"], size, ranks)
+    traffic = halo_traffic_at(figures["backbone"], figures["backbone_options"], size, ranks)
     inputs.update({f"halo_{k}": traffic[k] for k in ("collectives", "gather_bytes", "sum_bytes")})
     compute_s = figures["compute_s_per_megapixel"] * size * size / 1e6 / ranks
     inputs["compute_s"] = compute_s * figures["partition_overhead"]

@@ -129,7 +129,8 @@ def partition_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     patch measured on more ranks whose size was measured on one rank too.
 
     Returns:
-        ``backbone``, ``compute_s_per_megapixel`` (the 1-rank steps of that model, a
+        ``backbone`` and ``backbone_options``, ``compute_s_per_megapixel`` (the 1-rank
+        steps of that model, a
         least-squares fit through the origin in pixels), ``partition_overhead`` (at that
         patch: the ranks' summed compute without the exchange over the 1-rank step's) and
         where it was measured, and the model's ``gradient_bytes``.
@@ -162,6 +163,7 @@ def partition_figures(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     )
     return {
         "backbone": ref["config"].get("backbone"),
+        "backbone_options": ref["config"].get("backbone_options") or [],
         "compute_s_per_megapixel": per_megapixel,
         "partition_overhead": n * float(ref["measured"]["compute_s"]) / ones[size],
         "partition_measured_at": f"{size} px over {n} ranks",

@@ -362,3 +362,12 @@ def test_a_spatial_launch_reports_the_exposed_halo_exchange_of_its_slowest_rank(
     # one rank: no exchange to leave out, nothing exposed
     alone = summarise_spatial([record(0, [1.0], [], 0)], batch_size=1, patch_size=512)
     assert alone["halo_s"] == 0.0 and alone["compute_s"] == 1.0
+
+
+def test_a_spatial_sweep_refuses_a_projection_it_could_not_make_before_any_launch(tmp_path):
+    out = tmp_path / "s.json"
+    with pytest.raises(ConfigError, match="--project-spatial-size 1000 must be a multiple"):
+        main(["--spatial-workers", "2", "--project-spatial-size", "1000", "--out", str(out)])
+    with pytest.raises(ConfigError, match="multiple of spatial_workers x output stride"):
+        main(["--spatial-workers", "2", "--sizes", "48", "--out", str(out)])
+    assert not out.exists()
