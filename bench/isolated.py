@@ -15,6 +15,9 @@ The worker runs in a new session, so a signal sent to the sweep reaches the swee
 SIGINT or SIGTERM ends the worker's whole process group (SIGTERM, then SIGKILL after
 :data:`STOP_GRACE_S`), waits for it, and then ends the sweep, so no worker outlives it and
 no half-measured point is written.
+
+For timed sweeps on a shared machine, :func:`wait_for_quiet` waits before a launch until
+other jobs leave the cores alone, and :func:`busy_cpu_s` says how busy they were.
 """
 
 from __future__ import annotations
@@ -261,3 +264,27 @@ def _restore(previous: dict[int, Any], noted: list[int]) -> None:
         signal.signal(signum, handler)
     for signum in noted:
         signal.raise_signal(signum)
+
+
+def wait_for_quiet(max_cores: float, timeout_s: float = 120.0) -> None:
+    """Before a launch, wait (up to ``timeout_s``) until the machine's busy cores, sampled
+    over 2 s, fall to ``max_cores`` or fewer: other jobs' start-ups and tests pass by."""
+    if max_cores >= (os.cpu_count() or 1):
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        busy0, wall0 = busy_cpu_s(), time.monotonic()
+        time.sleep(2.0)
+        if (busy_cpu_s() - busy0) / (time.monotonic() - wall0) <= max_cores:
+            return
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (all cores)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+# ----------------------------------------------------------------------------- driver side

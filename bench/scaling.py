@@ -25,17 +25,14 @@ with its inputs and stored as rows of engine "projection" (``predicted.efficienc
 ``--reproject`` makes the projection again from the measured rows of ``--out``, measuring
 nothing.
 
-``--spatial-workers N`` measures engine "spatial" instead: one patch cut across N ranks
-(and the 1-rank step it is compared with, strong scaling), each launch timed again without
-the halo exchange (``scaling.halo_s``, :func:`bench.scaling_worker.spatial_worker_main`);
-its rows feed the spatial projection (:mod:`bench.scaling_spatial`).
+``--spatial-workers N``: engine "spatial" instead, one patch over N ranks against 1 rank, its
+halo exchange timed (``scaling.halo_s``); its rows feed :mod:`bench.scaling_spatial`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -43,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.isolated import run_process
+from bench.isolated import busy_cpu_s, run_process, wait_for_quiet
 from bench.scaling_spatial import spatial_projection
 from bench.scaling_table import markdown_table, spatial_markdown_table, summary_table
 from bench.scaling_worker import spatial_worker_main, summarise, summarise_spatial, worker_main
@@ -74,28 +71,6 @@ DEFAULT_OUT = Path("results/scaling.json")
 ENGINES = ("horovod", "tf", "none")
 
 
-def _wait_for_quiet(max_cores: float, timeout_s: float = 120.0) -> None:
-    """Before a launch, wait (up to ``timeout_s``) until the machine's busy cores, sampled
-    over 2 s, fall to ``max_cores`` or fewer: other jobs' start-ups and tests pass by."""
-    if max_cores >= (os.cpu_count() or 1):
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        busy0, wall0 = _busy_cpu_s(), time.monotonic()
-        time.sleep(2.0)
-        if (_busy_cpu_s() - busy0) / (time.monotonic() - wall0) <= max_cores:
-            return
-
-
-def _busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy since boot (all cores)."""
-    import psutil
-
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-# ----------------------------------------------------------------------------- driver side
 def launch(spec: dict[str, Any], workers: int, timeout_s: float) -> str | None:
     """Run ``workers`` ranks of ``spec`` through ``python -m histoseg.train.launch``, as one
     process group (:func:`bench.isolated.run_process`), so a timeout or a stopped sweep ends
@@ -152,7 +127,7 @@ def run_point(
     launches, discarded = [], []
     for _ in range(args.repeats):
         for attempt in range(args.retries + 1):
-            _wait_for_quiet(args.max_other_cpu)
+            wait_for_quiet(args.max_other_cpu)
             result = _launch_once(args, engine, size, compression, step, workers)
             if isinstance(result, str):  # a failed launch: the point's row says why
                 status, reason = result.split(":", 1)
@@ -218,9 +193,9 @@ def _launch_once(
             "pin": not args.no_pin,
             "out_dir": tmp,
         }
-        busy0, wall0 = _busy_cpu_s(), time.monotonic()
+        busy0, wall0 = busy_cpu_s(), time.monotonic()
         failed = launch(spec, workers, args.timeout_s)
-        busy_s, wall_s = _busy_cpu_s() - busy0, time.monotonic() - wall0
+        busy_s, wall_s = busy_cpu_s() - busy0, time.monotonic() - wall0
         files = sorted(Path(tmp).glob("rank*.json"))
         if failed or len(files) != workers:
             return failed or f"error: {len(files)} of {workers} ranks wrote a record"
@@ -514,23 +489,9 @@ def reproject(rows: list[dict], args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        return (spatial_worker_main if spec["engine"] == "spatial" else worker_main)(spec)
-
-    args.command = command_line("bench.scaling", argv)
-    if args.out.suffix != ".json":
-        raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
-    if args.show or args.reproject:
-        if not args.out.exists():
-            raise ConfigError(f"--show/--reproject: no results file {args.out}; run a sweep first")
-        if args.reproject:
-            return reproject(load_rows(args.out), args)
-        rows = load_rows(args.out)
-        print("\n\n".join(t for t in (markdown_table(rows), spatial_markdown_table(rows)) if t))
-        return 0
+def sweep_points(args: argparse.Namespace) -> list[tuple[str, int, str, str, int]]:
+    """The sweep's (engine, size, compression, step, workers) points, every one checked
+    before any launch (an invalid one is refused with one line)."""
     if args.spatial_workers:
         args.engine, args.workers = ["spatial"], sorted({1, *args.spatial_workers})
         args.step, args.compression = ["spatial"], ["none"]
@@ -559,8 +520,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         # compression only matters where gradients travel: N > 1 ranks of a real engine
         if not ((workers == 1 or engine == "none") and compression != args.compression[0])
     ]
-    for point in points:  # an invalid point is refused before any launch
+    for point in points:
         point_config(args, *point)
+    return points
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        return (spatial_worker_main if spec["engine"] == "spatial" else worker_main)(spec)
+
+    args.command = command_line("bench.scaling", argv)
+    if args.out.suffix != ".json":
+        raise ConfigError(f"--out {args.out} must end in .json (a .csv is written beside it)")
+    if args.show or args.reproject:
+        if not args.out.exists():
+            raise ConfigError(f"--show/--reproject: no results file {args.out}; run a sweep first")
+        if args.reproject:
+            return reproject(load_rows(args.out), args)
+        rows = load_rows(args.out)
+        print("\n\n".join(t for t in (markdown_table(rows), spatial_markdown_table(rows)) if t))
+        return 0
+    points = sweep_points(args)
     rows: list[dict] = []
     for i, (engine, size, compression, step, workers) in enumerate(points, 1):
         head = f"[{i}/{len(points)}] {engine} {size} px {compression} {step} x{workers}"
