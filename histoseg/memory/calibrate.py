@@ -63,7 +63,7 @@ def peak_from_activations(spatial_workers: int, remat: str) -> bool:
     """Whether a config's step peak is predicted as its fitted activations plus what it
     held beyond them (:func:`held_beyond_activations`) rather than by a fit of the peak.
 
-    So for a patch cut across ranks without recomputation: its peak comes after the
+    True for a patch cut across ranks without recomputation: its peak comes after the
     forward pass, and the rest does not grow with the patch. With recomputation the peak
     comes in the backward pass, while a block is recomputed, and that grows with the
     patch as the activations do; its peak is fitted as they are.
