@@ -19,33 +19,48 @@ from typing import Any
 PROBE_BYTES = (1 << 16, 1 << 20, 1 << 22, 1 << 24)
 
 
-def worker_main(spec: dict[str, Any]) -> int:
-    """One rank: build the model, train a fixed batch, time each step, write rank<r>.json."""
+def _pin_and_set_threads(spec: dict[str, Any]) -> list[int] | None:
+    """Pin this rank to its own block of cores (as the study pinned one process per
+    socket) and size TensorFlow's thread pools; done before TensorFlow starts its pools so
+    that every one of its threads inherits the pinning. Returns the cores (None unpinned)."""
     threads = int(spec["threads"])
     from histoseg.train.launch import local_rank_from_env, pin_to_cores
 
-    # Each rank on its own block of cores, as the study pinned one process per socket; done
-    # before TensorFlow starts its thread pools so that every one of its threads inherits it.
     cores = pin_to_cores(local_rank_from_env(), threads) if spec.get("pin", True) else None
-    import numpy as np
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    from histoseg.train.engines import get_engine
+    return cores
 
-    engine = get_engine(spec["engine"]).init()
+
+def _seeded_model(spec: dict[str, Any]):
+    """The spec's DeepLabV3+ (seed 0, so every rank starts from the same weights)."""
     import keras
 
     from histoseg.models import build_deeplabv3plus
-    from histoseg.train.distributed import DistributedStep, all_variables, gradient_bytes
-    from histoseg.train.engines.selfcheck import global_batch
-    from histoseg.train.step import make_optimizer
 
     keras.utils.set_random_seed(0)
     size_px = int(spec["patch_size"])
     kwargs = {"alpha": spec["alpha"]} if spec.get("alpha") is not None else {}
-    model = build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
+    return build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
+
+
+def worker_main(spec: dict[str, Any]) -> int:
+    """One rank: build the model, train a fixed batch, time each step, write rank<r>.json."""
+    cores = _pin_and_set_threads(spec)
+    import numpy as np
+    import tensorflow as tf
+
+    from histoseg.train.engines import get_engine
+
+    engine = get_engine(spec["engine"]).init()
+    from histoseg.train.distributed import DistributedStep, all_variables, gradient_bytes
+    from histoseg.train.engines.selfcheck import global_batch
+    from histoseg.train.step import make_optimizer
+
+    size_px = int(spec["patch_size"])
+    model = _seeded_model(spec)
     step = DistributedStep(
         model,
         make_optimizer("adam", 1e-4),
@@ -100,18 +115,10 @@ def spatial_worker_main(spec: dict[str, Any]) -> int:
     the same patches (one rank: the executor on the whole patch), timed; then the same
     step with the halo exchange and moment reductions left out, timed as well; the
     collectives the step's trace built (``HorovodComm.traffic``); ``rank<r>.json``."""
-    threads = int(spec["threads"])
-    from histoseg.train.launch import local_rank_from_env, pin_to_cores
-
-    cores = pin_to_cores(local_rank_from_env(), threads) if spec.get("pin", True) else None
+    cores = _pin_and_set_threads(spec)
     import numpy as np
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
-    import keras
-
-    from histoseg.models import build_deeplabv3plus
     from histoseg.spatial import SpatialExecutor, make_spatial_train_step, slab_rows
     from histoseg.spatial.comm import HorovodComm, NoExchange, SingleProcess, under_horovod
     from histoseg.train.distributed import gradient_bytes
@@ -119,10 +126,8 @@ def spatial_worker_main(spec: dict[str, Any]) -> int:
     from histoseg.train.step import make_optimizer
 
     comm = HorovodComm() if under_horovod() else SingleProcess()
-    keras.utils.set_random_seed(0)
     size_px = int(spec["patch_size"])
-    kwargs = {"alpha": spec["alpha"]} if spec.get("alpha") is not None else {}
-    model = build_deeplabv3plus(spec["backbone"], (size_px, size_px, 3), **kwargs)
+    model = _seeded_model(spec)
     if comm.size > 1:
         comm.broadcast_variables(model.variables)
         comm.traffic = []
