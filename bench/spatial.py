@@ -118,6 +118,7 @@ def build_model(args: argparse.Namespace):
     keras.utils.set_random_seed(args.seed)
     kwargs = {"alpha": args.alpha} if args.backbone == "mobilenetv2" else {}
     kwargs["remat"] = args.remat
+    kwargs["norm"] = args.norm
     shape = (args.size, args.size, 3)
     if args.dtype != "float64":
         return build_deeplabv3plus(
@@ -209,6 +210,7 @@ def check(args: argparse.Namespace) -> dict | None:
         "backbone": args.backbone,
         "dtype": args.dtype,
         "remat": args.remat,
+        "norm": args.norm,
         "size": args.size,
         "workers": comm.size,
         "batch": args.batch,
@@ -281,6 +283,12 @@ def _parser() -> ArgumentParser:
         default="none",
         choices=("none", "blocks", "full"),
         help="recompute blocks in the backward pass, in both steps (default none)",
+    )
+    parser.add_argument(
+        "--norm",
+        default="batch",
+        choices=("batch", "frozen", "group"),
+        help="normalisation of every conv block, in both steps (default batch)",
     )
     parser.add_argument(
         "--baseline",

@@ -103,7 +103,8 @@ class StepConfig:
             slabs, halo exchange); 1 = the whole patch in one process. Above 1 the patch
             must be a multiple of ``spatial_workers x output_stride`` px, and the step is
             a TensorFlow train step in float32 or mixed_bfloat16, any remat mode (what the
-            spatial executor runs: it has no loss scaling for mixed_float16).
+            spatial executor runs: it has no loss scaling for mixed_float16). With engine
+            "horovod", ``workers`` blocks of ``spatial_workers`` ranks train side by side.
     """
 
     patch_size: int = 512
@@ -211,10 +212,11 @@ class StepConfig:
                     f"{name} {getattr(self, name)!r} with spatial_workers {n}: the spatial "
                     f"executor runs {name} {' or '.join(map(repr, values))} only so far"
                 )
-        if self.engine != "none" or self.workers != 1:
+        if self.engine not in ("none", "horovod") or (self.engine == "none" and self.workers != 1):
             raise ConfigError(
                 f"engine {self.engine!r} x {self.workers} workers with spatial_workers {n}: "
-                "spatial and data parallelism do not compose in one run yet"
+                "spatial parallelism composes with data parallelism under engine 'horovod' "
+                "only (blocks of spatial_workers ranks, one per worker)"
             )
 
     @property

@@ -152,9 +152,12 @@ def test_a_patch_cut_across_ranks_keeps_old_rows_identity_and_refuses_what_canno
         ({"patch_size": 240}, "multiple of spatial_workers x output stride \\(32\\)"),
         ({"precision": "mixed_float16"}, "precision 'mixed_float16' with spatial_workers 2"),
         ({"backend": "torch"}, "backend 'torch' with spatial_workers 2"),
-        ({"engine": "horovod", "workers": 2}, "do not compose in one run yet"),
+        ({"engine": "tf", "workers": 2}, "composes with data parallelism under engine"),
+        ({"workers": 2}, "composes with data parallelism under engine 'horovod'"),
     ]
     for changes, expect in refusals:
         with pytest.raises(ConfigError, match=expect):
             cut.replace(**changes)
     assert cut.replace(precision="mixed_bfloat16", remat="full").remat == "full"  # runs
+    # two blocks of two ranks under Horovod: spatial x data parallelism
+    assert cut.replace(engine="horovod", workers=2).as_dict()["workers"] == 2

@@ -8,6 +8,8 @@ topological order and applies every layer to this rank's slab of that layer's in
   kernel, dilation and stride reach into (:mod:`histoseg.spatial.halo`), fill the map's
   outer border as "same" padding does, and run the layer's own weights with "valid" rows;
 - batch norm in training mode normalises with the global moments (local sums, allreduced);
+- group norm, in training and inference, normalises each patch's channel groups with their
+  moments over the whole map (local sums, allreduced);
 - global average pooling allreduces local sums; its output is *replicated* (the whole
   tensor on every rank), and layers on a replicated tensor run as they are;
 - bilinear resizing reads, for this rank's output rows, exactly the input rows (and
@@ -151,6 +153,8 @@ class SpatialExecutor:
             return [self._max_pool(op, slab, name)]
         if isinstance(op, keras.layers.BatchNormalization):
             return [self._batch_norm(op, slab, name)]
+        if isinstance(op, keras.layers.GroupNormalization):
+            return [self._group_norm(op, slab, name)]
         if isinstance(op, keras.layers.GlobalAveragePooling2D):
             return [self._global_average(op, slab, name)]
         raise ConfigError(
@@ -277,6 +281,36 @@ class SpatialExecutor:
             scale=ops.cast(op.gamma, x.dtype) if op.scale else None,
             epsilon=op.epsilon,
         )
+        return Slab(ops.cast(y, op.compute_dtype), slab.height)
+
+    def _group_norm(self, op, slab: Slab, name: str) -> Slab:
+        """``keras.layers.GroupNormalization`` with each patch's moments per channel group
+        over the whole map: local sums over this slab's rows, summed over the ranks."""
+        if op.axis not in (-1, 3):
+            raise ConfigError(f"{op.name}: only channels-last group norm is supported")
+        import tensorflow as tf
+
+        x = ops.cast(slab.value, keras.backend.result_type(slab.value.dtype, "float32"))
+        shape = tf.shape(x)
+        channels = int(x.shape[-1])
+        groups = op.groups
+        x = tf.reshape(x, [shape[0], shape[1], shape[2], groups, channels // groups])
+        count = tf.cast(shape[2] * (channels // groups), x.dtype) * slab.height
+        axes = (1, 2, 4)
+        total = self.comm.allreduce_sum(tf.reduce_sum(x, axes, keepdims=True), f"{name}.sum")
+        mean = total / count
+        squares = tf.reduce_sum(
+            tf.math.squared_difference(x, tf.stop_gradient(mean)), axes, keepdims=True
+        )
+        variance = self.comm.allreduce_sum(squares, f"{name}.squares") / count
+        # as GroupNormalization._apply_normalization: x * inv + (beta - mean * inv)
+        inv = tf.math.rsqrt(variance + op.epsilon)
+        if op.scale:
+            inv = inv * tf.reshape(ops.cast(op.gamma, x.dtype), [groups, -1])
+        offset = -mean * inv
+        if op.center:
+            offset = offset + tf.reshape(ops.cast(op.beta, x.dtype), [groups, -1])
+        y = tf.reshape(x * inv + offset, shape)
         return Slab(ops.cast(y, op.compute_dtype), slab.height)
 
     def _global_average(self, op, slab: Slab, name: str) -> Slab:

@@ -1,10 +1,11 @@
 """One spatially parallel forward/backward pass: loss share, gradients, gathered logits.
 
-The loss is the mean pixel cross-entropy over the whole patch (as
-``histoseg.train.step.pixel_loss`` at ``tumour_weight=1``). Each rank differentiates its
+The loss is the (tumour-weighted) mean pixel cross-entropy over the whole patch, as
+``histoseg.train.step.pixel_loss``. Each rank differentiates its
 share, the sum of its slab's pixel losses over the global pixel count; the loss is the sum
 of the shares, and so is every weight gradient (one grouped allreduce, as in data
-parallelism but summed, not averaged).
+parallelism but summed over a patch's ranks; averaged over the patches when several are cut
+in parallel, ``HorovodComm.replicas``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,19 @@ def spatial_gradients(executor: SpatialExecutor, images, masks, variables: Seque
     return loss, logits, grads
 
 
-def _gradients(executor: SpatialExecutor, images, masks, variables: Sequence, memory_device=None):
+def _gradients(
+    executor: SpatialExecutor,
+    images,
+    masks,
+    variables: Sequence,
+    memory_device=None,
+    tumour_weight: float = 1.0,
+):
     """:func:`spatial_gradients`, plus the allocator reads of ``memory_device`` (as the
     single-rank step takes them, ``histoseg.train.step``): before the step, after the
-    forward pass and loss, after this rank's gradients (before they are summed)."""
+    forward pass and loss, after this rank's gradients (before they are summed).
+    ``tumour_weight``: tumour pixels count that many times (``pixel_loss``); the weights'
+    sum over the whole patch is one more (not differentiated) sum over the ranks."""
     import tensorflow as tf
 
     from histoseg.memory.probe import allocator_bytes_op
@@ -48,12 +58,18 @@ def _gradients(executor: SpatialExecutor, images, masks, variables: Sequence, me
     comm = executor.comm
     height = int(executor.model.inputs[0].shape[1])
     shape = tf.shape(masks)
+    labels = tf.cast(masks, tf.int32)
     with tf.GradientTape() as tape:
         logits = executor(images)
         losses = tf.nn.sparse_softmax_cross_entropy_with_logits(
-            labels=tf.cast(masks, tf.int32), logits=tf.cast(logits, tf.float32)
+            labels=labels, logits=tf.cast(logits, tf.float32)
         )
-        count = tf.cast(shape[0] * shape[2] * height, losses.dtype)
+        if tumour_weight == 1.0:
+            count = tf.cast(shape[0] * shape[2] * height, losses.dtype)
+        else:
+            weights = tf.where(tf.equal(labels, 1), float(tumour_weight), 1.0)
+            losses = losses * weights
+            count = comm.sum_values(tf.reduce_sum(weights), "spatial.loss_weights")
         share = tf.reduce_sum(losses) / count
     seed = tf.ones_like(share)
     if memory_device is not None:
@@ -71,12 +87,14 @@ def _gradients(executor: SpatialExecutor, images, masks, variables: Sequence, me
             reads["bytes_after_gradients"] = allocator_bytes_op(memory_device)
         with tf.control_dependencies([reads["bytes_after_gradients"]]):
             grads = [tf.identity(g) for g in grads]
-    grads = sum_gradients(comm, grads)
+    grads = comm.sum_gradients(grads)
     loss = comm.sum_values(share, "spatial.loss")
     return loss, logits, grads, reads
 
 
-def make_spatial_train_step(executor: SpatialExecutor, optimizer, *, memory_device=None):
+def make_spatial_train_step(
+    executor: SpatialExecutor, optimizer, *, memory_device=None, tumour_weight: float = 1.0
+):
     """This rank's compiled train step: its slab forward, the loss share, the gradients
     summed over the ranks, the optimizer's update (the same on every rank, so the weights
     stay identical without a broadcast).
@@ -87,6 +105,7 @@ def make_spatial_train_step(executor: SpatialExecutor, optimizer, *, memory_devi
         memory_device: ``"CPU:0"`` or ``"GPU:0"``: also return the allocator reads
             ``bytes_before_step``, ``bytes_after_forward`` and ``bytes_after_gradients``
             taken inside the step, as ``histoseg.train.step.make_train_step`` does.
+        tumour_weight: Loss weight of tumour pixels (``histoseg.train.step.pixel_loss``).
 
     Returns:
         A ``tf.function`` ``step(images, masks) -> {"loss": ..., reads...}`` taking this
@@ -102,21 +121,12 @@ def make_spatial_train_step(executor: SpatialExecutor, optimizer, *, memory_devi
     @tf.function
     def step(images, masks):
         loss, _, grads, reads = _gradients(
-            executor, prepare_images(images), masks, variables, memory_device
+            executor, prepare_images(images), masks, variables, memory_device, tumour_weight
         )
         optimizer.apply_gradients(zip(grads, variables, strict=True))
         return {"loss": loss, **reads}
 
     return step
-
-
-def sum_gradients(comm, grads: list) -> list:
-    """Sum ``grads`` over the ranks (one grouped allreduce under Horovod)."""
-    if comm.size == 1:
-        return grads
-    import horovod.tensorflow as hvd
-
-    return list(hvd.grouped_allreduce(grads, op=hvd.Sum, name="spatial.grads"))
 
 
 def gather_rows(comm, slab):

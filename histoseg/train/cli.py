@@ -48,6 +48,11 @@ Examples:
   horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.train --engine horovod \\
       --fp16-allreduce --threads 1 --steps 50
 
+  # one 512 px patch cut across two ranks (halo exchange), batch 1
+  horovodrun -np 2 -H localhost:2 --gloo python -m histoseg.train --engine horovod \\
+      --spatial-workers 2 --backbone mobilenetv2 --alpha 0.35 --patch-size 512 \\
+      --batch-size 1 --threads 1 --steps 50
+
   # two tf.distribute workers on this machine
   python -m histoseg.train.launch --engine tf -n 2 -- python -m histoseg.train --engine tf
 
@@ -190,6 +195,15 @@ def _distribution_options(p: argparse.ArgumentParser) -> None:
 
     dist = p.add_argument_group("distribution")
     dist.add_argument("--engine", choices=ENGINE_NAMES, default="none")
+    dist.add_argument(
+        "--spatial-workers",
+        type=int_in_range(1, 4096),
+        default=1,
+        metavar="N",
+        help="cut every patch into N slabs of rows, one per rank, with halo exchange "
+        "(--engine horovod; the ranks are blocks of N, one data-parallel worker each; "
+        "default 1)",
+    )
     dist.add_argument("--fp16-allreduce", action="store_true", help="gradients travel as float16")
     dist.add_argument(
         "--step",
@@ -224,30 +238,7 @@ def options_from_args(args: argparse.Namespace) -> object:
     from histoseg.train.options import TrainOptions
     from histoseg.wsi.synth import parse_size
 
-    if args.patch_size < 16 or args.patch_size % args.output_stride:
-        raise ConfigError(
-            f"--patch-size {args.patch_size} must be a multiple of the output stride "
-            f"{args.output_stride} (and >= 16)"
-        )
-    for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "checkpoint_every" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if not args.tumour_weight > 0:
-        raise ConfigError(f"--tumour-weight must be > 0, got {args.tumour_weight}")
-    if not 0 <= args.tumor_ratio <= 1:
-        raise ConfigError(f"--tumor-ratio must be in [0, 1], got {args.tumor_ratio}")
-    if args.epochs is not None and args.epochs <= 0:
-        raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
-    # 0 would otherwise read as "unset" in configure_threads and silently use the default
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-    if args.data is not None:
-        from histoseg.wsi.camelyon import parse_data_spec
-
-        parse_data_spec(args.data)
-        if args.slides or args.annotations:
-            raise ConfigError("give --data or --slides/--annotations, not both")
+    check_flags(args)
     check_output_paths(args.run_dir, args.results)
     steps = args.steps if args.steps is not None else (None if args.epochs else 100)
     return TrainOptions(
@@ -285,6 +276,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         steps=steps,
         epochs=args.epochs,
         fp16_allreduce=args.fp16_allreduce,
+        spatial_workers=args.spatial_workers,
         step_mode=args.step,
         run_dir=args.run_dir,
         checkpoint_every=args.checkpoint_every,
@@ -296,6 +288,39 @@ def options_from_args(args: argparse.Namespace) -> object:
         progress=not args.no_progress,
         bn_recalibration_batches=args.bn_recalibration_batches,
     )
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse flag values no run can use (ConfigError naming the flag), before any work."""
+    if args.patch_size < 16 or args.patch_size % args.output_stride:
+        raise ConfigError(
+            f"--patch-size {args.patch_size} must be a multiple of the output stride "
+            f"{args.output_stride} (and >= 16)"
+        )
+    for name in ("batch_size", "steps", "checkpoint_every", "log_every"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "checkpoint_every" else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if not args.tumour_weight > 0:
+        raise ConfigError(f"--tumour-weight must be > 0, got {args.tumour_weight}")
+    if not 0 <= args.tumor_ratio <= 1:
+        raise ConfigError(f"--tumor-ratio must be in [0, 1], got {args.tumor_ratio}")
+    if args.epochs is not None and args.epochs <= 0:
+        raise ConfigError(f"--epochs must be > 0, got {args.epochs}")
+    # 0 would otherwise read as "unset" in configure_threads and silently use the default
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+    if args.spatial_workers > 1 and args.engine != "horovod":
+        raise ConfigError(
+            f"--spatial-workers {args.spatial_workers} needs --engine horovod (started by "
+            f"horovodrun -np {args.spatial_workers} or a multiple of it), not --engine {args.engine}"
+        )
+    if args.data is not None:
+        from histoseg.wsi.camelyon import parse_data_spec
+
+        parse_data_spec(args.data)
+        if args.slides or args.annotations:
+            raise ConfigError("give --data or --slides/--annotations, not both")
 
 
 def resolve_norm(norm: str, batch_size: int) -> str:
@@ -408,22 +433,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_launcher(args.engine)
     options = options_from_args(args)
+    from histoseg.train.engines import get_engine
+    from histoseg.train.launch import world_from_env
+
+    spatial = options.spatial_workers
+    world = world_from_env()[1]
+    # the step as its results row will state it, made (and so checked) before any work
+    options.step_config(device="cpu", engine=args.engine, workers=max(1, world // spatial))
     options.threads = configure_threads(args.threads, args.pin_cores)
     options.command = command_line("histoseg.train", argv)
+    comm = None
+    if spatial > 1:
+        from histoseg.spatial import HorovodComm
 
-    from histoseg.train.engines import get_engine
-
+        comm = HorovodComm(spatial, world)  # first: Horovod takes its blocks at its first init
     engine = get_engine(args.engine).init()
-    # the step as its results row will state it, made (and so checked) before any work
-    options.step_config(device="cpu", engine=engine.name, workers=engine.size)
     from histoseg.train.loop import run
 
-    row = run(options, engine)
+    row = run(options, engine, comm)
     if engine.is_chief:
         m = row["metrics"]
+        ranks = f"{engine.size} worker(s)"
+        if spatial > 1:
+            ranks = f"{engine.size // spatial} worker(s) x {spatial} spatial ranks"
         print(
             f"validation ({m['val_patches']} patches of {options.patch_size} px, "
-            f"{engine.size} worker(s), {row['config']['steps']} steps): "
+            f"{ranks}, {row['config']['steps']} steps): "
             f"accuracy {m['accuracy']:.4f}  mIoU {m['miou']:.4f}  AUC {m['auc']:.4f}  "
             f"(all-background baseline: accuracy {m['baseline_accuracy']:.4f}, "
             f"mIoU {m['baseline_miou']:.4f}, AUC 0.5)",

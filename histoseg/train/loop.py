@@ -29,6 +29,7 @@ from histoseg.train.slides import (
     validation_ceiling,
     validation_patches,
 )
+from histoseg.train.spatial import SpatialStep
 from histoseg.train.summaries import SummaryWriter, write_json
 from histoseg.train.validation import evaluate, recalibrate_batch_norm
 
@@ -59,16 +60,23 @@ class _Trained:
     summaries: SummaryWriter
 
 
-def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
+def run(options: TrainOptions, engine: Engine, comm: Any = None) -> dict[str, Any]:
     """Train and validate as one rank of ``engine``; returns the results row (every rank).
 
     Only the chief logs, writes TensorBoard summaries, checkpoints and the results file.
+    ``comm``: this rank's ``histoseg.spatial.HorovodComm`` when ``options.spatial_workers``
+    is above 1 (made before the engine starts Horovod: it registers the blocks of ranks).
     """
     plan = _plan(options, engine)
-    model, step, peak_lr, warmup = _build(options, engine, plan.total_steps)
+    model, step, peak_lr, warmup = _build(options, engine, plan.total_steps, comm)
     trained = _train(options, engine, plan, model, step, peak_lr)
+    spatial = isinstance(step, SpatialStep)
     recalibrated = recalibrate_batch_norm(
-        model, iter(trained.dataset), engine, options.bn_recalibration_batches
+        model,
+        iter(trained.dataset),
+        engine,
+        options.bn_recalibration_batches,
+        forward=step.forward_training if spatial else None,
     )
     # after the recalibration: the last checkpoint is the model validation scores (the
     # stale moving statistics of the training loop can make inference mode predict nothing)
@@ -80,7 +88,7 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
             step.optimizer,
             bn_recalibrated=True,
         )
-    result, baseline = _validate(options, engine, model, plan.my_val)
+    result, baseline = _validate(options, engine, model, plan.my_val, step)
     extra = {
         "peak_learning_rate": peak_lr,
         "warmup_steps": warmup,
@@ -96,11 +104,17 @@ def run(options: TrainOptions, engine: Engine) -> dict[str, Any]:
     return row
 
 
+def replica_of(options: TrainOptions, engine: Engine) -> tuple[int, int]:
+    """(this rank's replica, replicas): the data-parallel view of the ranks. Every block of
+    ``spatial_workers`` consecutive ranks trains one replica (the same patches)."""
+    return engine.rank // options.spatial_workers, engine.size // options.spatial_workers
+
+
 def _plan(options: TrainOptions, engine: Engine) -> _Plan:
-    """The slides, this rank's share of the training and validation patches, the steps."""
+    """The slides, this replica's share of the training and validation patches, the steps."""
     from histoseg.wsi.patches import grid_patches, shard
 
-    rank, size = engine.rank, engine.size
+    rank, size = replica_of(options, engine)
     train_slides, val_slides = train_and_val_slides(options, engine)
     global_batch = options.batch_size * size
     if options.epochs is not None:
@@ -133,9 +147,10 @@ def _plan(options: TrainOptions, engine: Engine) -> _Plan:
 
 
 def _build(
-    options: TrainOptions, engine: Engine, total_steps: int
-) -> tuple[keras.Model, DistributedStep, float, int]:
-    """The model, the engine-aware step with its scheduled optimizer, peak rate, warm-up."""
+    options: TrainOptions, engine: Engine, total_steps: int, comm: Any
+) -> tuple[keras.Model, DistributedStep | SpatialStep, float, int]:
+    """The model, the engine-aware (or spatial) step with its scheduled optimizer, peak
+    rate, warm-up."""
     from histoseg.models import build_deeplabv3plus
     from histoseg.train.step import make_optimizer
 
@@ -152,12 +167,15 @@ def _build(
         head_filters=options.head_filters,
         **backbone_kwargs,
     )
-    peak_lr = options.learning_rate * (engine.size if options.scale_lr else 1)
+    peak_lr = options.learning_rate * (replica_of(options, engine)[1] if options.scale_lr else 1)
     warmup = options.warmup_steps
     if warmup is None:
         warmup = min(100, total_steps // 10)
     optimizer = make_optimizer(options.optimizer, peak_lr, momentum=options.momentum)
     optimizer.learning_rate = WarmupSchedule(peak_lr, total_steps, warmup, options.schedule)
+    if options.spatial_workers > 1:
+        step = SpatialStep(model, optimizer, comm, tumour_weight=options.tumour_weight)
+        return model, step, peak_lr, warmup
     step = DistributedStep(
         model,
         optimizer,
@@ -256,9 +274,14 @@ def _train_scalars(
 
 
 def _validate(
-    options: TrainOptions, engine: Engine, model: keras.Model, my_val: list
+    options: TrainOptions,
+    engine: Engine,
+    model: keras.Model,
+    my_val: list,
+    step: DistributedStep | SpatialStep,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Pixel metrics over every rank's validation patches, and the all-background baseline's."""
+    """Pixel metrics over every rank's validation patches (a spatial rank: its rows of its
+    replica's patches), and the all-background baseline's."""
     from histoseg.data import make_dataset
     from histoseg.train.metrics import constant_background_metrics
 
@@ -267,7 +290,12 @@ def _validate(
         val_batches = make_dataset(
             my_val, options.batch_size, shuffle=False, repeat=False, drop_remainder=False
         )
-    metrics = evaluate(model, val_batches, engine)
+    if isinstance(step, SpatialStep):
+        metrics = evaluate(
+            model, val_batches, engine, tumour_probability=step.tumour_probability, rows=step.rows
+        )
+    else:
+        metrics = evaluate(model, val_batches, engine)
     result = metrics.result()
     baseline = constant_background_metrics(metrics.confusion)
     engine.barrier()
@@ -301,7 +329,7 @@ def _row(
         options.row_config(
             device="gpu" if tf.config.list_physical_devices("GPU") else "cpu",
             engine=engine.name,
-            workers=engine.size,
+            workers=replica_of(options, engine)[1],
             step_mode=step.step_mode,
             steps=plan.total_steps,
         ),

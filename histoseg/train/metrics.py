@@ -133,11 +133,13 @@ class PixelMetrics:
         self.negative_hist = np.zeros(self.num_bins, dtype=np.int64)
         self.patches = 0
 
-    def update(self, masks: Any, tumour_probability: Any) -> None:
+    def update(self, masks: Any, tumour_probability: Any, patches: int | None = None) -> None:
         """Add a batch: ``masks`` (0 background, 1 tumour) and P(tumour), same shape.
 
         A pixel is predicted tumour when P(tumour) > 0.5, i.e. the argmax of two classes
-        (a tie goes to background, as argmax picks the first class).
+        (a tie goes to background, as argmax picks the first class). ``patches``: how many
+        patches the batch adds (default: its batch size; the ranks that score other slabs
+        of the same patches add 0, so that the sum over ranks counts each patch once).
         """
         masks = np.asarray(masks)
         prob = np.asarray(tumour_probability, dtype=np.float64)
@@ -148,7 +150,9 @@ class PixelMetrics:
         bins = np.clip((prob * self.num_bins).astype(np.int64), 0, self.num_bins - 1)
         self.positive_hist += np.bincount(bins[truth], minlength=self.num_bins)
         self.negative_hist += np.bincount(bins[~truth], minlength=self.num_bins)
-        self.patches += masks.shape[0] if masks.ndim == 3 else 1
+        if patches is None:
+            patches = masks.shape[0] if masks.ndim == 3 else 1
+        self.patches += patches
 
     def update_from_logits(self, masks: Any, logits: Any) -> None:
         """Add a batch from model logits ``[B, H, W, 2]`` (softmax taken here)."""

@@ -15,6 +15,8 @@ class TrainOptions:
 
     ``learning_rate`` is per worker: the run's peak rate is ``learning_rate * workers`` unless
     ``scale_lr`` is False (the linear scaling rule for a global batch ``workers`` times larger).
+    With ``spatial_workers`` N above 1 a worker (a data-parallel replica) is a block of N
+    ranks that cut each of its patches into N slabs.
     """
 
     slides: str | None = None
@@ -53,6 +55,8 @@ class TrainOptions:
     steps: int | None = 100
     epochs: float | None = None
     fp16_allreduce: bool = False
+    # ranks each patch is cut across (histoseg.spatial); the world is blocks of this many
+    spatial_workers: int = 1
     step_mode: str = DEFAULT_STEP_MODE
     run_dir: str = "runs/train"
     checkpoint_every: int = 50
@@ -81,6 +85,7 @@ class TrainOptions:
             workers=workers,
             optimizer=self.optimizer,
             backbone_options=() if self.alpha is None else (("alpha", self.alpha),),
+            spatial_workers=self.spatial_workers,
         )
 
     def row_config(

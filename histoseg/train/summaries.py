@@ -49,6 +49,20 @@ class SummaryWriter:
             self._writer.close()
 
 
+def read_scalars(folder: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` of the scalars a :class:`SummaryWriter` wrote to
+    ``folder`` (its event files in name order), without the tensorboard package."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(folder).glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name != "scalars":
+                    continue
+                number = float(tf.make_ndarray(value.tensor))
+                scalars.setdefault(value.tag, []).append((event.step, number))
+    return scalars
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Small JSON side file (run config), written atomically."""
     from histoseg.results import atomic_write_text

@@ -3,7 +3,7 @@ metrics over the validation patches of every rank."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
@@ -11,17 +11,17 @@ import numpy as np
 import tensorflow as tf
 
 from histoseg.models.norm import FrozenBatchNorm
-from histoseg.train.engines import (
-    Engine,
-)
+from histoseg.train.engines import Engine
 from histoseg.train.metrics import PixelMetrics
-from histoseg.train.step import (
-    prepare_images,
-)
+from histoseg.train.step import prepare_images
 
 
 def recalibrate_batch_norm(
-    model: keras.Model, batches: Iterable[tuple[Any, Any]], engine: Engine, num_batches: int
+    model: keras.Model,
+    batches: Iterable[tuple[Any, Any]],
+    engine: Engine,
+    num_batches: int,
+    forward: Callable[[Any], Any] | None = None,
 ) -> int:
     """Re-estimate every batch-norm layer's moving statistics for the current weights.
 
@@ -32,6 +32,9 @@ def recalibrate_batch_norm(
     ``num_batches`` training batches forward in training mode (no gradients, no update)
     with the momentum set so the moving statistics become the plain average over those
     batches ("precise BN", Wu & Johnson 2021), then average them over the ranks.
+
+    ``forward(images)`` runs the batch forward in training mode, eagerly (default: the
+    whole model; a spatial run passes its step's ``forward_training``).
 
     Returns:
         How many batches were used on this rank.
@@ -56,7 +59,10 @@ def recalibrate_batch_norm(
                 # moving = (k-1)/k * moving + 1/k * batch: the running mean of k batches
                 layer.momentum = 1.0 - 1.0 / used
             # eager on purpose: a compiled call would freeze the momentum at trace time
-            model(prepare_images(images), training=True)
+            if forward is None:
+                model(prepare_images(images), training=True)
+            else:
+                forward(images)
             if used >= num_batches:
                 break
     finally:
@@ -70,22 +76,32 @@ def recalibrate_batch_norm(
 
 
 def evaluate(
-    model: keras.Model, batches: Iterable[tuple[Any, Any]], engine: Engine
+    model: keras.Model,
+    batches: Iterable[tuple[Any, Any]],
+    engine: Engine,
+    *,
+    tumour_probability: Callable[[Any], Any] | None = None,
+    rows: slice = slice(None),
 ) -> PixelMetrics:
     """Pixel metrics of ``model`` over this rank's validation batches, summed over all ranks.
 
     Every rank must call it (the final sum is a collective), even one with no batches.
+    A spatial run scores ``rows`` of every patch with its step's ``tumour_probability``
+    (those rows' probabilities); the default is the whole model on the whole patch.
     """
+    if tumour_probability is None:
 
-    @tf.function
-    def tumour_probability(images: Any) -> Any:
-        logits = model(prepare_images(images), training=False)
-        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
+        @tf.function
+        def tumour_probability(images: Any) -> Any:
+            logits = model(prepare_images(images), training=False)
+            return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[..., 1]
 
     from histoseg.data import iterate_batches
 
     metrics = PixelMetrics()
+    first = not rows.start  # the rows of a patch's first slab count the patch
     # iterate_batches: a corrupt slide is a one-line SlideError, not a wrapped TF error
     for images, masks in iterate_batches(batches):
-        metrics.update(np.asarray(masks), tumour_probability(images).numpy())
+        probability = tumour_probability(images).numpy()
+        metrics.update(np.asarray(masks)[:, rows], probability, patches=None if first else 0)
     return metrics.reduce(engine)

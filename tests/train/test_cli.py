@@ -13,6 +13,7 @@ from histoseg.train.checkpoints import load_checkpoint
 from histoseg.train.cli import main
 from histoseg.train.schedule import WarmupSchedule
 from histoseg.train.split import split_slides
+from histoseg.train.summaries import read_scalars
 
 TINY = [
     "--synthetic-slides", "3",
@@ -51,20 +52,6 @@ def test_bad_flags_are_one_line_errors(flags, message, capsys):
     assert run_main(main, flags) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
-
-
-def _tensorboard_scalars(folder):
-    """{tag: [(step, value)]} of the scalars-plugin summaries in ``folder``'s event files."""
-    import tensorflow as tf
-
-    scalars = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                assert value.metadata.plugin_data.plugin_name == "scalars", value.tag
-                number = float(tf.make_ndarray(value.tensor))
-                scalars.setdefault(value.tag, []).append((event.step, number))
-    return scalars
 
 
 def _checkpoint_metrics(run):
@@ -109,7 +96,7 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     assert 0 < row["metrics"]["val_patches"] <= 8
     assert row["extra"]["bn_recalibration_batches"] == 2
     assert (run / "results.csv").exists()
-    scalars = _tensorboard_scalars(run / "tensorboard")
+    scalars = read_scalars(run / "tensorboard")
     assert {"train/loss", "val/miou", "val/auc"} <= set(scalars)
     assert scalars["val/miou"] == [(2, pytest.approx(row["metrics"]["miou"], abs=1e-6))]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["ckpt-00000002.npz"]
