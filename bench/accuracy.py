@@ -224,6 +224,20 @@ def size_row(config: dict, plan: SizePlan, result: dict, extra: dict) -> dict:
     )
 
 
+def _analytic_predictor(args: argparse.Namespace) -> Callable[[int, str, str], int | None]:
+    """The analytic step-peak predictor of the sweep's model: its options (width, head
+    channels, normalisation) are the estimate's model options."""
+    options = {"alpha": args.alpha} if args.alpha is not None else {}
+    if args.head_filters != HEAD_FILTERS:
+        options["head_filters"] = args.head_filters
+    norm = resolve_norm(args.norm, args.batch_size)
+    if norm != "batch":
+        options["norm"] = norm
+    return estimate_predictor(
+        args.backbone, args.batch_size, args.output_stride, args.optimizer, options
+    )
+
+
 def run_sweep(
     args: argparse.Namespace,
     *,
@@ -237,12 +251,7 @@ def run_sweep(
         rows = load_rows_if_exists(out)
     budget, budget_source = memory_budget(args)
     if predict is None:
-        options = {"alpha": args.alpha} if args.alpha is not None else {}
-        if args.head_filters != HEAD_FILTERS:
-            options["head_filters"] = args.head_filters
-        predict = estimate_predictor(
-            args.backbone, args.batch_size, args.output_stride, args.optimizer, options
-        )
+        predict = _analytic_predictor(args)
     n_points = len(sweep_points(args))
     log(
         f"accuracy sweep: sizes {' '.join(map(str, args.sizes))} px, pixel budget {args.pixel_budget:.3g} px "

@@ -38,6 +38,7 @@ def sample_configs(
     max_batch_size: int = 4,
     max_megapixels: float = 0.27,
     steps: int = 1,
+    norms: Sequence[str] = ("batch",),
 ) -> list[StepConfig]:
     """``count`` configs drawn from the whole config space, the same for the same seed.
 
@@ -47,6 +48,11 @@ def sample_configs(
     batch size are drawn freely, batch size capped so a step sees at most
     ``max_megapixels`` (small steps measure in seconds). The memory model is judged on
     such draws, so that it cannot be fitted to a fixed list.
+
+    ``norms``: the normalisations drawn (the model option "norm"), stratified as the
+    other axes but from a stream of their own, so that a seed draws the same configs
+    otherwise whatever ``norms`` holds (and with batch norm alone, as before norms were
+    drawn).
     """
     import random
 
@@ -67,11 +73,15 @@ def sample_configs(
         "precision": stratified(PRECISIONS),
         "remat": stratified(REMAT_MODES),
     }
+    drawn_norms = [norms[i % len(norms)] for i in range(count)]
+    random.Random(f"norm-{seed}").shuffle(drawn_norms)
     configs = []
     for i in range(count):
         pick = {name: values[i] for name, values in axes.items()}
         alpha = pick.pop("alpha")
         options = (("alpha", alpha),) if pick["backbone"] == "mobilenetv2" and alpha != 1.0 else ()
+        if drawn_norms[i] != "batch":
+            options = (*options, ("norm", drawn_norms[i]))
         size = rng.choice(list(sizes_px))
         most = max(1, min(max_batch_size, int(max_megapixels * 1e6 // size**2)))
         configs.append(

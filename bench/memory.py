@@ -399,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.out == DEFAULT_OUT:
             args.out = BASELINE_OUT
     elif args.sample is not None:
-        drawn = sample_configs(args.sample, args.seed, steps=args.steps)
+        drawn = sample_configs(args.sample, args.seed, steps=args.steps, norms=args.norm)
         drawn = [
             c.replace(backend=args.backend)
             for c in drawn

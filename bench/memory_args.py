@@ -16,6 +16,7 @@ from histoseg.config import (
     BACKBONES,
     BACKENDS,
     MODES,
+    NORMS,
     OPTIMIZERS,
     PRECISIONS,
     REMAT_MODES,
@@ -92,6 +93,14 @@ def _sweep_options(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=VALUE",
         help="extra backbone argument, e.g. alpha=0.35 (repeatable)",
+    )
+    add(
+        "--norm",
+        nargs="+",
+        default=["batch"],
+        choices=NORMS,
+        help="normalisation of every conv block (a model option, norm=...; default batch); "
+        "with --sample, the ones drawn",
     )
     add("--output-stride", type=int, nargs="+", default=[16], choices=(8, 16))
     add("--precision", nargs="+", choices=PRECISIONS, help=PRECISION_HELP)
@@ -263,9 +272,11 @@ def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
     is refused by :class:`StepConfig`.
     """
     modes = list(dict.fromkeys(getattr(args, "mode", None) or ["train"]))
-    options = parse_backbone_options(args.backbone_option)
     configs: list[StepConfig] = []
-    for mode in modes:
+    for mode, norm in ((m, n) for m in modes for n in dict.fromkeys(args.norm)):
+        options = parse_backbone_options(args.backbone_option)
+        if norm != "batch":
+            options = tuple(sorted({**dict(options), "norm": norm}.items()))
         train, alone = mode == "train", modes == [mode]
         configs += expand_sweep(
             StepConfig(steps=args.steps, backbone_options=options, mode=mode, backend=args.backend),

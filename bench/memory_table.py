@@ -24,9 +24,10 @@ def _pct(measured: Any, predicted: Any) -> str:
 def config_label(config: dict[str, Any]) -> str:
     """A config's model and step in a few characters: ``mobilenetv2@0.35 os8 sgd`` (no
     optimizer for a forward pass: ``xception65 os16``; a patch cut across 4 ranks:
-    ``xception65 os16 adam /4``)."""
-    alpha = (config.get("backbone_options") or {}).get("alpha")
-    backbone = config["backbone"] + (f"@{alpha:g}" if alpha else "")
+    ``xception65 os16 adam /4``; group or frozen batch norm: ``resnet50+group os16 adam``)."""
+    options = config.get("backbone_options") or {}
+    alpha, norm = options.get("alpha"), options.get("norm")
+    backbone = config["backbone"] + (f"@{alpha:g}" if alpha else "") + (f"+{norm}" if norm else "")
     optimizer = config.get("optimizer", "adam")
     slabs = config.get("spatial_workers", 1)
     return (

@@ -21,6 +21,9 @@ from histoseg.errors import ConfigError
 BACKBONES = ("xception65", "mobilenetv2", "resnet50")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 REMAT_MODES = ("none", "blocks", "full")
+#: The normalisation of every conv block: a model option (``backbone_options`` "norm"),
+#: "batch" when absent.
+NORMS = ("batch", "frozen", "group")
 DEVICES = ("cpu", "gpu")
 ENGINES = ("none", "horovod", "tf")
 OPTIMIZERS = ("adam", "sgd")

@@ -144,7 +144,7 @@ def _kind(layer: Any) -> str:
         ((L.InputLayer,), "input"),
         ((L.SeparableConv2D,), "separable"),
         ((L.DepthwiseConv2D, L.Conv2D, L.Conv1D, L.Conv3D, L.Dense, L.Conv2DTranspose), "conv"),
-        ((L.BatchNormalization,), "batchnorm"),
+        ((L.BatchNormalization, L.GroupNormalization), "batchnorm"),
         ((L.ReLU,), "relu"),
         ((L.Activation,), "activation"),
         ((L.MaxPooling2D,), "maxpool"),

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from histoseg.cli import ArgumentParser, command_line, int_in_range, run_main
-from histoseg.config import HEAD_FILTERS, MAX_ALPHA, parse_alpha
+from histoseg.config import HEAD_FILTERS, MAX_ALPHA, NORMS, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.train.launch import WORLD_VARIABLES
 from histoseg.train.split import SPLITS
@@ -24,7 +24,6 @@ from histoseg.train.split import SPLITS
 # that --help does not start it; tests/train/test_cli.py checks that they agree.
 SCHEDULES = ("constant", "poly", "cosine")
 SYNTHETIC_TASKS = ("local", "context")
-NORMS = ("batch", "frozen", "group")
 NORM_CHOICES = ("auto", *NORMS)
 
 EPILOG = """\

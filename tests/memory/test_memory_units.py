@@ -130,6 +130,7 @@ def test_config_choices_mirror_the_model_registries():
     assert tuple(models.BACKBONES) == config.BACKBONES
     assert tuple(models.PRECISIONS) == config.PRECISIONS
     assert tuple(models.REMAT_MODES) == config.REMAT_MODES
+    assert tuple(models.NORMS) == config.NORMS
 
 
 def test_an_unknown_backbone_is_a_config_error():
@@ -156,3 +157,18 @@ def test_sampled_configs_cover_every_axis_and_repeat_for_a_seed():
         assert {getattr(c, axis) for c in configs} == set(values), axis
     assert all(c.batch_size * c.patch_size**2 <= 0.27e6 or c.batch_size == 1 for c in configs)
     assert {c.batch_size for c in configs} >= {1, 2}
+
+
+def test_drawn_norms_leave_the_rest_of_a_draw_as_it_was():
+    """Normalisations come from a stream of their own: a seed's draw with batch norm alone
+    (every draw made before norms were drawn) is the same configs, norm aside."""
+    from bench.config import sample_configs
+    from histoseg.config import NORMS
+
+    plain = sample_configs(12, seed=0)
+    mixed = sample_configs(12, seed=0, norms=NORMS)
+    norms = [dict(c.backbone_options).get("norm", "batch") for c in mixed]
+    assert sorted(norms) == sorted(NORMS * 4)
+    strip = [c.replace(backbone_options=tuple(o for o in c.backbone_options if o[0] != "norm"))
+             for c in mixed]  # fmt: skip
+    assert strip == plain

@@ -1,7 +1,8 @@
 """The memory model judged on a configuration drawn at random on every run.
 
 Each run draws one train step from the whole config space (every backbone, MobileNetV2
-width, output stride, optimizer, remat mode, batch 1-4) at a small patch size, measures it
+width, normalisation, output stride, optimizer, remat mode, batch 1-4) at a small patch
+size, measures it
 in a fresh worker, and holds the prediction to the promise the fit check and
 ``--device-memory`` make: the measured step peak fits the planned bytes (the prediction
 plus its band, :func:`histoseg.memory.devices.planned_bytes`). The tighter goal, every
@@ -21,6 +22,7 @@ import random
 
 from bench.config import sample_configs
 from bench.memory import predict, run_worker
+from histoseg.config import NORMS
 from histoseg.memory.devices import planned_bytes
 
 SEED = int(os.environ.get("HISTOSEG_MEMORY_SEED") or random.SystemRandom().randrange(10**6))
@@ -29,7 +31,7 @@ SIZES_PX = tuple(range(64, 161, 32))
 
 def _draw(seed: int):
     """The first float32 or bfloat16 config of the draw for ``seed`` (small, batch 1-4)."""
-    for config in sample_configs(16, seed, sizes_px=SIZES_PX, max_megapixels=0.06):
+    for config in sample_configs(16, seed, sizes_px=SIZES_PX, max_megapixels=0.06, norms=NORMS):
         if config.precision != "mixed_float16":
             return config
     raise AssertionError(f"seed {seed}: no float32 or bfloat16 config in 16 draws")
