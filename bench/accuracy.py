@@ -40,9 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.accuracy_plan import (
+    LR_REFERENCE_PX,
+    LR_RULES,
     SizePlan,
     estimate_predictor,
     format_bytes,
+    learning_rate_at,
     plan_size,
     steps_for_budget,
 )
@@ -157,7 +160,7 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
     )
     config: dict[str, Any] = {
         **step.as_dict(),
-        "learning_rate": args.learning_rate,
+        "learning_rate": learning_rate_at(args, patch_size),
         "data": args.data
         or (
             f"synthetic {args.synthetic_slides}x{args.synthetic_size}"
@@ -292,6 +295,8 @@ def run_sweep(
             "memory_budget_bytes": budget,
             "memory_budget_source": budget_source,
         }
+        if args.lr_rule != "fixed":  # the config's learning_rate says what ran; this, why
+            extra["lr_rule"] = f"{args.lr_rule}: {args.learning_rate:g} x px / {LR_REFERENCE_PX}"
         if not plan.run:
             log(f"{head}: skipped — {plan.reason}")
             row = size_row(config, plan, {"status": "skipped", "reason": plan.reason}, extra)
@@ -427,7 +432,16 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         "--warmup-steps", type=int, default=None, help="(default: 10%% of steps, at most 100)"
     )
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument(
+        "--learning-rate", type=float, default=1e-3, help="(at 256 px with --lr-rule side)"
+    )
+    parser.add_argument(
+        "--lr-rule",
+        choices=LR_RULES,
+        default="fixed",
+        help="fixed: --learning-rate at every size; side: --learning-rate x patch px / "
+        f"{LR_REFERENCE_PX}, for a fixed pixel budget's fewer, larger steps (default fixed)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument(

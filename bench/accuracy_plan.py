@@ -1,13 +1,30 @@
 """How each patch size of the accuracy sweep is trained: the steps that show the same pixel
-budget, and the precision and recomputation predicted to fit the memory budget."""
+budget, the learning rate, and the precision and recomputation predicted to fit the memory
+budget."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from histoseg.errors import ConfigError, HistosegError
 from histoseg.memory.devices import format_bytes, planned_bytes
+
+#: ``--lr-rule side`` scales the learning rate with the patch side against this patch.
+LR_REFERENCE_PX = 256
+LR_RULES = ("fixed", "side")
+
+
+def learning_rate_at(args: Any, patch_size: int) -> float:
+    """The learning rate a size trains with: ``--learning-rate`` (rule "fixed"), or that
+    times ``patch_size / 256`` (rule "side": the square root of the patch area against a
+    256 px patch). At a fixed pixel budget a patch of 4x the area takes 4x fewer steps,
+    each averaging 4x the pixels' gradients; the larger step keeps what the run can move
+    from shrinking with the step count."""
+    if getattr(args, "lr_rule", "fixed") == "side":
+        return args.learning_rate * patch_size / LR_REFERENCE_PX
+    return args.learning_rate
 
 
 def steps_for_budget(pixel_budget: float, batch_size: int, patch_size_px: int) -> int:

@@ -170,6 +170,20 @@ def test_sweep_trains_every_task_and_seed_seed_by_seed_and_resumes(tmp_path):
     assert again.specs == []  # every (seed, task, size) already measured
 
 
+def test_the_side_rule_scales_the_learning_rate_and_keeps_the_reference_size(tmp_path):
+    """``--lr-rule side``: the rate grows with the patch side; at 256 px it is the fixed
+    rule's, so a fixed-rate sweep's 256 px row is that point already measured."""
+    accuracy.run_sweep(_args(tmp_path), runner=FakeRunner(), predict=_predict, log=print)
+    runner = FakeRunner()
+    rows = accuracy.run_sweep(
+        _args(tmp_path, "--lr-rule", "side"), runner=runner, predict=_predict, log=print
+    )
+    assert [s["config"]["patch_size"] for s in runner.specs] == [512]  # 256 px: kept
+    rates = {r["config"]["patch_size"]: r["config"]["learning_rate"] for r in rows}
+    assert rates == {256: 1e-3, 512: 2e-3, 2048: 8e-3}
+    assert rows[1]["extra"]["lr_rule"] == "side: 0.001 x px / 256"
+
+
 def test_sweeps_side_by_side_keep_each_others_rows(tmp_path):
     """Another seed's sweep writing the same --out while this one trains loses nothing."""
     other = accuracy.run_sweep(
