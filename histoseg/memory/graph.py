@@ -144,6 +144,8 @@ def _kind(layer: Any) -> str:
         ((L.InputLayer,), "input"),
         ((L.SeparableConv2D,), "separable"),
         ((L.DepthwiseConv2D, L.Conv2D, L.Conv1D, L.Conv3D, L.Dense, L.Conv2DTranspose), "conv"),
+        # Keras' group norm runs batch norm's composite ops (cast up, moments,
+        # x * inv + offset, cast back): docs/memory-harness.md, "Normalisation"
         ((L.BatchNormalization, L.GroupNormalization), "batchnorm"),
         ((L.ReLU,), "relu"),
         ((L.Activation,), "activation"),
