@@ -11,6 +11,7 @@ further apart: float32 differences grow through the updates (docs/spatial.md).
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,10 +50,8 @@ def _flags(tmp_path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _ranks(tmp_path, ranks: int, flags: list[str]) -> dict:
+def _ranks(ranks: int, flags: list[str]) -> dict:
     """Run ``python -m histoseg.train`` as ``ranks`` Horovod ranks; its results row."""
-    import subprocess
-
     command = [sys.executable, "-m", "histoseg.train", "--engine", "horovod", "--threads", "1"]
     command += flags
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -90,7 +89,7 @@ def _same_run(cut: dict, whole: dict) -> None:
 def test_a_patch_cut_across_two_ranks_trains_as_one_process(tmp_path):
     assert run_main(main, _flags(tmp_path, "whole")) == 0
     (whole,) = load_rows(tmp_path / "whole.json")
-    cut = _ranks(tmp_path, 2, [*_flags(tmp_path, "cut"), "--spatial-workers", "2"])
+    cut = _ranks(2, [*_flags(tmp_path, "cut"), "--spatial-workers", "2"])
     assert cut["config"]["spatial_workers"] == 2 and cut["config"]["workers"] == 1
     _same_run(cut, whole)
 
@@ -100,8 +99,8 @@ def test_a_patch_cut_across_two_ranks_trains_as_one_process(tmp_path):
 def test_two_blocks_of_two_spatial_ranks_train_as_two_data_parallel_workers(tmp_path):
     """Spatial x data parallelism: 2 blocks of 2 ranks (Horovod process sets) against 2
     data-parallel workers of one rank each, the same patches per worker."""
-    whole = _ranks(tmp_path, 2, _flags(tmp_path, "whole"))
-    cut = _ranks(tmp_path, 4, [*_flags(tmp_path, "cut"), "--spatial-workers", "2"])
+    whole = _ranks(2, _flags(tmp_path, "whole"))
+    cut = _ranks(4, [*_flags(tmp_path, "cut"), "--spatial-workers", "2"])
     assert cut["config"]["spatial_workers"] == 2 and cut["config"]["workers"] == 2
     assert cut["extra"]["peak_learning_rate"] == whole["extra"]["peak_learning_rate"]
     _same_run(cut, whole)
