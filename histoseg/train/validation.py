@@ -47,6 +47,11 @@ def recalibrate_batch_norm(
     ]
     if not layers or num_batches <= 0:
         return 0
+    if forward is None:
+
+        def forward(images: Any) -> Any:
+            return model(prepare_images(images), training=True)
+
     from histoseg.data import iterate_batches
 
     saved = [layer.momentum for layer in layers]
@@ -58,11 +63,7 @@ def recalibrate_batch_norm(
             for layer in layers:
                 # moving = (k-1)/k * moving + 1/k * batch: the running mean of k batches
                 layer.momentum = 1.0 - 1.0 / used
-            # eager on purpose: a compiled call would freeze the momentum at trace time
-            if forward is None:
-                model(prepare_images(images), training=True)
-            else:
-                forward(images)
+            forward(images)  # eager on purpose: compiled, the momentum would be frozen
             if used >= num_batches:
                 break
     finally:

@@ -46,6 +46,8 @@ def test_help_has_examples(capsys):
         (["--synthetic-task", "far"], "invalid choice: 'far' (choose from 'local', 'context')"),
         (["--tumour-weight", "0"], "--tumour-weight must be > 0, got 0.0"),
         (["--tumor-ratio", "1.5"], "--tumor-ratio must be in [0, 1], got 1.5"),
+        (["--spatial-workers", "2"], "--spatial-workers 2 needs --engine horovod"),
+        (["--spatial-workers", "0"], "--spatial-workers"),
     ],
 )
 def test_bad_flags_are_one_line_errors(flags, message, capsys):

@@ -107,19 +107,6 @@ def test_two_blocks_of_two_spatial_ranks_train_as_two_data_parallel_workers(tmp_
 
 
 @pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (["--spatial-workers", "2"], "--spatial-workers 2 needs --engine horovod"),
-        (["--spatial-workers", "0"], "--spatial-workers"),
-    ],
-)
-def test_a_spatial_run_without_its_ranks_is_refused_before_any_work(flags, message, capsys):
-    assert run_main(main, flags) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
-
-
-@pytest.mark.parametrize(
     ("world", "patch_px", "message"),
     [
         ("2", "48", "patch_size 48 px cannot be cut into 2 slabs"),
