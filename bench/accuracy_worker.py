@@ -82,12 +82,13 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
         threads=int(config["threads"]),
         progress=True,
     )
+    device = "GPU:0" if config.get("device") == "gpu" else "CPU:0"
+    allocator_info(device)  # the peak is read after training: fail now if it cannot be
     engine = get_engine("none").init()
     try:
         row = run(options, engine)
     finally:
         engine.shutdown()
-    device = "GPU:0" if config.get("device") == "gpu" else "CPU:0"
     measured = dict(row.get("measured", {}))
     measured["peak_bytes"] = allocator_info(device)["peak"]
     measured["rss_peak_bytes"] = rss_peak_bytes()

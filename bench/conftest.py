@@ -7,6 +7,9 @@ worth on a 2-core machine; ``--bench-sizes 256 512 1024`` asks for more.
 
 from __future__ import annotations
 
+# TensorFlow starts in the environment every histoseg command gives it (histoseg.startup).
+import histoseg  # noqa: F401
+
 DEFAULT_SIZES = (128, 256)
 
 

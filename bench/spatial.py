@@ -79,16 +79,16 @@ def grad_errors(got: Sequence, want: Sequence) -> dict:
 
 
 def _peak_above(before: int) -> int:
-    import tensorflow as tf
+    from histoseg.memory.probe import allocator_info
 
-    return int(tf.config.experimental.get_memory_info("CPU:0")["peak"]) - before
+    return allocator_info("CPU:0")["peak"] - before
 
 
 def _reset_memory() -> int:
-    import tensorflow as tf
+    from histoseg.memory.probe import allocator_info, reset_allocator_peak
 
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    return int(tf.config.experimental.get_memory_info("CPU:0")["current"])
+    reset_allocator_peak("CPU:0")
+    return allocator_info("CPU:0")["current"]
 
 
 def _whole_step(model, images, masks):

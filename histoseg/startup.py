@@ -90,8 +90,16 @@ class _QuietTensorFlowFinder(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Quiet the first import of TensorFlow in this process, unless :func:`verbose`."""
-    if verbose() or "tensorflow" in sys.modules:
+    """Turn on the CPU allocator's statistics and quiet the first import of TensorFlow in
+    this process (the latter unless :func:`verbose`)."""
+    if "tensorflow" in sys.modules:
+        return
+    # Every CPU memory figure is read from the allocator statistics of TensorFlow's oneDNN
+    # build (get_memory_info("CPU:0")). TensorFlow turns oneDNN on by itself only on CPUs
+    # with AVX-512 VNNI, BF16 or AMX; on an AVX2-only CPU the statistics do not exist and
+    # every memory probe fails. A user's own value wins.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    if verbose():
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # later C++ notes; a user's value wins
     if not any(isinstance(f, _QuietTensorFlowFinder) for f in sys.meta_path):

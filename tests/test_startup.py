@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -45,3 +46,20 @@ def test_a_command_imports_tensorflow_quietly_and_verbose_shows_its_lines():
     verbose = _run(code, "--verbose")
     # TensorFlow 2.21 logs at import (oneDNN on the CPU); --verbose lets it through
     assert verbose.returncode == 0 and "port.cc" in verbose.stderr, verbose.stderr
+
+
+def test_the_cpu_allocator_keeps_statistics_unless_the_user_turns_onednn_off():
+    """Every CPU memory figure is read from the allocator's statistics, which TensorFlow keeps
+    only with oneDNN on; it turns oneDNN on by itself only on some CPUs."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    code = (
+        "import histoseg, tensorflow as tf; print(tf.config.experimental.get_memory_info('CPU:0'))"
+    )
+    on = _run(code, env=env)
+    assert on.returncode == 0 and "'peak'" in on.stdout, on.stderr
+    code = (
+        "from histoseg.errors import ConfigError\nfrom histoseg.memory.probe import allocator_info\n"
+        "try:\n    allocator_info('CPU:0')\nexcept ConfigError as err:\n    print(err)\n"
+    )
+    off = _run(code, env={**env, "TF_ENABLE_ONEDNN_OPTS": "0"})  # the user's value wins
+    assert "TF_ENABLE_ONEDNN_OPTS" in off.stdout and off.stdout.count("\n") == 1, off.stderr

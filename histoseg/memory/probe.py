@@ -14,17 +14,26 @@ import resource
 import sys
 from typing import Any
 
+from histoseg.errors import ConfigError
 from histoseg.memory.devices import nvml_memory
 
 
 def allocator_info(device: str = "CPU:0") -> dict[str, int]:
     """{"current", "peak"} bytes of TensorFlow's allocator on ``device`` ("CPU:0", "GPU:0").
 
-    On the CPU the stats exist only with oneDNN on (TF's default); TF raises otherwise.
+    Raises:
+        ConfigError: the allocator keeps no statistics; on the CPU they exist only with
+            oneDNN on, which :mod:`histoseg.startup` asks for unless the user turned it off.
     """
     import tensorflow as tf
 
-    info = tf.config.experimental.get_memory_info(device)
+    try:
+        info = tf.config.experimental.get_memory_info(device)
+    except ValueError as err:
+        raise ConfigError(
+            f"TensorFlow keeps no allocator statistics for {device}, so memory cannot be "
+            "measured; on the CPU they need oneDNN (unset TF_ENABLE_ONEDNN_OPTS or set it to 1)"
+        ) from err
     return {"current": int(info["current"]), "peak": int(info["peak"])}
 
 

@@ -101,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from histoseg.memory.probe import allocator_info
     from histoseg.models import build_deeplabv3plus
     from histoseg.train.step import make_optimizer, make_train_step
 
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         losses.append(float(out["loss"]))  # blocks until the step is done
         times.append(time.perf_counter() - start)
         reads.append({k: int(v) for k, v in out.items() if k != "loss"})
-    peak = int(tf.config.experimental.get_memory_info(device)["peak"])
+    peak = allocator_info(device)["peak"]
     before = max(r["bytes_before_step"] for r in reads)
     after_forward = max(r["bytes_after_forward"] for r in reads)
     pixels = args.batch_size * args.patch_size**2
