@@ -147,7 +147,8 @@ def test_no_tensor_of_a_remat_step_waits_for_the_garbage_collector():
 @needs_torch
 def test_a_convolutions_scratch_is_extrapolated_from_two_small_runs():
     """oneDNN's bfloat16 weight-gradient kernel allocates a scratch buffer that no fake
-    tensor shows; probed at 16 and 32 px, it is predicted at 96 px within 10%."""
+    tensor shows; probed at 16 and 32 px, it is predicted at 96 px within 10%. On a CPU
+    without AVX-512 the kernel takes no scratch, and the probe must find none."""
     script = textwrap.dedent(
         """
         import torch
@@ -174,7 +175,10 @@ def test_a_convolutions_scratch_is_extrapolated_from_two_small_runs():
     out = _python("-c", script)
     assert out.returncode == 0, out.stderr[-2000:]
     measured, predicted = (int(v) for v in out.stdout.split()[-2:])
-    assert measured > 1 << 20, "the kernel no longer allocates scratch: retire the probe?"
+    if measured == 0:  # this CPU's kernel (seen on an AVX2-only AMD EPYC)
+        assert predicted == 0, predicted
+        return
+    assert measured > 1 << 20, "the kernel allocates little scratch: retire the probe?"
     assert abs(predicted / measured - 1) <= 0.10, (predicted, measured)
 
 
