@@ -188,10 +188,19 @@ def sweep(
                 run(config.replace(patch_size=p), only_predict=False) for p in calibration_sizes
             ]
             calibration = {
-                r["config"]["patch_size"]: r["measured"] for r in points if r["status"] == "ok"
+                r["config"]["patch_size"]: calibration_point(r)
+                for r in points
+                if r["status"] == "ok"
             }
         mine.append(run(config, calibration))
     return mine
+
+
+def calibration_point(row: dict[str, Any]) -> dict[str, Any]:
+    """What the measured route fits of a measured row: its ``measured`` section, with the
+    peak of each phase of the step when the row was traced (``--allocator-trace``)."""
+    phases = ((row.get("extra") or {}).get("allocator_trace") or {}).get("phase_peak_bytes")
+    return {**row["measured"], "phase_peak_bytes": phases} if phases else row["measured"]
 
 
 def _gpu_visible(backend: str) -> bool:
@@ -316,7 +325,7 @@ def refresh_predictions(out: Path, calibration_sizes: Sequence[int] = ()) -> lis
     rows = load_rows(out)
     memory = [r for r in rows if r.get("kind") == "memory"]
     measured = {
-        config_key(r["config"]): r["measured"]
+        config_key(r["config"]): calibration_point(r)
         for r in memory
         if r["status"] == "ok" and r.get("measured")
     }

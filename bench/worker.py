@@ -123,8 +123,10 @@ def allocator_chunk_waste(logdir: str, reads: dict[str, int]) -> dict[str, int] 
 
     Returns:
         ``activation_chunk_waste_bytes`` (waste alive after the forward pass less that at
-        the first read), ``peak_chunk_waste_bytes`` (waste alive at the peak) and
-        ``traced_peak_bytes``; None when the reads cannot be found in the trace.
+        the first read), ``peak_chunk_waste_bytes`` (waste alive at the peak),
+        ``traced_peak_bytes`` and ``phase_peak_bytes`` (the allocator's highest total in
+        the forward pass, the backward pass and the update: :func:`phase_peaks`); None
+        when the reads cannot be found in the trace.
     """
     events = allocator_events(logdir)
     live: dict[int, int] = {}
@@ -139,13 +141,31 @@ def allocator_chunk_waste(logdir: str, reads: dict[str, int]) -> dict[str, int] 
     try:
         first = totals.index(reads["bytes_before_step"])
         forward = totals.index(reads["bytes_after_forward"], first)
-    except ValueError:
+        gradients = totals.index(reads["bytes_after_gradients"], forward)
+    except (KeyError, ValueError):
         return None
     peak = max(range(len(totals)), key=totals.__getitem__)
     return {
         "activation_chunk_waste_bytes": waste_after[forward] - waste_after[first],
         "peak_chunk_waste_bytes": waste_after[peak],
         "traced_peak_bytes": totals[peak],
+        "phase_peak_bytes": phase_peaks(totals, first, forward, gradients),
+    }
+
+
+def phase_peaks(totals: list[int], first: int, forward: int, gradients: int) -> dict[str, int]:
+    """The allocator's highest running total in each phase of a traced train step.
+
+    ``totals`` is the total after each event; ``first``, ``forward`` and ``gradients`` are
+    the events at the step's reads before the step, after the forward pass and after the
+    gradients. A step's peak is the largest of the three; which phase holds it changes
+    with the patch (the update's fixed bytes at small patches, the backward pass's at
+    large ones), so the measured route extrapolates each phase on its own.
+    """
+    return {
+        "forward": max(totals[first : forward + 1]),
+        "backward": max(totals[forward : gradients + 1]),
+        "update": max(totals[gradients:]),
     }
 
 

@@ -21,6 +21,8 @@ from histoseg.errors import ConfigError
 
 #: The figures a calibration extrapolates (bytes, as measured rows name them).
 CALIBRATED_FIGURES = ("activation_bytes", "peak_bytes")
+#: The phases of a train step whose peaks an allocator trace gives (``phase_peak_bytes``).
+STEP_PHASES = ("forward", "backward", "update")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +91,10 @@ def calibrated_prediction(
 
     Returns:
         ``activation_bytes`` and ``peak_bytes`` read off the fits, ``method``
-        ("calibrated"), the sizes it was fitted on and each fit's largest residual.
+        ("calibrated"), the sizes it was fitted on and each fit's largest residual. When
+        every section carries ``phase_peak_bytes`` (an allocator trace's peak of each
+        phase: ``bench.memory --allocator-trace``), the peak is the largest of the phases'
+        peaks, each fitted on its own (:func:`phase_peak_prediction`).
     """
     out: dict[str, object] = {
         "method": "calibrated",
@@ -102,7 +107,36 @@ def calibrated_prediction(
     if peak_from_activations:
         out["peak_bytes"] = out["activation_bytes"] + held_beyond_activations(measured.values())
         out["peak_method"] = "activations + the most held beyond them at the calibration sizes"
+    elif all(m.get("phase_peak_bytes") for m in measured.values()):
+        out.update(phase_peak_prediction(measured, patch_size_px))
     return out
+
+
+def phase_peak_prediction(
+    measured: Mapping[int, Mapping[str, object]], patch_size_px: int
+) -> dict[str, object]:
+    """The step peak at ``patch_size_px`` as the largest of its phases' fitted peaks.
+
+    A step's peak is the highest of its forward pass's, backward pass's and update's, and
+    each of those is affine in patch area on its own. Which phase is highest changes with
+    the patch: at small patches the fixed bytes of the gradients and the optimizer's
+    update can top a backward pass that grows four times as fast, so a single fit of the
+    step peaks over small patches mixes two slopes and reads the patch that does not fit
+    low. Fitting each phase and taking the largest at the target does not.
+    """
+    fits = {
+        phase: fit_area([(p, int(m["phase_peak_bytes"][phase])) for p, m in measured.items()])
+        for phase in STEP_PHASES
+    }
+    at = {phase: fit.at(patch_size_px) for phase, fit in fits.items()}
+    phase = max(at, key=at.__getitem__)
+    return {
+        "peak_bytes": at[phase],
+        "peak_fit_residual": round(fits[phase].max_residual, 5),
+        "peak_method": "the largest of the forward, backward and update peaks, each fitted in area",
+        "peak_phase": phase,
+        "phase_peak_bytes": at,
+    }
 
 
 def held_beyond_activations(measured: Iterable[Mapping[str, int]]) -> int:

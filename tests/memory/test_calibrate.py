@@ -37,6 +37,42 @@ def test_the_prediction_names_its_route_and_sizes():
     assert predicted["peak_bytes"] == 10**8 + 3_000 * 1024**2
 
 
+def test_with_phase_peaks_the_step_peak_is_the_largest_phase_extrapolated():
+    """At small patches the update's fixed bytes top a backward pass that grows faster; a
+    fit of the step peaks mixes the two, each phase fitted on its own does not."""
+
+    def phases(p):
+        return {
+            "forward": 10**8 + 1_000 * p * p,
+            "backward": 2 * 10**8 + 3_000 * p * p,
+            "update": 10**9,
+        }
+
+    measured = {}
+    for p in (256, 384, 512):
+        peaks = phases(p)
+        measured[p] = {
+            "activation_bytes": 1_000 * p * p,
+            "peak_bytes": max(peaks.values()),
+            "phase_peak_bytes": peaks,
+        }
+    predicted = calibrated_prediction(measured, 2048)
+    assert predicted["peak_phase"] == "backward"
+    assert predicted["peak_bytes"] == phases(2048)["backward"]
+    assert predicted["phase_peak_bytes"]["update"] == 10**9
+    without = {
+        p: {k: v for k, v in m.items() if k != "phase_peak_bytes"} for p, m in measured.items()
+    }
+    assert calibrated_prediction(without, 2048)["peak_bytes"] < 0.8 * phases(2048)["backward"]
+
+
+def test_a_traced_step_is_cut_into_its_phases_at_its_reads():
+    from bench.worker import phase_peaks
+
+    totals = [5, 9, 7, 12, 8, 6, 10, 4]  # reads at events 0 (before), 2 (forward), 5 (gradients)
+    assert phase_peaks(totals, 0, 2, 5) == {"forward": 9, "backward": 12, "update": 10}
+
+
 @pytest.mark.slow
 def test_calibrate_measures_small_patches_and_extrapolates(tmp_path):
     """A real sweep: the 64 and 96 px points are measured (rows of their own), the 160 px
