@@ -61,11 +61,22 @@ def series_key(config: Mapping[str, Any]) -> str:
     return repr(sorted((k, repr(v)) for k, v in config.items() if k not in POINT_FREE_KEYS))
 
 
+def series_config(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A row's config as its curve knows it: under a per-size learning-rate rule
+    (``bench.accuracy --lr-rule side``) each size runs its own rate, so the curve is
+    named by the rule (``extra.lr_rule``), not by one size's rate."""
+    config = dict(row.get("config", {}))
+    rule = (row.get("extra") or {}).get("lr_rule")
+    if rule:
+        config["learning_rate"] = rule.removeprefix("side: ")
+    return config
+
+
 def seed_points(rows: Sequence[dict], memory_index: Mapping[tuple, dict]) -> list[dict]:
     """One entry per patch size of each series: the seeds' mIoU, peaks, ceilings, baselines."""
     groups: dict[tuple[str, str, int], list[dict]] = {}
     for row in rows:
-        config = row.get("config", {})
+        config = series_config(row)
         key = (task_of(row), series_key(config), int(config.get("patch_size") or 0))
         groups.setdefault(key, []).append(row)
     points = []
@@ -90,7 +101,7 @@ def seed_points(rows: Sequence[dict], memory_index: Mapping[tuple, dict]) -> lis
             {
                 "task": task,
                 "series": series,
-                "config": members[0]["config"],
+                "config": series_config(members[0]),
                 "patch_size": size,
                 "peak_gb": float(np.mean(peaks)) / GB,
                 "predicted": sources == {"predicted"},

@@ -281,6 +281,21 @@ def test_seeds_of_a_point_are_one_mean_with_their_spread_per_task_panel(tmp_path
     assert "Bayes ceiling" in svg and "n=3" in svg
 
 
+def test_a_per_size_learning_rate_rule_is_one_curve_named_by_its_rule(fixture_rows):
+    """Under ``--lr-rule side`` each size runs its own rate; the sizes still make one curve."""
+    ok = [r for r in fixture_rows["accuracy"] if r["status"] == "ok"]
+    assert len({r["config"]["patch_size"] for r in ok}) > 1
+    rows = []
+    for r in ok:
+        rate = 1e-3 * r["config"]["patch_size"] / 256
+        config = {**r["config"], "learning_rate": rate, "pixel_budget": 1e8}
+        extra = {**r.get("extra", {}), "lr_rule": "side: 0.001 x px / 256"}
+        rows.append(dict(r, config=config, extra=extra))
+    points = seed_points(rows, select.memory_index(fixture_rows["memory"]))
+    assert len({p["series"] for p in points}) == 1
+    assert points[0]["config"]["learning_rate"] == "0.001 x px / 256"
+
+
 def test_inference_rows_are_never_a_training_runs_memory():
     """bench.memory --mode infer rows measure a forward pass alone: the memory figure
     leaves them out, and a training row is never matched to one."""
