@@ -159,8 +159,8 @@ def phase_peaks(totals: list[int], first: int, forward: int, gradients: int) -> 
     ``totals`` is the total after each event; ``first``, ``forward`` and ``gradients`` are
     the events at the step's reads before the step, after the forward pass and after the
     gradients. A step's peak is the largest of the three; which phase holds it changes
-    with the patch (the update's fixed bytes at small patches, the backward pass's at
-    large ones), so the measured route extrapolates each phase on its own.
+    with the patch (xception65 bfloat16 ``full``: the forward pass at 256 px, the backward
+    pass from 384 px), so the measured route extrapolates each phase on its own.
     """
     return {
         "forward": max(totals[first : forward + 1]),

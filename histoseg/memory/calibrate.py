@@ -119,10 +119,11 @@ def phase_peak_prediction(
 
     A step's peak is the highest of its forward pass's, backward pass's and update's, and
     each of those is affine in patch area on its own. Which phase is highest changes with
-    the patch: at small patches the fixed bytes of the gradients and the optimizer's
-    update can top a backward pass that grows four times as fast, so a single fit of the
-    step peaks over small patches mixes two slopes and reads the patch that does not fit
-    low. Fitting each phase and taking the largest at the target does not.
+    the patch: at small patches a phase that grows slowly can top the backward pass that
+    grows fastest (xception65 bfloat16 ``full`` peaks in the forward pass at 256 px and in
+    the backward pass from 384 px), so a single fit of the step peaks over small patches
+    mixes two slopes and reads the patch that does not fit low. Fitting each phase and
+    taking the largest at the target does not.
     """
     fits = {
         phase: fit_area([(p, int(m["phase_peak_bytes"][phase])) for p, m in measured.items()])
