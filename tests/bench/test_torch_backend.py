@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from bench.config import sample_configs
-from histoseg.memory.devices import nvml_memory
+from histoseg.memory.devices import cpu_computes_bfloat16, nvml_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCH = importlib.util.find_spec("torch") is not None
@@ -80,21 +80,11 @@ def test_show_prints_the_committed_gpu_rows_without_torch():
     assert any(line.split()[:10] == row for line in lines)
 
 
-def _cpu_computes_bfloat16() -> bool:
-    """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX); without them
-    PyTorch emulates bfloat16 convolutions, several times slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def _draw(seed: int):
     """The first config of the draw for ``seed`` that this CPU runs in seconds, on the torch
     backend: float32, or bfloat16 where the CPU computes it (float16 convolutions take
     minutes even at 128 px)."""
-    kept = ("float32", "mixed_bfloat16") if _cpu_computes_bfloat16() else ("float32",)
+    kept = ("float32", "mixed_bfloat16") if cpu_computes_bfloat16() else ("float32",)
     for config in sample_configs(32, seed, sizes_px=(64, 96, 128), max_megapixels=0.04):
         if config.precision in kept:
             return config.replace(backend="torch", steps=1)
