@@ -163,8 +163,7 @@ def tensorflow_sees_gpu() -> bool:
 def cpu_computes_bfloat16() -> bool:
     """Whether this CPU has bfloat16 instructions (AVX-512 BF16 or AMX-BF16, read from
     /proc/cpuinfo; True where that cannot be read). Without them TensorFlow and PyTorch
-    emulate bfloat16 convolutions, about ten times slower than float32 (a 2-core AVX2-only
-    AMD EPYC: mobilenetv2@0.35 at 256 px, 1.9-2.7 s a step against 0.15-0.18 s)."""
+    emulate bfloat16 convolutions, more than ten times slower than float32."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             flags = cpuinfo.read()
