@@ -29,11 +29,8 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,13 +46,14 @@ from bench.accuracy_plan import (
     plan_size,
     steps_for_budget,
 )
+from bench.accuracy_rows import finished_row, rows_lock, save_row
 from bench.accuracy_table import seed_summary, summary_table
 from bench.accuracy_worker import run_worker, worker_main
 from histoseg.cli import ArgumentParser, command_line, finite_float, int_in_range, run_main
 from histoseg.config import HEAD_FILTERS, MAX_ALPHA, StepConfig, default_threads, parse_alpha
 from histoseg.errors import ConfigError
 from histoseg.files import locked
-from histoseg.results import load_rows_if_exists, write_rows
+from histoseg.results import load_rows_if_exists
 from histoseg.train.cli import (
     NORM_CHOICES,
     SYNTHETIC_TASKS,
@@ -71,61 +69,6 @@ DEFAULT_OUT = Path("results/accuracy.json")
 #: process's own overhead: libraries, graph, data pipeline, which on the CPU put RSS above
 #: the allocator peak; docs/memory-harness.md, field ``rss``).
 DEFAULT_BUDGET_FRACTION = 0.8
-
-#: Config keys that name a sweep point independently of how it was made to fit (precision
-#: and remat may be changed by the planner, steps follow from the budget).
-PLANNED_KEYS = ("precision", "remat", "steps")
-
-
-# ----------------------------------------------------------------------------- rows and resume
-
-
-def point_key(config: dict) -> str:
-    """A sweep point's identity: the config without what the planner chose (precision, remat, steps),
-    plus what the user asked for, kept in ``requested_*`` keys of the config."""
-    return json.dumps(
-        {k: v for k, v in config.items() if k not in PLANNED_KEYS}, sort_keys=True, default=str
-    )
-
-
-def replace_point(rows: list[dict], new_row: dict) -> list[dict]:
-    """Rows with ``new_row`` replacing any earlier accuracy row of the same sweep point."""
-    key = point_key(new_row["config"])
-    kept = [
-        r
-        for r in rows
-        if not (r.get("kind") == "accuracy" and point_key(r.get("config", {})) == key)
-    ]
-    return [*kept, new_row]
-
-
-def rows_lock(out: Path) -> Path:
-    """The lock file that serialises read-merge-write of ``out`` between sweep processes
-    (in the temporary folder, so nothing is left beside the user's results)."""
-    key = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
-    return Path(tempfile.gettempdir()) / f"histoseg-rows-{key}.lock"
-
-
-def save_row(out: Path, row: dict) -> None:
-    """Write ``row`` into ``out`` as soon as it is made, so an interrupted sweep keeps what it
-    measured; merged with what the file holds now, so sweeps of other seeds or tasks may
-    share one ``--out``."""
-    with locked(rows_lock(out)):
-        write_rows(out, replace_point(load_rows_if_exists(out), row))
-
-
-def finished_row(rows: Sequence[dict], config: dict) -> dict | None:
-    """The ok accuracy row already measured for this sweep point, if any (what resume skips)."""
-    key = point_key(config)
-    for row in rows:
-        if (
-            row.get("kind") == "accuracy"
-            and row.get("status") == "ok"
-            and point_key(row.get("config", {})) == key
-        ):
-            return row
-    return None
-
 
 # ----------------------------------------------------------------------------- the sweep
 
@@ -172,6 +115,8 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
         "seed": args.seed,
         "requested_precision": args.precision,
         "requested_remat": args.remat,
+        # always there: points measured before the correction were scored uncorrected
+        "prior_correction": not args.no_prior_correction,
     }
     # only when not the default, so the points already measured keep their keys
     if args.slides is None and args.data is None and args.synthetic_task != "local":
@@ -372,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _training_options(parser)
+    _tumour_prior_options(parser)
     _data_options(parser)
     _run_options(parser)
     return parser
@@ -420,15 +366,6 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         help=f"channels of ASPP and the decoder (default {HEAD_FILTERS}, the paper's)",
     )
     parser.add_argument(
-        "--tumour-weight",
-        type=float,
-        default=1.0,
-        help="loss weight of tumour pixels (default 1: plain mean)",
-    )
-    parser.add_argument(
-        "--tumor-ratio", type=float, default=0.5, help="share of tumour patches (default 0.5)"
-    )
-    parser.add_argument(
         "--warmup-steps", type=int, default=None, help="(default: 10%% of steps, at most 100)"
     )
     parser.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
@@ -452,6 +389,25 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
         metavar="SEED",
         help="training seeds; each point is trained once per seed "
         f"(default {' '.join(map(str, DEFAULT_SEEDS))})",
+    )
+
+
+def _tumour_prior_options(parser: argparse.ArgumentParser) -> None:
+    """How much tumour the model sees and weighs, and whether scoring undoes it."""
+    parser.add_argument(
+        "--tumour-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of tumour pixels (default 1: plain mean)",
+    )
+    parser.add_argument(
+        "--tumor-ratio", type=float, default=0.5, help="share of tumour patches (default 0.5)"
+    )
+    parser.add_argument(
+        "--no-prior-correction",
+        action="store_true",
+        help="score the model's own probability, not corrected for the sampler's and "
+        "--tumour-weight's tumour prior (histoseg.train.prior)",
     )
 
 

@@ -24,6 +24,7 @@ KEPT_EXTRA = (
     "warmup_steps",
     "schedule",
     "bayes_ceiling",
+    "prior_correction",
 )
 
 
@@ -71,6 +72,7 @@ def train_and_evaluate(config: dict, data: dict) -> dict:
         head_filters=int(config.get("head_filters", HEAD_FILTERS)),
         tumour_weight=float(config.get("tumour_weight", 1.0)),
         tumor_ratio=float(config.get("tumor_ratio", 0.5)),
+        prior_correction=bool(config.get("prior_correction", False)),
         warmup_steps=config.get("warmup_steps"),
         optimizer=config["optimizer"],
         learning_rate=float(config["learning_rate"]),

@@ -143,7 +143,7 @@ def _run(args, info) -> int:
     radius = receptive_field_radius_px(model)
     margin = args.margin if args.margin is not None else default_margin_px(radius, args.tile_size)
     settings = InferSettings(args.level, args.tile_size, margin, radius)
-    predict = tumour_probability_fn(model)
+    predict = tumour_probability_fn(model, info.tumour_logit_shift)
     args.out.mkdir(parents=True, exist_ok=True)
     for slide in args.slide:
         s = infer_slide(

@@ -35,6 +35,9 @@ class CheckpointInfo:
     # True when histoseg.train re-estimated the batch-norm statistics before saving (its
     # final checkpoint); False for periodic ones and for files made before it recorded this
     bn_recalibrated: bool = False
+    # what the run's prior correction subtracts from the tumour logit (histoseg.train.prior);
+    # 0 for periodic checkpoints and for files made before runs recorded it
+    tumour_logit_shift: float = 0.0
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -72,12 +75,13 @@ def find_checkpoint(path: str | Path) -> CheckpointInfo:
         with np.load(path) as data:
             step = int(data["step"])
             recalibrated = bool(data["bn_recalibrated"]) if "bn_recalibrated" in data else False
+            shift = float(data["tumour_logit_shift"]) if "tumour_logit_shift" in data else 0.0
     except (OSError, ValueError, KeyError) as exc:
         raise ConfigError(f"--checkpoint {path}: not a histoseg checkpoint ({exc})") from None
     if not isinstance(options, dict) or "backbone" not in options:
         raise ConfigError(f"{options_path}: not a histoseg.train options file (no backbone)")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return CheckpointInfo(path, options, step, digest, recalibrated)
+    return CheckpointInfo(path, options, step, digest, recalibrated, shift)
 
 
 def stale_batch_norm_warning(info: CheckpointInfo) -> str | None:
@@ -146,15 +150,23 @@ def build_tile_model(info: CheckpointInfo, tile_size_px: int):
     return model
 
 
-def tumour_probability_fn(model):
-    """A compiled ``uint8 (1, T, T, 3) -> float32 (T, T)`` tumour-probability function."""
+def tumour_probability_fn(model, tumour_logit_shift: float = 0.0):
+    """A compiled ``uint8 (1, T, T, 3) -> float32 (T, T)`` tumour-probability function.
+
+    ``tumour_logit_shift`` is subtracted from the tumour-minus-background logit (a run's prior
+    correction, :attr:`CheckpointInfo.tumour_logit_shift`).
+    """
     import tensorflow as tf
 
     from histoseg.models.layers import prepare_images
+    from histoseg.train.prior import corrected_probability
 
     @tf.function(reduce_retracing=True)
     def predict(images):
         logits = model(prepare_images(images), training=False)
-        return tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[0, ..., 1]
+        probability = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)[0, ..., 1]
+        if tumour_logit_shift:
+            probability = corrected_probability(probability, tumour_logit_shift)
+        return probability
 
     return predict

@@ -25,6 +25,7 @@ def save_checkpoint(
     optimizer: Any,
     keep: int = 3,
     bn_recalibrated: bool = False,
+    tumour_logit_shift: float = 0.0,
 ) -> Path:
     """Write model and optimizer variables at ``step`` to ``folder/ckpt-<step>.npz`` atomically.
 
@@ -33,6 +34,8 @@ def save_checkpoint(
     newest ``keep`` checkpoints. ``bn_recalibrated`` records (as ``bn_recalibrated`` in the
     file) that the batch-norm statistics were re-estimated for these weights, so that
     inference can tell a checkpoint fit for inference mode from a periodic one.
+    ``tumour_logit_shift`` (:mod:`histoseg.train.prior`) is what inference subtracts from the
+    tumour logit; the final checkpoint of a run records its prior correction there.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,6 +44,7 @@ def save_checkpoint(
     }
     arrays["step"] = np.array(step, dtype=np.int64)
     arrays["bn_recalibrated"] = np.array(bn_recalibrated)
+    arrays["tumour_logit_shift"] = np.array(tumour_logit_shift, dtype=np.float64)
     path = folder / f"ckpt-{step:08d}.npz"
     with atomic_output(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)  # a file object: numpy adds no .npz to the temporary name

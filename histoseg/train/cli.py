@@ -186,6 +186,12 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         default=20,
         help="training batches that re-estimate batch-norm statistics before validation (0: off)",
     )
+    opt.add_argument(
+        "--no-prior-correction",
+        action="store_true",
+        help="validate and infer on the model's own probability, not corrected for the "
+        "sampler's and --tumour-weight's tumour prior (see histoseg.train.prior)",
+    )
 
 
 def _distribution_options(p: argparse.ArgumentParser) -> None:
@@ -286,6 +292,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         threads=args.threads,
         progress=not args.no_progress,
         bn_recalibration_batches=args.bn_recalibration_batches,
+        prior_correction=not args.no_prior_correction,
     )
 
 
@@ -463,6 +470,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"mIoU {m['baseline_miou']:.4f}, AUC 0.5)",
             file=sys.stdout,
         )
+        correction = row["extra"].get("prior_correction")
+        if correction:
+            raw = correction["uncorrected"]
+            print(
+                f"prior correction: tumour logit - {correction['logit_shift']:.3f} (tumour "
+                f"{correction['train_tumour_share']:.3f} of training pixels, "
+                f"{correction['slide_tumour_share']:.3f} of the slides'); uncorrected: "
+                f"accuracy {raw['accuracy']:.4f}  mIoU {raw['miou']:.4f}",
+                file=sys.stdout,
+            )
         print(f"results: {row['extra']['results_path']}", file=sys.stdout)
     # leave together: a tf.distribute worker that exits while the chief still writes its
     # results stops heart-beating, and the chief's coordination service reports a crash

@@ -22,6 +22,7 @@ from histoseg.train.checkpoints import load_checkpoint, save_checkpoint
 from histoseg.train.distributed import DistributedStep, StepTimes, all_variables, gradient_bytes
 from histoseg.train.engines import Engine
 from histoseg.train.options import TrainOptions
+from histoseg.train.prior import PriorCorrection, tumour_share
 from histoseg.train.schedule import WarmupSchedule
 from histoseg.train.slides import (
     train_and_val_slides,
@@ -46,6 +47,7 @@ class _Plan:
     my_val: list
     total_steps: int
     global_batch: int
+    correction: PriorCorrection | None
 
 
 @dataclasses.dataclass
@@ -87,12 +89,16 @@ def run(options: TrainOptions, engine: Engine, comm: Any = None) -> dict[str, An
             model,
             step.optimizer,
             bn_recalibrated=True,
+            tumour_logit_shift=plan.correction.logit_shift if plan.correction else 0.0,
         )
-    result, baseline = _validate(options, engine, model, plan.my_val, step)
+    result, baseline, uncorrected = _validate(options, engine, model, plan, step)
     extra = {
         "peak_learning_rate": peak_lr,
         "warmup_steps": warmup,
         "bn_recalibration_batches": recalibrated,
+        "prior_correction": {**plan.correction.as_row(), "uncorrected": uncorrected}
+        if plan.correction
+        else None,
     }
     row = _row(options, engine, plan, trained, step, model, result, baseline, extra)
     if engine.is_chief:
@@ -117,16 +123,25 @@ def _plan(options: TrainOptions, engine: Engine) -> _Plan:
     rank, size = replica_of(options, engine)
     train_slides, val_slides = train_and_val_slides(options, engine)
     global_batch = options.batch_size * size
-    if options.epochs is not None:
+    grid = None
+    if options.epochs is not None or options.prior_correction:
         grid = []
         for tif, xml in train_slides:
             grid += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
+    if options.epochs is not None:
         total_steps = max(1, math.ceil(options.epochs * len(grid) / global_batch))
         train_refs = grid
     else:
         total_steps = int(options.steps or 1)
         train_refs = training_patches(
             options, train_slides, total_steps * global_batch, options.seed
+        )
+    correction = None
+    if options.prior_correction:
+        correction = PriorCorrection(
+            tumour_weight=options.tumour_weight,
+            train_tumour_share=tumour_share(train_refs),
+            slide_tumour_share=tumour_share(grid),
         )
     my_train = shard(train_refs, rank, size, equal=True)
     if not my_train:
@@ -143,6 +158,7 @@ def _plan(options: TrainOptions, engine: Engine) -> _Plan:
         shard(val_refs, rank, size),
         total_steps,
         global_batch,
+        correction,
     )
 
 
@@ -277,29 +293,32 @@ def _validate(
     options: TrainOptions,
     engine: Engine,
     model: keras.Model,
-    my_val: list,
+    plan: _Plan,
     step: DistributedStep | SpatialStep,
-) -> tuple[dict[str, Any], dict[str, float]]:
+) -> tuple[dict[str, Any], dict[str, float], dict[str, float] | None]:
     """Pixel metrics over every rank's validation patches (a spatial rank: its rows of its
-    replica's patches), and the all-background baseline's."""
+    replica's patches) of the prior-corrected probability, the all-background baseline's,
+    and the uncorrected probability's at its 0.5 (None without a correction)."""
     from histoseg.data import make_dataset
     from histoseg.train.metrics import constant_background_metrics
 
     val_batches = []
-    if my_val:
+    if plan.my_val:
         val_batches = make_dataset(
-            my_val, options.batch_size, shuffle=False, repeat=False, drop_remainder=False
+            plan.my_val, options.batch_size, shuffle=False, repeat=False, drop_remainder=False
         )
+    spatial = {}
     if isinstance(step, SpatialStep):
-        metrics = evaluate(
-            model, val_batches, engine, tumour_probability=step.tumour_probability, rows=step.rows
-        )
-    else:
-        metrics = evaluate(model, val_batches, engine)
+        spatial = {"tumour_probability": step.tumour_probability, "rows": step.rows}
+    shift = plan.correction.logit_shift if plan.correction else 0.0
+    metrics = evaluate(model, val_batches, engine, tumour_logit_shift=shift, **spatial)
     result = metrics.result()
     baseline = constant_background_metrics(metrics.confusion)
+    uncorrected = None
+    if plan.correction:
+        uncorrected = metrics.at_threshold(plan.correction.as_row()["uncorrected_threshold"])
     engine.barrier()
-    return result, baseline
+    return result, baseline, uncorrected
 
 
 def _row(
@@ -359,6 +378,7 @@ def _row(
             "schedule": options.schedule,
             "start_step": trained.start_step,
             "bn_recalibration_batches": extra["bn_recalibration_batches"],
+            "prior_correction": extra["prior_correction"],
             "bayes_ceiling": validation_ceiling(options, plan.val_refs),
             "run_dir": str(Path(options.run_dir)),
             "checkpoint": str(trained.last_checkpoint) if trained.last_checkpoint else None,

@@ -200,6 +200,26 @@ class PixelMetrics:
         """Bound on |histogram AUC - exact AUC| for the pixels seen."""
         return auc_tie_bound(self.positive_hist, self.negative_hist)
 
+    def at_threshold(self, threshold: float) -> dict[str, float]:
+        """accuracy, miou, iou_background, iou_tumour had pixels been called tumour above
+        ``threshold`` instead of 0.5, from the histograms: exact up to the pixels in the one
+        bin (1/num_bins wide) that holds the threshold, which count as below it."""
+        if not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
+        first_above = min(math.floor(threshold * self.num_bins) + 1, self.num_bins)
+        tp = int(self.positive_hist[first_above:].sum())
+        fp = int(self.negative_hist[first_above:].sum())
+        fn = int(self.positive_hist.sum()) - tp
+        tn = int(self.negative_hist.sum()) - fp
+        confusion = np.array([[tn, fp], [fn, tp]], dtype=np.int64)
+        ious = iou_per_class(confusion)
+        return {
+            "accuracy": accuracy_from_confusion(confusion),
+            "miou": miou_from_confusion(confusion),
+            "iou_background": float(ious[0]),
+            "iou_tumour": float(ious[1]),
+        }
+
     def result(self) -> dict[str, float | int]:
         """accuracy, miou, iou_background, iou_tumour, auc, auc_error_bound, pixels, val_patches."""
         ious = iou_per_class(self.confusion)

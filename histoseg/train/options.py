@@ -67,6 +67,8 @@ class TrainOptions:
     threads: int | None = None
     progress: bool = True
     bn_recalibration_batches: int = 20
+    # validate (and let inference score) the prior-corrected probability (histoseg.train.prior)
+    prior_correction: bool = True
     # the command line the run was started with, kept in its results row (None: not known)
     command: str | None = None
 
@@ -95,7 +97,8 @@ class TrainOptions:
 
         Keys that only some runs set (the synthetic task and seed, norm, loss weighting,
         sampler ratio) appear only when not the default, so rows made before those options
-        existed keep their identity.
+        existed keep their identity. ``prior_correction`` is always there: rows made before
+        it were scored uncorrected, and must not pass for corrected ones.
         """
         config = self.step_config(device=device, engine=engine, workers=workers).as_dict()
         config.update(
@@ -105,6 +108,7 @@ class TrainOptions:
             steps=steps,
             data=self.data or self.slides or "synthetic",
             seed=self.seed,
+            prior_correction=self.prior_correction,
         )
         synthetic = not (self.slides or self.data)
         if synthetic and self.synthetic_seed:

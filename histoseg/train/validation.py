@@ -13,6 +13,7 @@ import tensorflow as tf
 from histoseg.models.norm import FrozenBatchNorm
 from histoseg.train.engines import Engine
 from histoseg.train.metrics import PixelMetrics
+from histoseg.train.prior import corrected_probability
 from histoseg.train.step import prepare_images
 
 
@@ -83,12 +84,15 @@ def evaluate(
     *,
     tumour_probability: Callable[[Any], Any] | None = None,
     rows: slice = slice(None),
+    tumour_logit_shift: float = 0.0,
 ) -> PixelMetrics:
     """Pixel metrics of ``model`` over this rank's validation batches, summed over all ranks.
 
     Every rank must call it (the final sum is a collective), even one with no batches.
     A spatial run scores ``rows`` of every patch with its step's ``tumour_probability``
     (those rows' probabilities); the default is the whole model on the whole patch.
+    ``tumour_logit_shift``: scores the probability with this subtracted from the tumour logit
+    (a run's prior correction, :mod:`histoseg.train.prior`).
     """
     if tumour_probability is None:
 
@@ -103,6 +107,8 @@ def evaluate(
     first = not rows.start  # the rows of a patch's first slab count the patch
     # iterate_batches: a corrupt slide is a one-line SlideError, not a wrapped TF error
     for images, masks in iterate_batches(batches):
-        probability = tumour_probability(images).numpy()
+        probability = np.asarray(tumour_probability(images).numpy(), dtype=np.float64)
+        if tumour_logit_shift:
+            probability = corrected_probability(probability, tumour_logit_shift)
         metrics.update(np.asarray(masks)[:, rows], probability, patches=None if first else 0)
     return metrics.reduce(engine)

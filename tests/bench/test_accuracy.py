@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import accuracy, accuracy_table
+from bench import accuracy, accuracy_rows, accuracy_table
 from histoseg.errors import ConfigError
 from histoseg.results import load_rows, write_rows
 
@@ -259,9 +259,9 @@ def test_point_key_ignores_what_the_planner_chose():
         "requested_remat": "none",
     }
     b = dict(a, remat="blocks", steps=4)
-    assert accuracy.point_key(a) == accuracy.point_key(b)
-    assert accuracy.point_key(a) != accuracy.point_key(dict(a, requested_remat="blocks"))
-    assert json.loads(accuracy.point_key(a)) == {"patch_size": 256, "requested_remat": "none"}
+    assert accuracy_rows.point_key(a) == accuracy_rows.point_key(b)
+    assert accuracy_rows.point_key(a) != accuracy_rows.point_key(dict(a, requested_remat="blocks"))
+    assert json.loads(accuracy_rows.point_key(a)) == {"patch_size": 256, "requested_remat": "none"}
 
 
 def test_tiny_sweep_end_to_end(tmp_path):

@@ -75,11 +75,12 @@ def _checkpoint_metrics(run):
     model = build_deeplabv3plus("mobilenetv2", size, 2, 16, "float32", "none", alpha=0.35)
     with np.load(sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1]) as data:
         assert bool(data["bn_recalibrated"])
+        shift = float(data["tumour_logit_shift"])
         names = sorted(k for k in data.files if k.startswith("v"))
         for name, variable in zip(names, model.variables, strict=False):
             variable.assign(data[name])
     batches = make_dataset(refs, 2, shuffle=False, repeat=False, drop_remainder=False)
-    return evaluate(model, batches, engine).result()
+    return evaluate(model, batches, engine, tumour_logit_shift=shift).result()
 
 
 def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
@@ -97,6 +98,12 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
         assert key in row["metrics"]
     assert 0 < row["metrics"]["val_patches"] <= 8
     assert row["extra"]["bn_recalibration_batches"] == 2
+    # the prior correction: from the training slides, the sampler's tumour-rich patches
+    correction = row["extra"]["prior_correction"]
+    assert row["config"]["prior_correction"] is True
+    assert correction["train_tumour_share"] > correction["slide_tumour_share"] > 0
+    assert correction["logit_shift"] > 0
+    assert set(correction["uncorrected"]) == {"accuracy", "miou", "iou_background", "iou_tumour"}
     assert (run / "results.csv").exists()
     scalars = read_scalars(run / "tensorboard")
     assert {"train/loss", "val/miou", "val/auc"} <= set(scalars)
