@@ -47,6 +47,7 @@ SERIES_KEYS = (
     "head_filters",
     "tumour_weight",
     "learning_rate",
+    "prior_correction",
     "pixel_budget",
     "data",
 )
@@ -64,8 +65,10 @@ def series_key(config: Mapping[str, Any]) -> str:
 def series_config(row: Mapping[str, Any]) -> dict[str, Any]:
     """A row's config as its curve knows it: under a per-size learning-rate rule
     (``bench.accuracy --lr-rule side``) each size runs its own rate, so the curve is
-    named by the rule (``extra.lr_rule``), not by one size's rate."""
+    named by the rule (``extra.lr_rule``), not by one size's rate. A row made before the
+    prior correction (``histoseg.train.prior``) was scored uncorrected."""
     config = dict(row.get("config", {}))
+    config.setdefault("prior_correction", False)
     rule = (row.get("extra") or {}).get("lr_rule")
     if rule:
         config["learning_rate"] = rule.removeprefix("side: ")

@@ -115,6 +115,8 @@ def label_part(key: str, value: Any) -> str:
         return f"tumour weight {value:g}"
     if key == "head_filters":
         return f"head {value} ch"
+    if key == "prior_correction":
+        return "prior-corrected" if value else "uncorrected"
     if key == "learning_rate":  # a rate, or a per-size rule ("0.001 x px / 256")
         return f"lr {float(value):g}" if number(value) else f"lr {value}"
     if isinstance(value, Mapping):

@@ -296,6 +296,23 @@ def test_a_per_size_learning_rate_rule_is_one_curve_named_by_its_rule(fixture_ro
     assert points[0]["config"]["learning_rate"] == "0.001 x px / 256"
 
 
+def test_prior_corrected_and_uncorrected_rows_are_two_curves_named_so(fixture_rows):
+    """Rows made before the prior correction were scored uncorrected: they never share a
+    curve with corrected ones, and the legend says which is which."""
+    ok = [r for r in fixture_rows["accuracy"] if r["status"] == "ok"]
+    rows = []
+    for r in ok:
+        old = {k: v for k, v in r["config"].items() if k != "prior_correction"}
+        rows.append(dict(r, config={**old, "pixel_budget": 1e8}))
+        rows.append(dict(r, config={**old, "pixel_budget": 1e8, "prior_correction": True}))
+    points = seed_points(rows, select.memory_index(fixture_rows["memory"]))
+    assert len({p["series"] for p in points}) == 2
+    labels = {
+        caption.label_part("prior_correction", p["config"]["prior_correction"]) for p in points
+    }
+    assert labels == {"prior-corrected", "uncorrected"}
+
+
 def test_inference_rows_are_never_a_training_runs_memory():
     """bench.memory --mode infer rows measure a forward pass alone: the memory figure
     leaves them out, and a training row is never matched to one."""
