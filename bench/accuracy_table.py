@@ -47,7 +47,8 @@ def summary_table(rows: Sequence[dict]) -> str:
 def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
     """One line per (task, patch size) over the ok runs: mean and range over seeds of mIoU
     and tumour IoU, beside the Bayes ceiling and all-background mIoU of the same validation
-    patches, the validation patch count and the mean allocator peak."""
+    patches, the validation patch count and the mean allocator peak; and the mIoU the same
+    runs scored without their prior correction (``histoseg.train.prior``), where they have one."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         if row.get("status") == "ok" and "miou" in row.get("metrics", {}):
@@ -55,6 +56,7 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
     head = [
         "task", "patch px", "steps", "seeds", "mIoU mean (range)", "tumour IoU mean (range)",
         "Bayes ceiling mIoU", "all-background mIoU", "val. patches", "peak GB",
+        "uncorrected mIoU mean (range)",
     ]  # fmt: skip
     lines = [head]
     for (task, size), members in sorted(groups.items()):
@@ -67,6 +69,8 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
         peaks = [
             r["measured"]["peak_bytes"] for r in members if r.get("measured", {}).get("peak_bytes")
         ]
+        corrections = [(r.get("extra") or {}).get("prior_correction") for r in members]
+        uncorrected = [c["uncorrected"]["miou"] for c in corrections if c]
         lines.append(
             [
                 task,
@@ -82,6 +86,7 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
                 or "-",
                 "/".join(sorted({str(m.get("val_patches", "-")) for m in metrics})),
                 f"{statistics.mean(peaks) / 1e9:.2f}" if peaks else "-",
+                _spread(uncorrected),
             ]
         )
     if markdown:
