@@ -116,7 +116,7 @@ def base_config(args: argparse.Namespace, patch_size: int, steps: int) -> dict[s
         "requested_precision": args.precision,
         "requested_remat": args.remat,
         # always there: points measured before the correction were scored uncorrected
-        "prior_correction": not args.no_prior_correction,
+        "prior_correction": args.prior_correction,
     }
     # only when not the default, so the points already measured keep their keys
     if args.slides is None and args.data is None and args.synthetic_task != "local":
@@ -404,10 +404,10 @@ def _tumour_prior_options(parser: argparse.ArgumentParser) -> None:
         "--tumor-ratio", type=float, default=0.5, help="share of tumour patches (default 0.5)"
     )
     parser.add_argument(
-        "--no-prior-correction",
+        "--prior-correction",
         action="store_true",
-        help="score the model's own probability, not corrected for the sampler's and "
-        "--tumour-weight's tumour prior (histoseg.train.prior)",
+        help="score the probability corrected for the sampler's and --tumour-weight's "
+        "tumour prior (histoseg.train.prior); each row keeps both scorings either way",
     )
 
 

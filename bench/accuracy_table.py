@@ -47,8 +47,9 @@ def summary_table(rows: Sequence[dict]) -> str:
 def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
     """One line per (task, patch size) over the ok runs: mean and range over seeds of mIoU
     and tumour IoU, beside the Bayes ceiling and all-background mIoU of the same validation
-    patches, the validation patch count and the mean allocator peak; and the mIoU the same
-    runs scored without their prior correction (``histoseg.train.prior``), where they have one."""
+    patches, the validation patch count and the mean allocator peak; then the same runs' mIoU
+    with and without the prior correction (``histoseg.train.prior``; the first mIoU is the
+    one the sweep applied), where their rows keep both."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
         if row.get("status") == "ok" and "miou" in row.get("metrics", {}):
@@ -56,7 +57,7 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
     head = [
         "task", "patch px", "steps", "seeds", "mIoU mean (range)", "tumour IoU mean (range)",
         "Bayes ceiling mIoU", "all-background mIoU", "val. patches", "peak GB",
-        "uncorrected mIoU mean (range)",
+        "prior-corrected mIoU", "uncorrected mIoU",
     ]  # fmt: skip
     lines = [head]
     for (task, size), members in sorted(groups.items()):
@@ -69,8 +70,7 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
         peaks = [
             r["measured"]["peak_bytes"] for r in members if r.get("measured", {}).get("peak_bytes")
         ]
-        corrections = [(r.get("extra") or {}).get("prior_correction") for r in members]
-        uncorrected = [c["uncorrected"]["miou"] for c in corrections if c]
+        scorings = [_scorings(r) for r in members]
         lines.append(
             [
                 task,
@@ -86,7 +86,8 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
                 or "-",
                 "/".join(sorted({str(m.get("val_patches", "-")) for m in metrics})),
                 f"{statistics.mean(peaks) / 1e9:.2f}" if peaks else "-",
-                _spread(uncorrected),
+                _spread([s["corrected"] for s in scorings if "corrected" in s]),
+                _spread([s["uncorrected"] for s in scorings if "uncorrected" in s]),
             ]
         )
     if markdown:
@@ -96,6 +97,18 @@ def seed_summary(rows: Sequence[dict], *, markdown: bool = False) -> str:
     return "\n".join(
         "  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines
     )
+
+
+def _scorings(row: Mapping[str, Any]) -> dict[str, float]:
+    """A row's mIoU with ("corrected") and without ("uncorrected") the prior correction, as
+    far as it holds them: the scoring it applied is its headline mIoU (rows of the first
+    corrected sweeps kept only the other one in ``extra``)."""
+    correction = (row.get("extra") or {}).get("prior_correction") or {}
+    found = {k: correction[k]["miou"] for k in ("corrected", "uncorrected") if k in correction}
+    if "prior_correction" in row.get("config", {}):
+        applied = "corrected" if row["config"]["prior_correction"] else "uncorrected"
+        found.setdefault(applied, row["metrics"]["miou"])
+    return found
 
 
 def _spread(values: Sequence[float]) -> str:

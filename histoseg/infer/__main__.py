@@ -143,6 +143,12 @@ def _run(args, info) -> int:
     radius = receptive_field_radius_px(model)
     margin = args.margin if args.margin is not None else default_margin_px(radius, args.tile_size)
     settings = InferSettings(args.level, args.tile_size, margin, radius)
+    if info.tumour_logit_shift:
+        print(
+            f"{info.path.name}: its run's prior correction applies (tumour logit "
+            f"- {info.tumour_logit_shift:.3f}, histoseg.train --prior-correction)",
+            file=sys.stderr,
+        )
     predict = tumour_probability_fn(model, info.tumour_logit_shift)
     args.out.mkdir(parents=True, exist_ok=True)
     for slide in args.slide:

@@ -187,10 +187,11 @@ def _optimisation_options(p: argparse.ArgumentParser) -> None:
         help="training batches that re-estimate batch-norm statistics before validation (0: off)",
     )
     opt.add_argument(
-        "--no-prior-correction",
+        "--prior-correction",
         action="store_true",
-        help="validate and infer on the model's own probability, not corrected for the "
-        "sampler's and --tumour-weight's tumour prior (see histoseg.train.prior)",
+        help="validate and infer on the probability corrected for the tumour prior the "
+        "sampler and --tumour-weight put into the model (histoseg.train.prior); the row "
+        "keeps both scorings either way",
     )
 
 
@@ -292,7 +293,7 @@ def options_from_args(args: argparse.Namespace) -> object:
         threads=args.threads,
         progress=not args.no_progress,
         bn_recalibration_batches=args.bn_recalibration_batches,
-        prior_correction=not args.no_prior_correction,
+        prior_correction=args.prior_correction,
     )
 
 
@@ -470,16 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"mIoU {m['baseline_miou']:.4f}, AUC 0.5)",
             file=sys.stdout,
         )
-        correction = row["extra"].get("prior_correction")
-        if correction:
-            raw = correction["uncorrected"]
-            print(
-                f"prior correction: tumour logit - {correction['logit_shift']:.3f} (tumour "
-                f"{correction['train_tumour_share']:.3f} of training pixels, "
-                f"{correction['slide_tumour_share']:.3f} of the slides'); uncorrected: "
-                f"accuracy {raw['accuracy']:.4f}  mIoU {raw['miou']:.4f}",
-                file=sys.stdout,
-            )
+        c = row["extra"]["prior_correction"]
+        print(
+            f"prior correction ({'applied' if c['applied'] else 'not applied'}): tumour logit "
+            f"- {c['logit_shift']:.3f} (tumour {c['train_tumour_share']:.3f} of the training "
+            f"pixels, {c['slide_tumour_share']:.3f} of the slides'): mIoU "
+            f"{c['corrected']['miou']:.4f} corrected, {c['uncorrected']['miou']:.4f} not",
+            file=sys.stdout,
+        )
         print(f"results: {row['extra']['results_path']}", file=sys.stdout)
     # leave together: a tf.distribute worker that exits while the chief still writes its
     # results stops heart-beating, and the chief's coordination service reports a crash

@@ -22,7 +22,7 @@ from histoseg.train.checkpoints import load_checkpoint, save_checkpoint
 from histoseg.train.distributed import DistributedStep, StepTimes, all_variables, gradient_bytes
 from histoseg.train.engines import Engine
 from histoseg.train.options import TrainOptions
-from histoseg.train.prior import PriorCorrection, tumour_share
+from histoseg.train.prior import PriorCorrection, corrected_probability, tumour_share
 from histoseg.train.schedule import WarmupSchedule
 from histoseg.train.slides import (
     train_and_val_slides,
@@ -47,7 +47,7 @@ class _Plan:
     my_val: list
     total_steps: int
     global_batch: int
-    correction: PriorCorrection | None
+    correction: PriorCorrection
 
 
 @dataclasses.dataclass
@@ -89,16 +89,21 @@ def run(options: TrainOptions, engine: Engine, comm: Any = None) -> dict[str, An
             model,
             step.optimizer,
             bn_recalibrated=True,
-            tumour_logit_shift=plan.correction.logit_shift if plan.correction else 0.0,
+            tumour_logit_shift=plan.correction.logit_shift if options.prior_correction else 0.0,
         )
-    result, baseline, uncorrected = _validate(options, engine, model, plan, step)
+    result, baseline, other = _validate(options, engine, model, plan, step)
+    scored = {k: result[k] for k in other}
+    corrected, uncorrected = (scored, other) if options.prior_correction else (other, scored)
     extra = {
         "peak_learning_rate": peak_lr,
         "warmup_steps": warmup,
         "bn_recalibration_batches": recalibrated,
-        "prior_correction": {**plan.correction.as_row(), "uncorrected": uncorrected}
-        if plan.correction
-        else None,
+        "prior_correction": {
+            **plan.correction.as_row(),
+            "applied": options.prior_correction,
+            "corrected": corrected,
+            "uncorrected": uncorrected,
+        },
     }
     row = _row(options, engine, plan, trained, step, model, result, baseline, extra)
     if engine.is_chief:
@@ -123,11 +128,9 @@ def _plan(options: TrainOptions, engine: Engine) -> _Plan:
     rank, size = replica_of(options, engine)
     train_slides, val_slides = train_and_val_slides(options, engine)
     global_batch = options.batch_size * size
-    grid = None
-    if options.epochs is not None or options.prior_correction:
-        grid = []
-        for tif, xml in train_slides:
-            grid += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
+    grid = []  # the training slides' tissue grid: their tumour share, and an epoch's patches
+    for tif, xml in train_slides:
+        grid += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
     if options.epochs is not None:
         total_steps = max(1, math.ceil(options.epochs * len(grid) / global_batch))
         train_refs = grid
@@ -136,13 +139,11 @@ def _plan(options: TrainOptions, engine: Engine) -> _Plan:
         train_refs = training_patches(
             options, train_slides, total_steps * global_batch, options.seed
         )
-    correction = None
-    if options.prior_correction:
-        correction = PriorCorrection(
-            tumour_weight=options.tumour_weight,
-            train_tumour_share=tumour_share(train_refs),
-            slide_tumour_share=tumour_share(grid),
-        )
+    correction = PriorCorrection(
+        tumour_weight=options.tumour_weight,
+        train_tumour_share=tumour_share(train_refs),
+        slide_tumour_share=tumour_share(grid),
+    )
     my_train = shard(train_refs, rank, size, equal=True)
     if not my_train:
         raise ConfigError(
@@ -295,10 +296,11 @@ def _validate(
     model: keras.Model,
     plan: _Plan,
     step: DistributedStep | SpatialStep,
-) -> tuple[dict[str, Any], dict[str, float], dict[str, float] | None]:
+) -> tuple[dict[str, Any], dict[str, float], dict[str, float]]:
     """Pixel metrics over every rank's validation patches (a spatial rank: its rows of its
-    replica's patches) of the prior-corrected probability, the all-background baseline's,
-    and the uncorrected probability's at its 0.5 (None without a correction)."""
+    replica's patches), the all-background baseline's, and the other scoring's: the
+    uncorrected probability's when the prior correction is applied, else the corrected one's
+    (both from one pass: the correction only moves the threshold)."""
     from histoseg.data import make_dataset
     from histoseg.train.metrics import constant_background_metrics
 
@@ -310,15 +312,15 @@ def _validate(
     spatial = {}
     if isinstance(step, SpatialStep):
         spatial = {"tumour_probability": step.tumour_probability, "rows": step.rows}
-    shift = plan.correction.logit_shift if plan.correction else 0.0
+    shift = plan.correction.logit_shift if options.prior_correction else 0.0
     metrics = evaluate(model, val_batches, engine, tumour_logit_shift=shift, **spatial)
     result = metrics.result()
     baseline = constant_background_metrics(metrics.confusion)
-    uncorrected = None
-    if plan.correction:
-        uncorrected = metrics.at_threshold(plan.correction.as_row()["uncorrected_threshold"])
+    # the other scoring calls tumour where logit(scored) > -shift (applied), > +shift (not)
+    other_shift = plan.correction.logit_shift * (1 if options.prior_correction else -1)
+    other = metrics.at_threshold(corrected_probability(0.5, other_shift))
     engine.barrier()
-    return result, baseline, uncorrected
+    return result, baseline, other
 
 
 def _row(

@@ -68,7 +68,7 @@ class TrainOptions:
     progress: bool = True
     bn_recalibration_batches: int = 20
     # validate (and let inference score) the prior-corrected probability (histoseg.train.prior)
-    prior_correction: bool = True
+    prior_correction: bool = False
     # the command line the run was started with, kept in its results row (None: not known)
     command: str | None = None
 
@@ -97,8 +97,8 @@ class TrainOptions:
 
         Keys that only some runs set (the synthetic task and seed, norm, loss weighting,
         sampler ratio) appear only when not the default, so rows made before those options
-        existed keep their identity. ``prior_correction`` is always there: rows made before
-        it were scored uncorrected, and must not pass for corrected ones.
+        existed keep their identity. ``prior_correction`` is always there, so that rows
+        made before it (scored uncorrected) never pass for corrected ones.
         """
         config = self.step_config(device=device, engine=engine, workers=workers).as_dict()
         config.update(

@@ -60,8 +60,6 @@ class PriorCorrection:
             "train_tumour_share": self.train_tumour_share,
             "slide_tumour_share": self.slide_tumour_share,
             "logit_shift": self.logit_shift,
-            # the threshold on the corrected probability that the uncorrected 0.5 became
-            "uncorrected_threshold": corrected_probability(0.5, self.logit_shift),
         }
 
 

@@ -297,7 +297,10 @@ def test_seed_summary_gives_each_point_its_mean_and_range_over_seeds():
         metrics = {"miou": miou, "iou_tumour": miou - 0.4, "baseline_miou": 0.41}
         extra = {"bayes_ceiling": {"miou": 0.843 if size == 256 else 1.0}}
         if size == 256:  # scored with the prior correction: the uncorrected mIoU beside it
-            extra["prior_correction"] = {"uncorrected": {"miou": miou - 0.1}}
+            extra["prior_correction"] = {
+                "corrected": {"miou": miou},
+                "uncorrected": {"miou": miou - 0.1},
+            }
         return {"status": status, "config": config, "metrics": metrics, "extra": extra}
 
     rows = [
@@ -310,8 +313,8 @@ def test_seed_summary_gives_each_point_its_mean_and_range_over_seeds():
     lines = accuracy_table.seed_summary(rows, markdown=True).splitlines()
     assert lines[2] == (
         "| context | 256 | 10 | 2 | 0.650 (0.600-0.700) | 0.250 (0.200-0.300) | 0.843 | 0.410 "
-        "| - | - | 0.550 (0.500-0.600) |"
+        "| - | - | 0.650 (0.600-0.700) | 0.550 (0.500-0.600) |"
     )
-    assert lines[3].endswith("| - |")  # no correction: no uncorrected figure
+    assert lines[3].endswith("| - | - |")  # a row without both scorings
     assert lines[3].startswith("| context | 1024 | 10 | 1 | 0.900 (0.900-0.900)")
     assert lines[4].startswith("| local | 256 |") and len(lines) == 5

@@ -56,9 +56,10 @@ def test_bad_flags_are_one_line_errors(flags, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def _checkpoint_metrics(run):
+def _checkpoint_metrics(run, shift=None):
     """Metrics of ``run``'s newest checkpoint, restored onto a fresh model, in inference mode
-    over the run's validation patches (what inference does with it)."""
+    over the run's validation patches (what inference does with it), with the tumour logit
+    shift the checkpoint records unless ``shift`` is given."""
     from histoseg.data import make_dataset
     from histoseg.models import build_deeplabv3plus
     from histoseg.train.cli import build_parser, options_from_args
@@ -75,7 +76,7 @@ def _checkpoint_metrics(run):
     model = build_deeplabv3plus("mobilenetv2", size, 2, 16, "float32", "none", alpha=0.35)
     with np.load(sorted((run / "checkpoints").glob("ckpt-*.npz"))[-1]) as data:
         assert bool(data["bn_recalibrated"])
-        shift = float(data["tumour_logit_shift"])
+        shift = float(data["tumour_logit_shift"]) if shift is None else shift
         names = sorted(k for k in data.files if k.startswith("v"))
         for name, variable in zip(names, model.variables, strict=False):
             variable.assign(data[name])
@@ -86,7 +87,7 @@ def _checkpoint_metrics(run):
 def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     data, run = tmp_path / "slides", tmp_path / "run"
     common = [*TINY, "--synthetic-dir", str(data), "--run-dir", str(run)]
-    assert main([*common, "--steps", "2"]) == 0
+    assert main([*common, "--steps", "2", "--prior-correction"]) == 0
     rows = json.loads((run / "results.json").read_text())
     assert len(rows) == 1
     row = rows[0]
@@ -103,7 +104,9 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     assert row["config"]["prior_correction"] is True
     assert correction["train_tumour_share"] > correction["slide_tumour_share"] > 0
     assert correction["logit_shift"] > 0
-    assert set(correction["uncorrected"]) == {"accuracy", "miou", "iou_background", "iou_tumour"}
+    assert correction["applied"] is True
+    for key in ("accuracy", "miou", "iou_background", "iou_tumour"):
+        assert correction["corrected"][key] == row["metrics"][key]
     assert (run / "results.csv").exists()
     scalars = read_scalars(run / "tensorboard")
     assert {"train/loss", "val/miou", "val/auc"} <= set(scalars)
@@ -114,12 +117,21 @@ def test_train_validate_checkpoint_and_resume(tmp_path, capsys):
     restored = _checkpoint_metrics(run)
     for key in ("miou", "auc"):
         assert restored[key] == pytest.approx(row["metrics"][key], abs=1e-6), key
+    # the row's uncorrected figures are those of the model's own probability
+    raw = _checkpoint_metrics(run, shift=0.0)
+    for key in ("accuracy", "miou"):
+        assert raw[key] == pytest.approx(correction["uncorrected"][key], abs=2e-3), key
 
-    # resume: continues from step 2 to step 3, adds a second row (another steps count)
+    # resume: continues from step 2 to step 3, adds a second row (another steps count);
+    # without --prior-correction (the default), its row scores the model's own probability
     assert main([*common, "--steps", "3", "--resume", "auto"]) == 0
     rows = json.loads((run / "results.json").read_text())
     assert [r["config"]["steps"] for r in rows] == [2, 3]
     assert rows[1]["extra"]["start_step"] == 2
+    correction = rows[1]["extra"]["prior_correction"]
+    assert rows[1]["config"]["prior_correction"] is False and correction["applied"] is False
+    assert correction["uncorrected"]["miou"] == rows[1]["metrics"]["miou"]
+    assert _checkpoint_metrics(run)["miou"] == pytest.approx(rows[1]["metrics"]["miou"], abs=1e-6)
 
     # a checkpoint refuses a model it was not made for
     import keras
