@@ -16,6 +16,11 @@ Both shares come from the training slides only: the tumour share of the pixels o
 training patches, and that of the tissue grid of the same slides (the patches validation
 and inference tile a slide into). Nothing is read from the validation slides. The correction
 moves the 0.5 threshold and leaves the ranking of pixels (the ROC AUC) as it was.
+
+A run applies it only when asked (``--prior-correction``): the model a short run learns is
+not the calibrated posterior the argument assumes, and on the committed sweeps the
+correction helps some points and costs others (docs/context-task.md). Every run records
+both scorings.
 """
 
 from __future__ import annotations
