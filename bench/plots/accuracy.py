@@ -52,8 +52,8 @@ SERIES_KEYS = (
     "data",
 )
 TASK_TITLES = {
-    "context": "context task: lesions marked only by their margin",
-    "local": "local task (control): tumour has its own texture",
+    "context": "context task:\nlesions marked only by their margin",
+    "local": "local task (control):\ntumour has its own texture",
 }
 
 
