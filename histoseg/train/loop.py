@@ -124,20 +124,26 @@ def replica_of(options: TrainOptions, engine: Engine) -> tuple[int, int]:
 def _plan(options: TrainOptions, engine: Engine) -> _Plan:
     """The slides, this replica's share of the training and validation patches, the steps."""
     from histoseg.wsi.patches import grid_patches, shard
+    from histoseg.wsi.slide import open_slide
+    from histoseg.wsi.tissue import detect_tissue
 
     rank, size = replica_of(options, engine)
     train_slides, val_slides = train_and_val_slides(options, engine)
     global_batch = options.batch_size * size
+    # each slide's tissue, detected once for the grid and the sampler
+    tissues = [detect_tissue(open_slide(tif)) for tif, _ in train_slides]
     grid = []  # the training slides' tissue grid: their tumour share, and an epoch's patches
-    for tif, xml in train_slides:
-        grid += grid_patches(tif, options.patch_size, options.level, options.min_tissue, xml)
+    for (tif, xml), tissue in zip(train_slides, tissues, strict=True):
+        grid += grid_patches(
+            tif, options.patch_size, options.level, options.min_tissue, xml, tissue=tissue
+        )
     if options.epochs is not None:
         total_steps = max(1, math.ceil(options.epochs * len(grid) / global_batch))
         train_refs = grid
     else:
         total_steps = int(options.steps or 1)
         train_refs = training_patches(
-            options, train_slides, total_steps * global_batch, options.seed
+            options, train_slides, total_steps * global_batch, options.seed, tissues
         )
     correction = PriorCorrection(
         tumour_weight=options.tumour_weight,

@@ -89,8 +89,14 @@ def train_and_val_slides(options: TrainOptions, engine: Engine) -> tuple[list, l
 
 
 def training_patches(
-    options: TrainOptions, slides: Sequence[tuple[Path, Path | None]], n: int, seed: int
+    options: TrainOptions,
+    slides: Sequence[tuple[Path, Path | None]],
+    n: int,
+    seed: int,
+    tissues: Sequence[Any] | None = None,
 ) -> list:
+    """``n`` training patches drawn over ``slides``, shuffled; ``tissues``: each slide's
+    tissue grid when the caller has detected it already (default: detected here)."""
     from histoseg.wsi.patches import sample_patches
 
     per_slide = max(1, math.ceil(n / len(slides)))
@@ -106,6 +112,7 @@ def training_patches(
             annotations=xml,
             tumor_ratio=options.tumor_ratio if xml is not None else None,
             batch_size=options.batch_size,
+            tissue=tissues[i] if tissues is not None else None,
         )
     if not refs:
         raise ConfigError(
