@@ -60,6 +60,17 @@ def miou_from_confusion(confusion: np.ndarray) -> float:
     return float(present.mean()) if present.size else math.nan
 
 
+def scores_from_confusion(confusion: np.ndarray) -> dict[str, float]:
+    """accuracy, miou, iou_background and iou_tumour of a 2x2 confusion matrix."""
+    ious = iou_per_class(confusion)
+    return {
+        "accuracy": accuracy_from_confusion(confusion),
+        "miou": miou_from_confusion(confusion),
+        "iou_background": float(ious[0]),
+        "iou_tumour": float(ious[1]),
+    }
+
+
 def auc_from_histograms(positive: np.ndarray, negative: np.ndarray) -> float:
     """ROC AUC from score histograms on one shared grid of increasing bins.
 
@@ -211,23 +222,12 @@ class PixelMetrics:
         fp = int(self.negative_hist[first_above:].sum())
         fn = int(self.positive_hist.sum()) - tp
         tn = int(self.negative_hist.sum()) - fp
-        confusion = np.array([[tn, fp], [fn, tp]], dtype=np.int64)
-        ious = iou_per_class(confusion)
-        return {
-            "accuracy": accuracy_from_confusion(confusion),
-            "miou": miou_from_confusion(confusion),
-            "iou_background": float(ious[0]),
-            "iou_tumour": float(ious[1]),
-        }
+        return scores_from_confusion(np.array([[tn, fp], [fn, tp]], dtype=np.int64))
 
     def result(self) -> dict[str, float | int]:
         """accuracy, miou, iou_background, iou_tumour, auc, auc_error_bound, pixels, val_patches."""
-        ious = iou_per_class(self.confusion)
         return {
-            "accuracy": accuracy_from_confusion(self.confusion),
-            "miou": miou_from_confusion(self.confusion),
-            "iou_background": float(ious[0]),
-            "iou_tumour": float(ious[1]),
+            **scores_from_confusion(self.confusion),
             "auc": auc_from_histograms(self.positive_hist, self.negative_hist),
             "auc_error_bound": self.auc_error_bound,
             "tumour_fraction": float(self.confusion[1].sum() / self.pixels) if self.pixels else 0.0,
